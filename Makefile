@@ -1,0 +1,40 @@
+# scmc developer commands. Every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install test test-fast demo bench golden lint clean
+
+install: $(STAMP)
+
+# torch first, pinned, so pip takes the local copy instead of resolving a CUDA build.
+$(STAMP): pyproject.toml runtime/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e runtime -e ".[dev,export,timm]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+golden: $(STAMP)
+	$(PY) tests/golden/regenerate.py
+
+lint: $(STAMP)
+	$(PY) -m black --check scmc runtime/src tests benchmarks scripts
+
+clean:
+	rm -rf artifacts/*/ runs .pytest_cache

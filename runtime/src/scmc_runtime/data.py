@@ -1,0 +1,311 @@
+"""Image-folder data without torchvision: the offline digits set, a dataset, a resumable loader.
+
+Augmentation randomness is drawn from a generator seeded by (seed, epoch, sample index), not
+from the global or per-worker RNG, so a batch is the same whatever the number of workers or
+ranks, and a run resumed mid-epoch sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+
+from scmc_runtime.distributed import DistInfo, worker_init_fn
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "prepare_digits",
+    "ImageTransform",
+    "ImageFolderDataset",
+    "ShardSampler",
+    "ResumableSampler",
+    "build_loader",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+_DIGITS_MARKER = ".scmc-digits-complete"
+
+
+# ---------------------------------------------------------------------------------------------
+# The digits data set (scikit-learn's 8x8 digits, shipped inside the sklearn wheel)
+
+
+def _stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> Tuple[List[int], List[int]]:
+    """Indices for train and validation, each class split ``1 - val_fraction : val_fraction``."""
+    generator = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for label in sorted(set(labels)):
+        members = [index for index, value in enumerate(labels) if value == label]
+        order = torch.randperm(len(members), generator=generator).tolist()
+        n_val = round(len(members) * val_fraction)
+        val.extend(members[i] for i in order[:n_val])
+        train.extend(members[i] for i in order[n_val:])
+    return sorted(train), sorted(val)
+
+
+def _write_digits(target: Path, val_fraction: float, seed: int) -> None:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    labels = [int(label) for label in digits.target]
+    pixels = (digits.images * (255.0 / 16.0)).round().clip(0, 255).astype("uint8")  # 0..16 -> 0..255
+    train, val = _stratified_split(labels, val_fraction, seed)
+    for split, indices in (("train", train), ("val", val)):
+        for index in indices:
+            folder = target / split / str(labels[index])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels[index]).save(folder / f"{index}.png")
+
+
+def prepare_digits(
+    root: Union[str, os.PathLike],
+    *,
+    is_writer: bool = True,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    timeout: float = 600.0,
+) -> Path:
+    """Write the 1797 scikit-learn digits as ``root/{train,val}/<class>/<index>.png``, once.
+
+    The split is stratified and fixed by ``seed``. Images are 8x8 8-bit grayscale. A second
+    call finds the completion marker and returns at once. Safe to call from every rank:
+    writers (``is_writer=True``, e.g. local rank 0 of each node) build the tree in a private
+    temporary directory and move each split into place with an atomic rename, so concurrent
+    writers on a shared file system cannot mix files; other ranks wait for the marker.
+    """
+    root = Path(root)
+    marker = root / _DIGITS_MARKER
+    if marker.exists():
+        return root
+    if not is_writer:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {timeout:.0f}s for {marker}; did the writing rank fail?")
+            time.sleep(0.2)
+        return root
+
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".tmp-digits-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_digits(staging, val_fraction, seed)
+        for split in ("train", "val"):
+            try:
+                os.rename(staging / split, root / split)
+            except OSError:
+                if not (root / split).is_dir():
+                    raise
+                # another writer got there first with identical content
+        tmp_marker = staging / _DIGITS_MARKER
+        tmp_marker.write_text(f"val_fraction={val_fraction} seed={seed}\n")
+        os.replace(tmp_marker, marker)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms and dataset
+
+
+def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+class ImageTransform:
+    """uint8 CHW image -> normalized float CHW tensor, with optional augmentation.
+
+    Steps: scale to [0, 1], bilinear resize to ``image_size``, random translation by up to
+    ``translate`` pixels (zero padding, then a crop back to size), horizontal flip with
+    probability 0.5 if ``hflip``, then ``(x - mean) / std``. Only plain torch ops.
+    """
+
+    def __init__(
+        self,
+        image_size: Union[int, Sequence[int]],
+        *,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        translate: int = 0,
+        hflip: bool = False,
+    ) -> None:
+        self.size = _pair(image_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.translate = translate
+        self.hflip = hflip
+
+    @property
+    def random(self) -> bool:
+        return self.translate > 0 or self.hflip
+
+    def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        x = image.to(torch.float32) / 255.0
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x[None], size=self.size, mode="bilinear", align_corners=False, antialias=True)[0]
+        if self.translate > 0:
+            t = self.translate
+            padded = F.pad(x, (t, t, t, t))
+            dy, dx = torch.randint(0, 2 * t + 1, (2,), generator=generator).tolist()
+            x = padded[:, dy : dy + self.size[0], dx : dx + self.size[1]]
+        if self.hflip and torch.rand((), generator=generator).item() < 0.5:
+            x = x.flip(-1)
+        return (x - self.mean) / self.std
+
+
+def _load_rgb(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+        data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+        return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>`` read with Pillow; items are ``(float CHW tensor, class index)``.
+
+    Classes are the sorted sub-directory names. ``transform`` defaults to ``[0, 1]`` scaling
+    only. Random transforms get a generator seeded by ``(seed, epoch, index)``; the loader's
+    sampler calls :meth:`set_epoch`.
+    """
+
+    def __init__(self, root: Union[str, os.PathLike], transform: Optional[ImageTransform] = None, seed: int = 0):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        self.classes = sorted(entry.name for entry in self.root.iterdir() if entry.is_dir())
+        if not self.classes:
+            raise FileNotFoundError(f"image folder {self.root} has no class sub-directories")
+        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+        self.samples: List[Tuple[Path, int]] = [
+            (path, self.class_to_idx[name])
+            for name in self.classes
+            for path in sorted((self.root / name).rglob("*"))
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        ]
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        image = _load_rgb(path)
+        if self.transform is None:
+            return image.to(torch.float32) / 255.0, label
+        generator = None
+        if getattr(self.transform, "random", True):
+            mixed = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % (2**63)
+            generator = torch.Generator().manual_seed(mixed)
+        return self.transform(image, generator), label
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers and loader
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation sharding without padding: rank r reads items r, r + world, r + 2 world, ...
+
+    Unlike ``DistributedSampler`` no item is repeated, so metrics summed over ranks are exact.
+    """
+
+    def __init__(self, size: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, size, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class ResumableSampler(Sampler[int]):
+    """Wraps a sampler so an epoch can start after its first ``skip_batches`` batches.
+
+    ``set_epoch(epoch, skip_batches=k)`` reshuffles for ``epoch`` (same order as without the
+    skip) and drops the first ``k * batch_size`` indices of that epoch, for exact resume.
+    """
+
+    def __init__(self, inner: Sampler[int], batch_size: int, dataset: Optional[Dataset] = None) -> None:
+        self.inner = inner
+        self.batch_size = batch_size
+        self.dataset = dataset
+        self.epoch = 0
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.inner), self.skip_batches * self.batch_size, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.inner) - self.skip_batches * self.batch_size)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    dist: DistInfo,
+    workers: int = 0,
+    seed: int = 0,
+) -> DataLoader:
+    """DataLoader for this rank: shuffled, sharded and resumable for training; in order for eval.
+
+    Training uses ``DistributedSampler`` (also single-process, for one shuffling rule) with
+    ``drop_last`` so every rank runs the same number of steps. Evaluation uses
+    :class:`ShardSampler`, which never repeats an item. Per epoch, call
+    ``loader.sampler.set_epoch(epoch, skip_batches=...)``.
+    """
+    if train:
+        inner: Sampler[int] = DistributedSampler(
+            dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed, drop_last=True
+        )
+    elif dist.world_size > 1:
+        inner = ShardSampler(len(dataset), dist.rank, dist.world_size)
+    else:
+        inner = SequentialSampler(dataset)
+    sampler = ResumableSampler(inner, batch_size, dataset)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=train,
+        num_workers=workers,
+        pin_memory=dist.device.type == "cuda",
+        worker_init_fn=worker_init_fn if workers > 0 else None,
+        # A private generator: creating an iterator draws a worker base seed from it, which
+        # would otherwise consume the global torch RNG that dropout and init rely on.
+        generator=torch.Generator().manual_seed(seed + dist.rank),
+        persistent_workers=False,  # workers must see the dataset's epoch, set before each epoch
+    )

@@ -1,0 +1,212 @@
+"""What a run reports: a progress bar or log lines, a metrics.jsonl file, and MLflow.
+
+Everything here is silent on ranks other than 0. tqdm and mlflow are optional and imported
+only when used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, TextIO, Union
+
+__all__ = ["get_logger", "Progress", "MetricsFile", "MlflowLogger"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def get_logger(name: str = "scmc", is_main: bool = True) -> logging.Logger:
+    """A logger printing ``time message`` lines to stdout on rank 0, and only warnings elsewhere."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    return logger
+
+
+def _as_float(value: Any) -> float:
+    return float(value.item()) if hasattr(value, "item") else float(value)
+
+
+def _format(metrics: Mapping[str, Any]) -> str:
+    return " ".join(f"{name}={_as_float(value):.4g}" for name, value in metrics.items())
+
+
+class Progress:
+    """Progress over ``total`` steps: a tqdm bar on an interactive terminal, log lines otherwise.
+
+    ``step(metrics)`` takes the latest values as tensors or floats; they are converted (which
+    synchronizes with the GPU) only when shown, every ``log_every`` steps. No output at all
+    when ``enabled`` is False (ranks other than 0). ``ci=True`` forces plain lines.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        desc: str = "",
+        *,
+        enabled: bool = True,
+        ci: bool = False,
+        log_every: int = 50,
+        stream: Optional[TextIO] = None,
+    ) -> None:
+        self.total = total
+        self.desc = desc
+        self.enabled = enabled
+        self.log_every = max(1, log_every)
+        self.stream = stream if stream is not None else sys.stdout
+        self.count = 0
+        self._start = time.monotonic()
+        self._bar: Any = None
+        if enabled and not ci and _is_tty(self.stream):
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                pass
+            else:
+                self._bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True)
+
+    def step(self, metrics: Optional[Mapping[str, Any]] = None, n: int = 1) -> None:
+        if not self.enabled:
+            return
+        self.count += n
+        due = self.count % self.log_every < n or self.count >= self.total
+        if self._bar is not None:
+            self._bar.update(n)
+            if due and metrics:
+                self._bar.set_postfix_str(_format(metrics), refresh=False)
+        elif due:
+            rate = self.count / max(time.monotonic() - self._start, 1e-9)
+            width = len(str(self.total))
+            line = f"{self.desc} {self.count:>{width}}/{self.total} ({rate:.1f} it/s)"
+            if metrics:
+                line += " " + _format(metrics)
+            print(line.strip(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _json_value(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Infinity; keep the file parseable by strict readers
+    return value
+
+
+class MetricsFile:
+    """Appends one JSON object per line to ``<run_dir>/metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, run_dir: PathLike, enabled: bool = True, name: str = "metrics.jsonl") -> None:
+        self.path = Path(run_dir) / name
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps({key: _json_value(value) for key, value in record.items()}, sort_keys=False)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> Dict[str, str]:
+    flat: Dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class MlflowLogger:
+    """MLflow tracking for rank 0; a no-op when disabled or on other ranks.
+
+    By default everything stays inside the run directory: the tracking store is
+    ``sqlite:///<run_dir>/mlflow.db`` and artifacts go to ``<run_dir>/mlartifacts``.
+    """
+
+    def __init__(
+        self,
+        run_dir: PathLike,
+        *,
+        experiment: str = "scmc",
+        run_name: Optional[str] = None,
+        tracking_uri: Optional[str] = None,
+        enabled: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(run_dir).resolve()
+        self.tracking_uri = tracking_uri or f"sqlite:///{self.run_dir / 'mlflow.db'}"
+        self.run_id: Optional[str] = None
+        self._client: Any = None
+        if not enabled:
+            return
+        from mlflow.tracking import MlflowClient
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        found = self._client.get_experiment_by_name(experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:
+            artifacts = (self.run_dir / "mlartifacts").as_uri()
+            experiment_id = self._client.create_experiment(experiment, artifact_location=artifacts)
+        self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if self.enabled:
+            from mlflow.entities import Param
+
+            flat = _flatten(params)
+            self._client.log_batch(self.run_id, params=[Param(key, value) for key, value in flat.items()])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        if self.enabled:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            batch = [Metric(key, _as_float(value), now, step) for key, value in metrics.items()]
+            self._client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: PathLike) -> None:
+        if self.enabled:
+            self._client.log_artifact(self.run_id, str(path))
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.run_id is not None:
+            self._client.set_terminated(self.run_id, status=status)
+            self.run_id = None
+
+    def __enter__(self) -> "MlflowLogger":
+        return self
+
+    def __exit__(self, exc_type: Any, *rest: object) -> None:
+        self.close("FAILED" if exc_type is not None else "FINISHED")

@@ -1,0 +1,3 @@
+from scmc.cli import main
+
+main()

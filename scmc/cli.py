@@ -1,0 +1,111 @@
+"""The ``scmc`` command line: parse flags, call the stages, print, set the exit code."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+import scmc
+from scmc.diagnostics import CompileError
+
+
+def _shape(text: str) -> tuple[str, dict[str, Any]]:
+    name, sep, dims = text.partition("=")
+    if not sep:
+        name, sep, dims = text.partition(":")
+    try:
+        shape = [int(d) for d in dims.replace("[", "").replace("]", "").split(",") if d.strip()]
+    except ValueError:
+        shape = []
+    if not sep or not name.strip().isidentifier() or not shape or any(d <= 0 for d in shape):
+        raise click.BadParameter(f"`{text}`: write NAME=C,H,W (sizes without the batch dimension), e.g. image=3,224,224")
+    return name.strip(), {"shape": shape, "dtype": "float32"}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(scmc.__version__, prog_name="scmc")
+def main() -> None:
+    """scmc: compile YAML layer templates into standalone PyTorch packages."""
+
+
+@main.command()
+@click.argument("template", type=click.Path(path_type=Path))
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Override a parameter: key=value, group.key=value, or 'DEFAULT: {key: value}'. Repeatable.")
+@click.option("--loss", type=click.Path(path_type=Path), help="Loss template (a layer graph) -> loss.py.")
+@click.option("--metric", type=click.Path(path_type=Path), help="Metric template (a layer graph) -> metric.py.")
+@click.option("--name", help="Package name (default: template stem + selected group, e.g. convnextv2_femto).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output directory (default: artifacts/<name>).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("-s", "--shape", "shapes", multiple=True, metavar="NAME=C,H,W", help="Input shape without batch; overrides INPUT_SHAPES.")
+@click.option("-c", "--classname", default="Model", show_default=True, help="Name of the generated model class.")
+@click.option("--no-structured-output", is_flag=True, help="Return a value or tuple instead of a dict.")
+@click.option("--sublayer", help="Compile the named user layer (e.g. Backbone) instead of the root.")
+@click.option("--allow-new-params", is_flag=True, help="Let -p add keys the templates do not define (to DEFAULT).")
+@click.option("--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+def build(template: Path, params: tuple[str, ...], loss: Path | None, metric: Path | None, name: str | None,
+          output: Path | None, force: bool, shapes: tuple[str, ...], classname: str, no_structured_output: bool,
+          sublayer: str | None, allow_new_params: bool, allow_modules: tuple[str, ...], quiet: bool) -> None:
+    """Compile TEMPLATE (and optional loss and metric templates) into a package."""
+    from scmc.build import BuildRequest, Part
+
+    if not classname.isidentifier():
+        raise click.BadParameter(f"`{classname}` is not a Python identifier", param_hint="--classname")
+    parts = [Part("model", template, classname)]
+    if loss is not None:
+        parts.append(Part("loss", loss, "Loss"))
+    if metric is not None:
+        parts.append(Part("metric", metric, "Metric"))
+    request = BuildRequest(
+        parts=parts,
+        params=list(params),
+        name=name,
+        output=output,
+        force=force,
+        shapes=dict(_shape(s) for s in shapes),
+        structured=False if no_structured_output else None,
+        sublayer=sublayer,
+        allow_new_params=allow_new_params,
+        allow_modules=tuple(allow_modules),
+    )
+    run_build(request, quiet)
+
+
+def run_build(request: Any, quiet: bool = False) -> None:
+    from scmc.build import InternalError, build as do_build
+    from scmc.load import display_path
+
+    start = time.perf_counter()
+    try:
+        plan, destination = do_build(request)
+    except CompileError as exc:
+        click.echo(exc.render(), err=True)
+        sys.exit(1)
+    except InternalError as exc:
+        click.echo(f"internal compiler error: {exc}\nThis is a bug in scmc {scmc.__version__}; please report it with this output.\n"
+                   f"--- IR ---\n{exc.ir_dump}--- traceback ---\n{traceback.format_exc()}", err=True)
+        sys.exit(70)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # any other exception is a bug in scmc, not a user mistake
+        click.echo(f"internal compiler error: {type(exc).__name__}: {exc}\nThis is a bug in scmc {scmc.__version__}; "
+                   f"please report it with this output.\n--- traceback ---\n{traceback.format_exc()}", err=True)
+        sys.exit(70)
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
+    if not quiet:
+        elapsed = time.perf_counter() - start
+        model = next(c for c in plan.compiled if c.role == "model")
+        click.echo(f"built {plan.name} -> {display_path(destination)}  "
+                   f"({model.param_count:,} parameters, {len(plan.files)} files, {elapsed:.1f} s)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

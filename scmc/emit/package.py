@@ -1,0 +1,113 @@
+"""The package skeleton around the generated modules: pyproject, README, __init__, manifest.
+
+Small Jinja templates in ``scmc/emit/templates`` hold the text; this module only gathers
+the values. Everything is deterministic: no timestamps, no absolute paths, sorted keys.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import scmc
+from scmc.addresses import AllowList
+
+if TYPE_CHECKING:
+    from scmc.build import BuildRequest, Compiled
+
+TEMPLATES = Path(__file__).parent / "templates"
+MODULE_FILES = {"model": "model", "loss": "loss", "metric": "metric"}
+
+
+def _env():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["pyrepr"] = repr
+    return env
+
+
+def dependencies(compiled: list["Compiled"]) -> list[str]:
+    from scmc.build import DISTRIBUTIONS, STDLIB
+    from scmc.emit.python import imports_of
+
+    roots: list[str] = ["torch", "scmc_runtime"]
+    for c in compiled:
+        for module in imports_of(c.program):
+            root = module.split(".")[0]
+            if root not in roots and root not in STDLIB:
+                roots.append(root)
+    out = []
+    for root in roots:
+        dist, bound = DISTRIBUTIONS.get(root, (root, ""))
+        out.append(f"{dist}{bound}")
+    return sorted(out)
+
+
+def rebuild_command(request: "BuildRequest", name: str) -> str:
+    parts = ["scmc", "build", str(request.parts[0].path)]
+    for part in request.parts[1:]:
+        parts += [f"--{part.role}", str(part.path)]
+    for p in request.params:
+        parts += ["-p", p]
+    for k, v in request.shapes.items():
+        parts += ["-s", f"{k}={','.join(str(d) for d in v['shape'])}"]
+    parts += ["--name", name, "--force"]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"], allow: AllowList) -> dict[str, bytes]:
+    from scmc.build import RUNTIME_REQUIREMENT, manifest
+
+    env = _env()
+    model = next(c for c in compiled if c.role == "model")
+    deps = dependencies(compiled)
+    description = f"{model.source.path.stem} compiled by scmc into a standalone PyTorch package."
+    src = f"src/{name}"
+    files: dict[str, bytes] = {}
+    for c in compiled:
+        files[f"{src}/{MODULE_FILES[c.role]}.py"] = c.text.encode()
+    imports = [(MODULE_FILES[c.role], c.program.root) for c in compiled]
+    common: dict[str, Any] = {
+        "name": name,
+        "scmc_version": scmc.__version__,
+        "version": "0.1.0",
+        "description": description,
+        "template": model.source.display.replace("\\", "/"),
+    }
+    files[f"{src}/__init__.py"] = env.get_template("__init__.py.j2").render(
+        **common, runtime_requirement=RUNTIME_REQUIREMENT, imports=imports, classes=[cls for _, cls in imports]
+    ).encode()
+    files["pyproject.toml"] = env.get_template("pyproject.toml.j2").render(
+        **common, distribution=name.replace("_", "-"), dependencies=deps
+    ).encode()
+    root = model.program.module(model.program.root)
+    shapes = sorted((model.input_shapes or {}).items())
+    example = ", ".join(f"torch.randn(2, {', '.join(str(d) for d in spec['shape'])})" for _, spec in shapes) or "..."
+    files["README.md"] = env.get_template("README.md.j2").render(
+        **common,
+        parameters=list(request.params),
+        classes=[(c.role, c.program.root) for c in compiled],
+        param_count=model.param_count,
+        input_shapes=shapes,
+        inputs=list(root.inputs),
+        outputs=list(root.outputs),
+        structured=root.structured,
+        dependencies=deps,
+        extra_deps=[d for d in deps if not d.startswith(("torch", "scmc-runtime"))],
+        resolved=sorted((k, json.dumps(v, sort_keys=True, default=repr)) for k, v in model.params.items()),
+        model_class=root.name,
+        example_call=example,
+        rebuild=rebuild_command(request, name),
+    ).encode()
+    files[f"{src}/manifest.json"] = (json.dumps(manifest(name, request, compiled, deps), indent=2, sort_keys=True) + "\n").encode()
+    return files

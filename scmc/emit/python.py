@@ -1,0 +1,331 @@
+"""IR -> Python source for one generated module file (model.py, loss.py, metric.py).
+
+The output reads like hand-written PyTorch: one class per distinct layer, leaves first;
+every layer an explicit attribute with concrete arguments; a straight-line, typed
+``forward``. Names come from the template; ``_`` becomes ``x``. Literals are emitted with
+``repr``; every name is a validated identifier. The text is formatted with black and must
+parse before it is returned.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import re
+import keyword
+import math
+from typing import Any, Iterable
+
+from scmc.addresses import module_of
+from scmc.expr import rename as rename_expr
+from scmc.ir import (
+    Arg,
+    Child,
+    Const,
+    Ctor,
+    ExprArg,
+    Index,
+    ListArg,
+    ModuleDef,
+    Node,
+    Out,
+    OutDict,
+    OutName,
+    OutTuple,
+    Param,
+    ParamExpr,
+    Program,
+    Ref,
+    Var,
+    out_names,
+)
+
+RESERVED = {"self", "torch", "typing", "Dict", "List", "Tuple", "Any", "Optional", "super"} | set(dir(builtins)) | set(keyword.kwlist)
+
+
+LINE_LENGTH = 100
+
+
+class EmitError(Exception):
+    """Something the emitter cannot express: a bug in scmc (internal compiler error)."""
+
+
+def literal(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return 'float("nan")'
+        if math.isinf(value):
+            return 'float("inf")' if value > 0 else 'float("-inf")'
+        return repr(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return repr(value)
+    if isinstance(value, tuple):
+        inner = ", ".join(literal(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    if isinstance(value, list):
+        return "[" + ", ".join(literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{literal(k)}: {literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, Ref):
+        return value.address
+    if isinstance(value, Param):
+        return value.name
+    if isinstance(value, ParamExpr):
+        return value.source
+    if isinstance(value, Ctor):
+        parts = [literal(a) for a in value.args] + [f"{k}={literal(v)}" for k, v in value.kwargs]
+        return f"{value.address}({', '.join(parts)})"
+    raise EmitError(f"cannot emit a {type(value).__name__} literal: {value!r}")
+
+
+def addresses_in(value: Any) -> Iterable[str]:
+    if isinstance(value, Ref):
+        yield value.address
+    elif isinstance(value, Ctor):
+        if not value.user:
+            yield value.address
+        for a in value.args:
+            yield from addresses_in(a)
+        for _, v in value.kwargs:
+            yield from addresses_in(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from addresses_in(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from addresses_in(v)
+
+
+def annotation(observed: str | None) -> str:
+    if not observed or observed == "torch.Tensor":
+        return "torch.Tensor"
+    text = observed.replace("list[", "List[").replace("dict[", "Dict[").replace("tuple[", "Tuple[")
+    return text
+
+
+class ModuleEmitter:
+    def __init__(self, mdef: ModuleDef, program: Program):
+        self.m = mdef
+        self.program = program
+        self.children = {c.attr: c for c in mdef.children}
+        self.names: dict[str, str] = {}
+        used = set(RESERVED) | {c.attr for c in mdef.children} | {p for p, _ in mdef.params}
+        for graph in (mdef.flow, mdef.inference or ()):
+            for node in graph:
+                for name in out_names(node.out):
+                    used.add(name)
+        used |= set(mdef.inputs)
+        self.used = used
+        for name in self._all_flow_names():
+            self.names[name] = self._fresh(name)
+
+    def _all_flow_names(self) -> list[str]:
+        names: list[str] = list(self.m.inputs)
+        for graph in (self.m.flow, self.m.inference or ()):
+            for node in graph:
+                for name in out_names(node.out):
+                    if name not in names:
+                        names.append(name)
+        return names
+
+    def _fresh(self, name: str) -> str:
+        if name == "_":
+            base = "x"
+            if base in self.m.inputs or any(base in out_names(n.out) for n in self.m.flow):
+                base = "x_"
+        elif name in RESERVED or name in {p for p, _ in self.m.params}:
+            base = name + "_"
+        else:
+            return name
+        candidate, i = base, 2
+        taken = set(self.names.values()) | (self.used - {name})
+        while candidate in taken and candidate != name:
+            candidate = f"{base}{i}"
+            i += 1
+        return candidate
+
+    # ---------------------------------------------------------------- forward
+
+    def arg(self, arg: Arg) -> str:
+        if isinstance(arg, Var):
+            return self.names[arg.name]
+        if isinstance(arg, Index):
+            return f"{self.arg(arg.base)}[{arg.key!r}]"
+        if isinstance(arg, ListArg):
+            return "[" + ", ".join(self.arg(a) for a in arg.items) + "]"
+        if isinstance(arg, Const):
+            return literal(arg.value)
+        assert isinstance(arg, ExprArg)
+        return f"({rename_expr(arg.expr, self.names)})"
+
+    def target(self, out: Out) -> str:
+        if isinstance(out, OutName):
+            return self.names[out.name]
+        if isinstance(out, OutTuple):
+            return ", ".join(self.target(o) for o in out.items)
+        raise EmitError("mapping outputs are bound by the caller")
+
+    def node(self, node: Node, temp_counter: dict[str, int]) -> list[str]:
+        args = [self.arg(a) for a in node.args]
+        kwargs = [f"{k}={self.arg(v)}" for k, v in node.kwargs]
+        if node.layer is None:
+            call = args[0]
+        else:
+            child = self.children[node.layer]
+            if child.kind == "function":
+                bound = [literal(a) for a in child.ctor.args]
+                bound_kw = [f"{k}={literal(v)}" for k, v in child.ctor.kwargs]
+                call = f"{child.ctor.address}({', '.join(bound + args + bound_kw + kwargs)})"
+            else:
+                call = f"self.{child.attr}({', '.join(args + kwargs)})"
+        if isinstance(node.out, OutDict):
+            base = f"{node.layer or 'value'}_out"
+            temp, i = base, 2
+            while temp in self.used or temp in set(self.names.values()):
+                temp = f"{base}{i}"
+                i += 1
+            self.used.add(temp)
+            lines = [f"{temp} = {call}"]
+            for name, key in node.out.pairs:
+                lines.append(f"{self.names[name]} = {temp}[{key!r}]")
+            return lines
+        return [f"{self.target(node.out)} = {call}"]
+
+    def graph(self, nodes: Iterable[Node]) -> list[str]:
+        lines: list[str] = []
+        counter: dict[str, int] = {}
+        for node in nodes:
+            lines.extend(self.node(node, counter))
+        return lines
+
+    def returns(self) -> tuple[str, str]:
+        types = dict(self.m.types)
+        outs = [self.names[o] for o in self.m.outputs]
+        out_types = [annotation(types.get(o)) for o in self.m.outputs]
+        if self.m.structured:
+            value_types = set(out_types)
+            value = out_types[0] if len(value_types) == 1 else "Any"
+            body = "{" + ", ".join(f"{o!r}: {n}" for o, n in zip(self.m.outputs, outs)) + "}"
+            return f"Dict[str, {value}]", body
+        if len(outs) == 1:
+            return out_types[0], outs[0]
+        return f"Tuple[{', '.join(out_types)}]", ", ".join(outs)
+
+    # ---------------------------------------------------------------- class
+
+    def emit(self) -> str:
+        m = self.m
+        lines: list[str] = []
+        doc = m.doc or (f"Compiled from the template `{m.template}`." if m.template else "")
+        lines.append(f"class {m.name}(torch.nn.Module):")
+        if doc:
+            lines.append(f"    {_docstring(doc)}")
+            lines.append("")
+        params = "".join(f", {n}: {t}" for n, t in m.params)
+        lines.append(f"    def __init__(self{params}) -> None:")
+        lines.append("        super().__init__()")
+        for child in m.children:
+            if child.kind == "function":
+                continue
+            lines.append(f"        self.{child.attr} = {literal(child.ctor)}")
+        lines.append("")
+        types = dict(m.types)
+        sig = "".join(f", {self.names[i]}: {annotation(types.get(i))}" for i in m.inputs)
+        ret_type, ret_value = self.returns()
+        lines.append(f"    def forward(self{sig}) -> {ret_type}:")
+        body: list[str] = []
+        if m.inference is not None:
+            body.append("if self.training:")
+            body.extend("    " + l for l in (self.graph(m.flow) or ["pass"]))
+            body.append("else:")
+            body.extend("    " + l for l in (self.graph(m.inference) or ["pass"]))
+        else:
+            body.extend(self.graph(m.flow))
+        body.append(f"return {ret_value}")
+        lines.extend("        " + l for l in body)
+        return "\n".join(lines) + "\n"
+
+
+def _docstring(text: str) -> str:
+    safe = text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+    return f'"""{safe}"""'
+
+
+def imports_of(program: Program) -> list[str]:
+    modules: list[str] = []
+
+    def add(address: str) -> None:
+        module, _ = module_of(address, None)
+        if module not in modules:
+            modules.append(module)
+
+    for m in program.modules:
+        for child in m.children:
+            if child.kind == "user":
+                for _, v in child.ctor.kwargs:
+                    for a in addresses_in(v):
+                        add(a)
+                continue
+            for a in addresses_in(child.ctor):
+                add(a)
+        for graph in (m.flow, m.inference or ()):
+            for node in graph:
+                for arg in (*node.args, *(v for _, v in node.kwargs)):
+                    for a in _expr_addresses(arg):
+                        add(a)
+    return modules
+
+
+def _expr_addresses(arg: Arg) -> Iterable[str]:
+    if isinstance(arg, ExprArg):
+        yield from arg.expr.addresses
+    elif isinstance(arg, ListArg):
+        for a in arg.items:
+            yield from _expr_addresses(a)
+    elif isinstance(arg, Index):
+        yield from _expr_addresses(arg.base)
+    elif isinstance(arg, Const):
+        yield from addresses_in(arg.value)
+
+
+def minimal_imports(modules: list[str]) -> list[str]:
+    """`import` lines needed: drop a module another import already loads (`timm.layers` under
+    `timm.layers.grn`, `torch.nn` under `torch`), torch first, then sorted."""
+    unique = sorted(set(modules))
+    keep = []
+    for module in unique:
+        if module.startswith("torch.nn") or module == "torch.nn":
+            module = "torch"
+        if any(other != module and other.startswith(module + ".") for other in unique) and module != "torch":
+            continue
+        if module not in keep:
+            keep.append(module)
+    return sorted(keep, key=lambda name: (name != "torch", name))
+
+
+def emit_module_file(program: Program, header: list[str], docstring: str) -> str:
+    """The complete, black-formatted source of one generated file."""
+    import black
+
+    modules = minimal_imports(["torch", *imports_of(program)])
+    classes = [ModuleEmitter(mdef, program).emit() for mdef in program.modules]
+    body = "\n\n".join(classes)
+    typing_names = [n for n in ("Any", "Dict", "List", "Tuple") if re.search(rf"\b{n}\[|\b{n}\b(?!\()", body)]
+    parts: list[str] = ["\n".join(f"# {line}" if line else "#" for line in header), _docstring(docstring), ""]
+    if typing_names:
+        parts.append(f"from typing import {', '.join(typing_names)}")
+        parts.append("")
+    for module in modules:
+        parts.append(f"import {module}")
+    parts.append("")
+    parts.append(f"__all__ = [{repr(program.root)}]")
+    parts.append("")
+    parts.append("")
+    parts.append(body)
+    source = "\n".join(parts)
+    try:
+        formatted = black.format_str(source, mode=black.Mode(line_length=LINE_LENGTH))
+    except Exception as exc:  # black refuses only code that does not parse
+        raise EmitError(f"generated code does not format: {exc}\n{source}") from exc
+    ast.parse(formatted)
+    return formatted

@@ -1,0 +1,735 @@
+"""Load templates: YAML with source positions, parameters, ``-p`` overrides, Jinja.
+
+YAML is read with ruamel.yaml's composer, so every mapping, list and scalar keeps its
+line and column; values are rebuilt as :class:`LDict` / :class:`LList` (plain ``dict``
+and ``list`` subclasses that remember where their keys and items came from). Only the
+standard YAML scalar tags are accepted: a tag that would import or construct an object
+is a diagnostic, not a Python object.
+
+Jinja blocks are rendered with structcast's sandboxed environment and its parameter
+semantics (``DEFAULT``/``SHARED``/named groups, see :class:`Parameters`). Nodes produced
+by a block carry the span of the block itself, so later errors still point into the
+YAML file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from scmc.diagnostics import CompileError, Diagnostics, Span, did_you_mean, fail
+
+JINJA_YAML = "_jinja_yaml_"
+JINJA_JSON = "_jinja_json_"
+JINJA_TEXT = "_jinja_"
+JINJA_GROUP = "_jinja_group_"
+JINJA_PIPE = "_jinja_pipe_"
+JINJA_ALIASES = (JINJA_YAML, JINJA_JSON, JINJA_TEXT)
+JINJA_KEYS = (*JINJA_ALIASES, JINJA_GROUP, JINJA_PIPE)
+
+MAX_DEPTH = 64
+MAX_SECONDS = 30.0
+
+
+# --------------------------------------------------------------------------- located values
+
+
+class LDict(dict):
+    """A mapping that remembers the span of itself, its keys and its values."""
+
+    span: Span
+    key_spans: dict[Any, Span]
+    value_spans: dict[Any, Span]
+
+    def __init__(self, *args: Any, span: Span | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.span = span or Span("<unknown>")
+        self.key_spans = {}
+        self.value_spans = {}
+
+    def key_span(self, key: Any) -> Span:
+        return self.key_spans.get(key, self.span)
+
+    def value_span(self, key: Any) -> Span:
+        return self.value_spans.get(key, self.key_span(key))
+
+
+class LList(list):
+    """A list that remembers the span of itself and of each item."""
+
+    span: Span
+    item_spans: list[Span]
+
+    def __init__(self, items: Iterable[Any] = (), span: Span | None = None, item_spans: list[Span] | None = None):
+        super().__init__(items)
+        self.span = span or Span("<unknown>")
+        self.item_spans = list(item_spans) if item_spans is not None else [self.span] * len(self)
+
+    def item_span(self, index: int) -> Span:
+        if 0 <= index < len(self.item_spans):
+            return self.item_spans[index]
+        return self.span
+
+
+def span_of(value: Any, default: Span) -> Span:
+    return getattr(value, "span", default)
+
+
+def plain(value: Any) -> Any:
+    """Strip positions: nested plain dicts and lists (for hashing, dumping, comparing)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def relocate(value: Any, span: Span) -> Any:
+    """Give a freshly parsed value (and everything in it) one span."""
+    if isinstance(value, dict):
+        out = LDict(span=span)
+        for k, v in value.items():
+            out[k] = relocate(v, span)
+            out.key_spans[k] = span
+            out.value_spans[k] = span
+        return out
+    if isinstance(value, list):
+        return LList([relocate(v, span) for v in value], span=span)
+    return value
+
+
+# --------------------------------------------------------------------------- YAML reading
+
+_SAFE_TAGS = {
+    "tag:yaml.org,2002:str",
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:null",
+    "tag:yaml.org,2002:map",
+    "tag:yaml.org,2002:seq",
+    "tag:yaml.org,2002:merge",
+}
+
+
+def _yaml():
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="safe", pure=True)
+    return yaml
+
+
+def read_text(path: Path, display: str) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise fail("E0001", f"template file not found: {display}", hint="check the path; it is relative to the current directory") from None
+    except IsADirectoryError:
+        raise fail("E0001", f"{display} is a directory, not a template file") from None
+    except PermissionError:
+        raise fail("E0002", f"cannot read {display}: permission denied", hint="make the file readable (chmod +r)") from None
+    except OSError as exc:
+        raise fail("E0002", f"cannot read {display}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise fail(
+            "E0003",
+            f"{display} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+            Span(display, line, 1),
+            hint="save the template as UTF-8",
+        ) from None
+
+
+def parse_yaml(text: str, display: str, line_offset: int = 0, note: str = "") -> Any:
+    """Parse YAML text into located values. Raises CompileError on syntax or tag errors."""
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    yaml = _yaml()
+    try:
+        node = yaml.compose(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = (mark.line + 1 + line_offset) if mark else line_offset
+        col = (mark.column + 1) if mark else 1
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise fail("E0100", f"invalid YAML: {problem}", Span(display, line, col, note)) from None
+    except YAMLError as exc:  # pragma: no cover - ruamel raises marked errors for text input
+        raise fail("E0100", f"invalid YAML: {exc}", Span(display, line_offset, 1, note)) from None
+    if node is None:
+        return None
+    diags = Diagnostics()
+    constructor = yaml.constructor
+    value = _construct(node, constructor, display, line_offset, note, diags)
+    diags.raise_if_any()
+    return value
+
+
+def _construct(node: Any, constructor: Any, display: str, line_offset: int, note: str, diags: Diagnostics) -> Any:
+    from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
+    mark = node.start_mark
+    span = Span(display, mark.line + 1 + line_offset, mark.column + 1, note)
+    if node.tag not in _SAFE_TAGS:
+        diags.error(
+            "E0101",
+            f"YAML tag `{node.tag}` is not allowed in templates",
+            span,
+            hint="templates are data: remove the tag (objects are built with `_obj_` patterns)",
+        )
+        return None
+    if isinstance(node, ScalarNode):
+        try:
+            value = constructor.construct_object(node, deep=True)
+        except Exception as exc:  # a malformed scalar such as an out-of-range timestamp
+            diags.error("E0100", f"invalid YAML scalar: {exc}", span)
+            return None
+        if isinstance(value, float) and not math.isfinite(value) and node.tag == "tag:yaml.org,2002:float":
+            return value
+        return value
+    if isinstance(node, SequenceNode):
+        items, spans = [], []
+        for child in node.value:
+            items.append(_construct(child, constructor, display, line_offset, note, diags))
+            cm = child.start_mark
+            spans.append(Span(display, cm.line + 1 + line_offset, cm.column + 1, note))
+        return LList(items, span=span, item_spans=spans)
+    if isinstance(node, MappingNode):
+        out = LDict(span=span)
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                merged = _construct(value_node, constructor, display, line_offset, note, diags)
+                for part in merged if isinstance(merged, list) else [merged]:
+                    if isinstance(part, LDict):
+                        for k, v in part.items():
+                            if k not in out:
+                                out[k] = v
+                                out.key_spans[k] = part.key_span(k)
+                                out.value_spans[k] = part.value_span(k)
+                continue
+            key = _construct(key_node, constructor, display, line_offset, note, diags)
+            km = key_node.start_mark
+            key_span = Span(display, km.line + 1 + line_offset, km.column + 1, note)
+            if isinstance(key, (dict, list)):
+                diags.error("E0102", "mapping keys must be scalars", key_span)
+                continue
+            if key in out:
+                diags.error("E0103", f"duplicate key `{key}`", key_span, hint=f"`{key}` is already set at line {out.key_span(key).line}")
+                continue
+            out[key] = _construct(value_node, constructor, display, line_offset, note, diags)
+            vm = value_node.start_mark
+            out.key_spans[key] = key_span
+            out.value_spans[key] = Span(display, vm.line + 1 + line_offset, vm.column + 1, note)
+        return out
+    diags.error("E0101", f"unsupported YAML node `{node.tag}`", span)  # pragma: no cover
+    return None
+
+
+@dataclass
+class Source:
+    """One template file as read from disk."""
+
+    path: Path  # resolved absolute path
+    display: str  # the path as shown in diagnostics (relative to the working directory when possible)
+    text: str
+    data: Any
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+
+def display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def read_template(path: Path) -> Source:
+    display = display_path(path)
+    text = read_text(path, display)
+    data = parse_yaml(text, display)
+    if not isinstance(data, LDict):
+        raise fail("E0104", "a template must be a YAML mapping at the top level", Span(display, 1, 1))
+    return Source(path.resolve(), display, text, data)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass
+class Parameters:
+    """Parameter groups with structcast's semantics.
+
+    ``groups`` holds ``default`` and every named group, each already merged with SHARED
+    (SHARED wins, as in structcast's ``Parameters.template_kwargs``).
+    """
+
+    groups: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}})
+
+    @classmethod
+    def from_raw(cls, raw: Any, span: Span, diags: Diagnostics) -> "Parameters":
+        from structcast.core.template import Parameters as StructcastParameters
+
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            diags.error("E0200", "PARAMETERS must be a mapping of parameter groups", span)
+            return cls()
+        groups: dict[str, dict[str, Any]] = {}
+        for key, value in raw.items():
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                where = raw.value_span(key) if isinstance(raw, LDict) else span
+                diags.error("E0201", f"parameter group `{key}` must be a mapping, not {type(value).__name__}", where)
+                continue
+            groups["default" if key == "DEFAULT" else "_shared_" if key == "SHARED" else key] = plain(value)
+        shared = groups.pop("_shared_", {})
+        default = groups.pop("default", {})
+        both = sorted(set(shared) & set(default))
+        if both:
+            where = raw.key_span("SHARED") if isinstance(raw, LDict) else span
+            diags.error(
+                "E0202",
+                f"parameter{'s' if len(both) > 1 else ''} {', '.join(f'`{k}`' for k in both)} set in both SHARED and DEFAULT",
+                where,
+                hint="keep each key in one of the two groups",
+            )
+            return cls()
+        try:
+            merged = StructcastParameters.model_validate(
+                {"_shared_": shared, "_default_": default, **groups}
+            ).template_kwargs
+        except Exception as exc:
+            diags.error("E0203", f"invalid PARAMETERS: {exc}", span)
+            return cls()
+        return cls({k: dict(v) for k, v in merged.items()})
+
+    def merge(self, other: "Parameters") -> "Parameters":
+        """``other`` over ``self``, group by group (structcast's ``Parameters.merge``)."""
+        names = list(self.groups) + [k for k in other.groups if k not in self.groups]
+        return Parameters({k: {**self.groups.get(k, {}), **other.groups.get(k, {})} for k in names})
+
+    def group(self, name: str | None) -> dict[str, Any] | None:
+        return self.groups.get(name or "default")
+
+
+# --------------------------------------------------------------------------- -p overrides
+
+_DOTTED_KEY = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?\s*=(.*)$", re.S)
+
+
+@dataclass
+class Override:
+    """One ``-p`` value: ``key=value``, ``group.key=value`` or a YAML mapping of groups."""
+
+    text: str
+    group: str | None = None
+    key: str | None = None
+    value: Any = None
+    groups: dict[str, dict[str, Any]] | None = None  # the upstream form
+
+    def describe(self) -> str:
+        return f"-p {self.text}"
+
+
+def parse_override(text: str) -> Override:
+    match = _DOTTED_KEY.match(text)
+    if match:
+        first, second, raw_value = match.groups()
+        value = _parse_value(raw_value, text)
+        if second is None:
+            return Override(text, None, first, value)
+        return Override(text, first, second, value)
+    value = _parse_value(text, text)
+    if not isinstance(value, dict) or not all(isinstance(v, dict) or v is None for v in value.values()):
+        raise fail(
+            "E0210",
+            f"cannot read `-p {text}`",
+            hint="write `-p key=value`, `-p group.key=value` or `-p 'DEFAULT: {key: value}'`",
+        )
+    groups = {("default" if k == "DEFAULT" else "_shared_" if k == "SHARED" else str(k)): plain(v or {}) for k, v in value.items()}
+    return Override(text, groups=groups)
+
+
+def _parse_value(raw: str, whole: str) -> Any:
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        return plain(_yaml().load(raw)) if raw.strip() else None
+    except YAMLError as exc:
+        raise fail("E0211", f"the value in `-p {whole}` is not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
+def parameter_blocks(data: LDict) -> list[LDict]:
+    """Every PARAMETERS mapping of a template: the root's and those of its user layers."""
+    blocks: list[LDict] = []
+
+    def visit(node: Any) -> None:
+        if not isinstance(node, LDict):
+            return
+        params = node.get("PARAMETERS")
+        if isinstance(params, LDict):
+            blocks.append(params)
+        for key, value in node.items():
+            if key != "PARAMETERS" and isinstance(key, str) and key not in LAYER_GRAPH_KEYS and isinstance(value, LDict):
+                visit(value)
+
+    visit(data)
+    return blocks
+
+
+LAYER_GRAPH_KEYS = ("PARAMETERS", "IMPORTS", "INPUTS", "OUTPUTS", "STRUCTURED_OUTPUT", "FLOW", "INFERENCE_FLOW", "INPUT_SHAPES")
+
+
+def defined_keys(blocks: list[LDict]) -> set[str]:
+    keys: set[str] = set()
+    for block in blocks:
+        for group in block.values():
+            if isinstance(group, dict):
+                keys.update(str(k) for k in group)
+    return keys
+
+
+def apply_override(blocks: list[LDict], override: Override, diags: Diagnostics, allow_new: bool, source_display: str) -> bool:
+    """Apply one override to a template's PARAMETERS blocks. Returns whether it applied."""
+    applied = False
+    if override.groups is not None:
+        for group_key, values in override.groups.items():
+            yaml_key = "DEFAULT" if group_key == "default" else "SHARED" if group_key == "_shared_" else group_key
+            for key, value in values.items():
+                for block in blocks:
+                    group = block.get(yaml_key)
+                    known = any(isinstance(g, dict) and key in g for g in block.values())
+                    if known or (allow_new and block is blocks[0]):
+                        if not isinstance(group, dict):
+                            group = LDict(span=block.span)
+                            block[yaml_key] = group
+                        group[key] = value
+                        applied = True
+        return applied
+    key = override.key
+    for block in blocks:
+        if override.group is None:
+            for group in block.values():
+                if isinstance(group, dict) and key in group:
+                    group[key] = override.value
+                    applied = True
+        else:
+            yaml_group = "DEFAULT" if override.group == "default" else override.group
+            group = block.get(yaml_group)
+            shared = block.get("SHARED")
+            if isinstance(shared, dict) and key in shared and yaml_group != "SHARED":
+                diags.error(
+                    "E0212",
+                    f"`{override.describe()}` would have no effect: `{key}` is in SHARED, which overrides every group",
+                    block.key_span("SHARED"),
+                    hint=f"use `-p {key}=...` to change it everywhere",
+                )
+                return True
+            if isinstance(group, dict) and (key in group or any(isinstance(g, dict) and key in g for g in block.values())):
+                group[key] = override.value
+                applied = True
+    if not applied and allow_new and blocks:
+        target = blocks[0]
+        group_name = "DEFAULT" if override.group is None else override.group
+        group = target.get(group_name)
+        if not isinstance(group, dict):
+            group = LDict(span=target.span)
+            target[group_name] = group
+        group[key] = override.value
+        applied = True
+    return applied
+
+
+def report_unused_overrides(overrides: list[Override], used: list[bool], sources: list[Source], diags: Diagnostics) -> None:
+    known: set[str] = set()
+    groups: set[str] = set()
+    for source in sources:
+        blocks = parameter_blocks(source.data)
+        known |= defined_keys(blocks)
+        for block in blocks:
+            groups.update(str(k) for k in block)
+    for override, was_used in zip(overrides, used):
+        if was_used:
+            continue
+        first = sources[0] if sources else None
+        span = None
+        if first is not None:
+            params = first.data.get("PARAMETERS")
+            span = first.data.key_span("PARAMETERS") if params is not None else Span(first.display, 1, 1)
+        if override.groups is not None:
+            names = [k for g in override.groups.values() for k in g if k not in known]
+            what = ", ".join(f"`{n}`" for n in names) or "its keys"
+            hint = " ".join(filter(None, (did_you_mean(n, known) for n in names)))
+            diags.error("E0213", f"`{override.describe()}` sets {what}, which no template of this build defines", span,
+                        hint=(hint + " " if hint else "") + "or pass --allow-new-params to add it to DEFAULT")
+            continue
+        if override.group is not None and override.group not in groups and override.group != "default":
+            diags.error("E0214", f"`{override.describe()}` names group `{override.group}`, which no template defines", span,
+                        hint=did_you_mean(override.group, groups) or f"groups: {', '.join(sorted(groups))}")
+            continue
+        hint = did_you_mean(override.key or "", known)
+        diags.error(
+            "E0213",
+            f"`{override.describe()}` sets `{override.key}`, which no template of this build defines",
+            span,
+            hint=(hint + " " if hint else "") + "(or pass --allow-new-params to add it to DEFAULT)",
+        )
+
+
+# --------------------------------------------------------------------------- Jinja
+
+
+class TemplateRaised(Exception):
+    """The `raise_error` filter was used: the template itself refused these parameters."""
+
+
+def _cumsum(values: Any) -> list[Any]:
+    from itertools import accumulate
+
+    return list(accumulate(values))
+
+
+def _flags(flags: Any) -> int:
+    if flags is None:
+        return 0
+    if isinstance(flags, str):
+        flags = [flags]
+    value = 0
+    for name in flags:
+        value |= re.RegexFlag[str(name).upper()]
+    return value
+
+
+def _regex_escape(value: str) -> str:
+    return re.escape(value)
+
+
+def _regex_replace(value: str, pattern: str, replacement: str = "", flags: Any = None) -> str:
+    return re.compile(pattern, _flags(flags)).sub(replacement, value)
+
+
+def _regex_findall(value: str, pattern: str, flags: Any = None) -> list[str]:
+    return re.compile(pattern, _flags(flags)).findall(value)
+
+
+def _regex_search(value: str, pattern: str, flags: Any = None) -> str | None:
+    match = re.compile(pattern, _flags(flags)).search(value)
+    return match.group(0) if match else None
+
+
+def _raise_error(message: Any) -> None:
+    raise TemplateRaised(str(message))
+
+
+def _print_value(value: Any) -> Any:
+    print(value, file=sys.stderr)  # stderr: stdout may carry formatted output
+    return value
+
+
+FILTERS = {
+    "cumsum": _cumsum,
+    "regex_escape": _regex_escape,
+    "regex_replace": _regex_replace,
+    "regex_findall": _regex_findall,
+    "regex_search": _regex_search,
+    "raise_error": _raise_error,
+    "print_value": _print_value,
+}
+
+_ENV = None
+_TEMPLATE_CACHE: dict[str, Any] = {}
+
+
+def jinja_environment():
+    """structcast's sandboxed environment (StrictUndefined, trim/lstrip blocks) with our filters."""
+    global _ENV
+    if _ENV is None:
+        from structcast.core.template import configure_jinja, get_environment
+
+        configure_jinja(filters=FILTERS)
+        _ENV = get_environment()
+    return _ENV
+
+
+def _render(source: str, variables: Mapping[str, Any], span: Span) -> str:
+    from jinja2 import TemplateSyntaxError, UndefinedError
+    from jinja2.sandbox import SecurityError
+
+    env = jinja_environment()
+    template = _TEMPLATE_CACHE.get(source)
+    if template is None:
+        try:
+            template = env.from_string(source)
+        except TemplateSyntaxError as exc:
+            line = span.line + (exc.lineno or 0)
+            raise fail("E0300", f"Jinja syntax error: {exc.message}", Span(span.path, line, 1)) from None
+        _TEMPLATE_CACHE[source] = template
+    try:
+        return template.render(**variables)
+    except TemplateRaised as exc:
+        raise fail("E0301", f"the template refused these parameters: {exc}", span) from None
+    except UndefinedError as exc:
+        names = sorted(variables)
+        missing = re.search(r"'([^']+)' is undefined", str(exc))
+        hint = did_you_mean(missing.group(1), names) if missing else ""
+        raise fail(
+            "E0302",
+            f"Jinja: {exc.message}",
+            span,
+            hint=hint or (f"variables available here: {', '.join(names)}" if names else "no parameters are defined here"),
+        ) from None
+    except SecurityError as exc:
+        raise fail("E0303", f"Jinja sandbox refused: {exc}", span, hint="templates may only read parameters") from None
+    except CompileError:
+        raise
+    except Exception as exc:  # an error raised by a filter or an operation on parameter values
+        raise fail("E0304", f"Jinja rendering failed: {type(exc).__name__}: {exc}", span) from None
+
+
+_SAFE_PIPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "tuple": list}
+
+
+def _apply_pipe(value: Any, pipe: Any, span: Span) -> Any:
+    items = pipe if isinstance(pipe, list) and not (pipe and pipe[0] == "_obj_") else [pipe]
+    for item in items:
+        name = item
+        if isinstance(item, list) and len(item) == 2 and item[0] == "_obj_" and isinstance(item[1], dict):
+            name = item[1].get("_addr_")
+        if name in ("json.loads", "json"):
+            value = json.loads(value)
+        elif name in _SAFE_PIPES:
+            value = _SAFE_PIPES[name](value)
+        else:
+            raise fail("E0305", f"`_jinja_pipe_` step `{plain(item)}` is not allowed", span,
+                       hint="pipes may only cast: int, float, str, bool, list, dict, json.loads")
+    return value
+
+
+def _render_block(node: LDict, groups: Parameters, default: str) -> tuple[LDict, Any]:
+    """Render the Jinja block of a mapping. Returns (the other keys, the rendered value)."""
+    aliases = [a for a in JINJA_ALIASES if a in node]
+    if len(aliases) > 1:
+        raise fail("E0306", f"one mapping holds several Jinja blocks: {', '.join(aliases)}", node.key_span(aliases[1]))
+    alias = aliases[0]
+    source = node[alias]
+    span = node.key_span(alias)
+    if not isinstance(source, str):
+        raise fail("E0307", f"`{alias}` must be a string holding a Jinja template", node.value_span(alias))
+    group_name = node.get(JINJA_GROUP) or default
+    variables = groups.group(str(group_name))
+    if variables is None:
+        raise fail(
+            "E0308",
+            f"`{JINJA_GROUP}: {group_name}` names no parameter group",
+            node.value_span(JINJA_GROUP) if JINJA_GROUP in node else span,
+            hint=did_you_mean(str(group_name), groups.groups) or f"groups: {', '.join(sorted(groups.groups))}",
+        )
+    text = _render(source, variables, span)
+    block_span = Span(span.path, span.line, span.col, "in the output of this Jinja block")
+    if alias == JINJA_YAML:
+        try:
+            value = parse_yaml(text, span.path)
+        except CompileError as exc:
+            diag = exc.diagnostics[0]
+            inner = diag.span.line if diag.span else 0
+            raise fail(diag.code, f"{diag.message} (line {inner} of the rendered block:\n{_excerpt(text, inner)})", span) from None
+        value = relocate(value, block_span)
+    elif alias == JINJA_JSON:
+        try:
+            value = relocate(json.loads(text), block_span)
+        except json.JSONDecodeError as exc:
+            raise fail("E0309", f"the Jinja block did not render valid JSON: {exc}", span) from None
+    else:
+        value = text
+    if JINJA_PIPE in node:
+        value = _apply_pipe(value, node[JINJA_PIPE], node.key_span(JINJA_PIPE))
+    rest = LDict(span=node.span)
+    for key, item in node.items():
+        if key not in JINJA_KEYS:
+            rest[key] = item
+            rest.key_spans[key] = node.key_span(key)
+            rest.value_spans[key] = node.value_span(key)
+    return rest, value
+
+
+def _excerpt(text: str, line: int) -> str:
+    lines = text.splitlines()
+    lo, hi = max(line - 3, 0), min(line + 2, len(lines))
+    return "\n".join(f"    {i + 1:>3} | {lines[i]}" for i in range(lo, hi))
+
+
+def expand(data: Any, params: Parameters, default: str = "default") -> Any:
+    """Resolve every Jinja block in ``data`` (structcast's ``extend_structure`` with positions)."""
+    start = time.monotonic()
+
+    def merge_into(rest: LDict, part: LDict) -> LDict:
+        out = LDict(span=rest.span)
+        for src in (rest, part):
+            for k, v in src.items():
+                out[k] = v
+                out.key_spans[k] = src.key_span(k)
+                out.value_spans[k] = src.value_span(k)
+        return out
+
+    def go(node: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise fail("E0310", f"Jinja blocks nest deeper than {MAX_DEPTH} levels", span_of(node, Span("<template>")))
+        if time.monotonic() - start > MAX_SECONDS:
+            raise fail("E0311", f"rendering took longer than {MAX_SECONDS:.0f} s", span_of(node, Span("<template>")))
+        if isinstance(node, LDict):
+            if any(a in node for a in JINJA_ALIASES):
+                rest, part = _render_block(node, params, default)
+                if not rest:
+                    return go(part, depth + 1)
+                if isinstance(part, LDict):
+                    return go(merge_into(rest, part), depth + 1)
+                raise fail("E0312", "this Jinja block sits beside other keys, so it must render a mapping", rest.span)
+            out = LDict(span=node.span)
+            for k, v in node.items():
+                if k in (JINJA_GROUP, JINJA_PIPE):
+                    continue
+                out[k] = go(v, depth + 1)
+                out.key_spans[k] = node.key_span(k)
+                out.value_spans[k] = node.value_span(k)
+            return out
+        if isinstance(node, LList):
+            items: list[Any] = []
+            spans: list[Span] = []
+            resolved = False
+            for index, item in enumerate(node):
+                if isinstance(item, LDict) and any(a in item for a in JINJA_ALIASES):
+                    resolved = True
+                    rest, part = _render_block(item, params, default)
+                    if rest:
+                        if not isinstance(part, LDict):
+                            raise fail("E0312", "this Jinja block sits beside other keys, so it must render a mapping", rest.span)
+                        items.append(merge_into(rest, part))
+                        spans.append(node.item_span(index))
+                    elif isinstance(part, list):
+                        items.extend(part)
+                        spans.extend(part.item_spans if isinstance(part, LList) else [node.item_span(index)] * len(part))
+                    elif part is None:
+                        continue  # a block that rendered nothing adds no items
+                    else:
+                        raise fail("E0313", "a Jinja block inside a list must render a list", node.item_span(index))
+                else:
+                    items.append(item)
+                    spans.append(node.item_span(index))
+            result = LList(items, span=node.span, item_spans=spans)
+            if resolved:
+                return go(result, depth + 1)
+            return LList([go(v, depth + 1) for v in result], span=node.span, item_spans=spans)
+        return node
+
+    return go(data, 0)
