@@ -61,7 +61,6 @@ REFUSED_PREFIXES = (
     "timm.utils.checkpoint_saver",
     "timm.utils.log",
     "timm.utils.summary",
-    "timm.loss",
     "timm.optim",
     "timm.scheduler",
     "timm.list_models",

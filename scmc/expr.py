@@ -84,11 +84,21 @@ class Expr:
     addresses: tuple[str, ...]  # allow-listed dotted names it uses
 
 
+class AnyName(frozenset):
+    """Flow names not known yet: every name may be one (the lowering checks reads later)."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+ANY_NAME = AnyName()
+
+
 @dataclass
 class Context:
     allow: AllowList
     imports: dict[str, str] = field(default_factory=dict)  # local name -> address
-    flow_names: frozenset[str] | None = None  # None: a constant context (layer arguments)
+    flow_names: frozenset[str] | None = None  # None: a constant context (layer arguments); ANY_NAME: any
 
 
 def _dotted(node: ast.expr) -> str | None:
@@ -109,6 +119,14 @@ def parse(text: str, ctx: Context) -> Expr:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
         raise ExprError("E0501", f"`{text.strip()}` is not a Python expression: {exc.msg}") from None
+    for node in ast.walk(tree):  # before anything else: `__import__(...)` is refused as such
+        private = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+        if private.startswith("_"):
+            raise ExprError(
+                "E0502",
+                f"`{private}` is outside the `eval:` grammar: names starting with `_` are refused",
+                "use literals, flow names, operators and calls of allow-listed functions",
+            )
     names: list[str] = []
     addresses: list[str] = []
 
@@ -147,12 +165,24 @@ def parse(text: str, ctx: Context) -> Expr:
 
         def _name(self, node: ast.expr, dotted: str) -> ast.AST:
             head, _, rest = dotted.partition(".")
-            if ctx.flow_names is not None and head in ctx.flow_names:
+            # Where every name may be a flow value (the flow's names are not known while it is
+            # being lowered), IMPORTS and the pure builtins win; a known set of flow names wins
+            # over them.
+            wildcard = isinstance(ctx.flow_names, AnyName)
+            shadowed = wildcard and (head in ctx.imports or (not rest and (head in PURE_BUILTINS or head in ("True", "False", "None"))))
+            if wildcard and rest and not shadowed and head in ctx.allow.all_roots():
+                raise ExprError(
+                    "E0504",
+                    f"`{dotted}` uses module `{head}`, which is not in IMPORTS",
+                    f"add `IMPORTS: [{head}]` to the template",
+                )
+            if ctx.flow_names is not None and head in ctx.flow_names and not shadowed:
                 if rest:
                     raise ExprError(
                         "E0503",
                         f"attribute access `{dotted}` on flow value `{head}` is outside the `eval:` grammar",
-                        f"index it instead (`{head}[...]`) or use a layer",
+                        f"index it instead (`{head}[...]`) or use a layer"
+                        + (f"; if `{head}` is a module, add it to IMPORTS" if wildcard else ""),
                     )
                 if head not in names:
                     names.append(head)
@@ -168,8 +198,14 @@ def parse(text: str, ctx: Context) -> Expr:
                 from scmc.diagnostics import did_you_mean
 
                 hint = did_you_mean(head, known)
-                where = "flow values or IMPORTS" if ctx.flow_names is not None else "IMPORTS (layer arguments are constants)"
-                raise ExprError("E0504", f"`{dotted}` is not one of the {where}", hint or "add the module to IMPORTS")
+                if ctx.flow_names is not None:
+                    raise ExprError("E0504", f"`{dotted}` is not one of the flow values or IMPORTS", hint or "add the module to IMPORTS")
+                raise ExprError(
+                    "E0504",
+                    f"`{dotted}` is not a constant: layer arguments are folded at build time",
+                    hint or f"insert a parameter with Jinja (`{{{{ {head} }}}}` inside a `_jinja_yaml_` block), "
+                    "or import a module in IMPORTS",
+                )
             try:
                 address = check_address(address, ctx.allow)
             except AddressError as exc:

@@ -140,10 +140,11 @@ def read_text(path: Path, display: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
+        col = exc.start - data.rfind(b"\n", 0, exc.start)
         raise fail(
             "E0003",
-            f"{display} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})",
-            Span(display, line, 1),
+            f"the template is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+            Span(display, line, col),
             hint="save the template as UTF-8",
         ) from None
 
@@ -160,7 +161,13 @@ def parse_yaml(text: str, display: str, line_offset: int = 0, note: str = "") ->
         line = (mark.line + 1 + line_offset) if mark else line_offset
         col = (mark.column + 1) if mark else 1
         problem = exc.problem or exc.context or "invalid YAML"
-        raise fail("E0100", f"invalid YAML: {problem}", Span(display, line, col, note)) from None
+        hint = ""
+        if exc.context and exc.problem and exc.context_mark is not None:
+            start = exc.context_mark
+            hint = f"{exc.context} that starts at line {start.line + 1 + line_offset}, column {start.column + 1}"
+            if "flow sequence" in exc.context or "flow mapping" in exc.context:
+                hint += f"; is a closing {']' if 'sequence' in exc.context else '}'} missing?"
+        raise fail("E0100", f"invalid YAML: {problem}", Span(display, line, col, note), hint=hint) from None
     except YAMLError as exc:  # pragma: no cover - ruamel raises marked errors for text input
         raise fail("E0100", f"invalid YAML: {exc}", Span(display, line_offset, 1, note)) from None
     if node is None:
@@ -172,6 +179,12 @@ def parse_yaml(text: str, display: str, line_offset: int = 0, note: str = "") ->
     return value
 
 
+def _short_tag(tag: str) -> str:
+    """A tag as the template spells it: `tag:yaml.org,2002:python/name` -> `!!python/name`."""
+    prefix = "tag:yaml.org,2002:"
+    return "!!" + tag[len(prefix):] if tag.startswith(prefix) else tag
+
+
 def _construct(node: Any, constructor: Any, display: str, line_offset: int, note: str, diags: Diagnostics) -> Any:
     from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
@@ -180,7 +193,7 @@ def _construct(node: Any, constructor: Any, display: str, line_offset: int, note
     if node.tag not in _SAFE_TAGS:
         diags.error(
             "E0101",
-            f"YAML tag `{node.tag}` is not allowed in templates",
+            f"YAML tag `{_short_tag(node.tag)}` is not allowed in templates",
             span,
             hint="templates are data: remove the tag (objects are built with `_obj_` patterns)",
         )
@@ -298,11 +311,16 @@ class Parameters:
         both = sorted(set(shared) & set(default))
         if both:
             where = raw.key_span("SHARED") if isinstance(raw, LDict) else span
+            shared_block = raw.get("SHARED") if isinstance(raw, LDict) else None
+            if isinstance(shared_block, LDict):
+                where = shared_block.key_span(both[0])  # the key itself, inside SHARED
+            default_block = raw.get("DEFAULT") if isinstance(raw, LDict) else None
+            also = f" (DEFAULT sets it at line {default_block.key_span(both[0]).line})" if isinstance(default_block, LDict) else ""
             diags.error(
                 "E0202",
                 f"parameter{'s' if len(both) > 1 else ''} {', '.join(f'`{k}`' for k in both)} set in both SHARED and DEFAULT",
                 where,
-                hint="keep each key in one of the two groups",
+                hint=f"keep each key in one of the two groups{also}; SHARED is merged into every group",
             )
             return cls()
         try:

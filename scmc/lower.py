@@ -101,6 +101,7 @@ class Lowerer:
         self.instances = 0
         self.files: dict[Path, Source] = {}
         self.function_cache: dict[str, Any] = {}
+        self.imports: dict[str, str] = {}  # IMPORTS of the graph being lowered (for `eval:` in layer arguments)
 
     # ------------------------------------------------------------------ entry points
 
@@ -184,6 +185,7 @@ class Lowerer:
             if type_name:
                 parts = type_name.split(".")
                 definition, def_scope = self._find_layer(parts, other_scope, spec.value_span("TYPE"))
+                def_scope = Scope(def_scope.source, def_scope.layers, scope.chain)
                 return self._lower_user(definition, def_scope, own.merge(merged), hint + to_pascal(parts[-1]),
                                         f"{other.display}:{type_name}", span, passed_default)
             key = f"{other.display}"
@@ -202,6 +204,7 @@ class Lowerer:
         if not all(parts):
             raise CompileError([_diag("E0703", f"TYPE `{type_name}` is not a name", spec.value_span("TYPE"))])
         definition, def_scope = self._find_layer(parts, scope, spec.value_span("TYPE"))
+        def_scope = Scope(def_scope.source, def_scope.layers, scope.chain)  # the caller's chain, to catch cycles
         return self._lower_user(definition, def_scope, merged, to_pascal(parts[-1]), type_name, spec.value_span("TYPE"), passed_default)
 
     def _resolve_cfg(self, cfg: str, source: Source, span: Span) -> Path:
@@ -209,7 +212,7 @@ class Lowerer:
         for path in candidates:
             if path.is_file():
                 return path
-        raise CompileError([_diag("E0706", f"CFG file `{cfg}` not found", span, f"looked in {source.directory} and the working directory")])
+        raise CompileError([_diag("E0706", f"CFG file `{cfg}` not found", span, f"looked next to {source.display} and in the working directory")])
 
     def _read(self, path: Path) -> Source:
         key = path.resolve()
@@ -236,11 +239,19 @@ class Lowerer:
         if "FLOW" not in graph:
             self.diags.error("E0710", f"layer graph `{template}` has no FLOW", use_span or span, "add FLOW: [steps...]")
             raise CompileError(list(self.diags))
+        errors_before = len(self.diags)
         imports = self._imports(graph)
         children: list[ChildInst] = []
         layer_kinds: dict[str, ChildInst] = {}
-        flow = self._flow(graph, "FLOW", scope, params, imports, children, layer_kinds)
-        inference = self._flow(graph, "INFERENCE_FLOW", scope, params, imports, children, layer_kinds) if "INFERENCE_FLOW" in graph and graph["INFERENCE_FLOW"] is not None else None
+        outer_imports, self.imports = self.imports, imports
+        try:
+            flow = self._flow(graph, "FLOW", scope, params, imports, children, layer_kinds)
+            inference = self._flow(graph, "INFERENCE_FLOW", scope, params, imports, children, layer_kinds) if "INFERENCE_FLOW" in graph and graph["INFERENCE_FLOW"] is not None else None
+        finally:
+            self.imports = outer_imports
+        if len(self.diags) > errors_before:
+            # a broken step makes the data-flow checks below report follow-on errors
+            raise CompileError(list(self.diags))
         self._auto_name(children)
         # map provisional layer references to final attribute names
         flow = [_relabel(n, children) for n in flow]
@@ -380,6 +391,9 @@ class Lowerer:
                 node = self._step(step, span, scope, params, imports, children, layers)
             except CompileError as exc:
                 self.diags.extend(exc.diagnostics)
+                meant = _defined_name(step)
+                if meant is not None and meant not in layers:
+                    layers[meant] = None  # type: ignore[assignment]  # broken: later uses report nothing more
                 continue
             if node is not None:
                 nodes.append(node)
@@ -413,7 +427,10 @@ class Lowerer:
                     self.diags.error("E0723", f"unknown key `{k}` in a FLOW step", step.key_span(k) if isinstance(step, LDict) else span,
                                      did_you_mean(str(k), STEP_KEYS) or "a step mapping has INPUTS, OUTPUTS, NAME and LAYER")
             if ("INPUTS" in step) != ("OUTPUTS" in step):
-                raise CompileError([_diag("E0724", "INPUTS and OUTPUTS come together or not at all", span)])
+                missing = "OUTPUTS" if "INPUTS" in step else "INPUTS"
+                raise CompileError([_diag("E0724", f"this step has {'INPUTS' if missing == 'OUTPUTS' else 'OUTPUTS'} but no {missing}; "
+                                          "INPUTS and OUTPUTS come together or not at all", span,
+                                          f"add {missing}, or drop both to only define the layer")])
             has_io = "INPUTS" in step
             inputs, outputs = step.get("INPUTS"), step.get("OUTPUTS")
             name, layer = step.get("NAME"), step.get("LAYER")
@@ -431,12 +448,14 @@ class Lowerer:
                                       f"rename it, e.g. `{name}_layer`")])
         if layer is None:
             if name is not None:
+                if name in layers and layers[name] is None:
+                    raise CompileError([])  # its definition failed and was reported
                 if name not in layers:
                     raise CompileError([_diag("E0729", f"layer `{name}` is not defined by an earlier step", span,
                                               did_you_mean(name, layers) or "define it first with [in, out, name, LAYER]")])
                 child = layers[name]
         else:
-            if name is not None and name in layers:
+            if name is not None and layers.get(name) is not None:
                 raise CompileError([_diag("E0730", f"layer name `{name}` is defined twice", span,
                                           f"reuse it with [in, out, {name}] or give the new layer another name")])
             child = self._layer(layer, span, scope, params, name)
@@ -515,7 +534,7 @@ class Lowerer:
         raise CompileError([_diag("E0735", f"unsupported output `{raw}`", span)])
 
     def _expr(self, text: str, span: Span, imports: dict[str, str], flow: bool) -> X.Expr:
-        ctx = X.Context(self.options.allow, imports, frozenset(_ANY) if flow else None)
+        ctx = X.Context(self.options.allow, imports, X.ANY_NAME if flow else None)
         try:
             return X.parse(text, ctx)
         except X.ExprError as exc:
@@ -564,13 +583,21 @@ class Lowerer:
             sig = inspect.signature(obj)
         except (TypeError, ValueError):
             return
+        var = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        params = [n for n, p in sig.parameters.items() if n != "self" and p.kind not in var]
+        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+            unknown = [k for k in kwargs if k not in params or sig.parameters[k].kind == inspect.Parameter.POSITIONAL_ONLY]
+            if unknown:
+                raise CompileError([_diag("E0745", f"`{address}` has no parameter `{unknown[0]}`", span,
+                                          did_you_mean(unknown[0], params) or f"parameters: {', '.join(params)}")])
         try:
             (sig.bind_partial if partial else sig.bind)(*args, **kwargs)
         except TypeError as exc:
-            params = [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
             bad = re.search(r"'(\w+)'", str(exc))
             hint = did_you_mean(bad.group(1), params) if bad else ""
-            raise CompileError([_diag("E0745", f"arguments do not fit `{address}{sig}`: {exc}", span,
+            shown = ", ".join(n if p.default is inspect.Parameter.empty else f"{n}={p.default!r}"
+                              for n, p in sig.parameters.items() if n in params)
+            raise CompileError([_diag("E0745", f"arguments do not fit `{address}({shown})`: {exc}", span,
                                       hint or f"parameters: {', '.join(params)}")]) from None
 
     def _pattern_parts(self, raw: list, span: Span):
@@ -644,7 +671,7 @@ class Lowerer:
         if isinstance(raw, str):
             text = raw.strip()
             if text.startswith("eval:"):
-                expr = self._expr(text[5:], span, {}, flow=False)
+                expr = self._expr(text[5:], span, self.imports, flow=False)
                 try:
                     value = X.fold(expr, self.options.allow)
                 except X.ExprError as exc:
@@ -702,9 +729,6 @@ class Lowerer:
             child.attr = candidate
 
 
-_ANY = type("_Any", (frozenset,), {"__contains__": lambda self, item: True})()
-
-
 def _as_value(value: Any, expr: X.Expr, span: Span) -> Any:
     if X.is_plain_literal(value):
         return value
@@ -730,6 +754,15 @@ def _relabel(node: Node, children: list[ChildInst]) -> Node:
         if str(id(child)) == node.layer:
             return Node(child.attr, node.args, node.kwargs, node.out, node.span)
     raise AssertionError("step refers to an unknown child")  # pragma: no cover
+
+
+def _defined_name(step: Any) -> str | None:
+    """The layer name a (possibly broken) step meant to define, if it says so plainly."""
+    if isinstance(step, list) and len(step) == 4 and is_name(step[2]):
+        return step[2]
+    if isinstance(step, dict) and "LAYER" in step and is_name(step.get("NAME")):
+        return step["NAME"]
+    return None
 
 
 def _first_reads(flow: list[Node]) -> list[str]:

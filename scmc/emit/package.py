@@ -36,6 +36,18 @@ def _env():
     return env
 
 
+def format_python(source: str) -> str:
+    import ast
+
+    import black
+
+    from scmc.emit.python import LINE_LENGTH
+
+    formatted = black.format_str(source, mode=black.Mode(line_length=LINE_LENGTH))
+    ast.parse(formatted)
+    return formatted
+
+
 def dependencies(compiled: list["Compiled"]) -> list[str]:
     from scmc.build import DISTRIBUTIONS, STDLIB
     from scmc.emit.python import imports_of
@@ -84,9 +96,10 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
         "description": description,
         "template": model.source.display.replace("\\", "/"),
     }
-    files[f"{src}/__init__.py"] = env.get_template("__init__.py.j2").render(
+    init = env.get_template("__init__.py.j2").render(
         **common, runtime_requirement=RUNTIME_REQUIREMENT, imports=imports, classes=[cls for _, cls in imports]
-    ).encode()
+    )
+    files[f"{src}/__init__.py"] = format_python(init).encode()
     files["pyproject.toml"] = env.get_template("pyproject.toml.j2").render(
         **common, distribution=name.replace("_", "-"), dependencies=deps
     ).encode()

@@ -1,0 +1,72 @@
+"""Shared fixtures: builds of the reference templates, made once per test session."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIME_SRC = ROOT / "runtime" / "src"
+if str(RUNTIME_SRC) not in sys.path:
+    sys.path.insert(0, str(RUNTIME_SRC))
+
+
+def build_package(out: Path, *args: str, name: str | None = None) -> Path:
+    """Run `scmc build` in-process; returns the package directory. Fails the test on errors."""
+    from click.testing import CliRunner
+
+    from scmc.cli import main
+
+    cmd = ["build", *args, "-o", str(out), "-q", "--force"]
+    if name:
+        cmd += ["--name", name]
+    previous = os.getcwd()
+    os.chdir(ROOT)  # template paths (and so the generated headers) are relative to the repo root
+    try:
+        result = CliRunner().invoke(main, cmd, catch_exceptions=False)
+    finally:
+        os.chdir(previous)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def import_package(path: Path, name: str):
+    """Import a built package from its src/ folder (fresh, even if a same-named one was imported)."""
+    src = str(path / "src")
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]
+    sys.path.insert(0, src)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(src)
+
+
+@pytest.fixture(scope="session")
+def femto_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("femto") / "convnextv2_femto"
+    return build_package(
+        out,
+        "cfg/models/ConvNeXtV2.yaml",
+        "-p",
+        "backbone=femto",
+        "--loss",
+        "cfg/losses/cls.yaml",
+        "--metric",
+        "cfg/metrics/topk.yaml",
+    )
+
+
+@pytest.fixture(scope="session")
+def femto(femto_package: Path):
+    return import_package(femto_package, "convnextv2_femto")
+
+
+@pytest.fixture(autouse=True)
+def _in_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Templates and golden paths are relative to the repository root."""
+    monkeypatch.chdir(ROOT)

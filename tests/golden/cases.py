@@ -1,0 +1,24 @@
+"""The reference builds checked byte for byte against tests/golden/<name>/."""
+
+CASES = {
+    "convnextv2_femto": [
+        "cfg/models/ConvNeXtV2.yaml",
+        "-p",
+        "backbone=femto",
+        "--loss",
+        "cfg/losses/cls.yaml",
+        "--metric",
+        "cfg/metrics/topk.yaml",
+    ],
+    "soft_cls_loss": [
+        "cfg/models/ConvNeXtV2.yaml",
+        "-p",
+        "backbone=atto",
+        "-p",
+        "num_classes=10",
+        "--loss",
+        "cfg/losses/soft_cls.yaml",
+        "--name",
+        "soft_cls_loss",
+    ],
+}

@@ -1,0 +1,120 @@
+"""`scmc build` output: golden files, determinism, formatting, and atomic writes."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, build_package
+from tests.golden.cases import CASES
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_build_matches_the_committed_golden_package(name: str, tmp_path: Path) -> None:
+    args = list(CASES[name])
+    out = build_package(tmp_path / name, *args, name=None if "--name" in args else name)
+    expected = tree_bytes(ROOT / "tests" / "golden" / name)
+    actual = tree_bytes(out)
+    assert sorted(actual) == sorted(expected), "file lists differ; run `make golden` and review the diff"
+    for rel in expected:
+        if actual[rel] != expected[rel]:
+            diff = "".join(difflib.unified_diff(
+                expected[rel].decode().splitlines(True), actual[rel].decode().splitlines(True),
+                f"golden/{rel}", f"built/{rel}"))
+            pytest.fail(f"{rel} differs from the golden file (regenerate with `make golden`):\n{diff}")
+
+
+def _build_subprocess(out: Path, seed: str) -> None:
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    subprocess.run(
+        [sys.executable, "-m", "scmc", "build", *CASES["convnextv2_femto"], "-o", str(out), "-q"],
+        cwd=ROOT, env=env, check=True,
+    )
+
+
+@pytest.mark.slow
+def test_two_builds_with_different_hash_seeds_are_byte_identical(tmp_path: Path) -> None:
+    _build_subprocess(tmp_path / "a", "1")
+    _build_subprocess(tmp_path / "b", "12345")
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+
+
+def test_generated_python_passes_black_check(femto_package: Path) -> None:
+    import black
+
+    for path in (femto_package / "src").rglob("*.py"):
+        source = path.read_text()
+        assert black.format_str(source, mode=black.Mode(line_length=100)) == source, path
+    result = subprocess.run([sys.executable, "-m", "black", "--check", "-l", "100", "-q", str(femto_package / "src")])
+    assert result.returncode == 0
+
+
+def test_an_existing_output_is_kept_unless_force(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from scmc.cli import main
+
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["build", "cfg/losses/cls.yaml", "-o", str(out)])
+    assert result.exit_code == 1
+    assert "already exists" in result.output and "--force" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    result = CliRunner().invoke(main, ["build", "cfg/losses/cls.yaml", "-o", str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / "pyproject.toml").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"], "no staging or backup directory is left behind"
+
+
+def test_a_failed_build_leaves_the_previous_package_untouched(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from scmc.cli import main
+
+    out = build_package(tmp_path / "pkg", "cfg/losses/cls.yaml")
+    before = tree_bytes(out)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("FLOW:\n  - [x, y, [_obj_, {_addr_: torch.nn.NoSuchLayer}, _call_]]\n")
+    result = CliRunner().invoke(main, ["build", str(broken), "-o", str(out), "--force"])
+    assert result.exit_code == 1
+    assert "NoSuchLayer" in result.output and "nothing was written" in result.output
+    assert tree_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.yaml", "pkg"]
+
+
+def test_manifest_records_versions_parameters_and_input_hashes(femto_package: Path) -> None:
+    import hashlib
+    import json
+
+    manifest = json.loads((femto_package / "src" / "convnextv2_femto" / "manifest.json").read_text())
+    assert manifest["parameters"] == ["backbone=femto"]
+    assert manifest["resolved_parameters"]["backbone"] == "femto"
+    assert manifest["parameter_count"] == 5_233_240
+    for entry in manifest["inputs"]:
+        assert entry["sha256"] == hashlib.sha256((ROOT / entry["path"]).read_bytes()).hexdigest()
+    assert {"scmc_version", "torch_version"} <= set(manifest)
+
+
+def test_pyproject_depends_on_exactly_what_the_code_imports(femto_package: Path, tmp_path: Path) -> None:
+    import tomllib
+
+    project = tomllib.loads((femto_package / "pyproject.toml").read_text())["project"]
+    assert project["dependencies"] == ["scmc-runtime>=0.1.0,<0.2", "timm>=1.0", "torch>=2.4"]
+    loss_only = build_package(tmp_path / "loss", "cfg/losses/cls.yaml", name="loss_only")
+    deps = tomllib.loads((loss_only / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert deps == ["scmc-runtime>=0.1.0,<0.2", "torch>=2.4"]
+
+
+def test_importing_the_package_checks_the_runtime_version(femto_package: Path) -> None:
+    init = (femto_package / "src" / "convnextv2_femto" / "__init__.py").read_text()
+    assert 'scmc_runtime.check_version(">=0.1.0,<0.2", package="convnextv2_femto")' in init
