@@ -26,8 +26,8 @@ def test_package_installs_and_runs_in_a_fresh_venv(femto_package: Path, tmp_path
     subprocess.run([*pip, "timm", *map(str, wheels.glob("*.whl")), str(femto_package)], check=True, env=env)
     listed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
                             capture_output=True, text=True, check=True).stdout.lower()
-    for absent in ("scmc==", "structcast", "jinja2", "ruamel", "pyyaml"):
-        assert absent not in listed, f"{absent} must not be installed alongside the generated package"
+    for absent in ("scmc==", "structcast", "ruamel"):  # jinja2 and pyyaml come with torch and timm
+        assert absent not in listed, f"{absent} must not be needed by the generated package"
     code = (
         "import torch, convnextv2_femto as p\n"
         "m = p.Model().eval()\n"

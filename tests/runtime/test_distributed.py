@@ -91,6 +91,7 @@ def two_ranks(tmp_path_factory):
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
+@pytest.mark.slow
 def test_torchrun_environment_gives_each_process_its_rank_and_a_gloo_group(two_ranks):
     for rank, result in enumerate(two_ranks):
         assert (result["rank"], result["local_rank"], result["world_size"]) == (rank, rank, 2)
@@ -98,27 +99,32 @@ def test_torchrun_environment_gives_each_process_its_rank_and_a_gloo_group(two_r
         assert result["is_main"] == (rank == 0)
 
 
+@pytest.mark.slow
 def test_all_reduce_mean_averages_over_ranks(two_ranks):
     for result in two_ranks:
         assert result["mean"] == [1.5, 15.0]
 
 
+@pytest.mark.slow
 def test_metric_accumulator_weights_by_batch_size_across_ranks_and_agrees_on_names(two_ranks):
     for result in two_ranks:
         assert result["metrics"] == {"loss": pytest.approx((1 * 2 + 3 * 2 + 5 * 4) / 8), "top1": 0.5}
 
 
+@pytest.mark.slow
 def test_a_signal_on_one_rank_makes_every_rank_stop(two_ranks):
     for rank, result in enumerate(two_ranks):
         assert result["stop"] == {"before": False, "after": True, "requested_here": rank == 1}
 
 
+@pytest.mark.slow
 def test_ema_of_a_ddp_model_averages_the_unwrapped_module(two_ranks):
     for result in two_ranks:
         assert result["unwrapped_keys"] == result["ema_keys"] == ["bias", "weight"]
         assert result["ema_equals_model_after_first_update"]
 
 
+@pytest.mark.slow
 def test_rng_states_are_gathered_from_every_rank(two_ranks):
     for result in two_ranks:
         assert result["rng_states"] == 2 and result["rng_states_differ"]

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import torch
+import torch.distributed as torch_dist
 from torch import nn
+
+from scmc_runtime.distributed import is_distributed
 
 __all__ = [
     "CheckpointError",
@@ -32,7 +35,7 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 _TEMP_SUFFIX = ".tmp"
-_PLAIN = (str, int, float, bool, type(None), bytes, torch.Tensor, torch.dtype, torch.device, torch.Size)
+_PLAIN = (str, int, float, bool, type(None), bytes, torch.dtype, torch.device, torch.Size)
 
 
 class CheckpointError(RuntimeError):
@@ -208,10 +211,6 @@ def gather_rng_states() -> List[Dict[str, Any]]:
 
     Rank 0 saves the list; on resume each rank restores ``states[rank]``.
     """
-    import torch.distributed as torch_dist
-
-    from scmc_runtime.distributed import is_distributed
-
     local = rng_state()
     if not is_distributed():
         return [local]

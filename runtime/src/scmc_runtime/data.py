@@ -13,12 +13,13 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
+from scmc_runtime._optional import require
 from scmc_runtime.distributed import DistInfo, worker_init_fn
 
 __all__ = [
@@ -57,10 +58,10 @@ def _stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> 
 
 
 def _write_digits(target: Path, val_fraction: float, seed: int) -> None:
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    Image = require("PIL.Image", "prepare_digits", "data")
+    datasets = require("sklearn.datasets", "prepare_digits", "data")
 
-    digits = load_digits()
+    digits = datasets.load_digits()
     labels = [int(label) for label in digits.target]
     pixels = (digits.images * (255.0 / 16.0)).round().clip(0, 255).astype("uint8")  # 0..16 -> 0..255
     train, val = _stratified_split(labels, val_fraction, seed)
@@ -171,8 +172,7 @@ class ImageTransform:
 
 
 def _load_rgb(path: Path) -> torch.Tensor:
-    from PIL import Image
-
+    Image = require("PIL.Image", "ImageFolderDataset", "data")
     with Image.open(path) as image:
         rgb = image.convert("RGB")
         data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
@@ -182,12 +182,18 @@ def _load_rgb(path: Path) -> torch.Tensor:
 class ImageFolderDataset(Dataset):
     """``root/<class>/<image>`` read with Pillow; items are ``(float CHW tensor, class index)``.
 
-    Classes are the sorted sub-directory names. ``transform`` defaults to ``[0, 1]`` scaling
-    only. Random transforms get a generator seeded by ``(seed, epoch, index)``; the loader's
-    sampler calls :meth:`set_epoch`.
+    Classes are the sorted sub-directory names. ``transform`` is called as
+    ``transform(uint8 RGB CHW tensor, generator)`` (an :class:`ImageTransform` or any callable
+    of that shape); without one, images are only scaled to ``[0, 1]``. The generator is seeded
+    by ``(seed, epoch, index)``, and the loader's sampler calls :meth:`set_epoch`.
     """
 
-    def __init__(self, root: Union[str, os.PathLike], transform: Optional[ImageTransform] = None, seed: int = 0):
+    def __init__(
+        self,
+        root: Union[str, os.PathLike],
+        transform: Optional[Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]] = None,
+        seed: int = 0,
+    ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, TextIO, Union
 
+from scmc_runtime._optional import require
+
 __all__ = ["get_logger", "Progress", "MetricsFile", "MlflowLogger"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -169,10 +171,10 @@ class MlflowLogger:
         self._client: Any = None
         if not enabled:
             return
-        from mlflow.tracking import MlflowClient
+        tracking = require("mlflow.tracking", "MlflowLogger", "train")
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._client = tracking.MlflowClient(tracking_uri=self.tracking_uri)
         found = self._client.get_experiment_by_name(experiment)
         if found is not None:
             experiment_id = found.experiment_id
