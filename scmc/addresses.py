@@ -17,6 +17,8 @@ DEFAULT_ALLOWED_ROOTS = ("torch", "torchvision", "timm", "math", "operator", "sc
 
 UPSTREAM_PREFIX = "structcast_model.torch.layers."
 RUNTIME_LAYERS = "scmc_runtime.layers"
+UPSTREAM_OPTIMIZERS = "structcast_model.torch.optimizers."
+RUNTIME_OPTIM = "scmc_runtime.optim"
 
 # Prefixes refused even though their root is allowed. Each loads code or data, reaches the
 # network, touches files or processes, or mutates interpreter-wide state.
@@ -94,6 +96,8 @@ def normalize(address: str) -> str:
     address = address.strip()
     if address.startswith(UPSTREAM_PREFIX):
         return RUNTIME_LAYERS + "." + address[len(UPSTREAM_PREFIX) :]
+    if address.startswith(UPSTREAM_OPTIMIZERS):
+        return RUNTIME_OPTIM + "." + address[len(UPSTREAM_OPTIMIZERS) :]
     return address
 
 

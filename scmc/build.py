@@ -46,7 +46,6 @@ DISTRIBUTIONS = {
     "timm": ("timm", ">=1.0"),
     "scmc_runtime": ("scmc-runtime", RUNTIME_REQUIREMENT),
 }
-STDLIB = {"math", "operator", "functools", "typing"}
 
 
 class InternalError(Exception):
@@ -61,9 +60,57 @@ class InternalError(Exception):
 class Part:
     """One template of the package and the class it becomes."""
 
-    role: str  # model | loss | metric
+    role: str  # model | loss | metric | backward | dataset | ema | compile
     path: Path
     classname: str
+
+
+LAYER_ROLES = ("model", "loss", "metric")
+PRESET_ROLES = ("dataset", "ema", "compile")
+ROLE_CLASSES = {"model": "Model", "loss": "Loss", "metric": "Metric", "backward": "Backward"}
+PACKAGE_KEYS = {"LOSS": "loss", "METRIC": "metric", "BACKWARD": "backward", "DATASET": "dataset", "EMA": "ema",
+                "COMPILE": "compile"}
+
+
+def template_kind(data: LDict) -> str:
+    if "FLOW" in data:
+        return "layer graph"
+    if "BACKWARDS" in data:
+        return "backward"
+    return "preset"
+
+
+def preset_parts(model: Source, given: list[Part], diags: Diagnostics) -> list[Part]:
+    """Parts the model template names under PACKAGE, for roles the command line left open."""
+    raw = model.data.get("PACKAGE")
+    if raw is None:
+        return []
+    if not isinstance(raw, LDict):
+        diags.error("E0910", "PACKAGE must map LOSS, METRIC, BACKWARD, DATASET, EMA, COMPILE to template files",
+                    model.data.value_span("PACKAGE"))
+        return []
+    roles = {p.role for p in given}
+    out = []
+    for key, value in raw.items():
+        role = PACKAGE_KEYS.get(key)
+        if role is None:
+            from scmc.diagnostics import did_you_mean
+
+            diags.error("E0911", f"unknown PACKAGE key `{key}`", raw.key_span(key),
+                        did_you_mean(str(key), PACKAGE_KEYS) or f"keys: {', '.join(PACKAGE_KEYS)}")
+            continue
+        if role in roles or value is None:
+            continue
+        if not isinstance(value, str):
+            diags.error("E0912", f"PACKAGE.{key} must be a path to a template", raw.value_span(key))
+            continue
+        path = model.directory / value
+        if not path.is_file():
+            diags.error("E0913", f"PACKAGE.{key} names `{value}`, which does not exist", raw.value_span(key),
+                        f"paths are relative to {display_path(model.directory)}")
+            continue
+        out.append(Part(role, path, ROLE_CLASSES.get(role, "")))
+    return out
 
 
 @dataclass
@@ -84,11 +131,13 @@ class BuildRequest:
 class Compiled:
     role: str
     source: Source
-    program: Program
-    text: str
+    program: Program | None  # layer graphs
+    text: str  # generated Python (empty for presets)
     param_count: int
     input_shapes: dict[str, Any] | None
     params: dict[str, Any]
+    backward: Any = None  # scmc.backward.BackwardDef
+    config: Any = None  # a rendered preset
 
 
 @dataclass
@@ -123,6 +172,26 @@ def compile_part(part: Part, source: Source, params: Parameters, request: BuildR
     diags = Diagnostics()
     options = Options(allow=allow, input_shapes=request.shapes if part.role == "model" else None,
                       structured=request.structured if part.role == "model" else None)
+    kind = template_kind(source.data)
+    expected = "layer graph" if part.role in LAYER_ROLES else "backward" if part.role == "backward" else "preset"
+    if kind != expected:
+        raise fail("E0914", f"{source.display} is a {kind} template, but it was given as the {part.role}",
+                   Span(source.display, 1, 1), f"a {part.role} template is a {expected}")
+    default_params = dict(params.group("default") or {})
+    if part.role == "backward":
+        from scmc.backward import lower_backward
+        from scmc.emit.backward import emit_backward
+
+        bdef = lower_backward(source, params, part.classname, options)
+        text = emit_backward(bdef, header, f"{source.path.stem} backward, compiled by scmc {scmc.__version__}.")
+        return Compiled(part.role, source, None, text, 0, None, default_params, backward=bdef)
+    if part.role in PRESET_ROLES:
+        from scmc.load import expand, plain
+
+        body = LDict({k: v for k, v in source.data.items() if k != "PARAMETERS"}, span=source.data.span)
+        body.key_spans = dict(source.data.key_spans)
+        config = plain(expand(body, params))
+        return Compiled(part.role, source, None, "", 0, None, default_params, config=config)
     lowerer = Lowerer(options, diags)
     try:
         root = lowerer.lower_root(source, params, part.classname, request.sublayer if part.role == "model" else None)
@@ -146,16 +215,24 @@ def compile_part(part: Part, source: Source, params: Parameters, request: BuildR
         raise InternalError(f"the compiled program does not construct: {type(exc).__name__}: {exc}", dump(program)) from exc
     doc = f"{source.path.stem} {part.role}, compiled by scmc {scmc.__version__}."
     text = emit_module_file(program, header, doc)
-    return Compiled(part.role, source, program, text, count, root.input_shapes, dict(params.group("default") or {}))
+    return Compiled(part.role, source, program, text, count, root.input_shapes, default_params)
 
 
 def plan_package(request: BuildRequest) -> Plan:
     allow = AllowList(extra=tuple(request.allow_modules))
     diags = Diagnostics()
     sources: list[Source] = []
+    parts = list(request.parts)
     for part in request.parts:
         try:
             sources.append(read_template(part.path))
+        except CompileError as exc:
+            diags.extend(exc.diagnostics)
+    diags.raise_if_any()
+    for part in preset_parts(sources[0], parts, diags):
+        try:
+            sources.append(read_template(part.path))
+            parts.append(part)
         except CompileError as exc:
             diags.extend(exc.diagnostics)
     diags.raise_if_any()
@@ -189,7 +266,7 @@ def plan_package(request: BuildRequest) -> Plan:
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", name) or name in {"torch", "timm", "scmc", "scmc_runtime", "test", "tests"}:
         raise fail("E0900", f"package name `{name}` is not usable", hint="--name takes a lowercase Python identifier, e.g. convnextv2_femto")
     compiled: list[Compiled] = []
-    for part, source, params in zip(request.parts, sources, param_sets):
+    for part, source, params in zip(parts, sources, param_sets):
         header = [
             f"Generated by scmc {scmc.__version__} from {source.display} -- do not edit.",
             f"Parameters: {' '.join(request.params) if request.params else '(template defaults)'}",
@@ -294,13 +371,23 @@ def manifest(name: str, request: BuildRequest, compiled: list[Compiled], depende
         "parameters": list(request.params),
         "resolved_parameters": _jsonable(model.params),
         "inputs": inputs,
-        "classes": {c.role: c.program.root for c in compiled},
+        "classes": {c.role: c.program.root for c in compiled if c.program is not None}
+        | {c.role: c.backward.classname for c in compiled if c.backward is not None},
         "input_shapes": _jsonable(model.input_shapes or {}),
-        "outputs": {c.role: list(c.program.module(c.program.root).outputs) for c in compiled},
+        "outputs": {c.role: list(c.program.module(c.program.root).outputs) for c in compiled if c.program is not None},
+        "backward": _backward_summary(next((c.backward for c in compiled if c.backward is not None), None)),
+        "presets": {c.role: _jsonable(c.config) for c in compiled if c.config is not None},
         "parameter_count": model.param_count,
         "dependencies": dependencies,
         "allowed_modules": list(request.allow_modules),
     }
+
+
+def _backward_summary(bdef: Any) -> dict[str, Any] | None:
+    if bdef is None:
+        return None
+    return {"models": list(bdef.models), "losses": list(bdef.losses), "optimizers": [o.name for o in bdef.optimizers],
+            "accumulate": bdef.accumulate, "autocast_dtype": bdef.autocast_dtype}
 
 
 def _jsonable(value: Any) -> Any:

@@ -39,6 +39,8 @@ def main() -> None:
               help="Override a parameter: key=value, group.key=value, or 'DEFAULT: {key: value}'. Repeatable.")
 @click.option("--loss", type=click.Path(path_type=Path), help="Loss template (a layer graph) -> loss.py.")
 @click.option("--metric", type=click.Path(path_type=Path), help="Metric template (a layer graph) -> metric.py.")
+@click.option("--backward", type=click.Path(path_type=Path), help="Backward template -> backward.py.")
+@click.option("--dataset", type=click.Path(path_type=Path), help="Dataset preset: defaults of the generated train.py.")
 @click.option("--name", help="Package name (default: template stem + selected group, e.g. convnextv2_femto).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output directory (default: artifacts/<name>).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
@@ -49,7 +51,8 @@ def main() -> None:
 @click.option("--allow-new-params", is_flag=True, help="Let -p add keys the templates do not define (to DEFAULT).")
 @click.option("--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
-def build(template: Path, params: tuple[str, ...], loss: Path | None, metric: Path | None, name: str | None,
+def build(template: Path, params: tuple[str, ...], loss: Path | None, metric: Path | None, backward: Path | None,
+          dataset: Path | None, name: str | None,
           output: Path | None, force: bool, shapes: tuple[str, ...], classname: str, no_structured_output: bool,
           sublayer: str | None, allow_new_params: bool, allow_modules: tuple[str, ...], quiet: bool) -> None:
     """Compile TEMPLATE (and optional loss and metric templates) into a package."""
@@ -62,6 +65,10 @@ def build(template: Path, params: tuple[str, ...], loss: Path | None, metric: Pa
         parts.append(Part("loss", loss, "Loss"))
     if metric is not None:
         parts.append(Part("metric", metric, "Metric"))
+    if backward is not None:
+        parts.append(Part("backward", backward, "Backward"))
+    if dataset is not None:
+        parts.append(Part("dataset", dataset, ""))
     request = BuildRequest(
         parts=parts,
         params=list(params),

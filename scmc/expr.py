@@ -120,11 +120,13 @@ def parse(text: str, ctx: Context) -> Expr:
     except SyntaxError as exc:
         raise ExprError("E0501", f"`{text.strip()}` is not a Python expression: {exc.msg}") from None
     for node in ast.walk(tree):  # before anything else: `__import__(...)` is refused as such
-        private = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
-        if private.startswith("_"):
+        # `_` and `_x` are ordinary flow names; dunder names and private attributes are not
+        private = node.id if isinstance(node, ast.Name) and node.id.startswith("__") else \
+            node.attr if isinstance(node, ast.Attribute) and node.attr.startswith("_") else ""
+        if private:
             raise ExprError(
                 "E0502",
-                f"`{private}` is outside the `eval:` grammar: names starting with `_` are refused",
+                f"`{private}` is outside the `eval:` grammar: dunder names and private attributes are refused",
                 "use literals, flow names, operators and calls of allow-listed functions",
             )
     names: list[str] = []

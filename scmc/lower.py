@@ -52,6 +52,7 @@ from scmc.load import (
 )
 
 STEP_KEYS = ("INPUTS", "OUTPUTS", "NAME", "LAYER")
+PACKAGE_KEY = "PACKAGE"  # scmc: default loss/metric/backward/data presets of a model template
 USER_LAYER_KEYS = ("TYPE", "CFG", "PARAM")
 PATTERN_KEYS = ("_addr_", "_file_", "_attr_", "_bind_", "_call_")
 
@@ -59,7 +60,13 @@ PATTERN_KEYS = ("_addr_", "_file_", "_attr_", "_bind_", "_call_")
 MODULE_ATTRS = frozenset(n for n in dir(__import__("torch").nn.Module) if not n.startswith("__")) | {"training"}
 
 
+# Mixed-case acronyms that the camel-case split would cut (ReLU -> re_lu): spelled as torch does.
+_ACRONYMS = (("PReLU", "Prelu"), ("ReLU", "Relu"), ("SiLU", "Silu"), ("GeLU", "Gelu"))
+
+
 def to_snake(name: str) -> str:
+    for acronym, word in _ACRONYMS:
+        name = name.replace(acronym, word)
     name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
     name = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
     return re.sub(r"\W+", "_", name).strip("_").lower() or "layer"
@@ -468,7 +475,8 @@ class Lowerer:
         out = self._outputs(outputs, span)
         if child is None:
             if kwargs or len(args) != 1:
-                raise CompileError([_diag("E0731", "an assignment step [in, out] takes exactly one input", span)])
+                raise CompileError([_diag("E0731", "an assignment step [in, out] takes exactly one input", span,
+                                          "to bind a Python list, nest it: [[[a, b]], out]; to call a layer, add it as a third element")])
         return Node(str(id(child)) if child is not None else None, tuple(args), tuple(kwargs), out, span)
 
     def _inputs(self, raw: Any, span: Span, imports: dict[str, str], layer_is_function: bool) -> tuple[list[Arg], list[tuple[str, Arg]]]:
@@ -493,7 +501,11 @@ class Lowerer:
             if text.startswith("constant:"):
                 from scmc.load import _parse_value
 
-                return Const(_parse_value(text[9:], text))
+                try:
+                    return Const(_parse_value(text[9:], text))
+                except CompileError:
+                    raise CompileError([_diag("E0736", f"`{text}`: the value after `constant:` is not valid YAML", span,
+                                              "e.g. `constant: 0.5` or `constant: [1, 2]`")]) from None
             parts = text.split(".")
             if not is_name(parts[0]):
                 raise CompileError([_diag("E0733", f"`{raw}` is not a flow name", span,
@@ -576,7 +588,38 @@ class Lowerer:
         from torch.nn.modules.lazy import LazyModuleMixin
 
         lazy = issubclass(obj, LazyModuleMixin)
+        if not lazy:
+            self._check_constructs(obj, address, args, kwargs, span)
         return ChildInst(name or "", "module", Ctor(address, args, tuple(kwargs.items())), span=span, lazy=lazy, name_given=name is not None)
+
+    def _check_constructs(self, obj: Any, address: str, args: tuple, kwargs: dict, span: Span) -> None:
+        """Build the layer once on the meta device: bad argument values are the user's error, at this step."""
+        import warnings
+
+        import torch
+
+        from scmc.interp import build_value
+
+        allow = self.options.allow
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj(*[build_value(a, allow) for a in args], **{k: build_value(v, allow) for k, v in kwargs.items()})
+        except Exception as exc:
+            detail = (str(exc).strip().splitlines() or [""])[0]
+            hint = "check the values given in `_call_` and `_bind_`"
+            try:
+                annotations = {n: p.annotation for n, p in inspect.signature(obj).parameters.items()}
+            except (TypeError, ValueError):
+                annotations = {}
+            for key, value in kwargs.items():
+                if isinstance(value, float) and annotations.get(key) in (int, "int"):
+                    hint = f"`{key}` must be an integer, not {value!r}"
+                    if value.is_integer():
+                        hint += " (in `eval:`, `//` divides to an integer)"
+                    break
+            raise CompileError([_diag("E0753", f"constructing `{address}` failed: {type(exc).__name__}: {detail}", span,
+                                      hint)]) from None
 
     def _check_signature(self, obj: Any, address: str, args: tuple, kwargs: dict, span: Span, partial: bool) -> None:
         try:
@@ -594,7 +637,10 @@ class Lowerer:
             (sig.bind_partial if partial else sig.bind)(*args, **kwargs)
         except TypeError as exc:
             bad = re.search(r"'(\w+)'", str(exc))
-            hint = did_you_mean(bad.group(1), params) if bad else ""
+            if bad and "missing" in str(exc):
+                hint = f"give `{bad.group(1)}` in `_call_` (or `_bind_`)"
+            else:
+                hint = did_you_mean(bad.group(1), params) if bad else ""
             shown = ", ".join(n if p.default is inspect.Parameter.empty else f"{n}={p.default!r}"
                               for n, p in sig.parameters.items() if n in params)
             raise CompileError([_diag("E0745", f"arguments do not fit `{address}({shown})`: {exc}", span,
@@ -609,6 +655,7 @@ class Lowerer:
         call_kwargs: dict[str, Any] = {}
         attrs: list[str] = []
         file: str | None = None
+        addr_span = span  # where `_addr_` is written, for address errors
         for item in raw[1:]:
             if item == "_call_":
                 call = {}
@@ -619,6 +666,8 @@ class Lowerer:
                 if not isinstance(item["_addr_"], str):
                     raise CompileError([_diag("E0746", "`_addr_` must be a dotted name", span)])
                 address = item["_addr_"]
+                if isinstance(item, LDict):
+                    addr_span = item.value_span("_addr_")
                 file = item.get("_file_")
                 continue
             if not isinstance(item, dict) or len(item) != 1:
@@ -649,7 +698,7 @@ class Lowerer:
             full = check_address(full, self.options.allow)
             obj = resolve(full, self.options.allow)
         except AddressError as exc:
-            raise CompileError([_diag(exc.code, exc.message, span, exc.hint)]) from None
+            raise CompileError([_diag(exc.code, exc.message, addr_span, exc.hint)]) from None
         return full, obj, call, bind_args, bind_kwargs, call_args, call_kwargs
 
     def _call_values(self, value: Any, span: Span) -> tuple[list[Any], dict[str, Any]]:
@@ -758,9 +807,9 @@ def _relabel(node: Node, children: list[ChildInst]) -> Node:
 
 def _defined_name(step: Any) -> str | None:
     """The layer name a (possibly broken) step meant to define, if it says so plainly."""
-    if isinstance(step, list) and len(step) == 4 and is_name(step[2]):
+    if isinstance(step, list) and len(step) in (3, 4) and is_name(step[2]):
         return step[2]
-    if isinstance(step, dict) and "LAYER" in step and is_name(step.get("NAME")):
+    if isinstance(step, dict) and is_name(step.get("NAME")):
         return step["NAME"]
     return None
 
@@ -780,7 +829,7 @@ def user_layer_defs(data: LDict, diags: Diagnostics, source: Source) -> dict[str
     """The user layers a mapping defines: every key that is not a layer-graph key."""
     out: dict[str, LDict] = {}
     for key, value in data.items():
-        if key in LAYER_GRAPH_KEYS or key in JINJA_KEYS:
+        if key in LAYER_GRAPH_KEYS or key in JINJA_KEYS or key == PACKAGE_KEY:
             continue
         if not isinstance(key, str) or not is_name(key):
             diags.error("E0760", f"user layer name `{key}` is not a valid Python identifier", data.key_span(key))

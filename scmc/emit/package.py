@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from scmc.build import BuildRequest, Compiled
 
 TEMPLATES = Path(__file__).parent / "templates"
-MODULE_FILES = {"model": "model", "loss": "loss", "metric": "metric"}
+MODULE_FILES = {"model": "model", "loss": "loss", "metric": "metric", "backward": "backward"}
 
 
 def _env():
@@ -48,21 +48,40 @@ def format_python(source: str) -> str:
     return formatted
 
 
-def dependencies(compiled: list["Compiled"]) -> list[str]:
-    from scmc.build import DISTRIBUTIONS, STDLIB
-    from scmc.emit.python import imports_of
+def imported_roots(source: str) -> list[str]:
+    """Top-level modules a Python source imports, in order of first import."""
+    import ast
+
+    roots: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        for name in names:
+            root = name.split(".")[0]
+            if root and root not in roots:
+                roots.append(root)
+    return roots
+
+
+def dependencies(sources: list[str]) -> list[str]:
+    """Distributions the generated code imports (plus torch and the runtime, always)."""
+    import sys
+
+    from scmc.build import DISTRIBUTIONS
 
     roots: list[str] = ["torch", "scmc_runtime"]
-    for c in compiled:
-        for module in imports_of(c.program):
-            root = module.split(".")[0]
-            if root not in roots and root not in STDLIB:
+    for source in sources:
+        for root in imported_roots(source):
+            if root not in roots and root not in sys.stdlib_module_names:
                 roots.append(root)
     out = []
     for root in roots:
         dist, bound = DISTRIBUTIONS.get(root, (root, ""))
         out.append(f"{dist}{bound}")
     return sorted(out)
+
+
+def class_name(c: "Compiled") -> str:
+    return c.program.root if c.program is not None else c.backward.classname
 
 
 def rebuild_command(request: "BuildRequest", name: str) -> str:
@@ -82,13 +101,14 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
 
     env = _env()
     model = next(c for c in compiled if c.role == "model")
-    deps = dependencies(compiled)
+    deps = dependencies([c.text for c in compiled if c.text])
     description = f"{model.source.path.stem} compiled by scmc into a standalone PyTorch package."
     src = f"src/{name}"
     files: dict[str, bytes] = {}
-    for c in compiled:
+    modules = [c for c in compiled if c.role in MODULE_FILES]
+    for c in modules:
         files[f"{src}/{MODULE_FILES[c.role]}.py"] = c.text.encode()
-    imports = [(MODULE_FILES[c.role], c.program.root) for c in compiled]
+    imports = [(MODULE_FILES[c.role], class_name(c)) for c in modules]
     common: dict[str, Any] = {
         "name": name,
         "scmc_version": scmc.__version__,
@@ -109,7 +129,7 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
     files["README.md"] = env.get_template("README.md.j2").render(
         **common,
         parameters=list(request.params),
-        classes=[(c.role, c.program.root) for c in compiled],
+        classes=[(c.role, class_name(c)) for c in modules],
         param_count=model.param_count,
         input_shapes=shapes,
         inputs=list(root.inputs),

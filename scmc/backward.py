@@ -1,0 +1,233 @@
+"""Backward templates (spec section 3): schema, validation and lowering to a BackwardDef.
+
+The rendered template is validated with pydantic; its error locations are mapped back to
+YAML positions. Patterns (OPTIMIZER, CLIP) go through the same allow-list and value rules
+as layer arguments (:class:`scmc.lower.Lowerer`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from scmc.diagnostics import CompileError, Diagnostic, Diagnostics, Span, did_you_mean
+from scmc.ir import Ctor
+from scmc.load import LDict, LList, Parameters, Source, expand, plain
+from scmc.lower import Lowerer, Options, is_name
+
+BACKWARD_KEYS = ("PARAMETERS", "IMPORTS", "MIXED_PRECISION", "MIXED_PRECISION_TYPE", "ACCUMULATE_GRADIENTS",
+                 "BACKWARDS", "LOSSES", "MODELS")
+
+
+class OptimizerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    NAME: str | None = None
+    OPTIMIZER: list[Any]
+    LAYERS: Union[str, list[str]]
+    CLIP: list[Any] | None = None
+
+
+class BackwardSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other keys are keyword arguments of `.backward()`
+
+    NAME: str | None = None
+    LOSS: str
+    OPTIMIZERS: list[OptimizerSpec] = Field(min_length=1)
+
+
+class BackwardTemplate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    PARAMETERS: Any = None
+    IMPORTS: Any = None
+    MIXED_PRECISION: Union[bool, dict[str, Any]] = False
+    MIXED_PRECISION_TYPE: Literal["bfloat16", "float16"] | None = None
+    ACCUMULATE_GRADIENTS: PositiveInt | None = None
+    BACKWARDS: list[BackwardSpec] = Field(min_length=1)
+    LOSSES: list[str] = Field(default_factory=list)
+    MODELS: list[str] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- IR
+
+
+@dataclass(frozen=True)
+class OptimizerDef:
+    name: str
+    factory: Ctor  # address + bound arguments; called with the named parameters
+    layers: tuple[str, ...]  # "model" or "model.backbone"
+    clip: Ctor | None  # address + bound arguments; called with the parameters
+    takes_schedule: bool  # the factory accepts updates_per_epoch / num_epochs
+    span: Span
+
+
+@dataclass(frozen=True)
+class BackwardStepDef:
+    name: str
+    loss: str
+    optimizers: tuple[str, ...]
+    kwargs: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class BackwardDef:
+    classname: str
+    models: tuple[str, ...]
+    losses: tuple[str, ...]
+    optimizers: tuple[OptimizerDef, ...]
+    steps: tuple[BackwardStepDef, ...]
+    autocast_dtype: str | None  # "bfloat16" | "float16" | None
+    scaler_kwargs: tuple[tuple[str, Any], ...] | None  # only for float16
+    accumulate: int
+    template: str
+
+
+def locate(tree: Any, loc: tuple, default: Span) -> Span:
+    """The span of the value at a pydantic error location."""
+    node, span = tree, default
+    for part in loc:
+        if isinstance(node, LDict) and part in node:
+            span = node.key_span(part) if not isinstance(node[part], (LDict, LList)) else node[part].span
+            node = node[part]
+        elif isinstance(node, LList) and isinstance(part, int) and part < len(node):
+            span = node.item_span(part)
+            node = node[part]
+        else:
+            break
+    return span
+
+
+def validation_diagnostics(exc: ValidationError, tree: Any, default: Span, what: str) -> list[Diagnostic]:
+    out = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or what
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            known = BACKWARD_KEYS if len(loc) == 1 else tuple(OptimizerSpec.model_fields)
+            message = f"unknown key `{loc[-1]}` in {what}"
+            hint = did_you_mean(str(loc[-1]), known) or f"known keys: {', '.join(known)}"
+        elif kind == "missing":
+            message, hint = f"{what} needs `{path}`", ""
+        else:
+            message, hint = f"`{path}`: {err['msg']}", ""
+        out.append(Diagnostic("E1000", message, locate(tree, loc, default), hint))
+    return out
+
+
+def _step_name(base: str, taken: set[str]) -> str:
+    name, i = base, 2
+    while name in taken:
+        name = f"{base}_{i}"
+        i += 1
+    taken.add(name)
+    return name
+
+
+def lower_backward(source: Source, params: Parameters, classname: str, options: Options) -> BackwardDef:
+    diags = Diagnostics()
+    raw = LDict({k: v for k, v in source.data.items() if k != "PARAMETERS"}, span=source.data.span)
+    raw.key_spans = dict(source.data.key_spans)
+    raw.value_spans = dict(source.data.value_spans)
+    tree = expand(raw, params)
+    if isinstance(tree, LDict) and isinstance(tree.get("BACKWARDS"), LDict):
+        single = tree["BACKWARDS"]
+        tree["BACKWARDS"] = LList([single], span=single.span)
+    try:
+        spec = BackwardTemplate.model_validate(plain(tree))
+    except ValidationError as exc:
+        raise CompileError(validation_diagnostics(exc, tree, source.data.span, "a backward template")) from None
+
+    lowerer = Lowerer(options, diags)
+    optimizers: list[OptimizerDef] = []
+    steps: list[BackwardStepDef] = []
+    taken: set[str] = set()
+    for b_index, backward in enumerate(spec.BACKWARDS):
+        b_tree = tree["BACKWARDS"][b_index]
+        b_span = tree["BACKWARDS"].item_span(b_index)
+        if not is_name(backward.LOSS):
+            diags.error("E1001", f"LOSS `{backward.LOSS}` is not a valid Python identifier", locate(b_tree, ("LOSS",), b_span))
+        names = []
+        for o_index, opt in enumerate(backward.OPTIMIZERS):
+            o_tree = b_tree["OPTIMIZERS"][o_index]
+            o_span = b_tree["OPTIMIZERS"].item_span(o_index)
+            if opt.NAME is not None and (not is_name(opt.NAME) or opt.NAME in taken):
+                diags.error("E1002", f"optimizer NAME `{opt.NAME}` is not a unique Python identifier", locate(o_tree, ("NAME",), o_span))
+                continue
+            name = _step_name(opt.NAME or "optimizer", taken)
+            layers = (opt.LAYERS,) if isinstance(opt.LAYERS, str) else tuple(opt.LAYERS)
+            for layer in layers:
+                if not all(is_name(p) for p in layer.split(".")):
+                    diags.error("E1003", f"LAYERS entry `{layer}` must be a model name or model.submodule", locate(o_tree, ("LAYERS",), o_span))
+            try:
+                factory, takes_schedule = _factory(lowerer, opt.OPTIMIZER, locate(o_tree, ("OPTIMIZER",), o_span))
+                clip = _clip(lowerer, opt.CLIP, locate(o_tree, ("CLIP",), o_span)) if opt.CLIP is not None else None
+            except CompileError as exc:
+                diags.extend(exc.diagnostics)
+                continue
+            optimizers.append(OptimizerDef(name, factory, layers, clip, takes_schedule, o_span))
+            names.append(name)
+        extra = tuple((k, v) for k, v in (backward.model_extra or {}).items())
+        for key, _ in extra:
+            if key not in ("retain_graph", "create_graph", "inputs"):
+                diags.error("E1004", f"`{key}` is not an argument of Tensor.backward()", locate(b_tree, (key,), b_span),
+                            did_you_mean(key, ("retain_graph", "create_graph")))
+        steps.append(BackwardStepDef(_step_name(backward.NAME or "backward", set(s.name for s in steps)), backward.LOSS,
+                                     tuple(names), extra))
+    diags.raise_if_any()
+
+    models = list(spec.MODELS)
+    for opt in optimizers:
+        for layer in opt.layers:
+            root = layer.split(".")[0]
+            if root not in models:
+                models.append(root)
+    losses = list(spec.LOSSES) or []
+    for step in steps:
+        if step.loss not in losses:
+            losses.append(step.loss)
+
+    enabled = spec.MIXED_PRECISION if isinstance(spec.MIXED_PRECISION, bool) else spec.MIXED_PRECISION.get("enabled", True)
+    autocast = spec.MIXED_PRECISION_TYPE if enabled else None
+    if enabled and autocast is None:
+        raise CompileError([Diagnostic("E1005", "MIXED_PRECISION is on but MIXED_PRECISION_TYPE is not set",
+                                       source.data.key_span("MIXED_PRECISION"), "set MIXED_PRECISION_TYPE: bfloat16 (or float16)")])
+    scaler = None
+    if autocast == "float16":
+        kwargs = dict(spec.MIXED_PRECISION) if isinstance(spec.MIXED_PRECISION, dict) else {}
+        kwargs.pop("enabled", None)
+        scaler = tuple((k, lowerer._value(v, source.data.key_span("MIXED_PRECISION"))) for k, v in kwargs.items())
+    return BackwardDef(classname, tuple(models), tuple(losses), tuple(optimizers), tuple(steps), autocast, scaler,
+                       spec.ACCUMULATE_GRADIENTS or 1, source.display)
+
+
+def _factory(lowerer: Lowerer, raw: list, span: Span) -> tuple[Ctor, bool]:
+    if not raw or raw[0] != "_obj_":
+        raise CompileError([Diagnostic("E1006", "OPTIMIZER must be an `_obj_` pattern", span)])
+    address, obj, call, bind_args, bind_kwargs, call_args, call_kwargs = lowerer._pattern_parts(raw, span)
+    if call is not None:
+        raise CompileError([Diagnostic("E1007", "OPTIMIZER is called with the parameters; bind its arguments with `_bind_`, not `_call_`",
+                                       span, "replace `_call_` with `_bind_`")])
+    if not callable(obj):
+        raise CompileError([Diagnostic("E1008", f"`{address}` is not callable", span)])
+    try:
+        sig = inspect.signature(obj)
+        takes_schedule = "updates_per_epoch" in sig.parameters
+    except (TypeError, ValueError):
+        takes_schedule = False
+    lowerer._check_signature(obj, address, (None, *bind_args), bind_kwargs, span, partial=True)
+    return Ctor(address, tuple(bind_args), tuple(bind_kwargs.items())), takes_schedule
+
+
+def _clip(lowerer: Lowerer, raw: list, span: Span) -> Ctor:
+    if not raw or raw[0] != "_obj_":
+        raise CompileError([Diagnostic("E1006", "CLIP must be an `_obj_` pattern or null", span)])
+    address, obj, call, bind_args, bind_kwargs, _, _ = lowerer._pattern_parts(raw, span)
+    if call is not None:
+        raise CompileError([Diagnostic("E1007", "CLIP is called with the parameters; bind its arguments with `_bind_`", span)])
+    lowerer._check_signature(obj, address, (None, *bind_args), bind_kwargs, span, partial=True)
+    return Ctor(address, tuple(bind_args), tuple(bind_kwargs.items()))

@@ -1,0 +1,240 @@
+"""The generated training entry point, ``<pkg>/train.py``.
+
+:class:`TrainContext` is what the package emitter knows about the compiled model, loss, metric
+and backward; :func:`render_train` turns it into the source of ``train.py`` through
+``templates/train.py.j2``. The generated file runs as ``python -m <pkg>.train`` and as
+``torchrun --nproc_per_node=N -m <pkg>.train``; its ``TrainConfig`` fields (one per flag) are
+listed in :data:`FIELDS`, with defaults that a template or preset may override through
+``TrainContext.defaults``.
+"""
+
+from __future__ import annotations
+
+import ast
+import keyword
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TEMPLATE = "train.py.j2"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One ``TrainConfig`` field: its flag is ``--name-with-dashes``."""
+
+    name: str
+    type: str  # as written in the generated dataclass
+    default: Any
+    help: str
+    group: str
+
+
+# The TrainConfig fields, in the order they appear in train.py and in --help. ``defaults`` in a
+# TrainContext overrides the default of any of them (and nothing else: unknown keys are errors).
+FIELDS: tuple[Field, ...] = (
+    # data
+    Field("data", "str", "", "ImageFolder root with train/ and val/ class folders; empty: the embedded digits", "data"),
+    Field("timm_dataset", "str", "", "a timm dataset instead, e.g. torch/cifar10 (needs timm)", "data"),
+    Field("cache_dir", "str", "data", "where the digits are unpacked and timm datasets downloaded", "data"),
+    Field("image_size", "int", 224, "images are resized to image_size x image_size", "data"),
+    Field("mean", "tuple[float, ...]", IMAGENET_MEAN, "per-channel normalization mean", "data"),
+    Field("std", "tuple[float, ...]", IMAGENET_STD, "per-channel normalization standard deviation", "data"),
+    Field("translate", "int", 0, "random shift of training images by up to this many pixels", "data"),
+    Field("hflip", "bool", False, "random horizontal flips of training images", "data"),
+    Field("workers", "int", 2, "data-loading processes per rank (0: load in the training process)", "data"),
+    # schedule
+    Field("epochs", "int", 10, "passes over the training data", "schedule"),
+    Field("batch_size", "int", 64, "global batch per step, split evenly over the ranks", "schedule"),
+    Field("max_steps", "int", 0, "train on at most this many batches per epoch (0: all); for quick checks", "schedule"),
+    Field("max_val_steps", "int", 0, "validate on at most this many batches per rank (0: all)", "schedule"),
+    Field("seed", "int", 0, "seed for initialization, shuffling and augmentation (rank r uses seed + r)", "schedule"),
+    Field("deterministic", "bool", False, "reproducible kernels (slower on GPU)", "schedule"),
+    # weights
+    Field("ema", "bool", True, "keep an exponential moving average of the weights and validate it", "weights"),
+    Field("ema_decay", "float", 0.9998, "EMA decay per optimizer update", "weights"),
+    Field("ema_warmup", "bool", True, "ramp the EMA decay up from 0 over the first updates", "weights"),
+    # speed
+    Field("device", "str", "auto", "auto, cpu, cuda or cuda:N (under torchrun: the GPU of LOCAL_RANK)", "speed"),
+    Field("compile", "bool", False, "torch.compile the model", "speed"),
+    Field("compile_mode", "str", "default", "torch.compile mode: default, reduce-overhead, max-autotune", "speed"),
+    Field("channels_last", "bool", False, "channels-last memory format (faster convolutions on GPU)", "speed"),
+    Field("threads", "int", 0, "CPU threads per process (0: torch's default)", "speed"),
+    # runs, checkpoints, logging
+    Field("out", "str", "runs", "folder of runs; a run writes <out>/<run-name>/", "output"),
+    Field("run_name", "str", "", "name of the run folder (default: the package name, then -2, -3, ...)", "output"),
+    Field("resume", "str", "", "auto: continue the newest checkpoint of the run, if any; or a checkpoint path", "output"),
+    Field("save_every", "int", 0, "also save last.pt every N optimizer updates (0: at the end of each epoch)", "output"),
+    Field("best_metric", "str", "val_loss", "validation metric that picks best.pt", "output"),
+    Field("best_mode", "str", "min", "max or min: whether a larger best_metric is better", "output"),
+    Field("log_every", "int", 50, "print and log training metrics every N steps", "output"),
+    Field("ci", "bool", False, "plain log lines instead of a progress bar", "output"),
+    Field("mlflow", "bool", True, "record the run with MLflow (rank 0)", "output"),
+    Field("mlflow_uri", "str", "", "MLflow tracking URI (default: sqlite:///<out>/mlflow.db)", "output"),
+    Field("experiment", "str", "", "MLflow experiment (default: the package name)", "output"),
+)
+FIELD_NAMES = frozenset(f.name for f in FIELDS)
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """What ``train.py`` needs to know about the package it trains.
+
+    ``defaults`` overrides :data:`FIELDS` defaults (e.g. ``{"epochs": 6, "batch_size": 32,
+    "image_size": 32, "best_metric": "val_acc1", "best_mode": "max"}``). When it sets no
+    ``best_metric``, the first metric output (``val_<name>``, larger is better) is used, or the
+    first loss output (smaller is better) when there is no metric.
+    """
+
+    package: str  # import name, e.g. "convnextv2_femto"
+    scmc_version: str
+    template: str  # source template path, relative, for the header
+    model_inputs: list[str]  # the first is fed the images; another may be the label
+    model_outputs: list[str]
+    model_structured: bool  # forward returns a dict keyed by model_outputs
+    label: str  # name under which loss/metric graphs take the integer class labels
+    loss_inputs: list[str]  # each is the label, a model output or a model input
+    loss_outputs: list[str]
+    loss_structured: bool
+    metric_inputs: list[str]  # empty metric_outputs: the package has no metric
+    metric_outputs: list[str]
+    metric_structured: bool
+    backward_losses: list[str]  # the loss outputs Backward.__call__ takes, by keyword
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_names(ctx: TrainContext) -> None:
+    lists = {
+        "model_inputs": ctx.model_inputs,
+        "model_outputs": ctx.model_outputs,
+        "loss_inputs": ctx.loss_inputs,
+        "loss_outputs": ctx.loss_outputs,
+        "metric_inputs": ctx.metric_inputs,
+        "metric_outputs": ctx.metric_outputs,
+        "backward_losses": ctx.backward_losses,
+    }
+    for what, names in {**lists, "label": [ctx.label], "package": [ctx.package]}.items():
+        for name in names:
+            if not name.isidentifier() or keyword.iskeyword(name):
+                raise ValueError(f"train.py: {what} holds {name!r}, which is not a Python identifier")
+    if not ctx.model_inputs:
+        raise ValueError("train.py: the model takes no inputs; it needs at least the images")
+    if not ctx.model_outputs or not ctx.loss_outputs:
+        raise ValueError("train.py: the model and the loss must each have at least one output")
+    extra = [n for n in ctx.model_inputs[1:] if n != ctx.label]
+    if extra:
+        raise ValueError(
+            f"train.py: the model's first input ({ctx.model_inputs[0]}) is fed the images and another may be "
+            f"the label ({ctx.label}); there is no data for {', '.join(extra)}"
+        )
+    known = {ctx.label, *ctx.model_outputs, *ctx.model_inputs}
+    for role, inputs in (("loss", ctx.loss_inputs), ("metric", ctx.metric_inputs)):
+        missing = [n for n in inputs if n not in known]
+        if missing:
+            raise ValueError(
+                f"train.py: {role} input(s) {', '.join(missing)} are neither the label ({ctx.label}) "
+                f"nor a model output ({', '.join(ctx.model_outputs)})"
+            )
+    if ctx.metric_inputs and not ctx.metric_outputs:
+        raise ValueError("train.py: the metric has inputs but no outputs")
+    not_losses = [n for n in ctx.backward_losses if n not in ctx.loss_outputs]
+    if not ctx.backward_losses or not_losses:
+        raise ValueError(
+            f"train.py: the backward takes {', '.join(ctx.backward_losses) or 'no losses'}, but the loss "
+            f"outputs are {', '.join(ctx.loss_outputs)}"
+        )
+    clash = set(ctx.loss_outputs) & set(ctx.metric_outputs)
+    if clash:
+        raise ValueError(f"train.py: {', '.join(sorted(clash))} is both a loss and a metric output")
+
+
+def _fields(ctx: TrainContext) -> list[Field]:
+    unknown = sorted(set(ctx.defaults) - FIELD_NAMES)
+    if unknown:
+        raise ValueError(f"train.py: unknown training default(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELD_NAMES))}")
+    defaults = dict(ctx.defaults)
+    if "best_metric" not in defaults:
+        if ctx.metric_outputs:
+            defaults["best_metric"] = f"val_{ctx.metric_outputs[0]}"
+            defaults.setdefault("best_mode", "max")
+        else:
+            defaults["best_metric"] = f"val_{ctx.loss_outputs[0]}"
+            defaults.setdefault("best_mode", "min")
+    if "experiment" not in defaults:
+        defaults["experiment"] = ctx.package
+    out = []
+    for f in FIELDS:
+        value = defaults.get(f.name, f.default)
+        if f.type.startswith("tuple"):
+            value = tuple(float(v) for v in value)
+        elif f.type == "float":
+            value = float(value)
+        elif not isinstance(value, {"int": int, "str": str, "bool": bool}[f.type]) or (
+            f.type == "int" and isinstance(value, bool)
+        ):
+            raise ValueError(f"train.py: default {f.name}={value!r} is not a{'n' if f.type == 'int' else ''} {f.type}")
+        out.append(Field(f.name, f.type, value, f.help, f.group))
+    by_name = {f.name: f.default for f in out}
+    if by_name["best_mode"] not in ("max", "min"):
+        raise ValueError(f"train.py: best_mode must be max or min, not {by_name['best_mode']!r}")
+    return out
+
+
+def _source(name: str, ctx: TrainContext) -> str:
+    """The expression in train.py that holds the graph input ``name``."""
+    if name == ctx.label:
+        return "labels"
+    if name in ctx.model_outputs:
+        if ctx.model_structured:
+            return f"outputs[{name!r}]"
+        if len(ctx.model_outputs) == 1:
+            return "outputs"
+        return f"outputs[{ctx.model_outputs.index(name)}]"
+    if name == ctx.model_inputs[0]:
+        return "images"
+    raise AssertionError(name)
+
+
+def render_train(ctx: TrainContext) -> str:
+    """The source of ``<package>/train.py``: rendered, black-formatted and checked with ``ast.parse``."""
+    import jinja2
+
+    from scmc.emit.python import LINE_LENGTH
+
+    _check_names(ctx)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["pyrepr"] = repr
+    fields = _fields(ctx)
+    if len(ctx.model_outputs) == 1 and not ctx.model_structured:
+        outputs_type = "torch.Tensor"
+    elif ctx.model_structured:
+        outputs_type = "dict[str, torch.Tensor]"
+    else:
+        outputs_type = "tuple[torch.Tensor, ...]"
+    model_call = ", ".join("images" if i == 0 else "labels" for i in range(len(ctx.model_inputs)))
+    source = env.get_template(TEMPLATE).render(
+        ctx=ctx,
+        fields=fields,
+        groups=[g for i, g in enumerate(f.group for f in fields) if g not in [f.group for f in fields][:i]],
+        outputs_type=outputs_type,
+        model_takes_labels=len(ctx.model_inputs) > 1,
+        model_call=model_call,
+        loss_args=", ".join(f"{n}={_source(n, ctx)}" for n in ctx.loss_inputs),
+        metric_args=", ".join(f"{n}={_source(n, ctx)}" for n in ctx.metric_inputs),
+        backward_args=", ".join(f"{n}=losses[{n!r}]" for n in ctx.backward_losses),
+        defaults={f.name: f.default for f in fields},
+    )
+    import black
+
+    formatted = black.format_str(source, mode=black.Mode(line_length=LINE_LENGTH))
+    ast.parse(formatted)
+    return formatted
