@@ -332,6 +332,19 @@ def write_package(plan: Plan, destination: Path, force: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write one file through a temporary sibling and a rename."""
+    path = path.absolute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise fail("E0904", f"writing {display_path(path)} failed: {exc.strerror or exc}") from None
+
+
 def _block_signals() -> Any:
     """Hold SIGINT/SIGTERM while the rename happens, so it is never half done."""
     if hasattr(signal, "pthread_sigmask"):

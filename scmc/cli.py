@@ -84,6 +84,49 @@ def build(template: Path, params: tuple[str, ...], loss: Path | None, metric: Pa
     run_build(request, quiet)
 
 
+@main.command(name="format")
+@click.argument("template", type=click.Path(path_type=Path))
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Override a parameter (as in build).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the rendered YAML here (default: stdout).")
+@click.option("--allow-new-params", is_flag=True, help="Let -p add keys the template does not define (to DEFAULT).")
+def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_new_params: bool) -> None:
+    """Render TEMPLATE's Jinja blocks with its parameters and print the resulting YAML."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    from scmc.diagnostics import Diagnostics
+    from scmc.load import (LDict, Parameters, apply_override, expand, parameter_blocks, parse_override, plain,
+                           read_template, report_unused_overrides)
+
+    try:
+        source = read_template(template)
+        diags = Diagnostics()
+        overrides = [parse_override(p) for p in params]
+        blocks = parameter_blocks(source.data)
+        used = [apply_override(blocks, o, diags, allow_new_params, source.display) for o in overrides]
+        report_unused_overrides(overrides, used, [source], diags)
+        diags.raise_if_any()
+        parameters = Parameters.from_raw(source.data.get("PARAMETERS"), source.data.span, diags)
+        diags.raise_if_any()
+        body = LDict({k: v for k, v in source.data.items() if k != "PARAMETERS"}, span=source.data.span)
+        body.key_spans = dict(source.data.key_spans)
+        rendered = plain(expand(body, parameters))
+    except CompileError as exc:
+        click.echo(exc.render().replace("nothing was written", "nothing was rendered"), err=True)
+        sys.exit(1)
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    buffer = io.StringIO()
+    yaml.dump(rendered, buffer)
+    if output is None:
+        click.echo(buffer.getvalue(), nl=False)
+    else:
+        from scmc.build import write_text_atomic
+
+        write_text_atomic(output, buffer.getvalue())
+
+
 def run_build(request: Any, quiet: bool = False) -> None:
     from scmc.build import InternalError, build as do_build
     from scmc.load import display_path

@@ -36,21 +36,21 @@ class Field:
 # TrainContext overrides the default of any of them (and nothing else: unknown keys are errors).
 FIELDS: tuple[Field, ...] = (
     # data
-    Field("data", "str", "", "ImageFolder root with train/ and val/ class folders; empty: the embedded digits", "data"),
+    Field("data", "str", "", "ImageFolder root holding train/ and val/; empty: the embedded digits", "data"),
     Field("timm_dataset", "str", "", "a timm dataset instead, e.g. torch/cifar10 (needs timm)", "data"),
     Field("cache_dir", "str", "data", "where the digits are unpacked and timm datasets downloaded", "data"),
     Field("image_size", "int", 224, "images are resized to image_size x image_size", "data"),
     Field("mean", "tuple[float, ...]", IMAGENET_MEAN, "per-channel normalization mean", "data"),
-    Field("std", "tuple[float, ...]", IMAGENET_STD, "per-channel normalization standard deviation", "data"),
+    Field("std", "tuple[float, ...]", IMAGENET_STD, "per-channel normalization std", "data"),
     Field("translate", "int", 0, "random shift of training images by up to this many pixels", "data"),
     Field("hflip", "bool", False, "random horizontal flips of training images", "data"),
     Field("workers", "int", 2, "data-loading processes per rank (0: load in the training process)", "data"),
     # schedule
     Field("epochs", "int", 10, "passes over the training data", "schedule"),
     Field("batch_size", "int", 64, "global batch per step, split evenly over the ranks", "schedule"),
-    Field("max_steps", "int", 0, "train on at most this many batches per epoch (0: all); for quick checks", "schedule"),
+    Field("max_steps", "int", 0, "at most this many training batches per epoch (0: all)", "schedule"),
     Field("max_val_steps", "int", 0, "validate on at most this many batches per rank (0: all)", "schedule"),
-    Field("seed", "int", 0, "seed for initialization, shuffling and augmentation (rank r uses seed + r)", "schedule"),
+    Field("seed", "int", 0, "seed for weights, shuffling and augmentation", "schedule"),
     Field("deterministic", "bool", False, "reproducible kernels (slower on GPU)", "schedule"),
     # weights
     Field("ema", "bool", True, "keep an exponential moving average of the weights and validate it", "weights"),
@@ -59,14 +59,14 @@ FIELDS: tuple[Field, ...] = (
     # speed
     Field("device", "str", "auto", "auto, cpu, cuda or cuda:N (under torchrun: the GPU of LOCAL_RANK)", "speed"),
     Field("compile", "bool", False, "torch.compile the model", "speed"),
-    Field("compile_mode", "str", "default", "torch.compile mode: default, reduce-overhead, max-autotune", "speed"),
+    Field("compile_mode", "str", "default", "default, reduce-overhead or max-autotune", "speed"),
     Field("channels_last", "bool", False, "channels-last memory format (faster convolutions on GPU)", "speed"),
     Field("threads", "int", 0, "CPU threads per process (0: torch's default)", "speed"),
     # runs, checkpoints, logging
     Field("out", "str", "runs", "folder of runs; a run writes <out>/<run-name>/", "output"),
     Field("run_name", "str", "", "name of the run folder (default: the package name, then -2, -3, ...)", "output"),
-    Field("resume", "str", "", "auto: continue the newest checkpoint of the run, if any; or a checkpoint path", "output"),
-    Field("save_every", "int", 0, "also save last.pt every N optimizer updates (0: at the end of each epoch)", "output"),
+    Field("resume", "str", "", "auto: continue the newest run's last.pt, if any; or a checkpoint path", "output"),
+    Field("save_every", "int", 0, "also save last.pt every N updates (0: only at epoch ends)", "output"),
     Field("best_metric", "str", "val_loss", "validation metric that picks best.pt", "output"),
     Field("best_mode", "str", "min", "max or min: whether a larger best_metric is better", "output"),
     Field("log_every", "int", 50, "print and log training metrics every N steps", "output"),
