@@ -364,6 +364,59 @@ def build(request: BuildRequest) -> tuple[Plan, Path]:
     return plan, destination
 
 
+@dataclass
+class CheckResult:
+    destination: Path
+    missing: list[str]  # files the templates produce that are not on disk
+    extra: list[str]  # files on disk the templates do not produce
+    changed: dict[str, str]  # file -> unified diff (truncated)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.extra or self.changed)
+
+    def summary(self, limit: int = 40) -> str:
+        lines = []
+        for rel in self.missing:
+            lines.append(f"  missing   {rel}")
+        for rel in self.extra:
+            lines.append(f"  extra     {rel}")
+        for rel, diff in self.changed.items():
+            added = sum(1 for l in diff.splitlines() if l.startswith("+") and not l.startswith("+++"))
+            removed = sum(1 for l in diff.splitlines() if l.startswith("-") and not l.startswith("---"))
+            lines.append(f"  changed   {rel} (+{added} -{removed})")
+        body = "\n".join(lines)
+        diffs = "\n".join(self.changed.values())
+        diff_lines = diffs.splitlines()
+        if len(diff_lines) > limit:
+            diffs = "\n".join(diff_lines[:limit]) + f"\n  ... {len(diff_lines) - limit} more diff lines"
+        return body + ("\n\n" + diffs if diffs else "")
+
+
+def check(request: BuildRequest) -> CheckResult:
+    """Compare the package on disk with what the templates produce now (`scmc build --check`)."""
+    import difflib
+
+    plan = plan_package(request)
+    destination = request.output or default_output(plan.name)
+    if not destination.is_dir():
+        raise fail("E0905", f"{display_path(destination)} does not exist, so there is nothing to check",
+                   hint="build it first, or pass -o to point at the package")
+    on_disk = {str(p.relative_to(destination)).replace(os.sep, "/"): p for p in destination.rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc")
+               and ".egg-info" not in str(p)}
+    missing = sorted(set(plan.files) - set(on_disk))
+    extra = sorted(set(on_disk) - set(plan.files))
+    changed: dict[str, str] = {}
+    for rel in sorted(set(plan.files) & set(on_disk)):
+        current = on_disk[rel].read_bytes()
+        if current != plan.files[rel]:
+            diff = difflib.unified_diff(current.decode(errors="replace").splitlines(True),
+                                        plan.files[rel].decode().splitlines(True), f"on disk: {rel}", f"from templates: {rel}")
+            changed[rel] = "".join(diff)
+    return CheckResult(destination, missing, extra, changed)
+
+
 def manifest(name: str, request: BuildRequest, compiled: list[Compiled], dependencies: list[str]) -> dict[str, Any]:
     import torch
 

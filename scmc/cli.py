@@ -50,11 +50,12 @@ def main() -> None:
 @click.option("--sublayer", help="Compile the named user layer (e.g. Backbone) instead of the root.")
 @click.option("--allow-new-params", is_flag=True, help="Let -p add keys the templates do not define (to DEFAULT).")
 @click.option("--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable.")
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 with a diff summary if the package on disk is stale.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 def build(template: Path, params: tuple[str, ...], loss: Path | None, metric: Path | None, backward: Path | None,
           dataset: Path | None, name: str | None,
           output: Path | None, force: bool, shapes: tuple[str, ...], classname: str, no_structured_output: bool,
-          sublayer: str | None, allow_new_params: bool, allow_modules: tuple[str, ...], quiet: bool) -> None:
+          sublayer: str | None, allow_new_params: bool, allow_modules: tuple[str, ...], check: bool, quiet: bool) -> None:
     """Compile TEMPLATE (and optional loss and metric templates) into a package."""
     from scmc.build import BuildRequest, Part
 
@@ -81,7 +82,28 @@ def build(template: Path, params: tuple[str, ...], loss: Path | None, metric: Pa
         allow_new_params=allow_new_params,
         allow_modules=tuple(allow_modules),
     )
-    run_build(request, quiet)
+    if check:
+        run_check(request)
+    else:
+        run_build(request, quiet)
+
+
+def run_check(request: Any) -> None:
+    from scmc.build import check as do_check
+    from scmc.load import display_path
+
+    try:
+        result = do_check(request)
+    except CompileError as exc:
+        click.echo(exc.render().replace("nothing was written", "nothing was checked"), err=True)
+        sys.exit(1)
+    where = display_path(result.destination)
+    if result.ok:
+        click.echo(f"{where} is up to date with its templates")
+        return
+    click.echo(f"{where} differs from what the templates produce now:\n{result.summary()}\n"
+               f"rebuild with the same command and --force (without --check)", err=True)
+    sys.exit(1)
 
 
 @main.command(name="format")
@@ -141,15 +163,15 @@ def run_build(request: Any, quiet: bool = False) -> None:
         click.echo(f"internal compiler error: {exc}\nThis is a bug in scmc {scmc.__version__}; please report it with this output.\n"
                    f"--- IR ---\n{exc.ir_dump}--- traceback ---\n{traceback.format_exc()}", err=True)
         sys.exit(70)
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except SystemExit:
         raise
     except Exception as exc:  # any other exception is a bug in scmc, not a user mistake
         click.echo(f"internal compiler error: {type(exc).__name__}: {exc}\nThis is a bug in scmc {scmc.__version__}; "
                    f"please report it with this output.\n--- traceback ---\n{traceback.format_exc()}", err=True)
         sys.exit(70)
-    except KeyboardInterrupt:
-        click.echo("interrupted; nothing was written", err=True)
-        sys.exit(130)
     if not quiet:
         elapsed = time.perf_counter() - start
         model = next(c for c in plan.compiled if c.role == "model")

@@ -185,6 +185,47 @@ def _short_tag(tag: str) -> str:
     return "!!" + tag[len(prefix):] if tag.startswith(prefix) else tag
 
 
+_RENDERED_CACHE: dict[str, Any] = {}
+
+
+def parse_rendered_yaml(text: str, display: str) -> Any:
+    """Parse the output of a Jinja block. Its nodes all get the block's span, so no positions
+    are kept: ruamel's safe loader is enough (and several times faster than composing)."""
+    from ruamel.yaml.constructor import ConstructorError
+    from ruamel.yaml.error import MarkedYAMLError
+
+    if text in _RENDERED_CACHE:
+        return _copy(_RENDERED_CACHE[text])
+    try:
+        value = _yaml().load(text)
+    except ConstructorError as exc:
+        if "could not determine a constructor" in str(exc.problem or ""):
+            return parse_yaml(text, display)  # reports the refused tag with its position
+        raise
+    except MarkedYAMLError:
+        return parse_yaml(text, display)  # reports the syntax error with its position
+    if not _plain_data(value):  # a timestamp, binary or set tag: refused, with its position
+        return parse_yaml(text, display)
+    _RENDERED_CACHE[text] = value
+    return _copy(value)
+
+
+def _plain_data(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(_plain_data(k) and _plain_data(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain_data(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
 def _construct(node: Any, constructor: Any, display: str, line_offset: int, note: str, diags: Diagnostics) -> Any:
     from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
@@ -239,7 +280,11 @@ def _construct(node: Any, constructor: Any, display: str, line_offset: int, note
             out[key] = _construct(value_node, constructor, display, line_offset, note, diags)
             vm = value_node.start_mark
             out.key_spans[key] = key_span
-            out.value_spans[key] = Span(display, vm.line + 1 + line_offset, vm.column + 1, note)
+            if isinstance(value_node, ScalarNode) and value_node.style in ("|", ">"):
+                # a block scalar's text starts on the line after its `|` / `>` indicator
+                out.value_spans[key] = Span(display, vm.line + 2 + line_offset, key_span.col, note)
+            else:
+                out.value_spans[key] = Span(display, vm.line + 1 + line_offset, vm.column + 1, note)
         return out
     diags.error("E0101", f"unsupported YAML node `{node.tag}`", span)  # pragma: no cover
     return None
@@ -278,6 +323,22 @@ def read_template(path: Path) -> Source:
 # --------------------------------------------------------------------------- parameters
 
 
+_GROUPS_CACHE: dict[str, dict[str, dict[str, Any]]] = {}
+
+
+def _validated_groups(shared: dict, default: dict, groups: dict) -> dict[str, dict[str, Any]]:
+    """structcast's Parameters validation and group merging, memoized: a template renders
+    the same user layer with the same parameters many times."""
+    from structcast.core.template import Parameters as StructcastParameters
+
+    key = json.dumps([shared, default, groups], sort_keys=True, default=repr)
+    if key not in _GROUPS_CACHE:
+        _GROUPS_CACHE[key] = StructcastParameters.model_validate(
+            {"_shared_": shared, "_default_": default, **groups}
+        ).template_kwargs
+    return {k: dict(v) for k, v in _GROUPS_CACHE[key].items()}
+
+
 @dataclass
 class Parameters:
     """Parameter groups with structcast's semantics.
@@ -290,8 +351,6 @@ class Parameters:
 
     @classmethod
     def from_raw(cls, raw: Any, span: Span, diags: Diagnostics) -> "Parameters":
-        from structcast.core.template import Parameters as StructcastParameters
-
         if raw is None:
             return cls()
         if not isinstance(raw, dict):
@@ -324,9 +383,7 @@ class Parameters:
             )
             return cls()
         try:
-            merged = StructcastParameters.model_validate(
-                {"_shared_": shared, "_default_": default, **groups}
-            ).template_kwargs
+            merged = _validated_groups(shared, default, groups)
         except Exception as exc:
             diags.error("E0203", f"invalid PARAMETERS: {exc}", span)
             return cls()
@@ -577,10 +634,12 @@ def jinja_environment():
 
         configure_jinja(filters=FILTERS)
         _ENV = get_environment()
+        _ENV.globals.pop("lipsum", None)  # random text would make builds non-reproducible
     return _ENV
 
 
-def _render(source: str, variables: Mapping[str, Any], span: Span) -> str:
+def _render(source: str, variables: Mapping[str, Any], span: Span, text_span: Span | None = None) -> str:
+    """Render ``source``; errors point at ``span`` (the block), syntax errors at their line of ``text_span``."""
     from jinja2 import TemplateSyntaxError, UndefinedError
     from jinja2.sandbox import SecurityError
 
@@ -590,7 +649,8 @@ def _render(source: str, variables: Mapping[str, Any], span: Span) -> str:
         try:
             template = env.from_string(source)
         except TemplateSyntaxError as exc:
-            line = span.line + (exc.lineno or 0)
+            first = text_span or Span(span.path, span.line + 1)  # where the template text starts
+            line = first.line + max((exc.lineno or 1) - 1, 0)
             raise fail("E0300", f"Jinja syntax error: {exc.message}", Span(span.path, line, 1)) from None
         _TEMPLATE_CACHE[source] = template
     try:
@@ -653,11 +713,11 @@ def _render_block(node: LDict, groups: Parameters, default: str) -> tuple[LDict,
             node.value_span(JINJA_GROUP) if JINJA_GROUP in node else span,
             hint=did_you_mean(str(group_name), groups.groups) or f"groups: {', '.join(sorted(groups.groups))}",
         )
-    text = _render(source, variables, span)
+    text = _render(source, variables, span, node.value_span(alias))
     block_span = Span(span.path, span.line, span.col, "in the output of this Jinja block")
     if alias == JINJA_YAML:
         try:
-            value = parse_yaml(text, span.path)
+            value = parse_rendered_yaml(text, span.path)
         except CompileError as exc:
             diag = exc.diagnostics[0]
             inner = diag.span.line if diag.span else 0

@@ -17,7 +17,7 @@ def _params_expr(opt: OptimizerDef) -> str:
     for layer in opt.layers:
         root, _, sub = layer.partition(".")
         if sub:
-            parts.append(f"scmc_runtime.optim.named_parameters({root}, {sub!r})")
+            parts.append(f"scmc_runtime.optim.named_parameters({root}, submodule={sub!r})")
         else:
             parts.append(f"scmc_runtime.optim.named_parameters({root})")
     if len(parts) == 1:

@@ -153,6 +153,8 @@ class MlflowLogger:
 
     By default everything stays inside the run directory: the tracking store is
     ``sqlite:///<run_dir>/mlflow.db`` and artifacts go to ``<run_dir>/mlartifacts``.
+    ``run_id`` continues an existing MLflow run (a resumed training) when the store has it;
+    otherwise a new run is created.
     """
 
     def __init__(
@@ -163,11 +165,13 @@ class MlflowLogger:
         run_name: Optional[str] = None,
         tracking_uri: Optional[str] = None,
         enabled: bool = True,
+        run_id: Optional[str] = None,
     ) -> None:
         self.enabled = enabled
         self.run_dir = Path(run_dir).resolve()
         self.tracking_uri = tracking_uri or f"sqlite:///{self.run_dir / 'mlflow.db'}"
         self.run_id: Optional[str] = None
+        self.resumed = False  # True when run_id named a run that this logger continues
         self._client: Any = None
         if not enabled:
             return
@@ -181,7 +185,18 @@ class MlflowLogger:
         else:
             artifacts = (self.run_dir / "mlartifacts").as_uri()
             experiment_id = self._client.create_experiment(experiment, artifact_location=artifacts)
-        self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+        if run_id is not None and self._has_run(run_id):
+            self._client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+            self.resumed = True
+        else:
+            self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+
+    def _has_run(self, run_id: str) -> bool:
+        try:
+            return self._client.get_run(run_id).info.lifecycle_stage == "active"
+        except Exception:  # mlflow raises MlflowException for unknown ids
+            return False
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.enabled:

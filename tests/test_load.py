@@ -1,0 +1,470 @@
+"""scmc.load: YAML with positions, parameter groups, `-p` overrides and Jinja expansion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scmc.diagnostics import CompileError, Diagnostics, Span
+from scmc.load import (
+    LDict,
+    LList,
+    Parameters,
+    Source,
+    apply_override,
+    expand,
+    parameter_blocks,
+    parse_override,
+    parse_yaml,
+    plain,
+    read_template,
+    report_unused_overrides,
+)
+
+
+def codes(exc: pytest.ExceptionInfo[CompileError]) -> list[str]:
+    return [d.code for d in exc.value.diagnostics]
+
+
+# --------------------------------------------------------------------------- YAML and positions
+
+POSITIONS = """\
+PARAMETERS:
+  DEFAULT: {width: 16}
+FLOW:
+  - [x, _, fc]
+  - [_, out]
+"""
+
+
+def test_mapping_keys_and_values_remember_their_line_and_column() -> None:
+    data = parse_yaml(POSITIONS, "t.yaml")
+    assert isinstance(data, LDict)
+    assert data.span == Span("t.yaml", 1, 1)
+    assert data.key_span("FLOW") == Span("t.yaml", 3, 1)
+    params = data["PARAMETERS"]
+    assert params.key_span("DEFAULT") == Span("t.yaml", 2, 3)
+    assert params["DEFAULT"].key_span("width") == Span("t.yaml", 2, 13)
+    assert params["DEFAULT"].value_span("width") == Span("t.yaml", 2, 20)
+
+
+def test_list_items_remember_their_line_and_column() -> None:
+    flow = parse_yaml(POSITIONS, "t.yaml")["FLOW"]
+    assert isinstance(flow, LList)
+    assert flow.item_span(0) == Span("t.yaml", 4, 5)
+    assert flow.item_span(1) == Span("t.yaml", 5, 5)
+    assert flow[0].item_span(2) == Span("t.yaml", 4, 12)
+    assert flow.item_span(7) == flow.span  # out of range: the list itself
+
+
+def test_positions_in_text_from_a_jinja_block_are_shifted_by_the_offset_and_noted() -> None:
+    data = parse_yaml("a: 1\nb: 2\n", "t.yaml", line_offset=10, note="in a block")
+    assert data.key_span("b") == Span("t.yaml", 12, 1, "in a block")
+
+
+def test_located_values_compare_equal_to_plain_python_values() -> None:
+    data = parse_yaml(POSITIONS, "t.yaml")
+    assert plain(data) == {"PARAMETERS": {"DEFAULT": {"width": 16}}, "FLOW": [["x", "_", "fc"], ["_", "out"]]}
+    assert type(plain(data)) is dict
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: !!python/object/apply:os.system ['echo hi']",
+        "a: !!python/name:os.system ''",
+        "a: !!binary aGVsbG8=",
+        "a: !custom 1",
+        "!!python/object:collections.OrderedDict {}",
+    ],
+)
+def test_yaml_tags_that_build_objects_are_refused(text: str) -> None:
+    with pytest.raises(CompileError) as exc:
+        parse_yaml(text, "t.yaml")
+    assert codes(exc) == ["E0101"]
+    assert exc.value.diagnostics[0].span.line == 1
+
+
+def test_standard_scalar_tags_are_accepted() -> None:
+    assert plain(parse_yaml("a: !!str 1\nb: !!float 2\nc: !!int '3'\n", "t.yaml")) == {"a": "1", "b": 2.0, "c": 3}
+
+
+def test_every_refused_tag_in_a_file_is_reported() -> None:
+    with pytest.raises(CompileError) as exc:
+        parse_yaml("a: !!python/none ''\nb: ok\nc: !!python/tuple [1]\n", "t.yaml")
+    assert [(d.code, d.span.line) for d in exc.value.diagnostics] == [("E0101", 1), ("E0101", 3)]
+    assert "`!!python/none`" in exc.value.diagnostics[0].message
+
+
+def test_a_duplicate_key_points_at_the_second_and_names_the_first_line() -> None:
+    with pytest.raises(CompileError) as exc:
+        parse_yaml("a: 1\nb: 2\na: 3\n", "t.yaml")
+    (diag,) = exc.value.diagnostics
+    assert (diag.code, diag.span.line, diag.span.col) == ("E0103", 3, 1)
+    assert "line 1" in diag.hint
+
+
+def test_a_yaml_syntax_error_points_at_the_problem_and_names_the_open_bracket() -> None:
+    with pytest.raises(CompileError) as exc:
+        parse_yaml("FLOW:\n  - [a, b\n  - [c, d]\n", "t.yaml")
+    (diag,) = exc.value.diagnostics
+    assert diag.code == "E0100"
+    assert diag.span.line == 3
+    assert "line 2" in diag.hint and "]" in diag.hint
+
+
+def test_a_template_must_be_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(CompileError) as exc:
+        read_template(path)
+    assert codes(exc) == ["E0104"]
+
+
+def test_a_non_utf8_template_points_at_the_bad_byte(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_bytes(b"a: 1\nb: caf\xe9\n")
+    with pytest.raises(CompileError) as exc:
+        read_template(path)
+    (diag,) = exc.value.diagnostics
+    assert (diag.code, diag.span.line, diag.span.col) == ("E0003", 2, 7)
+
+
+# --------------------------------------------------------------------------- parameter groups
+
+
+def groups_of(text: str) -> dict:
+    diags = Diagnostics()
+    data = parse_yaml(text, "t.yaml")
+    params = Parameters.from_raw(data.get("PARAMETERS"), data.span, diags)
+    diags.raise_if_any()
+    return params.groups
+
+
+def test_shared_is_merged_into_default_and_every_named_group() -> None:
+    groups = groups_of("""\
+PARAMETERS:
+  DEFAULT: {backbone: femto}
+  SHARED: {classes: 10}
+  femto: {dims: [48, 96]}
+""")
+    assert groups == {
+        "default": {"backbone": "femto", "classes": 10},
+        "femto": {"dims": [48, 96], "classes": 10},
+    }
+
+
+def test_a_key_in_both_shared_and_default_is_an_error_at_the_shared_key() -> None:
+    diags = Diagnostics()
+    data = parse_yaml("PARAMETERS:\n  DEFAULT:\n    width: 1\n  SHARED:\n    width: 2\n", "t.yaml")
+    Parameters.from_raw(data["PARAMETERS"], data.span, diags)
+    (diag,) = diags
+    assert (diag.code, diag.span.line, diag.span.col) == ("E0202", 5, 5)
+    assert "line 3" in diag.hint
+
+
+def test_a_parameter_group_that_is_not_a_mapping_is_an_error() -> None:
+    diags = Diagnostics()
+    data = parse_yaml("PARAMETERS:\n  DEFAULT: [1, 2]\n", "t.yaml")
+    Parameters.from_raw(data["PARAMETERS"], data.span, diags)
+    assert [(d.code, d.span.line) for d in diags] == [("E0201", 2)]
+
+
+# --------------------------------------------------------------------------- -p overrides
+
+GROUPS = """\
+PARAMETERS:
+  DEFAULT:
+    backbone: atto
+  SHARED:
+    num_classes: 1000
+  atto:  {dims: [40, 80], depths: [2, 2], drop_path_rate: 0.0}
+  femto: {dims: [48, 96], depths: [2, 2], drop_path_rate: 0.0}
+FLOW: []
+"""
+
+
+def overridden(*params: str, text: str = GROUPS, allow_new: bool = False) -> dict:
+    """The parameter groups after `-p PARAMS`, as `scmc build` applies them."""
+    data = parse_yaml(text, "t.yaml")
+    source = Source(Path("t.yaml"), "t.yaml", text, data)
+    diags = Diagnostics()
+    overrides = [parse_override(p) for p in params]
+    blocks = parameter_blocks(data)
+    used = [apply_override(blocks, o, diags, allow_new, "t.yaml") for o in overrides]
+    report_unused_overrides(overrides, used, [source], diags)
+    diags.raise_if_any()
+    params_ = Parameters.from_raw(data["PARAMETERS"], data.span, diags)
+    diags.raise_if_any()
+    return params_.groups
+
+
+def test_p_key_equals_value_sets_the_default_key() -> None:
+    assert overridden("backbone=femto")["default"]["backbone"] == "femto"
+
+
+def test_p_values_are_parsed_as_yaml() -> None:
+    groups = overridden("femto.depths=[2,2,6,2]", "num_classes=10")
+    assert groups["femto"]["depths"] == [2, 2, 6, 2]
+    assert groups["default"]["num_classes"] == 10
+
+
+def test_p_group_dot_key_changes_that_group_only() -> None:
+    groups = overridden("femto.depths=[3,3]")
+    assert groups["femto"]["depths"] == [3, 3]
+    assert groups["atto"]["depths"] == [2, 2]
+
+
+def test_p_upstream_mapping_form_sets_the_named_groups() -> None:
+    groups = overridden("DEFAULT: {backbone: femto}", "femto: {dims: [1, 2]}")
+    assert groups["default"]["backbone"] == "femto"
+    assert groups["femto"]["dims"] == [1, 2]
+    assert groups["atto"]["dims"] == [40, 80]
+
+
+def test_a_bare_p_key_sets_it_in_every_group_that_defines_it() -> None:
+    groups = overridden("drop_path_rate=0.1")
+    assert groups["atto"]["drop_path_rate"] == 0.1
+    assert groups["femto"]["drop_path_rate"] == 0.1
+    assert "drop_path_rate" not in groups["default"]
+
+
+def test_a_bare_p_key_defined_in_shared_reaches_every_group() -> None:
+    groups = overridden("num_classes=10")
+    assert {name: g["num_classes"] for name, g in groups.items()} == {"default": 10, "atto": 10, "femto": 10}
+
+
+def test_later_p_flags_win_over_earlier_ones() -> None:
+    assert overridden("backbone=femto", "DEFAULT: {backbone: pico}")["default"]["backbone"] == "pico"
+
+
+def test_a_group_dot_key_that_lives_in_shared_is_an_error_because_shared_would_win() -> None:
+    with pytest.raises(CompileError) as exc:
+        overridden("femto.num_classes=10")
+    (diag,) = exc.value.diagnostics
+    assert diag.code == "E0212"
+    assert diag.span.line == 4  # SHARED
+    assert "-p num_classes=" in diag.hint
+
+
+def test_an_unknown_p_key_is_an_error_with_a_did_you_mean() -> None:
+    with pytest.raises(CompileError) as exc:
+        overridden("num_clases=10")
+    (diag,) = exc.value.diagnostics
+    assert diag.code == "E0213"
+    assert diag.span == Span("t.yaml", 1, 1)  # PARAMETERS
+    assert "did you mean `num_classes`?" in diag.hint
+    assert "--allow-new-params" in diag.hint
+
+
+def test_an_unknown_group_in_a_dotted_p_key_is_an_error_with_a_did_you_mean() -> None:
+    with pytest.raises(CompileError) as exc:
+        overridden("femtoo.depths=[1]")
+    (diag,) = exc.value.diagnostics
+    assert diag.code == "E0214"
+    assert diag.hint == "did you mean `femto`?"
+
+
+def test_allow_new_params_puts_an_unknown_key_in_default() -> None:
+    assert overridden("seed=3", allow_new=True)["default"]["seed"] == 3
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "just words", "a: 1"])
+def test_a_p_value_that_is_neither_key_value_nor_a_mapping_of_groups_is_an_error(text: str) -> None:
+    with pytest.raises(CompileError) as exc:
+        parse_override(text)
+    assert codes(exc) == ["E0210"]
+
+
+def test_a_p_value_that_is_not_valid_yaml_is_an_error() -> None:
+    with pytest.raises(CompileError) as exc:
+        parse_override("dims=[1, 2")
+    assert codes(exc) == ["E0211"]
+
+
+# --------------------------------------------------------------------------- Jinja
+
+
+def render(text: str, groups: dict | None = None) -> object:
+    data = parse_yaml(text, "t.yaml")
+    return plain(expand(data, Parameters(groups or {"default": {}})))
+
+
+def test_a_jinja_yaml_block_merges_into_its_sibling_keys() -> None:
+    text = "OUTPUTS: [out]\n_jinja_yaml_: |-\n  INPUTS: [{{ name }}]\n"
+    assert render(text, {"default": {"name": "image"}}) == {"OUTPUTS": ["out"], "INPUTS": ["image"]}
+
+
+def test_a_jinja_block_in_a_list_is_spliced_into_the_list() -> None:
+    text = """\
+FLOW:
+  - [a, b]
+  - _jinja_yaml_: |-
+      {% for i in range(n) %}
+      - [b, b{{ i }}]
+      {% endfor %}
+  - [b, c]
+"""
+    assert render(text, {"default": {"n": 2}}) == {"FLOW": [["a", "b"], ["b", "b0"], ["b", "b1"], ["b", "c"]]}
+
+
+def test_a_list_block_that_renders_nothing_adds_no_items() -> None:
+    text = "FLOW:\n  - [a, b]\n  - _jinja_yaml_: '{% if false %}- [x, y]{% endif %}'\n"
+    assert render(text) == {"FLOW": [["a", "b"]]}
+
+
+def test_jinja_group_renders_a_block_with_that_groups_variables() -> None:
+    text = "_jinja_group_: femto\n_jinja_yaml_: 'dims: {{ dims }}'\n"
+    groups = {"default": {"dims": [1]}, "femto": {"dims": [48, 96]}}
+    assert render(text, groups) == {"dims": [48, 96]}
+
+
+def test_raw_defers_an_inner_block_to_a_second_pass_with_the_selected_group() -> None:
+    text = """\
+FLOW:
+  - _jinja_yaml_: |-
+      - _jinja_group_: {{ backbone }}
+      {% raw %}
+        _jinja_yaml_: |-
+          {% for d in dims %}
+          - [x, x, {_dim: {{ d }}}]
+          {% endfor %}
+      {% endraw %}
+"""
+    groups = {"default": {"backbone": "femto", "dims": [0]}, "femto": {"dims": [48, 96]}}
+    assert render(text, groups) == {"FLOW": [["x", "x", {"_dim": 48}], ["x", "x", {"_dim": 96}]]}
+
+
+def test_jinja_json_and_text_blocks_render() -> None:
+    assert render("v:\n  _jinja_json_: '{\"a\": {{ n }}}'\n", {"default": {"n": 3}}) == {"v": {"a": 3}}
+    assert render("v:\n  _jinja_: 'x{{ n }}'\n", {"default": {"n": 3}}) == {"v": "x3"}
+
+
+def test_jinja_pipe_casts_the_rendered_text() -> None:
+    text = "v:\n  _jinja_: '{{ n * 2 }}'\n  _jinja_pipe_: int\n"
+    assert render(text, {"default": {"n": 3}}) == {"v": 6}
+
+
+def test_a_jinja_pipe_may_not_call_arbitrary_functions() -> None:
+    with pytest.raises(CompileError) as exc:
+        render("v:\n  _jinja_: 'ls'\n  _jinja_pipe_: [[_obj_, {_addr_: os.system}]]\n")
+    assert codes(exc) == ["E0305"]
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("{{ [2, 2, 6, 2] | cumsum }}", [2, 4, 10, 12]),
+        ("{{ 'a.b' | regex_escape }}", "a\\.b"),
+        ("{{ 'conv1.weight' | regex_replace('[0-9]+', 'N') }}", "convN.weight"),
+        ("{{ 'a1b22c333' | regex_findall('[0-9]+') }}", ["1", "22", "333"]),
+        ("{{ 'stage2.block1' | regex_search('block[0-9]') }}", "block1"),
+        ("{{ 'ABC' | regex_search('b', 'IGNORECASE') }}", "B"),
+    ],
+)
+def test_the_extra_jinja_filters(expression: str, expected: object) -> None:
+    text = "v:\n  _jinja_yaml_: |-\n    x: {{ value }}\n"
+    rendered = render(text.replace("{{ value }}", expression.replace("'", '"')))
+    assert rendered == {"v": {"x": expected}}
+
+
+def test_raise_error_aborts_rendering_with_the_templates_message() -> None:
+    text = "v:\n  _jinja_: \"{{ 'depth must be positive' | raise_error }}\"\n"
+    with pytest.raises(CompileError) as exc:
+        render(text)
+    (diag,) = exc.value.diagnostics
+    assert diag.code == "E0301"
+    assert "depth must be positive" in diag.message
+    assert diag.span.line == 2
+
+
+def test_an_undefined_jinja_variable_is_an_error_with_a_did_you_mean() -> None:
+    with pytest.raises(CompileError) as exc:
+        render("v:\n  _jinja_: '{{ widht }}'\n", {"default": {"width": 1, "depth": 2}})
+    (diag,) = exc.value.diagnostics
+    assert (diag.code, diag.span.line) == ("E0302", 2)
+    assert diag.hint == "did you mean `width`?"
+
+
+def test_an_undefined_jinja_variable_without_a_close_match_lists_the_variables() -> None:
+    with pytest.raises(CompileError) as exc:
+        render("v:\n  _jinja_: '{{ zzz }}'\n", {"default": {"width": 1, "depth": 2}})
+    assert exc.value.diagnostics[0].hint == "variables available here: depth, width"
+
+
+def test_a_jinja_syntax_error_points_into_the_block() -> None:
+    with pytest.raises(CompileError) as exc:
+        render("a: 1\nv:\n  _jinja_yaml_: |-\n    x: 1\n    {% if %}\n")
+    (diag,) = exc.value.diagnostics
+    assert diag.code == "E0300"
+    assert diag.span.line == 5
+
+
+def test_invalid_yaml_rendered_by_a_block_is_reported_at_the_block_with_an_excerpt() -> None:
+    with pytest.raises(CompileError) as exc:
+        render("a: 1\nv:\n  _jinja_yaml_: |-\n    x: [{{ n }}\n", {"default": {"n": 1}})
+    (diag,) = exc.value.diagnostics
+    assert diag.code == "E0100"
+    assert diag.span.line == 3
+    assert "x: [1" in diag.message
+
+
+def test_values_rendered_by_a_block_carry_the_position_of_the_block() -> None:
+    data = parse_yaml("a: 1\nFLOW:\n  - _jinja_yaml_: '- [x, y]'\n", "t.yaml")
+    flow = expand(data, Parameters())["FLOW"]
+    assert flow.item_span(0).line == 3
+    assert flow[0].span.note == "in the output of this Jinja block"
+
+
+def test_a_group_that_does_not_exist_is_an_error_with_a_did_you_mean() -> None:
+    with pytest.raises(CompileError) as exc:
+        render("_jinja_group_: femtoo\n_jinja_yaml_: 'a: 1'\n", {"default": {}, "femto": {}})
+    (diag,) = exc.value.diagnostics
+    assert diag.code == "E0308"
+    assert diag.hint == "did you mean `femto`?"
+
+
+@pytest.mark.parametrize(
+    "escape",
+    [
+        "{{ ''.__class__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ cycler.__init__.__globals__ }}",
+        "{{ ().__class__.__base__ }}",
+    ],
+)
+def test_the_jinja_sandbox_refuses_attribute_escapes(escape: str) -> None:
+    with pytest.raises(CompileError) as exc:
+        render(f'v:\n  _jinja_: "{escape}"\n')
+    assert codes(exc) == ["E0303"]
+
+
+def test_jinja_cannot_build_huge_ranges() -> None:
+    with pytest.raises(CompileError) as exc:
+        render("v:\n  _jinja_: '{{ range(10**9) | list }}'\n")
+    assert codes(exc) == ["E0304"]
+
+
+def test_a_block_beside_other_keys_must_render_a_mapping() -> None:
+    with pytest.raises(CompileError) as exc:
+        render("v:\n  other: 1\n  _jinja_yaml_: '- 1'\n")
+    assert codes(exc) == ["E0312"]
+
+
+def test_a_block_inside_a_list_must_render_a_list() -> None:
+    with pytest.raises(CompileError) as exc:
+        render("v:\n  - _jinja_yaml_: 'a: 1'\n")
+    assert codes(exc) == ["E0313"]
+
+
+def test_a_jinja_syntax_error_in_an_inline_block_points_at_its_own_line() -> None:
+    with pytest.raises(CompileError) as exc:
+        render('a: 1\nv:\n  _jinja_yaml_: "x: {% if %}"\n')
+    assert exc.value.diagnostics[0].span.line == 3
+
+
+def test_a_block_scalar_value_starts_on_the_line_after_its_indicator() -> None:
+    data = parse_yaml("a: 1\nv: |-\n  text\nw: inline\n", "t.yaml")
+    assert data.value_span("v").line == 3
+    assert data.value_span("w") == Span("t.yaml", 4, 4)
