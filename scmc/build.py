@@ -138,6 +138,7 @@ class Compiled:
     params: dict[str, Any]
     backward: Any = None  # scmc.backward.BackwardDef
     config: Any = None  # a rendered preset
+    files: dict[str, Path] = field(default_factory=dict)  # `_file_` modules: stem -> path
 
 
 @dataclass
@@ -215,7 +216,7 @@ def compile_part(part: Part, source: Source, params: Parameters, request: BuildR
         raise InternalError(f"the compiled program does not construct: {type(exc).__name__}: {exc}", dump(program)) from exc
     doc = f"{source.path.stem} {part.role}, compiled by scmc {scmc.__version__}."
     text = emit_module_file(program, header, doc)
-    return Compiled(part.role, source, program, text, count, root.input_shapes, default_params)
+    return Compiled(part.role, source, program, text, count, root.input_shapes, default_params, files=dict(lowerer.files))
 
 
 def plan_package(request: BuildRequest) -> Plan:
@@ -429,6 +430,8 @@ def manifest(name: str, request: BuildRequest, compiled: list[Compiled], depende
                 continue
             seen.add(rel)
             inputs.append({"role": c.role, "path": rel.replace(os.sep, "/"), "sha256": sha256(path)})
+        for stem, path in sorted(c.files.items()):
+            inputs.append({"role": "layer file", "path": display_path(path).replace(os.sep, "/"), "sha256": sha256(path)})
     model = next((c for c in compiled if c.role == "model"), compiled[0])
     return {
         "package": name,

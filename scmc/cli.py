@@ -149,6 +149,65 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
         write_text_atomic(output, buffer.getvalue())
 
 
+@main.command(name="export")
+@click.argument("package_dir", type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
+              help="A checkpoint of the generated train.py (last.pt, best.pt) or a bare state_dict.")
+@click.option("--ema", "weights", flag_value="ema", help="Export the EMA weights; an error if the checkpoint has none.")
+@click.option("--raw", "weights", flag_value="raw", help="Export the trained weights even when EMA weights exist.")
+@click.option("--format", "formats", multiple=True, metavar="onnx|torchscript|pt2",
+              help="What to write (repeatable, or comma-separated). Default: onnx.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output folder (default: <checkpoint folder>/export).")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: 20, the dynamo exporter's own).")
+@click.option("--static-batch", is_flag=True, help="Fix the batch dimension to 1 (default: dynamic).")
+@click.option("--dynamic-spatial", is_flag=True, help="Also make height and width dynamic (ONNX, pt2).")
+@click.option("-s", "--shape", "shapes", multiple=True, metavar="NAME=C,H,W",
+              help="Input shape without batch to trace and verify at (default: the manifest's).")
+@click.option("--labels", type=click.Path(path_type=Path), help="Class labels, one per line, for the ONNX metadata.")
+@click.option("--allow-mismatch", is_flag=True, help="Exit 0 even when an export does not match eager PyTorch.")
+@click.option("--verify-only", is_flag=True, help="Re-verify the files already in the output folder; export nothing.")
+@click.option("--no-aoti", is_flag=True, help="With pt2: do not compile an AOTInductor package.")
+@click.option("--aoti-timeout", type=float, default=900.0, show_default=True,
+              help="Seconds the AOTInductor compilation may take before it is skipped.")
+@click.option("--latency-rounds", type=click.IntRange(min=0), default=15, show_default=True,
+              help="Interleaved timing rounds per batch size (0: no latency figures).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+def export(package_dir: Path, checkpoint: Path, weights: str | None, formats: tuple[str, ...], output: Path | None,
+           opset: int | None, static_batch: bool, dynamic_spatial: bool, shapes: tuple[str, ...], labels: Path | None,
+           allow_mismatch: bool, verify_only: bool, no_aoti: bool, aoti_timeout: float, latency_rounds: int,
+           quiet: bool) -> None:
+    """Export PACKAGE_DIR (built by scmc build) with CHECKPOINT's weights, verified against eager PyTorch."""
+    from scmc.export import DEFAULT_OPSET, ExportRequest, run_export
+
+    request = ExportRequest(
+        package_dir=package_dir,
+        checkpoint=checkpoint,
+        formats=tuple(f.strip() for spec in (formats or ("onnx",)) for f in spec.split(",") if f.strip()),
+        weights=weights or "auto",
+        output=output,
+        opset=DEFAULT_OPSET if opset is None else opset,
+        static_batch=static_batch,
+        dynamic_spatial=dynamic_spatial,
+        shapes={name: spec["shape"] for name, spec in (_shape(s) for s in shapes)},
+        allow_mismatch=allow_mismatch,
+        aoti=not no_aoti,
+        aoti_timeout=aoti_timeout,
+        labels=labels,
+        verify_only=verify_only,
+        latency_rounds=latency_rounds,
+    )
+    try:
+        status = run_export(request, echo=click.echo, echo_err=lambda text: click.echo(text, err=True), quiet=quiet)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # user errors are diagnostics; anything else is a bug in scmc
+        click.echo(f"internal error in scmc export: {type(exc).__name__}: {exc}\nThis is a bug in scmc {scmc.__version__}; "
+                   f"please report it with this output.\n--- traceback ---\n{traceback.format_exc()}", err=True)
+        status = 70
+    sys.exit(status)
+
+
 def run_build(request: Any, quiet: bool = False) -> None:
     from scmc.build import InternalError, build as do_build
     from scmc.load import display_path

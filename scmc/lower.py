@@ -108,6 +108,8 @@ class Lowerer:
         self.instances = 0
         self.files: dict[Path, Source] = {}
         self.function_cache: dict[str, Any] = {}
+        self.files: dict[str, Path] = {}  # `_file_` modules: stem -> path
+        self.current_source: Source | None = None
         self.imports: dict[str, str] = {}  # IMPORTS of the graph being lowered (for `eval:` in layer arguments)
 
     # ------------------------------------------------------------------ entry points
@@ -231,6 +233,14 @@ class Lowerer:
 
     def _lower_graph(self, raw: LDict, scope: Scope, params: Parameters, template: str, class_hint: str,
                      is_root: bool, use_span: Span | None = None) -> Instance:
+        previous, self.current_source = self.current_source, scope.source
+        try:
+            return self._lower_graph_in(raw, scope, params, template, class_hint, is_root, use_span)
+        finally:
+            self.current_source = previous
+
+    def _lower_graph_in(self, raw: LDict, scope: Scope, params: Parameters, template: str, class_hint: str,
+                        is_root: bool, use_span: Span | None = None) -> Instance:
         self.instances += 1
         if self.instances > self.options.max_instances:
             raise CompileError([_diag("E0707", f"more than {self.options.max_instances} layer instances", raw.span,
@@ -691,8 +701,7 @@ class Lowerer:
         if address is None:
             raise CompileError([_diag("E0747", "the pattern has no `_addr_`", span)])
         if file is not None:
-            raise CompileError([_diag("E0748", f"`_file_: {file}` loads Python code from a file, which scmc builds do not run", span,
-                                      "install the module and name it with `_addr_` plus --allow-module")])
+            address = self._file_module(file, addr_span) + "." + address
         full = ".".join([address, *attrs])
         try:
             full = check_address(full, self.options.allow)
@@ -700,6 +709,56 @@ class Lowerer:
         except AddressError as exc:
             raise CompileError([_diag(exc.code, exc.message, addr_span, exc.hint)]) from None
         return full, obj, call, bind_args, bind_kwargs, call_args, call_kwargs
+
+    def _file_module(self, file: Any, span: Span) -> str:
+        """`_file_: blocks.py` next to the template: trusted only with --allow-module blocks.
+
+        The file is loaded (which runs it) as ``scmc_files.blocks`` and later copied into the
+        package as ``<package>/blocks.py``; generated code imports it relatively.
+        """
+        import importlib.util
+        import sys
+        import types
+
+        directory = (self.current_source.directory if self.current_source else Path.cwd()).resolve()
+        if not isinstance(file, str) or not file.endswith(".py"):
+            raise CompileError([_diag("E0748", f"`_file_` must name a .py file next to the template, not `{file}`", span)])
+        path = (directory / file).resolve()
+        try:
+            path.relative_to(directory)
+        except ValueError:
+            raise CompileError([_diag("E0755", f"`_file_: {file}` points outside the template's directory", span,
+                                      "layer files must sit in the template's directory (no `..`, absolute paths or symlinks out)")]) from None
+        if not path.is_file():
+            raise CompileError([_diag("E0756", f"`_file_: {file}` does not exist", span, f"looked in {display_dir(directory)}")])
+        stem = path.stem
+        reserved = {"model", "loss", "metric", "backward", "train", "predict", "manifest", "scmc_files"}
+        if not is_name(stem) or stem in reserved or stem in self.options.allow.roots:
+            raise CompileError([_diag("E0757", f"`{path.name}` cannot become a module of the package", span,
+                                      f"rename it; {', '.join(sorted(reserved))} and allow-listed roots are taken")])
+        if stem not in self.options.allow.extra:
+            raise CompileError([_diag("E0748", f"`_file_: {file}` runs the Python code in {path.name} at build time", span,
+                                      f"if you trust it, pass --allow-module {stem}")])
+        known = self.files.get(stem)
+        if known is not None and known != path:
+            raise CompileError([_diag("E0758", f"two layer files are named {path.name}", span, "rename one of them")])
+        module_name = f"scmc_files.{stem}"
+        if known is None:
+            package = sys.modules.setdefault("scmc_files", types.ModuleType("scmc_files"))
+            package.__path__ = []  # type: ignore[attr-defined]
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            sys.modules[module_name] = module
+            try:
+                spec.loader.exec_module(module)  # type: ignore[union-attr]
+            except Exception as exc:
+                del sys.modules[module_name]
+                raise CompileError([_diag("E0759", f"loading {path.name} failed: {type(exc).__name__}: {exc}", span)]) from None
+            setattr(package, stem, module)
+            self.files[stem] = path
+            if module_name not in self.options.allow.extra:
+                self.options.allow.extra = (*self.options.allow.extra, module_name)
+        return module_name
 
     def _call_values(self, value: Any, span: Span) -> tuple[list[Any], dict[str, Any]]:
         if value is None:
@@ -788,6 +847,12 @@ def _as_value(value: Any, expr: X.Expr, span: Span) -> Any:
         return Ref(expr.addresses[0])
     raise CompileError([_diag("E0752", f"eval: `{expr.source}` gives a {type(value).__name__}, not a literal", span,
                               "layer arguments must fold to numbers, strings, booleans, None or lists of them")])
+
+
+def display_dir(path: Path) -> str:
+    from scmc.load import display_path
+
+    return display_path(path)
 
 
 def _diag(code: str, message: str, span: Span | None, hint: str = ""):

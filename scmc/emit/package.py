@@ -101,13 +101,16 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
 
     env = _env()
     model = next(c for c in compiled if c.role == "model")
-    deps = dependencies([c.text for c in compiled if c.text])
+    layer_files = {stem: path for c in compiled for stem, path in c.files.items()}
+    deps = dependencies([c.text for c in compiled if c.text] + [p.read_text(encoding="utf-8") for p in layer_files.values()])
     description = f"{model.source.path.stem} compiled by scmc into a standalone PyTorch package."
     src = f"src/{name}"
     files: dict[str, bytes] = {}
     modules = [c for c in compiled if c.role in MODULE_FILES]
     for c in modules:
         files[f"{src}/{MODULE_FILES[c.role]}.py"] = c.text.encode()
+    for stem, path in sorted(layer_files.items()):
+        files[f"{src}/{stem}.py"] = path.read_bytes()  # a `_file_` layer module, as the user wrote it
     imports = [(MODULE_FILES[c.role], class_name(c)) for c in modules]
     common: dict[str, Any] = {
         "name": name,

@@ -50,6 +50,14 @@ class EmitError(Exception):
     """Something the emitter cannot express: a bug in scmc (internal compiler error)."""
 
 
+FILE_PACKAGE = "scmc_files."  # `_file_` modules, copied into the generated package
+
+
+def code_name(address: str) -> str:
+    """How generated code spells an address: `_file_` modules are siblings of the module."""
+    return address[len(FILE_PACKAGE):] if address.startswith(FILE_PACKAGE) else address
+
+
 def literal(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
@@ -67,14 +75,14 @@ def literal(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{literal(k)}: {literal(v)}" for k, v in value.items()) + "}"
     if isinstance(value, Ref):
-        return value.address
+        return code_name(value.address)
     if isinstance(value, Param):
         return value.name
     if isinstance(value, ParamExpr):
         return value.source
     if isinstance(value, Ctor):
         parts = [literal(a) for a in value.args] + [f"{k}={literal(v)}" for k, v in value.kwargs]
-        return f"{value.address}({', '.join(parts)})"
+        return f"{code_name(value.address)}({', '.join(parts)})"
     raise EmitError(f"cannot emit a {type(value).__name__} literal: {value!r}")
 
 
@@ -175,7 +183,7 @@ class ModuleEmitter:
             if child.kind == "function":
                 bound = [literal(a) for a in child.ctor.args]
                 bound_kw = [f"{k}={literal(v)}" for k, v in child.ctor.kwargs]
-                call = f"{child.ctor.address}({', '.join(bound + args + bound_kw + kwargs)})"
+                call = f"{code_name(child.ctor.address)}({', '.join(bound + args + bound_kw + kwargs)})"
             else:
                 call = f"self.{child.attr}({', '.join(args + kwargs)})"
         if isinstance(node.out, OutDict):
@@ -294,6 +302,9 @@ def minimal_imports(modules: list[str]) -> list[str]:
     unique = sorted(set(modules))
     keep = []
     for module in unique:
+        if module.startswith(FILE_PACKAGE):
+            keep.append(module)
+            continue
         if module.startswith("torch.nn") or module == "torch.nn":
             module = "torch"
         if any(other != module and other.startswith(module + ".") for other in unique) and module != "torch":
@@ -316,7 +327,10 @@ def emit_module_file(program: Program, header: list[str], docstring: str) -> str
         parts.append(f"from typing import {', '.join(typing_names)}")
         parts.append("")
     for module in modules:
-        parts.append(f"import {module}")
+        if module.startswith(FILE_PACKAGE):
+            parts.append(f"from . import {module[len(FILE_PACKAGE):]}")
+        else:
+            parts.append(f"import {module}")
     parts.append("")
     parts.append(f"__all__ = [{repr(program.root)}]")
     parts.append("")
