@@ -121,13 +121,14 @@ def context_for(package_dir: Path, name: str, defaults: Optional[Mapping[str, An
     has_metric = (src / "metric.py").exists()
     metric_src = (src / "metric.py").read_text() if has_metric else ""
     outputs = manifest["outputs"]
+    model_class = manifest.get("classes", {}).get("model", "Model")
     return TrainContext(
         package=name,
         scmc_version=scmc.__version__,
         template=manifest["inputs"][0]["path"],
-        model_inputs=_forward_args(model_src, "Model"),
+        model_inputs=_forward_args(model_src, model_class),
         model_outputs=list(outputs["model"]),
-        model_structured=_returns_dict(model_src, "Model"),
+        model_structured=_returns_dict(model_src, model_class),
         label="label",
         loss_inputs=_forward_args(loss_src, "Loss"),
         loss_outputs=list(outputs["loss"]),
@@ -137,11 +138,18 @@ def context_for(package_dir: Path, name: str, defaults: Optional[Mapping[str, An
         metric_structured=_returns_dict(metric_src, "Metric") if has_metric else False,
         backward_losses=list(outputs["loss"][:1]),
         defaults=dict(defaults or {}),
+        model_class=model_class,
     )
 
 
-def complete_package(package_dir: Path, name: str, *, accumulate: int = 1, handwritten_backward: bool = False,
-                     defaults: Optional[Mapping[str, Any]] = None) -> Path:
+def complete_package(
+    package_dir: Path,
+    name: str,
+    *,
+    accumulate: int = 1,
+    handwritten_backward: bool = False,
+    defaults: Optional[Mapping[str, Any]] = None,
+) -> Path:
     """Add train.py and backward.py where the build did not write them; returns ``package_dir``.
 
     ``handwritten_backward`` replaces a compiled backward.py with the hand-written one.

@@ -7,12 +7,14 @@ the values. Everything is deterministic: no timestamps, no absolute paths, sorte
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import scmc
 from scmc.addresses import AllowList
+from scmc.emit.python import comment_text
 
 if TYPE_CHECKING:
     from scmc.build import BuildRequest, Compiled
@@ -80,6 +82,63 @@ def dependencies(sources: list[str]) -> list[str]:
     return sorted(out)
 
 
+# preset keys -> TrainConfig fields (scmc/emit/train.py FIELDS)
+PRESET_FIELDS = {
+    "dataset": {"image_size": "image_size", "batch_size": "batch_size", "epochs": "epochs", "workers": "workers",
+                "root": "data", "name": "timm_dataset"},
+    "ema": {"enabled": "ema", "decay": "ema_decay", "warmup": "ema_warmup"},
+    "compile": {"enabled": "compile", "mode": "compile_mode"},
+}
+
+
+def train_context(name: str, compiled: list["Compiled"]):
+    """The context of the generated train.py, or None when the package cannot train (no
+    backward or no loss)."""
+    from scmc.emit.train import TrainContext
+
+    by_role = {c.role: c for c in compiled}
+    if not {"model", "loss", "backward"} <= set(by_role):
+        return None
+    model, loss = by_role["model"], by_role["loss"]
+    metric = by_role.get("metric")
+    root = model.program.module(model.program.root)
+    loss_root = loss.program.module(loss.program.root)
+    metric_root = metric.program.module(metric.program.root) if metric else None
+    known = set(root.inputs) | set(root.outputs)
+    labels = [n for n in loss_root.inputs if n not in known]
+    defaults: dict[str, Any] = {}
+    for role, mapping in PRESET_FIELDS.items():
+        preset = by_role.get(role)
+        if preset is None or not isinstance(preset.config, dict):
+            continue
+        if role == "dataset" and preset.config.get("kind") == "timm":
+            mapping = {**mapping, "root": "cache_dir"}  # a timm dataset's root is where it is cached
+        for key, field in mapping.items():
+            if key in preset.config:
+                defaults[field] = preset.config[key]
+    if "image_size" not in defaults and model.input_shapes:
+        first = model.input_shapes[root.inputs[0]]["shape"]
+        defaults["image_size"] = int(first[-1])
+    return TrainContext(
+        package=name,
+        scmc_version=scmc.__version__,
+        template=model.source.display.replace("\\", "/"),
+        model_inputs=list(root.inputs),
+        model_outputs=list(root.outputs),
+        model_structured=root.structured,
+        label=labels[0] if labels else "label",
+        loss_inputs=list(loss_root.inputs),
+        loss_outputs=list(loss_root.outputs),
+        loss_structured=loss_root.structured,
+        metric_inputs=list(metric_root.inputs) if metric_root else [],
+        metric_outputs=list(metric_root.outputs) if metric_root else [],
+        metric_structured=metric_root.structured if metric_root else False,
+        backward_losses=list(by_role["backward"].backward.losses),
+        defaults=defaults,
+        model_class=root.name,
+    )
+
+
 def class_name(c: "Compiled") -> str:
     return c.program.root if c.program is not None else c.backward.classname
 
@@ -103,7 +162,9 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
     model = next(c for c in compiled if c.role == "model")
     layer_files = {stem: path for c in compiled for stem, path in c.files.items()}
     deps = dependencies([c.text for c in compiled if c.text] + [p.read_text(encoding="utf-8") for p in layer_files.values()])
-    description = f"{model.source.path.stem} compiled by scmc into a standalone PyTorch package."
+    # the stem lands in a docstring and a TOML string: keep only plain characters of it
+    stem = re.sub(r"[^\w .+-]", "_", model.source.path.stem)
+    description = f"{stem} compiled by scmc into a standalone PyTorch package."
     src = f"src/{name}"
     files: dict[str, bytes] = {}
     modules = [c for c in compiled if c.role in MODULE_FILES]
@@ -117,7 +178,7 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
         "scmc_version": scmc.__version__,
         "version": "0.1.0",
         "description": description,
-        "template": model.source.display.replace("\\", "/"),
+        "template": comment_text(model.source.display.replace("\\", "/")),  # shown in a `#` comment line
     }
     init = env.get_template("__init__.py.j2").render(
         **common, runtime_requirement=RUNTIME_REQUIREMENT, imports=imports, classes=[cls for _, cls in imports]
@@ -145,5 +206,10 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
         example_call=example,
         rebuild=rebuild_command(request, name),
     ).encode()
+    train = train_context(name, compiled)
+    if train is not None:
+        from scmc.emit.train import render_train
+
+        files[f"{src}/train.py"] = render_train(train).encode()
     files[f"{src}/manifest.json"] = (json.dumps(manifest(name, request, compiled, deps), indent=2, sort_keys=True) + "\n").encode()
     return files

@@ -103,6 +103,7 @@ class TrainContext:
     metric_structured: bool
     backward_losses: list[str]  # the loss outputs Backward.__call__ takes, by keyword
     defaults: dict[str, Any] = field(default_factory=dict)
+    model_class: str = "Model"  # the class in model.py (scmc build --classname)
 
 
 def _check_names(ctx: TrainContext) -> None:
@@ -115,7 +116,8 @@ def _check_names(ctx: TrainContext) -> None:
         "metric_outputs": ctx.metric_outputs,
         "backward_losses": ctx.backward_losses,
     }
-    for what, names in {**lists, "label": [ctx.label], "package": [ctx.package]}.items():
+    singles = {"label": [ctx.label], "package": [ctx.package], "model_class": [ctx.model_class]}
+    for what, names in {**lists, **singles}.items():
         for name in names:
             if not name.isidentifier() or keyword.iskeyword(name):
                 raise ValueError(f"train.py: {what} holds {name!r}, which is not a Python identifier")
@@ -153,7 +155,9 @@ def _check_names(ctx: TrainContext) -> None:
 def _fields(ctx: TrainContext) -> list[Field]:
     unknown = sorted(set(ctx.defaults) - FIELD_NAMES)
     if unknown:
-        raise ValueError(f"train.py: unknown training default(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELD_NAMES))}")
+        raise ValueError(
+            f"train.py: unknown training default(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELD_NAMES))}"
+        )
     defaults = dict(ctx.defaults)
     if "best_metric" not in defaults:
         if ctx.metric_outputs:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
@@ -62,7 +63,9 @@ def _unwrap_optional(annotation: Any) -> Tuple[Any, bool]:
     return annotation, False
 
 
-def config_parser(cls: Type[Any], description: Optional[str] = None, prog: Optional[str] = None) -> argparse.ArgumentParser:
+def config_parser(
+    cls: Type[Any], description: Optional[str] = None, prog: Optional[str] = None
+) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of the dataclass ``cls``.
 
     ``epochs: int`` becomes ``--epochs N``; ``bool`` fields get both ``--ema`` and ``--no-ema``;
@@ -103,8 +106,9 @@ def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def parse_config(cls: Type[C], argv: Optional[Sequence[str]] = None, description: Optional[str] = None,
-                 prog: Optional[str] = None) -> C:
+def parse_config(
+    cls: Type[C], argv: Optional[Sequence[str]] = None, description: Optional[str] = None, prog: Optional[str] = None
+) -> C:
     """Parse ``argv`` (default: ``sys.argv[1:]``) into an instance of the dataclass ``cls``."""
     namespace = config_parser(cls, description, prog).parse_args(argv)
     values = vars(namespace)
@@ -118,6 +122,9 @@ def configure_torch(device: torch.device, *, threads: int = 0, deterministic: bo
     """CPU threads, and either reproducible kernels or the fastest ones (cuDNN autotuning, TF32)."""
     if threads > 0:
         torch.set_num_threads(threads)
+    # DDP warns once when a gradient's strides differ from its bucket's only along size-1 dims
+    # (depthwise convolution weights): same memory layout, nothing to fix.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -139,8 +146,9 @@ class TimmImageDataset(Dataset):
     Augmentation is seeded by ``(seed, epoch, index)`` exactly as in :class:`ImageFolderDataset`.
     """
 
-    def __init__(self, name: str, root: Path, split: str, transform: ImageTransform, seed: int = 0,
-                 download: bool = True) -> None:
+    def __init__(
+        self, name: str, root: Path, split: str, transform: ImageTransform, seed: int = 0, download: bool = True
+    ) -> None:
         timm_data = require("timm.data", "--timm-dataset", "timm")
         self.dataset = timm_data.create_dataset(
             name, root=str(root), split=split, is_training=split == "train", download=download
@@ -148,8 +156,11 @@ class TimmImageDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.epoch = 0
-        classes = getattr(self.dataset, "classes", None) or getattr(getattr(self.dataset, "reader", None), "classes", None)
-        self.classes = list(classes) if classes is not None else []
+        classes = getattr(self.dataset, "classes", None)  # torchvision datasets
+        if classes is None:  # timm readers map class names to indices
+            mapping = getattr(getattr(self.dataset, "reader", None), "class_to_idx", None) or {}
+            classes = sorted(mapping, key=mapping.get)
+        self.classes = [str(name) for name in classes]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -185,7 +196,8 @@ def build_datasets(
     """(train set, validation set, class names) from one of three sources.
 
     ``data``: an ImageFolder root holding ``train/`` and ``val/`` (or ``validation/``);
-    ``timm_dataset``: a timm dataset name such as ``torch/cifar10`` (downloaded to ``cache_dir``);
+    ``timm_dataset``: a timm dataset name such as ``torch/cifar10``, read from (and downloaded
+    to, by local rank 0) ``cache_dir``;
     neither: scikit-learn's digits, unpacked once to ``cache_dir/digits`` (rank 0 of each node
     writes, the others wait). Training images get the random shift/flip, validation ones do not.
     """
@@ -194,7 +206,7 @@ def build_datasets(
     train_tf = ImageTransform(image_size, mean=mean, std=std, translate=translate, hflip=hflip)
     val_tf = ImageTransform(image_size, mean=mean, std=std)
     if timm_dataset:
-        root = Path(cache_dir) / timm_dataset.replace("/", "_")
+        root = Path(cache_dir)
         if dist.local_rank == 0:  # one download per node; the others read what it wrote
             train = TimmImageDataset(timm_dataset, root, "train", train_tf, seed)
         _barrier()
@@ -270,8 +282,9 @@ def _decide_run(out: Path, run_name: str, package: str, resume: str, pattern: st
     return out / name, None
 
 
-def resolve_run(dist: DistInfo, *, out: str, run_name: str, package: str, resume: str,
-                pattern: str = "last.pt") -> Tuple[Path, Optional[Path]]:
+def resolve_run(
+    dist: DistInfo, *, out: str, run_name: str, package: str, resume: str, pattern: str = "last.pt"
+) -> Tuple[Path, Optional[Path]]:
     """(run folder, checkpoint to resume from or None), decided on rank 0 and shared with every rank.
 
     ``resume``: ``""`` starts a new run (``<out>/<package>``, then ``<package>-2``, ... unless

@@ -1,0 +1,429 @@
+"""The generated train.py: flags, checkpoints, DDP under torchrun, exact resume, signals, MLflow.
+
+Every run trains ConvNeXtV2-atto (10 classes) on the embedded digits at 32x32 for a few steps,
+in a subprocess, exactly as a user runs it: ``python -m <pkg>.train`` or
+``torchrun --standalone --nproc_per_node=2 -m <pkg>.train``. CPU only, one thread per process,
+deterministic kernels and no data-loading workers, so runs are bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from scmc.emit.train import FIELDS, TrainContext, render_train
+from tests.conftest import build_package
+from tests.train_support import complete_package, python_env
+
+pytest.importorskip("PIL")
+pytest.importorskip("sklearn")
+
+PACKAGE = "atto_digits"
+ACCUMULATING = "atto_digits_accumulate"
+# Small, fast and reproducible: every run below adds its own --epochs/--max-steps.
+COMMON = [
+    "--image-size",
+    "32",
+    "--batch-size",
+    "32",
+    "--workers",
+    "0",
+    "--threads",
+    "1",
+    "--deterministic",
+    "--ci",
+    "--no-mlflow",
+    "--log-every",
+    "1",
+    "--max-val-steps",
+    "2",
+]
+SIGNAL_DEADLINE_S = 30
+# Two ranks sum their gradients in another order than one process does: float32 rounding only.
+DDP_RELATIVE_TOLERANCE = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture(scope="session")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train") / PACKAGE
+    build_package(out, "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=atto", "-p", "num_classes=10", name=PACKAGE)
+    return complete_package(out, PACKAGE)
+
+
+@pytest.fixture(scope="session")
+def accumulating_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model with a backward that updates every second step (DDP no_sync in between)."""
+    out = tmp_path_factory.mktemp("train") / ACCUMULATING
+    build_package(
+        out,
+        "cfg/models/ConvNeXtV2.yaml",
+        "-p",
+        "backbone=atto",
+        "-p",
+        "num_classes=10",
+        "-p",
+        "accumulate_gradients=2",
+        name=ACCUMULATING,
+    )
+    complete_package(out, ACCUMULATING, accumulate=2)
+    backward = (out / "src" / ACCUMULATING / "backward.py").read_text()
+    assert "accumulate = 2" in backward
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One unpacked copy of the digits for every run of the session."""
+    from scmc_runtime.data import prepare_digits
+
+    cache = tmp_path_factory.mktemp("data")
+    prepare_digits(cache / "digits")
+    return cache
+
+
+def train_command(package_dir: Path, *args: str, ranks: int = 0) -> list[str]:
+    name = package_dir.name
+    if ranks:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    else:
+        launcher = [sys.executable]
+    return [*launcher, "-m", f"{name}.train", *args]
+
+
+def train(
+    package_dir: Path, out: Path, cache: Path, *args: str, ranks: int = 0, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run train.py to completion and fail the test, with its output, unless it exits 0."""
+    command = train_command(package_dir, *COMMON, "--out", str(out), "--cache-dir", str(cache), *args, ranks=ranks)
+    result = subprocess.run(
+        command, env=python_env(package_dir), capture_output=True, text=True, timeout=timeout, cwd=out.parent
+    )
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def start(package_dir: Path, out: Path, cache: Path, *args: str, ranks: int = 0) -> subprocess.Popen:
+    command = train_command(package_dir, *COMMON, "--out", str(out), "--cache-dir", str(cache), *args, ranks=ranks)
+    return subprocess.Popen(
+        command,
+        env=python_env(package_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=out.parent,
+    )
+
+
+def records(run_dir: Path, event: str) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in lines if line.get("event") == event]
+
+
+def wait_for(condition, timeout: float, process: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"training exited ({process.returncode}) before {what}:\n{process.stdout.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no {what} within {timeout:.0f}s:\n{process.communicate()[0]}")
+        time.sleep(0.05)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes (Linux /proc)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+def assert_same_tensors(left: object, right: object, where: str) -> None:
+    if isinstance(left, torch.Tensor):
+        assert isinstance(right, torch.Tensor) and torch.equal(left, right), where
+    elif isinstance(left, dict):
+        assert isinstance(right, dict) and left.keys() == right.keys(), where
+        for key in left:
+            assert_same_tensors(left[key], right[key], f"{where}.{key}")
+    elif isinstance(left, (list, tuple)):
+        assert len(left) == len(right), where
+        for index, (a, b) in enumerate(zip(left, right)):
+            assert_same_tensors(a, b, f"{where}[{index}]")
+    else:
+        assert left == right, where
+
+
+# ---------------------------------------------------------------------------------------------
+# The generated source
+
+
+def _context(**changes) -> TrainContext:
+    ctx = TrainContext(
+        package="pkg",
+        scmc_version="0.1.0",
+        template="cfg/models/ConvNeXtV2.yaml",
+        model_inputs=["image"],
+        model_outputs=["cls"],
+        model_structured=True,
+        label="label",
+        loss_inputs=["label", "cls"],
+        loss_outputs=["ce_loss"],
+        loss_structured=False,
+        metric_inputs=["label", "cls"],
+        metric_outputs=["acc1", "acc5"],
+        metric_structured=False,
+        backward_losses=["ce_loss"],
+        defaults={"epochs": 6, "batch_size": 32, "image_size": 32},
+    )
+    return replace(ctx, **changes)
+
+
+def test_train_py_shows_where_amp_accumulation_ema_and_ddp_happen():
+    source = render_train(_context())
+    ast.parse(source)
+    for visible in (
+        "DistributedDataParallel(",
+        "ddp.no_sync()",
+        "with backward.autocast(device.type):",
+        'backward(ce_loss=losses["ce_loss"], last_in_epoch=last_in_epoch)',
+        "ema.update(net",
+        "convert_sync_batchnorm",
+        "torch.compile(",
+        "save_checkpoint(",
+        "GracefulStop(",
+    ):
+        assert visible in source, visible
+    assert "epochs: int = flag(6," in source and "image_size: int = flag(32," in source
+    assert 'best_metric: str = flag("val_acc1",' in source
+
+
+def test_train_py_is_the_same_text_for_the_same_context():
+    assert render_train(_context()) == render_train(_context())
+
+
+def test_train_py_wires_losses_and_metrics_by_name_for_unstructured_models():
+    source = render_train(_context(model_structured=False, metric_outputs=["acc1"], metric_inputs=["cls", "label"]))
+    assert "ce_loss = criterion(label=labels, cls=outputs)" in source
+    assert "acc1 = metric(cls=outputs, label=labels)" in source
+
+
+def test_a_package_without_metric_picks_best_by_the_first_loss():
+    source = render_train(_context(metric_inputs=[], metric_outputs=[]))
+    assert "pkg.metric import" not in source and "metric = None" in source
+    assert 'best_metric: str = flag("val_ce_loss",' in source and 'best_mode: str = flag("min",' in source
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"defaults": {"epoch": 3}}, "unknown training default(s) epoch"),
+        ({"defaults": {"epochs": "many"}}, "default epochs='many' is not an int"),
+        ({"loss_inputs": ["label", "logits"]}, "loss input(s) logits are neither the label"),
+        ({"backward_losses": ["total"]}, "the backward takes total"),
+        ({"model_inputs": ["image", "mask"]}, "there is no data for mask"),
+        ({"metric_outputs": ["ce_loss"]}, "ce_loss is both a loss and a metric output"),
+        ({"loss_outputs": ["class"]}, "not a Python identifier"),
+    ],
+)
+def test_train_py_refuses_a_context_it_cannot_wire(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        render_train(_context(**changes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running it
+
+
+def test_help_lists_every_config_field(package: Path):
+    result = subprocess.run(
+        train_command(package, "--help"), env=python_env(package), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    for field in FIELDS:
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in result.stdout, flag
+        if field.type == "bool":
+            assert f"--no-{field.name.replace('_', '-')}" in result.stdout
+    for documented in ("--resume", "--no-mlflow", "--timm-dataset", "--batch-size", "--ci"):
+        assert documented in result.stdout
+
+
+def test_a_short_run_writes_last_best_and_metrics_that_load_weights_only_without_prefixes(
+    package: Path, digits_cache: Path, tmp_path: Path
+):
+    out = tmp_path / "runs"
+    result = train(package, out, digits_cache, "--epochs", "1", "--max-steps", "3", "--run-name", "short")
+    run_dir = out / "short"
+    assert {"last.pt", "best.pt", "metrics.jsonl", "config.json"} <= {p.name for p in run_dir.iterdir()}
+    assert not (out / "mlflow.db").exists() and not (out / "mlartifacts").exists()  # --no-mlflow
+
+    last, best = load(run_dir / "last.pt"), load(run_dir / "best.pt")
+    for state in (last["model"], last["ema"], best["model"], best["ema"]):
+        assert not [key for key in state if key.startswith(("module.", "_orig_mod."))]
+    assert (last["epoch"], last["step_in_epoch"], last["global_step"]) == (1, 0, 3)
+    assert {"backward", "rng", "best", "config"} <= last.keys()
+
+    sys.path.insert(0, str(package / "src"))
+    try:
+        from atto_digits.model import Model  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(package / "src"))
+    Model().load_state_dict(best["model"])  # strict: every key matches
+
+    [epoch] = records(run_dir, "epoch")
+    assert {"train_ce_loss", "val_acc1", "val_ce_loss", "ema_val_acc1"} <= epoch.keys()
+    assert len(records(run_dir, "step")) == 3
+    [end] = records(run_dir, "end")
+    assert end["metric"] == "val_acc1" and end["value"] == epoch["val_acc1"]
+    assert f"best val_acc1 {epoch['val_acc1']:.4f}" in result.stdout and str(run_dir / "best.pt") in result.stdout
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh_and_new_runs_get_their_own_folder(
+    package: Path, digits_cache: Path, tmp_path: Path
+):
+    out = tmp_path / "runs"
+    train(package, out, digits_cache, "--epochs", "1", "--max-steps", "1", "--max-val-steps", "1", "--resume", "auto")
+    train(package, out, digits_cache, "--epochs", "1", "--max-steps", "1", "--max-val-steps", "1")
+    assert sorted(p.name for p in out.iterdir()) == [PACKAGE, f"{PACKAGE}-2"]
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_each_read_half_the_data_and_follow_the_single_process_loss_curve(
+    accumulating_package: Path, digits_cache: Path, tmp_path: Path
+):
+    out = tmp_path / "runs"
+    args = ["--epochs", "2", "--max-steps", "4"]
+    train(accumulating_package, out, digits_cache, *args, "--run-name", "one")
+    train(accumulating_package, out, digits_cache, *args, "--run-name", "two", ranks=2)
+
+    [one], [two] = records(out / "one", "start"), records(out / "two", "start")
+    assert (one["world_size"], one["batch_per_rank"], one["images_per_rank_per_epoch"]) == (1, 32, 128)
+    assert (two["world_size"], two["batch_per_rank"], two["images_per_rank_per_epoch"]) == (2, 16, 64)
+
+    curve_one = [r["train_ce_loss"] for r in records(out / "one", "step")]
+    curve_two = [r["train_ce_loss"] for r in records(out / "two", "step")]
+    assert len(curve_one) == len(curve_two) == 8
+    assert curve_two == pytest.approx(curve_one, rel=DDP_RELATIVE_TOLERANCE)
+    # The weights moved identically too: the last validation of both runs agrees.
+    val_one, val_two = records(out / "one", "epoch")[-1], records(out / "two", "epoch")[-1]
+    assert val_two["val_ce_loss"] == pytest.approx(val_one["val_ce_loss"], rel=DDP_RELATIVE_TOLERANCE)
+    # Accumulation over two steps: 4 steps per epoch are 2 optimizer updates.
+    assert load(out / "two" / "last.pt")["backward"]["updates"] == 4
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_and_resumed_ends_with_bitwise_identical_weights(
+    package: Path, digits_cache: Path, tmp_path: Path
+):
+    out = tmp_path / "runs"
+    args = ["--epochs", "2", "--max-steps", "6", "--save-every", "2"]
+    train(package, out, digits_cache, *args, "--run-name", "straight")
+
+    killed = out / "killed"
+    process = start(package, out, digits_cache, *args, "--run-name", "killed")
+    seen = {"mtime": 0}
+
+    def mid_epoch_checkpoint() -> bool:
+        path = killed / "last.pt"
+        if not path.exists() or path.stat().st_mtime_ns == seen["mtime"]:
+            return False
+        seen["mtime"] = path.stat().st_mtime_ns
+        state = load(path)
+        return state["epoch"] == 0 and state["step_in_epoch"] > 0
+
+    try:
+        wait_for(mid_epoch_checkpoint, 120, process, "a mid-epoch checkpoint")
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+        process.communicate()
+    assert process.returncode == -signal.SIGKILL
+
+    train(package, out, digits_cache, *args, "--run-name", "killed", "--resume", "auto")
+    resumed = records(killed, "start")[-1]
+    assert resumed["resumed_from"] is not None and resumed["start_epoch"] == 0 and resumed["start_step"] > 0
+
+    straight, again = load(out / "straight" / "last.pt"), load(killed / "last.pt")
+    for part in ("model", "ema", "backward", "epoch", "step_in_epoch", "global_step", "best"):
+        assert_same_tensors(straight[part], again[part], part)
+    straight_val = records(out / "straight", "epoch")[-1]
+    again_val = records(killed, "epoch")[-1]
+    assert again_val["val_ce_loss"] == straight_val["val_ce_loss"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_zero(package: Path, digits_cache: Path, tmp_path: Path):
+    out = tmp_path / "runs"
+    process = start(package, out, digits_cache, "--epochs", "100", "--run-name", "term")
+    try:
+        wait_for(lambda: len(records(out / "term", "step")) >= 2, 120, process, "two training steps")
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=SIGNAL_DEADLINE_S)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert "stopped by a signal" in output
+    state = load(out / "term" / "last.pt")
+    assert state["epoch"] == 0 and state["step_in_epoch"] >= 2
+    assert state["global_step"] == state["step_in_epoch"]
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_saves_once_and_every_rank_exits_zero(package: Path, digits_cache: Path, tmp_path: Path):
+    out = tmp_path / "runs"
+    process = start(package, out, digits_cache, "--epochs", "100", "--run-name", "term2", ranks=2)
+    try:
+        wait_for(lambda: len(records(out / "term2", "step")) >= 2, 180, process, "two training steps")
+        workers = children(process.pid)
+        assert len(workers) == 2, workers
+        for pid in workers:  # as a cluster scheduler does: every rank gets the signal
+            os.kill(pid, signal.SIGTERM)
+        output, _ = process.communicate(timeout=SIGNAL_DEADLINE_S)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output  # torchrun exits 0 only when every rank did
+    assert "stopped by a signal" in output
+    state = load(out / "term2" / "last.pt")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert state["step_in_epoch"] >= 2
+
+
+@pytest.mark.slow
+def test_mlflow_records_params_metrics_and_artifacts_in_the_sqlite_store(
+    package: Path, digits_cache: Path, tmp_path: Path
+):
+    mlflow = pytest.importorskip("mlflow")
+    out = tmp_path / "runs"
+    train(package, out, digits_cache, "--epochs", "1", "--max-steps", "2", "--mlflow", "--run-name", "tracked")
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(PACKAGE)
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "1" and run.data.params["package"] == PACKAGE
+    assert {"val_acc1", "ema_val_acc1", "train_ce_loss"} <= run.data.metrics.keys()
+    assert any(key.startswith("lr_") for key in run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "train_ce_loss")) == 3  # 2 steps + the epoch
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"manifest.json", "config.json", "best.pt"} <= artifacts
