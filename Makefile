@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-fast demo bench golden lint clean
+.PHONY: install test test-fast fuzz demo bench golden lint clean
 
 install: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml runtime/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e runtime -e ".[dev,export,timm]"
+	$(PIP) install -q -e "runtime[train]" -e ".[dev,export,timm]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# 1000 random templates through the compiler (CI runs 40 fixed ones as part of `make test`).
+fuzz: $(STAMP)
+	SCMC_FUZZ_EXAMPLES=1000 $(PY) -m pytest -q tests/test_fuzz.py
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

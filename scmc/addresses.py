@@ -9,7 +9,9 @@ that load code or data, reach the network, or change global state). Upstream lay
 from __future__ import annotations
 
 import importlib
+import inspect
 import keyword
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,8 +171,45 @@ def resolve(address: str, allow: AllowList) -> Any:
             names = [n for n in dir(obj) if not n.startswith("_")]
             raise AddressError("E0406", f"`{where}` has no attribute `{part}`", did_you_mean(part, names))
         obj = getattr(obj, part)
+        if isinstance(obj, types.ModuleType) and obj.__name__ != ".".join(parts[: index + 1]):
+            # `torch.os` is the `os` module: an alias is checked as what it really is
+            _check_canonical(address, ".".join([obj.__name__, *parts[index + 1 :]]), allow)
+    if not isinstance(obj, types.ModuleType) and (inspect.isroutine(obj) or inspect.isclass(obj)):
+        module = getattr(obj, "__module__", None)
+        if isinstance(module, str) and module:
+            qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", "")
+            _check_canonical(address, f"{module}.{qualname}" if qualname else module, allow)
     allow._cache[address] = obj
     return obj
+
+
+# Implementation modules of allowed roots (`operator.add.__module__` is `_operator`).
+_IMPLEMENTATION_ROOTS = {"_operator": "operator"}
+
+
+def _check_canonical(address: str, canonical: str, allow: AllowList) -> None:
+    """Where an allowed address really leads (a re-exported module or function) must be allowed too."""
+    root, _, rest = canonical.partition(".")
+    canonical = _IMPLEMENTATION_ROOTS.get(root, root) + ("." + rest if rest else "")
+    if canonical == address:
+        return
+    roots = allow.all_roots()
+    if not any(_under(canonical, r) for r in roots):
+        raise AddressError(
+            "E0402",
+            f"`{address}` leads to `{canonical}`, which is outside the address allow-list",
+            f"allowed: {', '.join(roots)}; a module re-exported by an allowed one is not allowed with it",
+        )
+    if any(_under(canonical, r) for r in allow.extra):
+        return
+    for prefix in allow.refused:
+        if _under(canonical, prefix):
+            raise AddressError(
+                "E0403",
+                f"`{address}` leads to `{canonical}`, which is refused: `{prefix.rstrip('_.')}` can load code or data, "
+                "reach the network or change global state",
+                "build-time templates may only name layers and pure functions",
+            )
 
 
 def module_of(address: str, obj: Any) -> tuple[str, str]:

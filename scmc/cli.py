@@ -163,7 +163,8 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
 @click.option("--static-batch", is_flag=True, help="Fix the batch dimension to 1 (default: dynamic).")
 @click.option("--dynamic-spatial", is_flag=True, help="Also make height and width dynamic (ONNX, pt2).")
 @click.option("-s", "--shape", "shapes", multiple=True, metavar="NAME=C,H,W",
-              help="Input shape without batch to trace and verify at (default: the manifest's).")
+              help="Input shape without batch to trace and verify at (default: the training image size "
+                   "recorded in the checkpoint, else the manifest's).")
 @click.option("--labels", type=click.Path(path_type=Path), help="Class labels, one per line, for the ONNX metadata.")
 @click.option("--allow-mismatch", is_flag=True, help="Exit 0 even when an export does not match eager PyTorch.")
 @click.option("--verify-only", is_flag=True, help="Re-verify the files already in the output folder; export nothing.")
@@ -206,6 +207,96 @@ def export(package_dir: Path, checkpoint: Path, weights: str | None, formats: tu
                    f"please report it with this output.\n--- traceback ---\n{traceback.format_exc()}", err=True)
         status = 70
     sys.exit(status)
+
+
+# ----------------------------------------------------------------------------- structcast-model spellings
+
+
+@main.group(name="torch")
+def torch_group() -> None:
+    """structcast-model 1.2.0 spellings: `scmc torch create model|backward` (one generated file)."""
+
+
+@torch_group.group(name="create")
+def torch_create() -> None:
+    """Compile one template into one Python file, as `scm torch create` did (`scmc build` makes a package)."""
+
+
+@torch_create.command(name="model")
+@click.argument("template", type=click.Path(path_type=Path))
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Override a parameter: 'DEFAULT: {key: value}', key=value or group.key=value. Repeatable.")
+@click.option("-c", "--classname", default="Model", show_default=True, help="Name of the generated class.")
+@click.option("--no-structured-output", is_flag=True, help="Return a value or tuple instead of a dict.")
+@click.option("-s", "--sublayer", help="Compile the named user layer (e.g. Backbone) instead of the root.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=C,H,W",
+              help="Input shape without batch, for templates without INPUT_SHAPES (here -s means --sublayer).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="The Python file to write (default: <classname>.py in snake_case).")
+@click.option("--allow-new-params", is_flag=True, help="Let -p add keys the template does not define (to DEFAULT).")
+@click.option("--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+def torch_create_model(template: Path, params: tuple[str, ...], classname: str, no_structured_output: bool,
+                       sublayer: str | None, shapes: tuple[str, ...], output: Path | None, allow_new_params: bool,
+                       allow_modules: tuple[str, ...], quiet: bool) -> None:
+    """Write the model class of TEMPLATE (a layer graph) to one Python file."""
+    from scmc.build import BuildRequest, Part
+
+    request = BuildRequest(parts=[Part("model", template, classname)], params=list(params),
+                           shapes=dict(_shape(s) for s in shapes), structured=False if no_structured_output else None,
+                           sublayer=sublayer, allow_new_params=allow_new_params, allow_modules=tuple(allow_modules))
+    run_create(request, output, quiet)
+
+
+@torch_create.command(name="backward")
+@click.argument("template", type=click.Path(path_type=Path))
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Override a parameter (as in model).")
+@click.option("-c", "--classname", default="Backward", show_default=True, help="Name of the generated class.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="The Python file to write (default: <classname>.py in snake_case).")
+@click.option("--allow-new-params", is_flag=True, help="Let -p add keys the template does not define (to DEFAULT).")
+@click.option("--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+def torch_create_backward(template: Path, params: tuple[str, ...], classname: str, output: Path | None,
+                          allow_new_params: bool, allow_modules: tuple[str, ...], quiet: bool) -> None:
+    """Write the optimizer/step class of TEMPLATE (a backward template) to one Python file."""
+    from scmc.build import BuildRequest, Part
+
+    request = BuildRequest(parts=[Part("backward", template, classname)], params=list(params),
+                           allow_new_params=allow_new_params, allow_modules=tuple(allow_modules))
+    run_create(request, output, quiet)
+
+
+def run_create(request: Any, output: Path | None, quiet: bool) -> None:
+    from scmc.build import create_module
+    from scmc.load import display_path
+
+    part, destination = _compile_or_exit(lambda: create_module(request, output))
+    if not quiet:
+        click.echo(f"wrote {part.program.root if part.program is not None else part.backward.classname} "
+                   f"-> {display_path(destination)}" + (f"  ({part.param_count:,} parameters)" if part.program else ""))
+
+
+def _compile_or_exit(stage: Any) -> Any:
+    """Run a compiler stage; user errors exit 1, bugs in scmc exit 70 with the IR and traceback."""
+    from scmc.build import InternalError
+
+    try:
+        return stage()
+    except CompileError as exc:
+        click.echo(exc.render(), err=True)
+        sys.exit(1)
+    except InternalError as exc:
+        click.echo(f"internal compiler error: {exc}\nThis is a bug in scmc {scmc.__version__}; please report it with this output.\n"
+                   f"--- IR ---\n{exc.ir_dump}--- traceback ---\n{traceback.format_exc()}", err=True)
+        sys.exit(70)
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # any other exception is a bug in scmc, not a user mistake
+        click.echo(f"internal compiler error: {type(exc).__name__}: {exc}\nThis is a bug in scmc {scmc.__version__}; "
+                   f"please report it with this output.\n--- traceback ---\n{traceback.format_exc()}", err=True)
+        sys.exit(70)
 
 
 def run_build(request: Any, quiet: bool = False) -> None:

@@ -64,6 +64,7 @@ _CMP: dict[type, Callable[[Any, Any], Any]] = {
 }
 
 MAX_LENGTH = 10_000
+MAX_BITS = 65_536  # integers folded at build time
 MAX_EXPR_CHARS = 2_000
 
 
@@ -146,6 +147,11 @@ def parse(text: str, ctx: Context) -> Expr:
                     "use literals, flow names, operators, subscripts and calls of allow-listed functions",
                 )
             return super().generic_visit(node)
+
+        def visit_Dict(self, node: ast.Dict) -> ast.AST:
+            if any(k is None for k in node.keys):
+                raise ExprError("E0502", f"`{ast.unparse(node)}`: `**` unpacking is outside the `eval:` grammar")
+            return self.generic_visit(node)
 
         def visit_Constant(self, node: ast.Constant) -> ast.AST:
             if isinstance(node.value, (bytes, type(Ellipsis))) or (isinstance(node.value, str) and len(node.value) > MAX_LENGTH):
@@ -259,8 +265,14 @@ def evaluate(expr: Expr, env: dict[str, Any], allow: AllowList) -> Any:
             left, right = go(node.left), go(node.right)
             if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > 4096:
                 raise ExprError("E0505", "exponent too large in expression")
+            if isinstance(node.op, ast.Pow) and isinstance(left, int) and isinstance(right, int) and \
+                    abs(left) > 1 and left.bit_length() * right > MAX_BITS:
+                raise ExprError("E0505", f"expression builds an integer of more than {MAX_BITS} bits")
             if isinstance(node.op, (ast.LShift,)) and isinstance(right, int) and right > 4096:
                 raise ExprError("E0505", "shift too large in expression")
+            if isinstance(node.op, ast.LShift) and isinstance(left, int) and isinstance(right, int) and \
+                    left.bit_length() + right > MAX_BITS:
+                raise ExprError("E0505", f"expression builds an integer of more than {MAX_BITS} bits")
             if isinstance(node.op, ast.Mult) and isinstance(left, (str, list, tuple)) and isinstance(right, int) and len(left) * right > MAX_LENGTH:
                 raise ExprError("E0505", f"expression builds a value longer than {MAX_LENGTH}")
             if isinstance(node.op, ast.Mult) and isinstance(right, (str, list, tuple)) and isinstance(left, int) and len(right) * left > MAX_LENGTH:
@@ -326,6 +338,33 @@ def fold(expr: Expr, allow: AllowList) -> Any:
         raise
     except Exception as exc:
         raise ExprError("E0507", f"`{expr.source}` failed at build time: {type(exc).__name__}: {exc}") from None
+
+
+def check_constant_parts(expr: Expr, allow: AllowList) -> None:
+    """Fold every part of an expression that reads no flow value, so `x * 10**10**10` is refused
+    at build time (the size guards of :func:`evaluate`) instead of hanging in generated code.
+    Other failures of a constant part are left to run time (or to shape inference)."""
+    flow = set(expr.names)
+    tree = ast.parse(expr.source, mode="eval").body
+
+    def constant(node: ast.AST) -> bool:
+        return not any(isinstance(n, ast.Name) and n.id in flow for n in ast.walk(node))
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.expr) and constant(node):
+            if isinstance(node, (ast.Constant, ast.Name, ast.Attribute)):
+                return
+            try:
+                evaluate(Expr(ast.unparse(node), (), expr.addresses), {}, allow)
+            except ExprError:
+                raise
+            except Exception:
+                pass
+            return
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
 
 
 def rename(expr: Expr, mapping: dict[str, str]) -> str:

@@ -156,6 +156,9 @@ def parse_yaml(text: str, display: str, line_offset: int = 0, note: str = "") ->
     yaml = _yaml()
     try:
         node = yaml.compose(text)
+    except RecursionError:
+        raise fail("E0106", "the YAML nests too deeply", Span(display, line_offset + 1, 1, note),
+                   hint="templates nest a few levels; check for a runaway bracket") from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = (mark.line + 1 + line_offset) if mark else line_offset
@@ -174,9 +177,43 @@ def parse_yaml(text: str, display: str, line_offset: int = 0, note: str = "") ->
         return None
     diags = Diagnostics()
     constructor = yaml.constructor
-    value = _construct(node, constructor, display, line_offset, note, diags)
+    guard = _Expansion()
+    try:
+        value = _construct(node, constructor, display, line_offset, note, diags, guard)
+    except _Expanded as exc:
+        raise fail("E0105", exc.message, exc.span, hint=exc.hint) from None
+    except RecursionError:
+        raise fail("E0106", "the YAML nests too deeply", Span(display, line_offset + 1, 1, note),
+                   hint="templates nest a few levels; check for a runaway bracket") from None
     diags.raise_if_any()
     return value
+
+
+MAX_YAML_VALUES = 200_000  # values one YAML text may expand to (anchors and aliases multiply them)
+
+
+class _Expanded(Exception):
+    def __init__(self, message: str, span: Span, hint: str):
+        super().__init__(message)
+        self.message, self.span, self.hint = message, span, hint
+
+
+class _Expansion:
+    """Counts the values built from a YAML node graph: aliases repeat nodes, so a few lines of
+    anchors (the "billion laughs") could otherwise expand to billions of values."""
+
+    def __init__(self) -> None:
+        self.left = MAX_YAML_VALUES
+        self.open: set[int] = set()
+
+    def enter(self, node: Any, span: Span) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise _Expanded(f"the YAML expands to more than {MAX_YAML_VALUES:,} values", span,
+                            "anchors and aliases (`&a`, `*a`) repeat their value each time they are used")
+        if id(node) in self.open:
+            raise _Expanded("this alias refers to a collection that contains it", span,
+                            "a template must be a tree: an alias cannot point at one of its own parents")
 
 
 def _short_tag(tag: str) -> str:
@@ -196,8 +233,12 @@ def parse_rendered_yaml(text: str, display: str) -> Any:
 
     if text in _RENDERED_CACHE:
         return _copy(_RENDERED_CACHE[text])
+    if "&" in text and "*" in text:  # anchors and aliases: the composer path counts what they expand to
+        return parse_yaml(text, display)
     try:
         value = _yaml().load(text)
+    except RecursionError:
+        return parse_yaml(text, display)  # reports the nesting with a diagnostic
     except ConstructorError as exc:
         if "could not determine a constructor" in str(exc.problem or ""):
             return parse_yaml(text, display)  # reports the refused tag with its position
@@ -226,11 +267,27 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def _construct(node: Any, constructor: Any, display: str, line_offset: int, note: str, diags: Diagnostics) -> Any:
+def _construct(node: Any, constructor: Any, display: str, line_offset: int, note: str, diags: Diagnostics,
+               guard: "_Expansion | None" = None) -> Any:
     from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
     mark = node.start_mark
     span = Span(display, mark.line + 1 + line_offset, mark.column + 1, note)
+    guard = guard or _Expansion()
+    guard.enter(node, span)
+    if isinstance(node, (MappingNode, SequenceNode)):
+        guard.open.add(id(node))
+        try:
+            return _construct_collection(node, constructor, display, line_offset, note, diags, guard, span)
+        finally:
+            guard.open.discard(id(node))
+    return _construct_collection(node, constructor, display, line_offset, note, diags, guard, span)
+
+
+def _construct_collection(node: Any, constructor: Any, display: str, line_offset: int, note: str, diags: Diagnostics,
+                          guard: "_Expansion", span: Span) -> Any:
+    from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
     if node.tag not in _SAFE_TAGS:
         diags.error(
             "E0101",
@@ -251,7 +308,7 @@ def _construct(node: Any, constructor: Any, display: str, line_offset: int, note
     if isinstance(node, SequenceNode):
         items, spans = [], []
         for child in node.value:
-            items.append(_construct(child, constructor, display, line_offset, note, diags))
+            items.append(_construct(child, constructor, display, line_offset, note, diags, guard))
             cm = child.start_mark
             spans.append(Span(display, cm.line + 1 + line_offset, cm.column + 1, note))
         return LList(items, span=span, item_spans=spans)
@@ -259,7 +316,7 @@ def _construct(node: Any, constructor: Any, display: str, line_offset: int, note
         out = LDict(span=span)
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                merged = _construct(value_node, constructor, display, line_offset, note, diags)
+                merged = _construct(value_node, constructor, display, line_offset, note, diags, guard)
                 for part in merged if isinstance(merged, list) else [merged]:
                     if isinstance(part, LDict):
                         for k, v in part.items():
@@ -268,7 +325,7 @@ def _construct(node: Any, constructor: Any, display: str, line_offset: int, note
                                 out.key_spans[k] = part.key_span(k)
                                 out.value_spans[k] = part.value_span(k)
                 continue
-            key = _construct(key_node, constructor, display, line_offset, note, diags)
+            key = _construct(key_node, constructor, display, line_offset, note, diags, guard)
             km = key_node.start_mark
             key_span = Span(display, km.line + 1 + line_offset, km.column + 1, note)
             if isinstance(key, (dict, list)):
@@ -277,7 +334,7 @@ def _construct(node: Any, constructor: Any, display: str, line_offset: int, note
             if key in out:
                 diags.error("E0103", f"duplicate key `{key}`", key_span, hint=f"`{key}` is already set at line {out.key_span(key).line}")
                 continue
-            out[key] = _construct(value_node, constructor, display, line_offset, note, diags)
+            out[key] = _construct(value_node, constructor, display, line_offset, note, diags, guard)
             vm = value_node.start_mark
             out.key_spans[key] = key_span
             if isinstance(value_node, ScalarNode) and value_node.style in ("|", ">"):
@@ -305,10 +362,13 @@ class Source:
 
 
 def display_path(path: Path) -> str:
+    """The path as diagnostics and generated headers show it: relative to the working directory
+    when possible, with control characters (a newline in a file name) spelled out."""
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
+        text = str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
-        return str(path)
+        text = str(path)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def read_template(path: Path) -> Source:
@@ -439,6 +499,11 @@ def parse_override(text: str) -> Override:
 def _parse_value(raw: str, whole: str) -> Any:
     from ruamel.yaml.error import YAMLError
 
+    if "&" in raw and "*" in raw:  # anchors and aliases: the composer path counts what they expand to
+        try:
+            return plain(parse_yaml(raw, "<-p>"))
+        except CompileError as exc:
+            raise fail("E0211", f"the value in `-p {whole}` is not usable: {exc.diagnostics[0].message}") from None
     try:
         return plain(_yaml().load(raw)) if raw.strip() else None
     except YAMLError as exc:
@@ -625,6 +690,108 @@ FILTERS = {
 _ENV = None
 _TEMPLATE_CACHE: dict[str, Any] = {}
 
+# Size guards of the Jinja sandbox. Jinja's own sandbox stops attribute escapes and caps
+# `range`, but `'a' * 10**9`, `10 ** 10**9`, `'%0999999999d' % 1` or `'a'.ljust(10**9)` would
+# still exhaust memory or time: such operations are refused with a diagnostic.
+MAX_JINJA_INT = 100_000  # the largest int a filter or method takes as an argument (Jinja's MAX_RANGE)
+MAX_JINJA_LENGTH = 1_000_000  # the longest string or list one operation may build
+MAX_JINJA_BITS = 65_536  # the largest integer `**` may build
+MAX_RENDERED_CHARS = 500_000  # the output of one Jinja block (ruamel parses ~20 kB/s of steps)
+_WIDE_FORMAT = re.compile(r"%[-#0 +]*(\*|\d{6,})|%[-#0 +]*\d*\.(\*|\d{6,})|\{[^{}]*:[^{}]*(\d{6,}|\{)")
+
+
+class JinjaTooBig(Exception):
+    """An operation in a Jinja block would build a value beyond the sandbox's size guards."""
+
+
+def _sized(value: Any) -> int:
+    return len(value) if isinstance(value, (str, list, tuple)) else 0
+
+
+def _guard_result(value: Any) -> Any:
+    if _sized(value) > MAX_JINJA_LENGTH:
+        raise JinjaTooBig(f"the block builds a value of {_sized(value):,} items (the limit is {MAX_JINJA_LENGTH:,})")
+    return value
+
+
+def _guard_arguments(args: tuple, kwargs: dict) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_JINJA_INT:
+            raise JinjaTooBig(f"argument {value} is larger than {MAX_JINJA_INT:,}")
+
+
+def _guard_format(text: Any) -> None:
+    if isinstance(text, str) and _WIDE_FORMAT.search(text):
+        raise JinjaTooBig(f"format `{text[:40]}` has a width or precision that is too large or given by an argument")
+
+
+def _guard_replace(text: Any, old: Any, new: Any) -> None:
+    if isinstance(text, str) and isinstance(old, str) and isinstance(new, str):
+        count = len(text) + 1 if not old else text.count(old)
+        if len(text) + count * len(new) > MAX_JINJA_LENGTH:
+            raise JinjaTooBig(f"replace would build a string longer than {MAX_JINJA_LENGTH:,}")
+
+
+def _call_binop(context: Any, operator: str, left: Any, right: Any) -> Any:
+    if operator == "*":
+        for seq, times in ((left, right), (right, left)):
+            if _sized(seq) and isinstance(times, int) and _sized(seq) * times > MAX_JINJA_LENGTH:
+                raise JinjaTooBig(f"`*` would build a value of {_sized(seq) * times:,} items (the limit is {MAX_JINJA_LENGTH:,})")
+        return _guard_result(left * right)
+    if operator == "**":
+        if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0 and \
+                left.bit_length() * right > MAX_JINJA_BITS:
+            raise JinjaTooBig(f"`**` would build an integer of more than {MAX_JINJA_BITS:,} bits")
+        return left ** right
+    if operator == "%":
+        _guard_format(left)
+        return _guard_result(left % right)
+    if operator == "+":
+        if _sized(left) + _sized(right) > MAX_JINJA_LENGTH:
+            raise JinjaTooBig(f"`+` would build a value longer than {MAX_JINJA_LENGTH:,}")
+        return left + right
+    raise AssertionError(operator)  # pragma: no cover - only the operators above are intercepted
+
+
+def _guarded_filter(name: str, function: Any) -> Any:
+    import functools
+
+    @functools.wraps(function)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        from jinja2.nodes import EvalContext
+        from jinja2.runtime import Context
+
+        plain_args = args[1:] if args and isinstance(args[0], (Context, EvalContext)) else args  # pass_context filters
+        _guard_arguments(plain_args[1:], kwargs)
+        if name == "format" and plain_args:
+            _guard_format(plain_args[0])
+        if name == "replace" and len(plain_args) >= 3:
+            _guard_replace(*plain_args[:3])
+        return _guard_result(function(*args, **kwargs))
+
+    return guarded
+
+
+def _install_guards(env: Any) -> None:
+    env.intercepted_binops = frozenset({"*", "**", "%", "+"})
+    env.call_binop = _call_binop
+    for name, function in list(env.filters.items()):
+        if name not in ("raise_error",):
+            env.filters[name] = _guarded_filter(name, function)
+    unguarded_call = env.call
+
+    def call(context: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _guard_arguments(args, kwargs)
+        method = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
+        owner = getattr(method, "__self__", None)
+        if isinstance(owner, str) and getattr(method, "__name__", "") in ("format", "format_map"):
+            _guard_format(owner)
+        if isinstance(owner, str) and getattr(method, "__name__", "") == "replace" and len(args) >= 2:
+            _guard_replace(owner, args[0], args[1])
+        return _guard_result(unguarded_call(context, obj, *args, **kwargs))
+
+    env.call = call
+
 
 def jinja_environment():
     """structcast's sandboxed environment (StrictUndefined, trim/lstrip blocks) with our filters."""
@@ -635,6 +802,7 @@ def jinja_environment():
         configure_jinja(filters=FILTERS)
         _ENV = get_environment()
         _ENV.globals.pop("lipsum", None)  # random text would make builds non-reproducible
+        _install_guards(_ENV)
     return _ENV
 
 
@@ -654,7 +822,15 @@ def _render(source: str, variables: Mapping[str, Any], span: Span, text_span: Sp
             raise fail("E0300", f"Jinja syntax error: {exc.message}", Span(span.path, line, 1)) from None
         _TEMPLATE_CACHE[source] = template
     try:
-        return template.render(**variables)
+        return _render_limited(template, dict(variables))  # a mapping, so a parameter may be called `self`
+    except JinjaTooBig as exc:
+        raise fail("E0314", f"Jinja block too large: {exc}", span,
+                   hint="templates describe layers; they do not need values this large") from None
+    except RenderTimeout:
+        raise fail("E0311", f"rendering this Jinja block took longer than {MAX_SECONDS:g} s", span,
+                   hint="a loop in the block runs too long") from None
+    except RecursionError:
+        raise fail("E0310", "Jinja rendering recursed too deeply", span, hint="a macro calls itself without end") from None
     except TemplateRaised as exc:
         raise fail("E0301", f"the template refused these parameters: {exc}", span) from None
     except UndefinedError as exc:
@@ -673,6 +849,40 @@ def _render(source: str, variables: Mapping[str, Any], span: Span, text_span: Sp
         raise
     except Exception as exc:  # an error raised by a filter or an operation on parameter values
         raise fail("E0304", f"Jinja rendering failed: {type(exc).__name__}: {exc}", span) from None
+
+
+class RenderTimeout(Exception):
+    pass
+
+
+def _render_limited(template: Any, variables: dict[str, Any]) -> str:
+    """Render with the output capped at MAX_RENDERED_CHARS and, in the main thread, the time at
+    MAX_SECONDS (a SIGALRM timer: a loop that prints nothing yields no chance to check)."""
+    import signal
+    import threading
+
+    timer = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+             and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+             and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None))
+    if timer:
+        def expired(signum: int, frame: Any) -> None:
+            raise RenderTimeout()
+
+        previous = signal.signal(signal.SIGALRM, expired)
+        signal.setitimer(signal.ITIMER_REAL, MAX_SECONDS)
+    try:
+        pieces: list[str] = []
+        total = 0
+        for piece in template.generate(variables):
+            total += len(piece)
+            if total > MAX_RENDERED_CHARS:
+                raise JinjaTooBig(f"it renders more than {MAX_RENDERED_CHARS:,} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+    finally:
+        if timer:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
 
 _SAFE_PIPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "tuple": list}
@@ -728,6 +938,8 @@ def _render_block(node: LDict, groups: Parameters, default: str) -> tuple[LDict,
             value = relocate(json.loads(text), block_span)
         except json.JSONDecodeError as exc:
             raise fail("E0309", f"the Jinja block did not render valid JSON: {exc}", span) from None
+        except RecursionError:
+            raise fail("E0106", "the JSON rendered by this Jinja block nests too deeply", span) from None
     else:
         value = text
     if JINJA_PIPE in node:

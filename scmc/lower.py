@@ -13,6 +13,7 @@ import builtins
 import inspect
 import keyword
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,10 @@ def to_pascal(name: str) -> str:
 
 
 def is_name(text: Any) -> bool:
-    return isinstance(text, str) and text.isidentifier() and not keyword.iskeyword(text)
+    """A Python identifier that is not a keyword and that Python reads as itself: identifiers are
+    NFKC-normalized by the parser, so `ℌ` and `H` would be one name in generated code."""
+    return (isinstance(text, str) and text.isidentifier() and not keyword.iskeyword(text)
+            and unicodedata.normalize("NFKC", text) == text)
 
 
 @dataclass
@@ -98,7 +102,7 @@ class Options:
     allow: AllowList = field(default_factory=AllowList)
     input_shapes: dict[str, Any] | None = None  # -s overrides
     structured: bool | None = None  # --no-structured-output
-    max_instances: int = 20_000
+    max_instances: int = 10_000  # user-layer instances, and layers, per build part
 
 
 class Lowerer:
@@ -106,6 +110,7 @@ class Lowerer:
         self.options = options
         self.diags = diags
         self.instances = 0
+        self.layers = 0
         self.files: dict[Path, Source] = {}
         self.function_cache: dict[str, Any] = {}
         self.files: dict[str, Path] = {}  # `_file_` modules: stem -> path
@@ -121,7 +126,8 @@ class Lowerer:
         if sublayer:
             parts = sublayer.split(".")
             definition, def_scope = self._find_layer(parts, scope, source.data.span)
-            return self._lower_user(definition, def_scope, params, classname, ".".join(parts), source.data.span)
+            # the sublayer is the root of this build: INPUT_SHAPES, --shape and --no-structured-output apply to it
+            return self._lower_user(definition, def_scope, params, classname, ".".join(parts), source.data.span, is_root=True)
         root = LDict({k: v for k, v in source.data.items() if k in LAYER_GRAPH_KEYS or k in JINJA_KEYS}, span=source.data.span)
         root.key_spans = dict(source.data.key_spans)
         root.value_spans = dict(source.data.value_spans)
@@ -151,7 +157,7 @@ class Lowerer:
         return Diagnostic("E0700", f"unknown user layer TYPE `{name}`", span, hint)
 
     def _lower_user(self, definition: LDict, scope: Scope, params: Parameters, class_hint: str, key: str, span: Span,
-                    passed: dict[str, Any] | None = None) -> Instance:
+                    passed: dict[str, Any] | None = None, is_root: bool = False) -> Instance:
         if key in scope.chain:
             cycle = " -> ".join((*scope.chain[scope.chain.index(key):], key))
             raise CompileError([__import__("scmc.diagnostics", fromlist=["Diagnostic"]).Diagnostic(
@@ -164,7 +170,7 @@ class Lowerer:
         graph = LDict({k: v for k, v in definition.items() if k in LAYER_GRAPH_KEYS or k in JINJA_KEYS}, span=definition.span)
         graph.key_spans = dict(definition.key_spans)
         graph.value_spans = dict(definition.value_spans)
-        inst = self._lower_graph(graph, inner, merged, template=key, class_hint=class_hint, is_root=False, use_span=span)
+        inst = self._lower_graph(graph, inner, merged, template=key, class_hint=class_hint, is_root=is_root, use_span=span)
         inst.params = dict(passed or {})
         return inst
 
@@ -294,6 +300,9 @@ class Lowerer:
                         written_any.append(name)
         if outputs is None:
             outputs = written_any
+            if not outputs:
+                self.diags.error("E0737", f"layer graph `{template}` returns nothing: every step writes one of its inputs",
+                                 use_span or span, "name the result of the last step, or declare OUTPUTS")
         for label, nodes in (("FLOW", flow), ("INFERENCE_FLOW", inference)):
             if nodes is None:
                 continue
@@ -408,6 +417,8 @@ class Lowerer:
                 node = self._step(step, span, scope, params, imports, children, layers)
             except CompileError as exc:
                 self.diags.extend(exc.diagnostics)
+                if any(d.code == "E0707" for d in exc.diagnostics):  # too many layers: stop here
+                    raise CompileError(list(self.diags)) from None
                 meant = _defined_name(step)
                 if meant is not None and meant not in layers:
                     layers[meant] = None  # type: ignore[assignment]  # broken: later uses report nothing more
@@ -460,6 +471,9 @@ class Lowerer:
         if name is not None and not is_name(name):
             raise CompileError([_diag("E0727", f"layer name `{name}` is not a valid Python identifier", span,
                                       "names become attributes of the generated class: use letters, digits and _")])
+        if name is not None and name.startswith("__"):
+            raise CompileError([_diag("E0728", f"layer name `{name}` is reserved: names starting with `__` are special in a Python class", span,
+                                      f"rename it, e.g. `{name.strip('_') or 'layer'}`")])
         if name is not None and name in MODULE_ATTRS:
             raise CompileError([_diag("E0728", f"layer name `{name}` would shadow torch.nn.Module.{name}", span,
                                       f"rename it, e.g. `{name}_layer`")])
@@ -475,6 +489,10 @@ class Lowerer:
             if name is not None and layers.get(name) is not None:
                 raise CompileError([_diag("E0730", f"layer name `{name}` is defined twice", span,
                                           f"reuse it with [in, out, {name}] or give the new layer another name")])
+            self.layers += 1
+            if self.layers > self.options.max_instances:
+                raise CompileError([_diag("E0707", f"more than {self.options.max_instances} layers", span,
+                                          "a Jinja loop or a recursive template is generating too many layers")])
             child = self._layer(layer, span, scope, params, name)
             children.append(child)
             if name is not None:
@@ -487,6 +505,8 @@ class Lowerer:
             if kwargs or len(args) != 1:
                 raise CompileError([_diag("E0731", "an assignment step [in, out] takes exactly one input", span,
                                           "to bind a Python list, nest it: [[[a, b]], out]; to call a layer, add it as a third element")])
+        elif child.kind == "user" and child.instance is not None:
+            _check_user_call(child.instance, args, kwargs, span)
         return Node(str(id(child)) if child is not None else None, tuple(args), tuple(kwargs), out, span)
 
     def _inputs(self, raw: Any, span: Span, imports: dict[str, str], layer_is_function: bool) -> tuple[list[Arg], list[tuple[str, Arg]]]:
@@ -507,7 +527,13 @@ class Lowerer:
         if isinstance(raw, str):
             text = raw.strip()
             if text.startswith("eval:"):
-                return ExprArg(self._expr(text[5:], span, imports, flow=True))
+                expr = self._expr(text[5:], span, imports, flow=True)
+                try:
+                    with _meta_device():  # a constant part may call an allow-listed factory: no memory
+                        X.check_constant_parts(expr, self.options.allow)
+                except X.ExprError as exc:
+                    raise CompileError([_diag(exc.code, f"eval: {exc.message}", span, exc.hint)]) from None
+                return ExprArg(expr)
             if text.startswith("constant:"):
                 from scmc.load import _parse_value
 
@@ -781,7 +807,8 @@ class Lowerer:
             if text.startswith("eval:"):
                 expr = self._expr(text[5:], span, self.imports, flow=False)
                 try:
-                    value = X.fold(expr, self.options.allow)
+                    with _meta_device():  # `torch.ones(10**5, 10**5)` folds without allocating
+                        value = X.fold(expr, self.options.allow)
                 except X.ExprError as exc:
                     raise CompileError([_diag(exc.code, f"eval: {exc.message}", span, exc.hint)]) from None
                 except X.NotConstant as exc:
@@ -837,6 +864,28 @@ class Lowerer:
             child.attr = candidate
 
 
+def _check_user_call(inst: Instance, args: list, kwargs: list, span: Span) -> None:
+    """A user layer's forward takes exactly its INPUTS: the step must give each one once."""
+    inputs = list(inst.inputs)
+    given = inputs[:len(args)] + [k for k, _ in kwargs]
+    unknown = [k for k, _ in kwargs if k not in inputs]
+    twice = [k for k, _ in kwargs if k in inputs[:len(args)]]
+    missing = [n for n in inputs if n not in given]
+    problem = ""
+    if len(args) > len(inputs):
+        problem = f"this step passes {len(args)} positional input{'s' if len(args) != 1 else ''}"
+    elif unknown:
+        problem = f"it has no input `{unknown[0]}`"
+    elif twice:
+        problem = f"`{twice[0]}` is given twice"
+    elif missing:
+        problem = f"this step does not give {', '.join(f'`{m}`' for m in missing)}"
+    if problem:
+        takes = ", ".join(inputs) or "nothing"
+        raise CompileError([_diag("E0738", f"user layer `{inst.template}` takes {takes}, but {problem}", span,
+                                  "declare the user layer's INPUTS, or pass one value per input")])
+
+
 def _as_value(value: Any, expr: X.Expr, span: Span) -> Any:
     if X.is_plain_literal(value):
         return value
@@ -847,6 +896,12 @@ def _as_value(value: Any, expr: X.Expr, span: Span) -> Any:
         return Ref(expr.addresses[0])
     raise CompileError([_diag("E0752", f"eval: `{expr.source}` gives a {type(value).__name__}, not a literal", span,
                               "layer arguments must fold to numbers, strings, booleans, None or lists of them")])
+
+
+def _meta_device():
+    import torch
+
+    return torch.device("meta")
 
 
 def display_dir(path: Path) -> str:

@@ -139,6 +139,19 @@ def train_context(name: str, compiled: list["Compiled"]):
     )
 
 
+def predict_source(name: str, train: Any, compiled: list["Compiled"]) -> str:
+    """`python -m <pkg>.predict --onnx model.onnx image.png`: ONNX Runtime, numpy and Pillow only,
+    with the validation preprocessing of train.py."""
+    from scmc.emit.predict import render_predict
+    from scmc.emit.train import IMAGENET_MEAN, IMAGENET_STD
+
+    defaults = train.defaults
+    dataset = next((c.config for c in compiled if c.role == "dataset" and isinstance(c.config, dict)), {})
+    labels = [str(i) for i in range(10)] if dataset.get("kind") == "digits" else None
+    return render_predict(name, train.model_inputs[0], int(defaults.get("image_size", 224)),
+                          list(defaults.get("mean", IMAGENET_MEAN)), list(defaults.get("std", IMAGENET_STD)), labels, 5)
+
+
 def class_name(c: "Compiled") -> str:
     return c.program.root if c.program is not None else c.backward.classname
 
@@ -184,8 +197,10 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
         **common, runtime_requirement=RUNTIME_REQUIREMENT, imports=imports, classes=[cls for _, cls in imports]
     )
     files[f"{src}/__init__.py"] = format_python(init).encode()
+    train = train_context(name, compiled)
     files["pyproject.toml"] = env.get_template("pyproject.toml.j2").render(
-        **common, distribution=name.replace("_", "-"), dependencies=deps
+        **common, distribution=name.replace("_", "-"), dependencies=deps, runtime_requirement=RUNTIME_REQUIREMENT,
+        has_train=train is not None,
     ).encode()
     root = model.program.module(model.program.root)
     shapes = sorted((model.input_shapes or {}).items())
@@ -206,10 +221,10 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
         example_call=example,
         rebuild=rebuild_command(request, name),
     ).encode()
-    train = train_context(name, compiled)
     if train is not None:
         from scmc.emit.train import render_train
 
         files[f"{src}/train.py"] = render_train(train).encode()
+        files[f"{src}/predict.py"] = predict_source(name, train, compiled).encode()
     files[f"{src}/manifest.json"] = (json.dumps(manifest(name, request, compiled, deps), indent=2, sort_keys=True) + "\n").encode()
     return files

@@ -112,12 +112,13 @@ def annotation(observed: str | None) -> str:
 
 
 class ModuleEmitter:
-    def __init__(self, mdef: ModuleDef, program: Program):
+    def __init__(self, mdef: ModuleDef, program: Program, reserved: set[str] | frozenset[str] = frozenset()):
         self.m = mdef
         self.program = program
+        self.reserved = set(RESERVED) | set(reserved)  # + the modules the file imports
         self.children = {c.attr: c for c in mdef.children}
         self.names: dict[str, str] = {}
-        used = set(RESERVED) | {c.attr for c in mdef.children} | {p for p, _ in mdef.params}
+        used = set(self.reserved) | {c.attr for c in mdef.children} | {p for p, _ in mdef.params}
         for graph in (mdef.flow, mdef.inference or ()):
             for node in graph:
                 for name in out_names(node.out):
@@ -141,7 +142,9 @@ class ModuleEmitter:
             base = "x"
             if base in self.m.inputs or any(base in out_names(n.out) for n in self.m.flow):
                 base = "x_"
-        elif name in RESERVED or name in {p for p, _ in self.m.params}:
+        elif name.startswith("__"):  # dunder and name-mangled names stay out of generated code
+            base = (name.strip("_") or "value") + "_"
+        elif name in self.reserved or name in {p for p, _ in self.m.params}:
             base = name + "_"
         else:
             return name
@@ -254,9 +257,74 @@ class ModuleEmitter:
         return "\n".join(lines) + "\n"
 
 
+def safe_parameter_names(program: Program, taken: set[str]) -> Program:
+    """Rename constructor arguments that would shadow a global the class body reads (`torch`,
+    `super`, an imported module, a generated class) or that Python treats specially (dunders)."""
+    import dataclasses
+
+    renames: dict[str, dict[str, str]] = {}
+    for m in program.modules:
+        own = {p for p, _ in m.params}
+        mapping: dict[str, str] = {}
+        for p, _ in m.params:
+            if p in RESERVED or p in taken or p.startswith("__"):
+                new = (p.strip("_") or "value") + "_"
+                while new in own or new in mapping.values() or new in RESERVED or new in taken:
+                    new += "_"
+                mapping[p] = new
+        renames[m.name] = mapping
+    if not any(renames.values()):
+        return program
+
+    def value(v: Any, mapping: dict[str, str]) -> Any:
+        if isinstance(v, Param):
+            return Param(mapping.get(v.name, v.name))
+        if isinstance(v, ParamExpr):
+            if not any(n in mapping for n in v.names):
+                return v
+            tree = ast.parse(v.source, mode="eval")
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Name) and node.id in mapping:
+                    node.id = mapping[node.id]
+            return ParamExpr(ast.unparse(tree), tuple(mapping.get(n, n) for n in v.names))
+        if isinstance(v, Ctor):
+            keys = renames.get(v.address, {}) if v.user else {}
+            return dataclasses.replace(v, args=tuple(value(a, mapping) for a in v.args),
+                                       kwargs=tuple((keys.get(k, k), value(a, mapping)) for k, a in v.kwargs))
+        if isinstance(v, list):
+            return [value(a, mapping) for a in v]
+        if isinstance(v, tuple):
+            return tuple(value(a, mapping) for a in v)
+        if isinstance(v, dict):
+            return {k: value(a, mapping) for k, a in v.items()}
+        return v
+
+    modules = []
+    for m in program.modules:
+        mapping = renames[m.name]
+        children = tuple(dataclasses.replace(c, ctor=value(c.ctor, mapping)) for c in m.children)
+        params = tuple((mapping.get(p, p), t) for p, t in m.params)
+        modules.append(dataclasses.replace(m, params=params, children=children))
+    return Program(tuple(modules), program.root)
+
+
 def _docstring(text: str) -> str:
-    safe = text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+    """A docstring literal for any text: backslashes and quotes escaped, control characters spelled out."""
+    safe = "".join(_escape_char(c) if c != "\n" else c for c in text.replace("\\", "\\\\").replace('"', '\\"'))
     return f'"""{safe}"""'
+
+
+def _escape_char(char: str) -> str:
+    return char if char.isprintable() else repr(char)[1:-1]
+
+
+def comment_text(text: str) -> str:
+    """Text that stays inside one `#` comment line: newlines and other control characters spelled out."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def comment_block(header: list[str]) -> str:
+    return "\n".join(f"# {comment_text(line)}" if line else "#" for line in header)
 
 
 def imports_of(program: Program) -> list[str]:
@@ -319,10 +387,13 @@ def emit_module_file(program: Program, header: list[str], docstring: str) -> str
     import black
 
     modules = minimal_imports(["torch", *imports_of(program)])
-    classes = [ModuleEmitter(mdef, program).emit() for mdef in program.modules]
+    # names generated code reads as globals: a local or argument of the same name would shadow them
+    taken = {code_name(m).split(".")[0] for m in modules} | {m.name for m in program.modules}
+    program = safe_parameter_names(program, taken)
+    classes = [ModuleEmitter(mdef, program, taken).emit() for mdef in program.modules]
     body = "\n\n".join(classes)
     typing_names = [n for n in ("Any", "Dict", "List", "Tuple") if re.search(rf"\b{n}\[|\b{n}\b(?!\()", body)]
-    parts: list[str] = ["\n".join(f"# {line}" if line else "#" for line in header), _docstring(docstring), ""]
+    parts: list[str] = [comment_block(header), _docstring(docstring), ""]
     if typing_names:
         parts.append(f"from typing import {', '.join(typing_names)}")
         parts.append("")

@@ -51,7 +51,7 @@ def materialize(root: Instance, allow: AllowList) -> None:
                 "E0800",
                 f"lazy layer `{first.ctor.address}` needs input shapes to be materialized ({len(lazies)} lazy layer{'s' if len(lazies) > 1 else ''} in this model)",
                 first.span,
-                f"add INPUT_SHAPES: {{{', '.join(f'{n}: [...]' for n in root.inputs)}}} to the template or pass -s {root.inputs[0] if root.inputs else 'name'}=C,H,W",
+                f"add INPUT_SHAPES: {{{', '.join(f'{n}: [...]' for n in root.inputs)}}} to the template or pass --shape {root.inputs[0] if root.inputs else 'name'}=C,H,W",
             )])
         return
     missing = [n for n in root.inputs if n not in shapes]
@@ -69,7 +69,8 @@ def materialize(root: Instance, allow: AllowList) -> None:
     for training in (False, True):
         live.train(training)
         try:
-            with torch.no_grad(), warnings.catch_warnings():
+            # on the meta device: a tensor made in forward (`eval: x + torch.ones(...)`) takes no memory
+            with torch.no_grad(), torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 live(*inputs)
         except StepFailed as exc:

@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             "rng": gather_rng_states(),  # one entry per rank; every rank takes part
             "world_size": dist.world_size,
             "config": dataclasses.asdict(cfg),
+            "classes": [str(c) for c in classes],
             "mlflow_run_id": mlflow.run_id,
         }
 
@@ -384,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                         "epoch": epoch + 1,
                         "metrics": record,
                         "config": dataclasses.asdict(cfg),
+                        "classes": [str(c) for c in classes],
                     }
                     save_checkpoint(run_dir / "best.pt", best_state)
             save_last(epoch + 1, 0)

@@ -1,0 +1,618 @@
+"""`scmc export`: a built package + checkpoint -> ONNX / TorchScript / .pt2, verified against eager.
+
+One femto package (10 classes) is built and trained for a few steps per session; one export
+writes all three formats, and the other tests read what it wrote. Failure cases check the
+message (code, file name, what is wrong) and the exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import ROOT, RUNTIME_SRC, build_package
+
+PKG = "convnextv2_femto"
+IMAGE_SIZE = 32  # the digits preset trains at 32x32; the checkpoint's config says so
+
+
+def run_cli(*args: str):
+    from scmc.cli import main
+
+    return CliRunner().invoke(main, ["export", *args], catch_exceptions=False)
+
+
+def _env(*paths: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*(str(p) for p in paths), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+# ------------------------------------------------------------------------------------------
+# Session fixtures: the package, a checkpoint, one export of every format
+
+
+@pytest.fixture(scope="session")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / PKG
+    return build_package(out, "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=femto", "-p", "num_classes=10")
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from scmc_runtime.data import prepare_digits
+
+    return prepare_digits(tmp_path_factory.mktemp("data") / "digits")
+
+
+def _train_with_torch(package: Path, digits: Path, out: Path) -> Path:
+    """A few real optimization steps on the digits, saved like the generated train.py saves."""
+    import torch
+
+    from tests.conftest import import_package
+    from scmc_runtime.checkpoint import save_checkpoint
+    from scmc_runtime.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, ImageTransform
+
+    module = import_package(package, PKG)
+    torch.manual_seed(0)
+    model = module.Model()
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    data = ImageFolderDataset(digits / "train", ImageTransform(IMAGE_SIZE))
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for step, (images, labels) in enumerate(loader):
+        loss = torch.nn.functional.cross_entropy(model(images)["cls"], labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            for key, value in model.state_dict().items():
+                ema[key].lerp_(value, 0.5)
+        if step == 7:
+            break
+    config = {
+        "image_size": IMAGE_SIZE,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "data": "",
+        "timm_dataset": "",
+        "batch_size": 32,
+    }
+    state = {
+        "package": PKG,
+        "model": model.state_dict(),
+        "ema": ema,
+        "epoch": 1,
+        "step_in_epoch": 0,
+        "global_step": 8,
+        "config": config,
+    }
+    return save_checkpoint(out / "last.pt", state)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(package: Path, digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    if (package / "src" / PKG / "train.py").is_file():  # the real training entry, when the build emits it
+        cmd = [
+            sys.executable,
+            "-m",
+            f"{PKG}.train",
+            "--max-steps",
+            "5",
+            "--epochs",
+            "1",
+            "--image-size",
+            str(IMAGE_SIZE),
+            "--batch-size",
+            "32",
+            "--workers",
+            "0",
+            "--no-mlflow",
+            "--ci",
+            "--max-val-steps",
+            "1",
+            "--out",
+            str(out),
+            "--run-name",
+            "r",
+            "--cache-dir",
+            str(digits.parent),
+        ]
+        proc = subprocess.run(cmd, cwd=out, env=_env(package / "src", RUNTIME_SRC), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return out / "r" / "last.pt"
+    return _train_with_torch(package, digits, out)
+
+
+@pytest.fixture(scope="session")
+def exported(package: Path, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("exported")
+    modules_before = {k for k in sys.modules if k == PKG or k.startswith(PKG + ".")}
+    path_before = list(sys.path)
+    result = run_cli(
+        str(package),
+        "--checkpoint",
+        str(checkpoint),
+        "--format",
+        "onnx",
+        "--format",
+        "torchscript,pt2",
+        "-o",
+        str(out),
+        "--aoti-timeout",
+        "1",
+        "--latency-rounds",
+        "2",
+    )
+    leaked = {k for k in sys.modules if k == PKG or k.startswith(PKG + ".")} - modules_before
+    return {
+        "dir": out,
+        "result": result,
+        "leaked": leaked,
+        "path_changed": sys.path != path_before,
+        "report": json.loads((out / "export_report.json").read_text()),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# The export itself
+
+
+@pytest.mark.slow
+def test_export_writes_onnx_torchscript_and_pt2_that_match_eager(exported) -> None:
+    result, report = exported["result"], exported["report"]
+    assert result.exit_code == 0, result.output
+    assert report["passed"] and report["checkpoint"]["weights"] == "ema"
+    formats = {a["format"]: a for a in report["artifacts"]}
+    assert set(formats) == {"onnx", "torchscript", "pt2"}
+    for fmt, artifact in formats.items():
+        assert (exported["dir"] / Path(artifact["path"]).name).is_file()
+        assert artifact["bytes"] > 1_000_000
+        assert artifact["verification"]["passed"], artifact["verification"]
+        cases = artifact["verification"]["cases"]
+        assert [c["input_shapes"]["image"][0] for c in cases][:3] == [1, 2, 7], fmt
+        for case in cases:
+            assert case["outputs"]["cls"]["max_abs"] < 1e-4
+        assert set(artifact["latency"]) == {"1", "8"}
+    assert formats["onnx"]["path_taken"].startswith("torch.onnx.export(dynamo=True)")
+    assert formats["onnx"]["opset"] == 20 and formats["onnx"]["dynamic_batch"]
+    assert formats["torchscript"]["path_taken"] == "torch.jit.script"
+    # TorchScript accepts any size, so it is also checked at a second spatial size (1.25x -> multiple of 32).
+    assert formats["torchscript"]["verification"]["cases"][-1]["input_shapes"]["image"] == [2, 3, 64, 64]
+    assert "parity: ok" in result.output and "MISMATCH" not in result.output
+    assert "latency batch 8" in result.output
+
+
+@pytest.mark.slow
+def test_export_records_metadata_in_the_onnx_file(exported, package: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(exported["dir"] / "model.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    manifest = json.loads((package / "src" / PKG / "manifest.json").read_text())
+    model_sha = next(i["sha256"] for i in manifest["inputs"] if i["role"] == "model")
+    assert meta["scmc.package"] == PKG
+    assert meta["scmc.version"] == manifest["scmc_version"]
+    assert meta["scmc.template_sha256"] == model_sha
+    assert json.loads(meta["scmc.class_labels"]) == [str(i) for i in range(10)]
+    assert json.loads(meta["scmc.inputs"]) == {
+        "image": {"shape": ["batch", 3, IMAGE_SIZE, IMAGE_SIZE], "dtype": "float32"}
+    }
+    assert json.loads(meta["scmc.outputs"]) == {"cls": ["batch", 10]}
+    assert json.loads(meta["scmc.preprocess"])["image_size"] == IMAGE_SIZE
+    assert [i.name for i in model.graph.input] == ["image"] and [o.name for o in model.graph.output] == ["cls"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+@pytest.mark.slow
+def test_export_leaves_no_trace_of_the_package_import(exported) -> None:
+    assert not exported["leaked"] and not exported["path_changed"]
+
+
+@pytest.mark.slow
+def test_aoti_package_is_skipped_with_a_reason_not_a_failure(exported) -> None:
+    skipped = {s["format"]: s["reason"] for s in exported["report"]["skipped"]}
+    assert "aoti" in skipped
+    assert "within 1 s" in skipped["aoti"] or "compiler" in skipped["aoti"]
+    assert exported["result"].exit_code == 0
+
+
+@pytest.mark.slow
+def test_onnx_runs_in_a_session_started_from_another_directory(
+    exported, checkpoint: Path, package: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from tests.conftest import import_package
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    x = np.random.default_rng(0).standard_normal((3, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np, onnxruntime as ort\n"
+        "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+        "np.save(sys.argv[3], s.run(['cls'], {'image': np.load(sys.argv[2])})[0])\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(exported["dir"] / "model.onnx"),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "y.npy"),
+        ],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    model = import_package(package, PKG).Model().eval()
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["ema"])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x))["cls"].numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_onnx_modified_after_export_fails_verification(
+    exported, package: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    """A real mismatch: the head's bias in the ONNX file on disk is nudged by 0.01, then re-verified."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(exported["dir"] / "model.onnx"))
+    bias = next(t for t in model.graph.initializer if "head" in t.name and "bias" in t.name)
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(0.01), bias.name))
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    args = [
+        str(package),
+        "--checkpoint",
+        str(checkpoint),
+        "--format",
+        "onnx",
+        "-o",
+        str(tmp_path),
+        "--verify-only",
+        "--latency-rounds",
+        "0",
+    ]
+
+    result = run_cli(*args)
+    assert result.exit_code == 1
+    assert "error[E1109]: onnx output does not match eager PyTorch" in result.output
+    assert "max abs diff 0.01" in result.output  # says by how much
+    assert str(tmp_path / "model.onnx") in result.output
+    report = json.loads((tmp_path / "export_report.json").read_text())  # written all the same
+    assert report["passed"] is False
+    worst = report["artifacts"][0]["worst"]["cls"]
+    assert worst["max_abs"] == pytest.approx(0.01, rel=1e-3)
+    assert "Traceback" not in result.output
+
+    allowed = run_cli(*args, "--allow-mismatch")
+    assert allowed.exit_code == 0
+    assert "warning[E1109]" in allowed.output
+
+
+@pytest.mark.slow
+def test_static_batch_dynamic_spatial_at_opset_18_with_external_data(
+    package: Path, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also the >2 GB path: weights in a side file, as for big models (the threshold lowered to 0)."""
+    import onnx
+
+    import scmc.export
+
+    monkeypatch.setattr(scmc.export, "EXTERNAL_DATA_BYTES", 0)
+    result = run_cli(
+        str(package),
+        "--checkpoint",
+        str(checkpoint),
+        "--format",
+        "onnx",
+        "--opset",
+        "18",
+        "--static-batch",
+        "--dynamic-spatial",
+        "--raw",
+        "-o",
+        str(tmp_path),
+        "--latency-rounds",
+        "1",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "export_report.json").read_text())
+    onnx_entry = report["artifacts"][0]
+    assert report["checkpoint"]["weights"] == "raw"
+    assert onnx_entry["opset"] == 18 and not onnx_entry["dynamic_batch"] and onnx_entry["static_batch_size"] == 1
+    assert onnx_entry["dynamic_spatial"]
+    shapes = [c["input_shapes"]["image"] for c in onnx_entry["verification"]["cases"]]
+    assert [3, 64, 64] in [s[1:] for s in shapes] and all(s[0] == 1 for s in shapes)
+    dims = onnx.load(str(tmp_path / "model.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 1 and dims[2].dim_param and dims[3].dim_param
+    assert set(onnx_entry["latency"]) == {"1"}  # batch 8 cannot run on a batch-1 model
+    assert onnx_entry["external_data"] and len(onnx_entry["files"]) == 2
+    data = tmp_path / onnx_entry["files"][1]
+    assert data.stat().st_size > 10_000_000 and (tmp_path / "model.onnx").stat().st_size < 1_000_000
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".scmc-export-")]  # staging removed
+
+
+# ------------------------------------------------------------------------------------------
+# The comparison used as the gate
+
+
+def test_compare_outputs_passes_within_the_float32_tolerance() -> None:
+    from scmc.export import compare_outputs
+
+    expected = {"cls": np.linspace(-10, 10, 50, dtype=np.float32).reshape(5, 10)}
+    actual = {"cls": expected["cls"] + np.float32(5e-5)}
+    (diff,) = compare_outputs(expected, actual)
+    assert diff.passed and diff.max_abs == pytest.approx(5e-5, rel=1e-2) and diff.worst < 1
+
+
+def test_compare_outputs_reports_a_mismatch_and_by_how_much() -> None:
+    from scmc.export import compare_outputs
+
+    expected = {"cls": np.ones((2, 10), dtype=np.float32), "feat": np.zeros((2, 4), dtype=np.float32)}
+    perturbed = expected["cls"].copy()
+    perturbed[1, 3] += 0.01
+    cls, feat = compare_outputs(expected, {"cls": perturbed, "feat": expected["feat"]})
+    assert not cls.passed and cls.mismatched == 1
+    assert cls.max_abs == pytest.approx(0.01, rel=1e-4) and cls.max_rel == pytest.approx(0.01, rel=1e-3)
+    assert cls.worst == pytest.approx(0.01 / (1e-4 + 1e-3), rel=1e-3)
+    assert feat.passed
+
+
+def test_compare_outputs_catches_structural_differences() -> None:
+    from scmc.export import compare_outputs
+
+    e = np.zeros((2, 3), dtype=np.float32)
+    nan = e.copy()
+    nan[0, 0] = np.nan
+    assert "shape" in compare_outputs({"a": e}, {"a": np.zeros((3, 2), np.float32)})[0].problem
+    assert "missing" in compare_outputs({"a": e}, {"b": e})[0].problem
+    assert "NaN" in compare_outputs({"a": e}, {"a": nan})[0].problem
+    assert compare_outputs({"a": nan}, {"a": nan})[0].passed  # NaN where eager has NaN is fine
+    ints = np.arange(6).reshape(2, 3)
+    assert not compare_outputs({"i": ints}, {"i": ints + 1})[0].passed  # integers must match exactly
+    extra = compare_outputs({"a": e}, {"a": e, "b": e})
+    assert any("unexpected" in d.problem for d in extra)
+
+
+# ------------------------------------------------------------------------------------------
+# Errors: a clear message with the file name, exit status 1, no traceback
+
+
+def _assert_error(result, code: str, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert f"error[{code}]" in result.output, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_names_the_keys(package: Path, tmp_path: Path) -> None:
+    import timm
+    import torch
+
+    other = tmp_path / "atto.pt"
+    torch.save({"model": timm.create_model("convnextv2_atto", num_classes=10).state_dict()}, other)
+    result = run_cli(str(package), "--checkpoint", str(other), "-o", str(tmp_path / "out"))
+    _assert_error(
+        result, "E1106", str(other), PKG, "missing from the checkpoint:", "unexpected:", "stem.0.weight", "more)"
+    )
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+@pytest.mark.slow
+def test_checkpoint_with_another_head_size_names_the_shapes(package: Path, checkpoint: Path, tmp_path: Path) -> None:
+    import torch
+
+    state = torch.load(checkpoint, weights_only=True)["model"]
+    state["head.weight"] = torch.zeros(100, state["head.weight"].shape[1])
+    state["head.bias"] = torch.zeros(100)
+    path = tmp_path / "hundred.pt"
+    torch.save(state, path)  # a bare state_dict
+    result = run_cli(str(package), "--checkpoint", str(path))
+    _assert_error(result, "E1106", "2 with another shape", "head.weight [100, 384] vs [10, 384]")
+
+
+def test_truncated_checkpoint_is_reported(package: Path, checkpoint: Path, tmp_path: Path) -> None:
+    data = checkpoint.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    _assert_error(
+        run_cli(str(package), "--checkpoint", str(truncated)), "E1103", str(truncated), "truncated or corrupt"
+    )
+    garbage = tmp_path / "notes.pt"
+    garbage.write_text("these are not weights\n")
+    _assert_error(run_cli(str(package), "--checkpoint", str(garbage)), "E1103", str(garbage))
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    _assert_error(run_cli(str(package), "--checkpoint", str(empty)), "E1103", "empty")
+    _assert_error(run_cli(str(package), "--checkpoint", str(tmp_path / "nope.pt")), "E1102", "does not exist")
+
+
+def test_a_folder_that_is_not_a_built_package_is_reported(tmp_path: Path, checkpoint: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _assert_error(
+        run_cli(str(empty), "--checkpoint", str(checkpoint)), "E1100", str(empty), "not a package built by scmc"
+    )
+    half = tmp_path / "half"
+    (half / "src" / PKG).mkdir(parents=True)
+    (half / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    _assert_error(run_cli(str(half), "--checkpoint", str(checkpoint)), "E1100", "the build did not finish")
+    _assert_error(run_cli(str(tmp_path / "missing"), "--checkpoint", str(checkpoint)), "E1100", "does not exist")
+
+
+def test_ema_demanded_from_a_bare_state_dict_is_reported(package: Path, checkpoint: Path, tmp_path: Path) -> None:
+    import torch
+
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.load(checkpoint, weights_only=True)["model"], bare)
+    _assert_error(run_cli(str(package), "--checkpoint", str(bare), "--ema"), "E1105", str(bare), "no EMA weights")
+
+
+def test_missing_onnxruntime_suggests_the_export_extra(
+    package: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    _assert_error(
+        run_cli(str(package), "--checkpoint", str(checkpoint)), "E1107", "onnxruntime", "pip install 'scmc[export]'"
+    )
+
+
+def test_errors_print_no_traceback_from_the_command_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "scmc", "export", str(tmp_path), "--checkpoint", str(tmp_path / "x.pt")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert f"{tmp_path}: error[E1100]" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# predict.py: inference without torch
+
+
+def _render(labels=None) -> str:
+    from scmc.emit.predict import render_predict
+    from scmc_runtime.data import IMAGENET_MEAN, IMAGENET_STD
+
+    return render_predict(PKG, "image", IMAGE_SIZE, list(IMAGENET_MEAN), list(IMAGENET_STD), labels, 5)
+
+
+def test_render_predict_is_formatted_deterministic_and_torch_free() -> None:
+    from scmc.emit.package import format_python
+
+    source = _render([str(i) for i in range(10)])
+    assert source == _render([str(i) for i in range(10)])
+    assert format_python(source) == source
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert imported <= {"argparse", "json", "sys", "typing", "numpy", "onnxruntime", "PIL"}
+    assert "IMAGE_SIZE = 32" in source and 'CLASS_LABELS: Optional[List[str]] = ["0", "1"' in source
+
+
+def _predict_module(tmp_path: Path):
+    import importlib.util
+
+    path = tmp_path / "predict_mod.py"
+    path.write_text(_render())
+    spec = importlib.util.spec_from_file_location("_scmc_test_predict", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_predict_resize_weights_are_torchs(tmp_path: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    predict = _predict_module(tmp_path)
+    for n_in, n_out in [(8, 32), (300, 224), (200, 224), (500, 96), (33, 64), (224, 224)]:
+        basis = torch.eye(n_in).reshape(1, 1, n_in, n_in)  # column j of the output is the weight of input pixel j
+        weights = F.interpolate(basis, size=(n_out, n_in), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+        assert np.array_equal(predict.resize_weights(n_in, n_out), weights.numpy()), (n_in, n_out)
+
+
+def test_predict_preprocessing_matches_the_validation_transform(tmp_path: Path) -> None:
+    """Same float32 weights as torch; only the summation order differs: at most a few ulp (< 2e-6)."""
+    import torch
+    from PIL import Image
+
+    from scmc_runtime.data import ImageTransform
+
+    predict = _predict_module(tmp_path)
+    rng = np.random.default_rng(0)
+    for (h, w), size in [((8, 8), 32), ((300, 200), 224), ((50, 70), 32), ((224, 224), 224), ((375, 500), 96)]:
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        path = tmp_path / f"{h}x{w}.png"
+        Image.fromarray(pixels).save(path)
+        ours = predict.preprocess(str(path), (size, size), predict.MEAN, predict.STD)
+        theirs = ImageTransform(size)(torch.from_numpy(pixels).permute(2, 0, 1).contiguous()).numpy()
+        assert ours.dtype == np.float32 and ours.shape == theirs.shape
+        assert np.abs(ours - theirs).max() < 2e-6, (h, w, size)
+
+
+@pytest.mark.slow
+def test_predict_without_torch_gives_eager_top1(
+    exported, package: Path, checkpoint: Path, digits: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from tests.conftest import import_package
+    from scmc_runtime.data import ImageFolderDataset, ImageTransform
+
+    # predict.py in a package folder of its own (the built package's __init__ imports torch today).
+    pkg_dir = tmp_path / "predict_src" / PKG
+    pkg_dir.mkdir(parents=True)
+    (pkg_dir / "__init__.py").write_text("")
+    (pkg_dir / "predict.py").write_text(_render())
+    val = ImageFolderDataset(digits / "val", ImageTransform(IMAGE_SIZE))
+    picks = [val.samples[i][0] for i in range(0, len(val.samples), len(val.samples) // 8)][:8]
+    blocker = (
+        "import sys, runpy; sys.modules['torch'] = None; sys.argv = ['predict'] + sys.argv[1:]; "
+        f"runpy.run_module('{PKG}.predict', run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            blocker,
+            "--onnx",
+            str(exported["dir"] / "model.onnx"),
+            "--json",
+            "--topk",
+            "3",
+            *map(str, picks),
+        ],
+        cwd=tmp_path,
+        env=_env(tmp_path / "predict_src"),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    assert [r["image"] for r in results] == [str(p) for p in picks]
+
+    model = import_package(package, PKG).Model().eval()
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["ema"])
+    transform = ImageTransform(IMAGE_SIZE)
+    from scmc_runtime.data import _load_rgb
+
+    with torch.no_grad():
+        logits = model(torch.stack([transform(_load_rgb(p)) for p in picks]))["cls"]
+    top2 = logits.topk(2, dim=1)
+    for result, values, indices in zip(results, top2.values, top2.indices):
+        assert len(result["topk"]) == 3
+        assert result["topk"][0]["label"] == str(result["topk"][0]["index"])  # labels 0-9 from the ONNX metadata
+        if float(values[0] - values[1]) > 1e-4:  # a near tie may go either way within float tolerance
+            assert result["topk"][0]["index"] == int(indices[0])
+    text = subprocess.run(
+        [sys.executable, "-c", blocker, "--onnx", str(exported["dir"] / "model.onnx"), str(picks[0])],
+        cwd=tmp_path,
+        env=_env(tmp_path / "predict_src"),
+        capture_output=True,
+        text=True,
+    )
+    assert text.returncode == 0 and text.stdout.startswith(str(picks[0])) and "  1. " in text.stdout
