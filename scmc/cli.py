@@ -300,28 +300,11 @@ def _compile_or_exit(stage: Any) -> Any:
 
 
 def run_build(request: Any, quiet: bool = False) -> None:
-    from scmc.build import InternalError, build as do_build
+    from scmc.build import build as do_build
     from scmc.load import display_path
 
     start = time.perf_counter()
-    try:
-        plan, destination = do_build(request)
-    except CompileError as exc:
-        click.echo(exc.render(), err=True)
-        sys.exit(1)
-    except InternalError as exc:
-        click.echo(f"internal compiler error: {exc}\nThis is a bug in scmc {scmc.__version__}; please report it with this output.\n"
-                   f"--- IR ---\n{exc.ir_dump}--- traceback ---\n{traceback.format_exc()}", err=True)
-        sys.exit(70)
-    except KeyboardInterrupt:
-        click.echo("interrupted; nothing was written", err=True)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # any other exception is a bug in scmc, not a user mistake
-        click.echo(f"internal compiler error: {type(exc).__name__}: {exc}\nThis is a bug in scmc {scmc.__version__}; "
-                   f"please report it with this output.\n--- traceback ---\n{traceback.format_exc()}", err=True)
-        sys.exit(70)
+    plan, destination = _compile_or_exit(lambda: do_build(request))
     if not quiet:
         elapsed = time.perf_counter() - start
         model = next(c for c in plan.compiled if c.role == "model")
