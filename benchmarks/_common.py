@@ -33,6 +33,10 @@ SCMC = str(VENV_BIN / "scmc") if (VENV_BIN / "scmc").exists() else None
 
 Result = Dict[str, Any]
 
+# Every benchmarked `scmc build` compiles unless a benchmark points it at a cache of its own
+# (bench_build's cache-hit rows): a hit from the user's ~/.cache would measure a copy.
+os.environ["SCMC_NO_CACHE"] = "1"
+
 
 # --------------------------------------------------------------------------- statistics
 

@@ -1,3 +1,3 @@
-from scmc.cli import main
+from scmc.cli import run
 
-main()
+run()

@@ -127,6 +127,7 @@ class BuildRequest:
     allow_new_params: bool = False
     allow_modules: tuple[str, ...] = ()
     presets: bool = True  # add the parts the model template names under PACKAGE
+    cache: bool = False  # reuse and keep results in the build cache (scmc/cache.py); the CLI turns it on
 
 
 @dataclass
@@ -141,13 +142,16 @@ class Compiled:
     backward: Any = None  # scmc.backward.BackwardDef
     config: Any = None  # a rendered preset
     files: dict[str, Path] = field(default_factory=dict)  # `_file_` modules: stem -> path
+    includes: list[Source] = field(default_factory=list)  # templates read through CFG
 
 
 @dataclass
 class Plan:
     name: str
     files: dict[str, bytes]
-    compiled: list[Compiled]
+    compiled: list[Compiled]  # empty when the plan came from the build cache
+    param_count: int = 0  # the model's
+    cached: bool = False
 
 
 def package_name(model: Source, groups: Parameters) -> str:
@@ -218,15 +222,28 @@ def compile_part(part: Part, source: Source, params: Parameters, request: BuildR
         raise InternalError(f"the compiled program does not construct: {type(exc).__name__}: {exc}", dump(program)) from exc
     doc = f"{source.path.stem} {part.role}, compiled by scmc {scmc.__version__}."
     text = emit_module_file(program, header, doc)
-    return Compiled(part.role, source, program, text, count, root.input_shapes, default_params, files=dict(lowerer.files))
+    return Compiled(part.role, source, program, text, count, root.input_shapes, default_params, files=dict(lowerer.files),
+                    includes=[t for t in lowerer.templates.values() if t.path != source.path])
 
 
 def plan_package(request: BuildRequest) -> Plan:
-    name, compiled, allow = compile_parts(request)
-    from scmc.emit.package import package_files
+    """Every generated file of the package, in memory; from the build cache when allowed and unchanged."""
+    from scmc import cache
 
-    files = package_files(name, request, compiled, allow)
-    return Plan(name, files, compiled)
+    key = cache.request_key(request) if request.cache else None
+    if key is not None:
+        entry = cache.load(key)
+        if entry is not None:
+            return Plan(entry.name, entry.files, [], entry.param_count, cached=True)
+    with cache.recording() as reads:
+        name, compiled, allow = compile_parts(request)
+        from scmc.emit.package import package_files
+
+        files = package_files(name, request, compiled, allow)
+    count = next((c.param_count for c in compiled if c.role == "model"), 0)
+    if key is not None:
+        cache.store(key, reads, name, files, count)
+    return Plan(name, files, compiled, count)
 
 
 def compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowList]:
@@ -565,6 +582,11 @@ def manifest(name: str, request: BuildRequest, compiled: list[Compiled], depende
                 continue
             seen.add(rel)
             inputs.append({"role": c.role, "path": rel.replace(os.sep, "/"), "sha256": sha256(path)})
+        for included in c.includes:
+            if included.display not in seen:
+                seen.add(included.display)
+                inputs.append({"role": f"{c.role} (CFG)", "path": included.display.replace(os.sep, "/"),
+                               "sha256": hashlib.sha256(included.text.encode()).hexdigest()})
         for stem, path in sorted(c.files.items()):
             inputs.append({"role": "layer file", "path": display_path(path).replace(os.sep, "/"), "sha256": sha256(path)})
     model = next((c for c in compiled if c.role == "model"), compiled[0])

@@ -136,6 +136,9 @@ def read_text(path: Path, display: str) -> str:
         raise fail("E0002", f"cannot read {display}: permission denied", hint="make the file readable (chmod +r)") from None
     except OSError as exc:
         raise fail("E0002", f"cannot read {display}: {exc.strerror}") from None
+    from scmc import cache
+
+    cache.note_read(path, data)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

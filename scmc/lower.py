@@ -111,7 +111,7 @@ class Lowerer:
         self.diags = diags
         self.instances = 0
         self.layers = 0
-        self.files: dict[Path, Source] = {}
+        self.templates: dict[Path, Source] = {}  # CFG-included templates, by resolved path
         self.function_cache: dict[str, Any] = {}
         self.files: dict[str, Path] = {}  # `_file_` modules: stem -> path
         self.current_source: Source | None = None
@@ -224,16 +224,19 @@ class Lowerer:
 
     def _resolve_cfg(self, cfg: str, source: Source, span: Span) -> Path:
         candidates = [source.directory / cfg, Path(cfg)]
+        from scmc import cache
+
         for path in candidates:
             if path.is_file():
                 return path
+            cache.note_absent(path)  # a file created here later changes which one is read
         raise CompileError([_diag("E0706", f"CFG file `{cfg}` not found", span, f"looked next to {source.display} and in the working directory")])
 
     def _read(self, path: Path) -> Source:
         key = path.resolve()
-        if key not in self.files:
-            self.files[key] = read_template(path)
-        return self.files[key]
+        if key not in self.templates:
+            self.templates[key] = read_template(path)
+        return self.templates[key]
 
     # ------------------------------------------------------------------ graphs
 

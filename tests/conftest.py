@@ -11,6 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_SRC = ROOT / "runtime" / "src"
+# Every test compiles for real (and writes nothing under ~/.cache); tests/test_cache.py turns
+# the build cache back on in a directory of its own. Subprocesses inherit this.
+os.environ["SCMC_NO_CACHE"] = "1"
 if str(RUNTIME_SRC) not in sys.path:
     sys.path.insert(0, str(RUNTIME_SRC))
 

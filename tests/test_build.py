@@ -27,9 +27,14 @@ def test_build_matches_the_committed_golden_package(name: str, tmp_path: Path) -
     assert sorted(actual) == sorted(expected), "file lists differ; run `make golden` and review the diff"
     for rel in expected:
         if actual[rel] != expected[rel]:
-            diff = "".join(difflib.unified_diff(
-                expected[rel].decode().splitlines(True), actual[rel].decode().splitlines(True),
-                f"golden/{rel}", f"built/{rel}"))
+            diff = "".join(
+                difflib.unified_diff(
+                    expected[rel].decode().splitlines(True),
+                    actual[rel].decode().splitlines(True),
+                    f"golden/{rel}",
+                    f"built/{rel}",
+                )
+            )
             pytest.fail(f"{rel} differs from the golden file (regenerate with `make golden`):\n{diff}")
 
 
@@ -37,7 +42,9 @@ def _build_subprocess(out: Path, seed: str) -> None:
     env = {**os.environ, "PYTHONHASHSEED": seed}
     subprocess.run(
         [sys.executable, "-m", "scmc", "build", *CASES["convnextv2_femto"], "-o", str(out), "-q"],
-        cwd=ROOT, env=env, check=True,
+        cwd=ROOT,
+        env=env,
+        check=True,
     )
 
 
@@ -118,3 +125,36 @@ def test_pyproject_depends_on_exactly_what_the_code_imports(femto_package: Path,
 def test_importing_the_package_checks_the_runtime_version(femto_package: Path) -> None:
     init = (femto_package / "src" / "convnextv2_femto" / "__init__.py").read_text()
     assert 'scmc_runtime.check_version(">=0.1.0,<0.2", package="convnextv2_femto")' in init
+
+
+def test_a_template_with_cfg_includes_builds_and_the_manifest_hashes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer graph taken from another file (CFG) is an input of the package like the template."""
+    import hashlib
+    import json
+
+    from click.testing import CliRunner
+
+    from scmc.cli import main
+
+    head = (
+        "PARAMETERS:\n  DEFAULT: {classes: 3}\nINPUTS: [feat]\nOUTPUTS: [logits]\nFLOW:\n"
+        "  - _jinja_yaml_: |-\n"
+        "      - [feat, logits, fc, [_obj_, {_addr_: torch.nn.LazyLinear}, {_call_: {out_features: {{ classes }}}}]]\n"
+    )
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "head.yaml").write_text(head)
+    (tmp_path / "net.yaml").write_text(
+        "INPUTS: [x]\nOUTPUTS: [y]\nINPUT_SHAPES: {x: [4]}\nFLOW:\n  - [x, y, head, {CFG: parts/head.yaml}]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["build", "net.yaml", "-o", "out", "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    inputs = json.loads((tmp_path / "out" / "src" / "net" / "manifest.json").read_text())["inputs"]
+    assert {
+        "role": "model (CFG)",
+        "path": "parts/head.yaml",
+        "sha256": hashlib.sha256(head.encode()).hexdigest(),
+    } in inputs
+    assert "in_features=4, out_features=3" in (tmp_path / "out" / "src" / "net" / "model.py").read_text()

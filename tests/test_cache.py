@@ -1,0 +1,206 @@
+"""The build cache (scmc/cache.py): a hit gives the same bytes as compiling; any change to what
+the build read, asked for or ran on is a miss; a broken cache never breaks a build."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from scmc import cache
+from scmc.cli import main
+
+HEAD = """\
+PARAMETERS:
+  DEFAULT: {classes: 3}
+INPUTS: [feat]
+OUTPUTS: [logits]
+FLOW:
+  - _jinja_yaml_: |-
+      - [feat, logits, fc, [_obj_, {_addr_: torch.nn.LazyLinear}, {_call_: {out_features: {{ classes }}}}]]
+"""
+
+MODEL = """\
+PARAMETERS:
+  DEFAULT: {width: 8}
+INPUTS: [x]
+OUTPUTS: [y]
+INPUT_SHAPES: {x: [4]}
+FLOW:
+  - _jinja_yaml_: |-
+      - [x, _, fc, [_obj_, {_addr_: torch.nn.LazyLinear}, {_call_: {out_features: {{ width }}}}]]
+  - [_, y, head, {CFG: parts/head.yaml}]
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A model template with a CFG include, the cache switched on in a private directory."""
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "head.yaml").write_text(HEAD)
+    (tmp_path / "net.yaml").write_text(MODEL)
+    monkeypatch.delenv("SCMC_NO_CACHE", raising=False)
+    monkeypatch.setenv("SCMC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def build(out: str, *args: str, expect: int = 0) -> str:
+    result = CliRunner().invoke(main, ["build", "net.yaml", "-o", out, "--force", *args], catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return result.output
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def entries(project: Path) -> list[Path]:
+    return sorted((project / "cache" / f"v{cache.FORMAT}").glob("*.json"))
+
+
+def test_a_hit_writes_the_same_bytes_as_compiling(project: Path) -> None:
+    first = build("a")
+    assert "from the build cache" not in first
+    assert len(entries(project)) == 1
+    second = build("b")
+    assert "from the build cache" in second
+    build("c", "--no-cache")
+    assert tree(project / "a") == tree(project / "b") == tree(project / "c")
+    assert len(entries(project)) == 1  # --no-cache neither read nor wrote it
+
+
+def test_the_cache_directory_is_private(project: Path) -> None:
+    build("a")
+    assert (project / "cache").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["edit the template", "edit a CFG file", "a CFG candidate appears", "another -p", "another --name", "another cwd"],
+)
+def test_every_input_of_a_build_is_part_of_its_key(project: Path, change: str) -> None:
+    build("a")
+    args: list[str] = []
+    expected = None
+    if change == "edit the template":
+        (project / "net.yaml").write_text(MODEL.replace("width: 8", "width: 6"))
+        expected = ("src/net/model.py", "Linear(in_features=4, out_features=6")
+    elif change == "edit a CFG file":
+        (project / "parts" / "head.yaml").write_text(HEAD.replace("classes: 3", "classes: 5"))
+        expected = ("src/net/model.py", "Linear(in_features=8, out_features=5")
+    elif change == "a CFG candidate appears":
+        # CFG looks next to the template first, then in the working directory: a template one
+        # level down first takes parts/head.yaml from the cwd, then one appears next to it.
+        (project / "sub").mkdir()
+        (project / "sub" / "net.yaml").write_text(MODEL)
+        result = CliRunner().invoke(main, ["build", "sub/net.yaml", "-o", "s1", "--force"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        (project / "sub" / "parts").mkdir()
+        (project / "sub" / "parts" / "head.yaml").write_text(HEAD.replace("classes: 3", "classes: 7"))
+        result = CliRunner().invoke(main, ["build", "sub/net.yaml", "-o", "s2", "--force"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert "from the build cache" not in result.output
+        assert "Linear(in_features=8, out_features=7" in (project / "s2" / "src" / "net" / "model.py").read_text()
+        return
+    elif change == "another -p":
+        args = ["-p", "width=5"]
+        expected = ("src/net/model.py", "Linear(in_features=4, out_features=5")
+    elif change == "another --name":
+        args = ["--name", "other"]
+        expected = ("src/other/model.py", "class Model")
+    elif change == "another cwd":
+        # the same file, named from another directory: generated headers show paths relative to the cwd
+        os.chdir(project / "parts")
+        result = CliRunner().invoke(main, ["build", "../net.yaml", "-o", "../b", "--force"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert "from the build cache" not in result.output
+        assert "../net.yaml" in (project / "b" / "src" / "net" / "model.py").read_text()
+        return
+    output = build("b", *args)
+    assert "from the build cache" not in output
+    rel, text = expected
+    assert text in (project / "b" / rel).read_text()
+    assert "from the build cache" in build("c", *args)  # and the new result is cached in turn
+
+
+def test_the_installed_software_is_part_of_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    (site / "timm-1.0.31.dist-info").mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(site))
+    before = cache.environment_fingerprint()
+    (site / "timm-1.0.31.dist-info").rename(site / "timm-1.0.32.dist-info")
+    assert cache.environment_fingerprint() != before
+
+
+def test_a_damaged_entry_is_a_miss_and_is_replaced(project: Path) -> None:
+    build("a")
+    (entry,) = entries(project)
+    entry.write_text(entry.read_text()[:100])
+    assert "from the build cache" not in build("b")
+    json.loads(entry.read_text())  # rewritten whole
+    assert "from the build cache" in build("c")
+    assert tree(project / "a") == tree(project / "b") == tree(project / "c")
+
+
+def test_a_cache_that_cannot_be_written_does_not_fail_the_build(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = project / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("SCMC_CACHE_DIR", str(blocker))
+    build("a")
+    build("b")
+    assert tree(project / "a") == tree(project / "b")
+
+
+def test_failed_builds_and_trusted_modules_are_not_cached(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    build("a", "-p", "nope=1", expect=1)
+    assert entries(project) == []
+    build("a", "--allow-module", "math")
+    assert entries(project) == []
+    monkeypatch.setenv("SCMC_NO_CACHE", "1")
+    build("a")
+    assert entries(project) == []
+
+
+def test_the_oldest_entries_are_evicted(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache, "MAX_ENTRIES", 2)
+    for width in (2, 3, 4):
+        build("a", "-p", f"width={width}")
+    assert len(entries(project)) == 2
+    assert "from the build cache" in build("a", "-p", "width=4")
+    assert "from the build cache" not in build("a", "-p", "width=2")
+
+
+def test_check_compares_against_a_cached_plan(project: Path) -> None:
+    build("a")
+    (project / "a" / "src" / "net" / "model.py").write_text("# edited\n")
+    result = CliRunner().invoke(main, ["build", "net.yaml", "-o", "a", "--check"], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "changed   src/net/model.py" in result.output
+
+
+def test_a_hit_imports_neither_torch_nor_timm(project: Path) -> None:
+    """The point of the cache: a whole `scmc build` process without torch start-up."""
+    probe = (
+        "import sys\n"
+        "from scmc.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "print('IMPORTED', sorted(m for m in ('torch', 'timm') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, "-c", probe, "build", "net.yaml", "-o", "a", "--force"]
+    cold = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert cold.returncode == 0, cold.stderr
+    assert "IMPORTED ['torch']" in cold.stdout
+    warm = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert warm.returncode == 0, warm.stderr
+    assert "from the build cache" in warm.stdout
+    assert "IMPORTED []" in warm.stdout
