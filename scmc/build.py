@@ -230,12 +230,13 @@ def plan_package(request: BuildRequest) -> Plan:
     """Every generated file of the package, in memory; from the build cache when allowed and unchanged."""
     from scmc import cache
 
-    key = cache.request_key(request) if request.cache else None
+    fingerprint = cache.environment_fingerprint() if request.cache else None
+    key = cache.request_key(request, fingerprint) if fingerprint is not None else None
     if key is not None:
         entry = cache.load(key)
         if entry is not None:
             return Plan(entry.name, entry.files, [], entry.param_count, cached=True)
-    with cache.recording() as reads:
+    with cache.recording(fingerprint) as reads:
         name, compiled, allow = compile_parts(request)
         from scmc.emit.package import package_files
 

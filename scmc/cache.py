@@ -10,11 +10,17 @@ files instead of compiling: no torch or timm import, which dominate a cold build
 benchmarks/RESULTS.md). Anything else is a miss and compiles as usual; a cache that cannot be
 read or written never fails a build.
 
+The same directory keeps black's output for each text a cached build formats (keyed by the
+text and the environment fingerprint): a rebuild after a template edit still formats the
+unchanged train.py, predict.py, loss and metric modules for free, and formatting is about
+a third of a build's own work.
+
 What is not cached: failed builds, builds with ``--allow-module`` (trusted user code runs at
 build time and may depend on anything), ``--no-cache`` or ``SCMC_NO_CACHE=1``.
 
 Where: ``$SCMC_CACHE_DIR``, else ``$XDG_CACHE_HOME/scmc``, else ``~/.cache/scmc``; one JSON
-file per key, written atomically, the oldest removed beyond ``MAX_ENTRIES``. Entries hold
+file per key (and one file per formatted text), written atomically, the least recently used
+removed beyond ``MAX_ENTRIES`` (``MAX_FORMATTED``). Entries hold
 generated text only (no pickles): a tampered entry can at worst produce a wrong package,
 which is why the directory is created private to the user.
 """
@@ -37,6 +43,9 @@ MAX_ENTRIES = 256
 
 # The files one build read: resolved path -> sha256 of the bytes (None: probed, absent).
 _reads: dict[str, str | None] | None = None
+# While a cached build compiles: the environment fingerprint, which also keys formatted text.
+_session: str | None = None
+MAX_FORMATTED = 1024
 
 
 def disabled_by_env() -> bool:
@@ -64,13 +73,43 @@ def note_absent(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[dict[str, str | None]]:
-    global _reads
-    previous, _reads = _reads, {}
+def recording(fingerprint: str | None = None) -> Iterator[dict[str, str | None]]:
+    """Record the files a build reads; with FINGERPRINT (a cached build), also remember and
+    reuse black's output for the texts it formats."""
+    global _reads, _session
+    previous = _reads, _session
+    _reads, _session = {}, fingerprint
     try:
         yield _reads
     finally:
-        _reads = previous
+        _reads, _session = previous
+
+
+def _formatted_path(source: str, line_length: int) -> Path | None:
+    if _session is None:
+        return None
+    h = hashlib.sha256(f"{_session}\0{line_length}\0".encode() + source.encode("utf-8", "surrogatepass"))
+    return cache_dir() / f"v{FORMAT}" / "formatted" / f"{h.hexdigest()}.py"
+
+
+def formatted(source: str, line_length: int) -> str | None:
+    """Black's output for SOURCE from an earlier build in the same environment, if kept."""
+    path = _formatted_path(source, line_length)
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)
+    return text
+
+
+def remember_formatted(source: str, line_length: int, text: str) -> None:
+    path = _formatted_path(source, line_length)
+    if path is not None:
+        _write_atomic(path, text, MAX_FORMATTED)
 
 
 def _hash_tree(h: Any, root: Path, suffixes: tuple[str, ...]) -> None:
@@ -105,7 +144,7 @@ def environment_fingerprint() -> str:
     return h.hexdigest()
 
 
-def request_key(request: Any) -> str | None:
+def request_key(request: Any, fingerprint: str) -> str | None:
     """The key of a build request, or None when it must not be cached."""
     if request.allow_modules:
         return None
@@ -119,7 +158,7 @@ def request_key(request: Any) -> str | None:
         "sublayer": request.sublayer,
         "allow_new_params": request.allow_new_params,
         "presets": request.presets,
-        "environment": environment_fingerprint(),
+        "environment": fingerprint,
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
@@ -165,7 +204,6 @@ def load(key: str) -> Entry | None:
 
 def store(key: str, reads: dict[str, str | None], name: str, files: dict[str, bytes], param_count: int) -> None:
     """Keep a successful build; best effort (a read-only or full disk only loses the cache)."""
-    path = _entry_path(key)
     payload = {
         "format": FORMAT,
         "key": key,
@@ -174,19 +212,25 @@ def store(key: str, reads: dict[str, str | None], name: str, files: dict[str, by
         "reads": reads,
         "files": {rel: base64.b64encode(data).decode("ascii") for rel, data in sorted(files.items())},
     }
+    _write_atomic(_entry_path(key), json.dumps(payload), MAX_ENTRIES)
+
+
+def _write_atomic(path: Path, text: str, keep: int) -> None:
+    """Write PATH whole or not at all, then drop the least recently used files beyond KEEP
+    in its directory. Errors only lose the cache."""
     tmp = None
     try:
-        root = path.parent.parent
+        root = cache_dir()
         root.parent.mkdir(parents=True, exist_ok=True)
         root.mkdir(exist_ok=True, mode=0o700)  # private: entries decide what a build writes
-        path.parent.mkdir(exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".entry-", dir=path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(prefix=".new-", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh)
+            fh.write(text)
         os.replace(tmp, path)
         tmp = None
-        _evict(path.parent)
-    except OSError:
+        _evict(path.parent, path.suffix, keep)
+    except (OSError, ValueError):
         pass
     finally:
         if tmp is not None:
@@ -194,11 +238,11 @@ def store(key: str, reads: dict[str, str | None], name: str, files: dict[str, by
                 os.unlink(tmp)
 
 
-def _evict(directory: Path) -> None:
+def _evict(directory: Path, suffix: str, keep: int) -> None:
     entries = []
-    for p in directory.glob("*.json"):
+    for p in directory.glob(f"*{suffix}"):
         with contextlib.suppress(OSError):
             entries.append((p.stat().st_mtime, p))
-    for _, p in sorted(entries)[: max(0, len(entries) - MAX_ENTRIES)]:
+    for _, p in sorted(entries)[: max(0, len(entries) - keep)]:
         with contextlib.suppress(OSError):
             p.unlink()

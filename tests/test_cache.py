@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from scmc import cache
 from scmc.cli import main
+from tests.conftest import tree_bytes
 
 HEAD = """\
 PARAMETERS:
@@ -56,10 +57,6 @@ def build(out: str, *args: str, expect: int = 0) -> str:
     return result.output
 
 
-def tree(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
 def entries(project: Path) -> list[Path]:
     return sorted((project / "cache" / f"v{cache.FORMAT}").glob("*.json"))
 
@@ -71,7 +68,7 @@ def test_a_hit_writes_the_same_bytes_as_compiling(project: Path) -> None:
     second = build("b")
     assert "from the build cache" in second
     build("c", "--no-cache")
-    assert tree(project / "a") == tree(project / "b") == tree(project / "c")
+    assert tree_bytes(project / "a") == tree_bytes(project / "b") == tree_bytes(project / "c")
     assert len(entries(project)) == 1  # --no-cache neither read nor wrote it
 
 
@@ -145,7 +142,7 @@ def test_a_damaged_entry_is_a_miss_and_is_replaced(project: Path) -> None:
     assert "from the build cache" not in build("b")
     json.loads(entry.read_text())  # rewritten whole
     assert "from the build cache" in build("c")
-    assert tree(project / "a") == tree(project / "b") == tree(project / "c")
+    assert tree_bytes(project / "a") == tree_bytes(project / "b") == tree_bytes(project / "c")
 
 
 def test_a_cache_that_cannot_be_written_does_not_fail_the_build(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,7 +151,7 @@ def test_a_cache_that_cannot_be_written_does_not_fail_the_build(project: Path, m
     monkeypatch.setenv("SCMC_CACHE_DIR", str(blocker))
     build("a")
     build("b")
-    assert tree(project / "a") == tree(project / "b")
+    assert tree_bytes(project / "a") == tree_bytes(project / "b")
 
 
 def test_failed_builds_and_trusted_modules_are_not_cached(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,3 +201,26 @@ def test_a_hit_imports_neither_torch_nor_timm(project: Path) -> None:
     assert warm.returncode == 0, warm.stderr
     assert "from the build cache" in warm.stdout
     assert "IMPORTED []" in warm.stdout
+
+
+def test_a_rebuild_after_an_edit_formats_only_what_changed(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import black
+
+    calls: list[str] = []
+    real = black.format_str
+
+    def counting(source: str, *, mode: black.Mode) -> str:
+        calls.append(source)
+        return real(source, mode=mode)
+
+    monkeypatch.setattr(black, "format_str", counting)
+    build("a")
+    first = len(calls)
+    assert first >= 2  # model.py and __init__.py at least
+    calls.clear()
+    build("b", "-p", "width=5")  # only model.py changes
+    assert len(calls) == 1 and "class Model" in calls[0]
+    calls.clear()
+    build("c", "-p", "width=5", "--no-cache")
+    assert len(calls) == first
+    assert tree_bytes(project / "b") == tree_bytes(project / "c")

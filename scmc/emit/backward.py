@@ -8,7 +8,7 @@ N-th step, and the last step of an epoch, which flushes a partial window): unsca
 from __future__ import annotations
 
 from scmc.backward import BackwardDef, OptimizerDef
-from scmc.emit.python import _docstring, addresses_in, literal, minimal_imports
+from scmc.emit.python import _docstring, addresses_in, format_python, literal, minimal_imports
 from scmc.addresses import module_of
 
 
@@ -31,12 +31,6 @@ def _call(ctor, first: str, extra: list[str] = ()) -> str:
 
 
 def emit_backward(bdef: BackwardDef, header: list[str], docstring: str) -> str:
-    import ast
-
-    import black
-
-    from scmc.emit.python import LINE_LENGTH
-
     n = bdef.accumulate
     scaled = bdef.scaler_kwargs is not None
     modules = ["torch", "scmc_runtime.optim"]
@@ -164,6 +158,4 @@ def emit_backward(bdef: BackwardDef, header: list[str], docstring: str) -> str:
     parts += ["", f"__all__ = [{bdef.classname!r}]", "", ""]
     parts += lines
     source = "\n".join(parts) + "\n"
-    formatted = black.format_str(source, mode=black.Mode(line_length=LINE_LENGTH))
-    ast.parse(formatted)
-    return formatted
+    return format_python(source)

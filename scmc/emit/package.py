@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import scmc
 from scmc.addresses import AllowList
-from scmc.emit.python import comment_text
+from scmc.emit.python import comment_text, format_python
 
 if TYPE_CHECKING:
     from scmc.build import BuildRequest, Compiled
@@ -36,18 +36,6 @@ def _env():
     )
     env.filters["pyrepr"] = repr
     return env
-
-
-def format_python(source: str) -> str:
-    import ast
-
-    import black
-
-    from scmc.emit.python import LINE_LENGTH
-
-    formatted = black.format_str(source, mode=black.Mode(line_length=LINE_LENGTH))
-    ast.parse(formatted)
-    return formatted
 
 
 def imported_roots(source: str) -> list[str]:

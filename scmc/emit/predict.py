@@ -27,7 +27,8 @@ def render_predict(
     topk: int,
 ) -> str:
     """Black-formatted source of ``<package>/predict.py``."""
-    from scmc.emit.package import _env, format_python, imported_roots
+    from scmc.emit.package import _env, imported_roots
+    from scmc.emit.python import format_python
 
     if not package.isidentifier():
         raise ValueError(f"package name {package!r} is not a Python identifier")

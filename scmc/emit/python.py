@@ -384,8 +384,6 @@ def minimal_imports(modules: list[str]) -> list[str]:
 
 def emit_module_file(program: Program, header: list[str], docstring: str) -> str:
     """The complete, black-formatted source of one generated file."""
-    import black
-
     modules = minimal_imports(["torch", *imports_of(program)])
     # names generated code reads as globals: a local or argument of the same name would shadow them
     taken = {code_name(m).split(".")[0] for m in modules} | {m.name for m in program.modules}
@@ -409,8 +407,21 @@ def emit_module_file(program: Program, header: list[str], docstring: str) -> str
     parts.append(body)
     source = "\n".join(parts)
     try:
-        formatted = black.format_str(source, mode=black.Mode(line_length=LINE_LENGTH))
+        return format_python(source)
     except Exception as exc:  # black refuses only code that does not parse
         raise EmitError(f"generated code does not format: {exc}\n{source}") from exc
-    ast.parse(formatted)
+
+
+def format_python(source: str) -> str:
+    """Black at LINE_LENGTH, checked to parse; remembered in the build cache while one is in use
+    (formatting is a third of a build's own work, and most files of a rebuild are unchanged)."""
+    from scmc import cache
+
+    formatted = cache.formatted(source, LINE_LENGTH)
+    if formatted is None:
+        import black
+
+        formatted = black.format_str(source, mode=black.Mode(line_length=LINE_LENGTH))
+        ast.parse(formatted)
+        cache.remember_formatted(source, LINE_LENGTH, formatted)
     return formatted

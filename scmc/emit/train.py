@@ -10,7 +10,6 @@ listed in :data:`FIELDS`, with defaults that a template or preset may override t
 
 from __future__ import annotations
 
-import ast
 import keyword
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,7 +204,7 @@ def render_train(ctx: TrainContext) -> str:
     """The source of ``<package>/train.py``: rendered, black-formatted and checked with ``ast.parse``."""
     import jinja2
 
-    from scmc.emit.python import LINE_LENGTH
+    from scmc.emit.python import format_python
 
     _check_names(ctx)
     env = jinja2.Environment(
@@ -237,8 +236,4 @@ def render_train(ctx: TrainContext) -> str:
         backward_args=", ".join(f"{n}=losses[{n!r}]" for n in ctx.backward_losses),
         defaults={f.name: f.default for f in fields},
     )
-    import black
-
-    formatted = black.format_str(source, mode=black.Mode(line_length=LINE_LENGTH))
-    ast.parse(formatted)
-    return formatted
+    return format_python(source)
