@@ -172,18 +172,25 @@ class PackageInfo:
         return ""
 
 
-def read_package(path: Path) -> PackageInfo:
-    """The package at ``path`` (the folder ``scmc build -o`` wrote, or its ``src/<name>``)."""
+def _require_path(path: Path, code: str, what: str, directory: bool, hint: str) -> Path:
+    """PATH as a Path if it exists and is a directory (or a file); else the error CODE."""
     path = Path(path)
     if not path.exists():
-        raise _err(
-            "E1100",
-            f"package directory `{path}` does not exist",
-            path,
-            "pass the folder `scmc build -o` wrote (it holds pyproject.toml and src/<package>/)",
-        )
-    if not path.is_dir():
-        raise _err("E1100", f"`{path}` is not a directory: pass the folder `scmc build -o` wrote", path)
+        raise _err(code, f"{what} `{path}` does not exist", path, hint)
+    if path.is_dir() != directory:
+        raise _err(code, f"{what} `{path}` is not a {'directory' if directory else 'file'}", path, hint)
+    return path
+
+
+def read_package(path: Path) -> PackageInfo:
+    """The package at ``path`` (the folder ``scmc build -o`` wrote, or its ``src/<name>``)."""
+    path = _require_path(
+        path,
+        "E1100",
+        "package directory",
+        directory=True,
+        hint="pass the folder `scmc build -o` wrote (it holds pyproject.toml and src/<package>/)",
+    )
     if (path / "manifest.json").is_file():
         manifests = [path / "manifest.json"]
     else:
@@ -306,16 +313,13 @@ def read_checkpoint(path: Path) -> Any:
 
     import torch
 
-    path = Path(path)
-    if not path.exists():
-        raise _err(
-            "E1102",
-            f"checkpoint `{path}` does not exist",
-            path,
-            "training writes <out>/<run>/last.pt and best.pt; pass one of them",
-        )
-    if not path.is_file():
-        raise _err("E1102", f"checkpoint `{path}` is not a file", path)
+    path = _require_path(
+        path,
+        "E1102",
+        "checkpoint",
+        directory=False,
+        hint="training writes <out>/<run>/last.pt and best.pt; pass one of them",
+    )
     if path.stat().st_size == 0:
         raise _err("E1103", f"checkpoint `{path}` is empty (0 bytes): truncated or never finished writing", path)
     try:

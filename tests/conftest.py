@@ -37,6 +37,25 @@ def build_package(out: Path, *args: str, name: str | None = None) -> Path:
     return out
 
 
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under ROOT (relative path -> bytes), to compare whole packages."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def cli(cwd: Path, *args: str):
+    """`scmc build ARGS` in-process from the directory CWD; returns click's result."""
+    from click.testing import CliRunner
+
+    from scmc.cli import main
+
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(main, ["build", *args])
+    finally:
+        os.chdir(previous)
+
+
 def import_package(path: Path, name: str):
     """Import a built package from its src/ folder (fresh, even if a same-named one was imported)."""
     src = str(path / "src")

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 import scmc.build
-from scmc.cli import main
+from tests.conftest import cli, tree_bytes
 
 NET = """\
 PARAMETERS:
@@ -31,19 +30,6 @@ FLOW:
       - [h, y, act, [_obj_, {_addr_: torch.nn.ReLU}, _call_]]
 """
 DEAD_PID = 4_194_304 + 12_345  # above Linux's largest pid_max: never a running process
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def cli(cwd: Path, *args: str):
-    previous = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(main, ["build", *args])
-    finally:
-        os.chdir(previous)
 
 
 def build_command(*args: str) -> list[str]:

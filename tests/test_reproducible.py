@@ -10,10 +10,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from scmc.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli, tree_bytes
 
 NET = """\
 PARAMETERS:
@@ -25,19 +23,6 @@ FLOW:
       - [x, h, fc, [_obj_, {_addr_: torch.nn.LazyLinear}, {_call_: {out_features: {{ width }}}}]]
       - [h, y, act, [_obj_, {_addr_: torch.nn.{{ act }}}, _call_]]
 """
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def cli(cwd: Path, *args: str):
-    previous = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(main, ["build", *args])
-    finally:
-        os.chdir(previous)
 
 
 @pytest.fixture
