@@ -18,8 +18,16 @@ from scmc.ir import Ctor
 from scmc.load import LDict, LList, Parameters, Source, expand, plain
 from scmc.lower import Lowerer, Options, is_name
 
-BACKWARD_KEYS = ("PARAMETERS", "IMPORTS", "MIXED_PRECISION", "MIXED_PRECISION_TYPE", "ACCUMULATE_GRADIENTS",
-                 "BACKWARDS", "LOSSES", "MODELS")
+BACKWARD_KEYS = (
+    "PARAMETERS",
+    "IMPORTS",
+    "MIXED_PRECISION",
+    "MIXED_PRECISION_TYPE",
+    "ACCUMULATE_GRADIENTS",
+    "BACKWARDS",
+    "LOSSES",
+    "MODELS",
+)
 
 
 class OptimizerSpec(BaseModel):
@@ -150,19 +158,29 @@ def lower_backward(source: Source, params: Parameters, classname: str, options: 
         b_tree = tree["BACKWARDS"][b_index]
         b_span = tree["BACKWARDS"].item_span(b_index)
         if not is_name(backward.LOSS):
-            diags.error("E1001", f"LOSS `{backward.LOSS}` is not a valid Python identifier", locate(b_tree, ("LOSS",), b_span))
+            diags.error(
+                "E1001", f"LOSS `{backward.LOSS}` is not a valid Python identifier", locate(b_tree, ("LOSS",), b_span)
+            )
         names = []
         for o_index, opt in enumerate(backward.OPTIMIZERS):
             o_tree = b_tree["OPTIMIZERS"][o_index]
             o_span = b_tree["OPTIMIZERS"].item_span(o_index)
             if opt.NAME is not None and (not is_name(opt.NAME) or opt.NAME in taken):
-                diags.error("E1002", f"optimizer NAME `{opt.NAME}` is not a unique Python identifier", locate(o_tree, ("NAME",), o_span))
+                diags.error(
+                    "E1002",
+                    f"optimizer NAME `{opt.NAME}` is not a unique Python identifier",
+                    locate(o_tree, ("NAME",), o_span),
+                )
                 continue
             name = _step_name(opt.NAME or "optimizer", taken)
             layers = (opt.LAYERS,) if isinstance(opt.LAYERS, str) else tuple(opt.LAYERS)
             for layer in layers:
                 if not all(is_name(p) for p in layer.split(".")):
-                    diags.error("E1003", f"LAYERS entry `{layer}` must be a model name or model.submodule", locate(o_tree, ("LAYERS",), o_span))
+                    diags.error(
+                        "E1003",
+                        f"LAYERS entry `{layer}` must be a model name or model.submodule",
+                        locate(o_tree, ("LAYERS",), o_span),
+                    )
             try:
                 factory, takes_schedule = _factory(lowerer, opt.OPTIMIZER, locate(o_tree, ("OPTIMIZER",), o_span))
                 clip = _clip(lowerer, opt.CLIP, locate(o_tree, ("CLIP",), o_span)) if opt.CLIP is not None else None
@@ -174,10 +192,17 @@ def lower_backward(source: Source, params: Parameters, classname: str, options: 
         extra = tuple((k, v) for k, v in (backward.model_extra or {}).items())
         for key, _ in extra:
             if key not in ("retain_graph", "create_graph", "inputs"):
-                diags.error("E1004", f"`{key}` is not an argument of Tensor.backward()", locate(b_tree, (key,), b_span),
-                            did_you_mean(key, ("retain_graph", "create_graph")))
-        steps.append(BackwardStepDef(_step_name(backward.NAME or "backward", set(s.name for s in steps)), backward.LOSS,
-                                     tuple(names), extra))
+                diags.error(
+                    "E1004",
+                    f"`{key}` is not an argument of Tensor.backward()",
+                    locate(b_tree, (key,), b_span),
+                    did_you_mean(key, ("retain_graph", "create_graph")),
+                )
+        steps.append(
+            BackwardStepDef(
+                _step_name(backward.NAME or "backward", set(s.name for s in steps)), backward.LOSS, tuple(names), extra
+            )
+        )
     diags.raise_if_any()
 
     models = list(spec.MODELS)
@@ -191,18 +216,37 @@ def lower_backward(source: Source, params: Parameters, classname: str, options: 
         if step.loss not in losses:
             losses.append(step.loss)
 
-    enabled = spec.MIXED_PRECISION if isinstance(spec.MIXED_PRECISION, bool) else spec.MIXED_PRECISION.get("enabled", True)
+    enabled = (
+        spec.MIXED_PRECISION if isinstance(spec.MIXED_PRECISION, bool) else spec.MIXED_PRECISION.get("enabled", True)
+    )
     autocast = spec.MIXED_PRECISION_TYPE if enabled else None
     if enabled and autocast is None:
-        raise CompileError([Diagnostic("E1005", "MIXED_PRECISION is on but MIXED_PRECISION_TYPE is not set",
-                                       source.data.key_span("MIXED_PRECISION"), "set MIXED_PRECISION_TYPE: bfloat16 (or float16)")])
+        raise CompileError(
+            [
+                Diagnostic(
+                    "E1005",
+                    "MIXED_PRECISION is on but MIXED_PRECISION_TYPE is not set",
+                    source.data.key_span("MIXED_PRECISION"),
+                    "set MIXED_PRECISION_TYPE: bfloat16 (or float16)",
+                )
+            ]
+        )
     scaler = None
     if autocast == "float16":
         kwargs = dict(spec.MIXED_PRECISION) if isinstance(spec.MIXED_PRECISION, dict) else {}
         kwargs.pop("enabled", None)
         scaler = tuple((k, lowerer._value(v, source.data.key_span("MIXED_PRECISION"))) for k, v in kwargs.items())
-    return BackwardDef(classname, tuple(models), tuple(losses), tuple(optimizers), tuple(steps), autocast, scaler,
-                       spec.ACCUMULATE_GRADIENTS or 1, source.display)
+    return BackwardDef(
+        classname,
+        tuple(models),
+        tuple(losses),
+        tuple(optimizers),
+        tuple(steps),
+        autocast,
+        scaler,
+        spec.ACCUMULATE_GRADIENTS or 1,
+        source.display,
+    )
 
 
 def _factory(lowerer: Lowerer, raw: list, span: Span) -> tuple[Ctor, bool]:
@@ -210,8 +254,16 @@ def _factory(lowerer: Lowerer, raw: list, span: Span) -> tuple[Ctor, bool]:
         raise CompileError([Diagnostic("E1006", "OPTIMIZER must be an `_obj_` pattern", span)])
     address, obj, call, bind_args, bind_kwargs, call_args, call_kwargs = lowerer._pattern_parts(raw, span)
     if call is not None:
-        raise CompileError([Diagnostic("E1007", "OPTIMIZER is called with the parameters; bind its arguments with `_bind_`, not `_call_`",
-                                       span, "replace `_call_` with `_bind_`")])
+        raise CompileError(
+            [
+                Diagnostic(
+                    "E1007",
+                    "OPTIMIZER is called with the parameters; bind its arguments with `_bind_`, not `_call_`",
+                    span,
+                    "replace `_call_` with `_bind_`",
+                )
+            ]
+        )
     if not callable(obj):
         raise CompileError([Diagnostic("E1008", f"`{address}` is not callable", span)])
     try:
@@ -228,6 +280,8 @@ def _clip(lowerer: Lowerer, raw: list, span: Span) -> Ctor:
         raise CompileError([Diagnostic("E1006", "CLIP must be an `_obj_` pattern or null", span)])
     address, obj, call, bind_args, bind_kwargs, _, _ = lowerer._pattern_parts(raw, span)
     if call is not None:
-        raise CompileError([Diagnostic("E1007", "CLIP is called with the parameters; bind its arguments with `_bind_`", span)])
+        raise CompileError(
+            [Diagnostic("E1007", "CLIP is called with the parameters; bind its arguments with `_bind_`", span)]
+        )
     lowerer._check_signature(obj, address, (None, *bind_args), bind_kwargs, span, partial=True)
     return Ctor(address, tuple(bind_args), tuple(bind_kwargs.items()))

@@ -69,8 +69,14 @@ class Part:
 LAYER_ROLES = ("model", "loss", "metric")
 PRESET_ROLES = ("dataset", "ema", "compile")
 ROLE_CLASSES = {"model": "Model", "loss": "Loss", "metric": "Metric", "backward": "Backward"}
-PACKAGE_KEYS = {"LOSS": "loss", "METRIC": "metric", "BACKWARD": "backward", "DATASET": "dataset", "EMA": "ema",
-                "COMPILE": "compile"}
+PACKAGE_KEYS = {
+    "LOSS": "loss",
+    "METRIC": "metric",
+    "BACKWARD": "backward",
+    "DATASET": "dataset",
+    "EMA": "ema",
+    "COMPILE": "compile",
+}
 
 
 def template_kind(data: LDict) -> str:
@@ -87,8 +93,11 @@ def preset_parts(model: Source, given: list[Part], diags: Diagnostics) -> list[P
     if raw is None:
         return []
     if not isinstance(raw, LDict):
-        diags.error("E0910", "PACKAGE must map LOSS, METRIC, BACKWARD, DATASET, EMA, COMPILE to template files",
-                    model.data.value_span("PACKAGE"))
+        diags.error(
+            "E0910",
+            "PACKAGE must map LOSS, METRIC, BACKWARD, DATASET, EMA, COMPILE to template files",
+            model.data.value_span("PACKAGE"),
+        )
         return []
     roles = {p.role for p in given}
     out = []
@@ -97,8 +106,12 @@ def preset_parts(model: Source, given: list[Part], diags: Diagnostics) -> list[P
         if role is None:
             from scmc.diagnostics import did_you_mean
 
-            diags.error("E0911", f"unknown PACKAGE key `{key}`", raw.key_span(key),
-                        did_you_mean(str(key), PACKAGE_KEYS) or f"keys: {', '.join(PACKAGE_KEYS)}")
+            diags.error(
+                "E0911",
+                f"unknown PACKAGE key `{key}`",
+                raw.key_span(key),
+                did_you_mean(str(key), PACKAGE_KEYS) or f"keys: {', '.join(PACKAGE_KEYS)}",
+            )
             continue
         if role in roles or value is None:
             continue
@@ -107,8 +120,12 @@ def preset_parts(model: Source, given: list[Part], diags: Diagnostics) -> list[P
             continue
         path = model.directory / value
         if not path.is_file():
-            diags.error("E0913", f"PACKAGE.{key} names `{value}`, which does not exist", raw.value_span(key),
-                        f"paths are relative to {display_path(model.directory)}")
+            diags.error(
+                "E0913",
+                f"PACKAGE.{key} names `{value}`, which does not exist",
+                raw.value_span(key),
+                f"paths are relative to {display_path(model.directory)}",
+            )
             continue
         out.append(Part(role, path, ROLE_CLASSES.get(role, "")))
     return out
@@ -168,8 +185,9 @@ def package_name(model: Source, groups: Parameters) -> str:
     return name
 
 
-def compile_part(part: Part, source: Source, params: Parameters, request: BuildRequest, allow: AllowList,
-                 header: list[str]) -> Compiled:
+def compile_part(
+    part: Part, source: Source, params: Parameters, request: BuildRequest, allow: AllowList, header: list[str]
+) -> Compiled:
     from scmc.emit.python import RESERVED, emit_module_file
     from scmc.interp import build_program
     from scmc.lower import Lowerer, Options
@@ -177,13 +195,20 @@ def compile_part(part: Part, source: Source, params: Parameters, request: BuildR
     from scmc.passes.materialize import materialize
 
     diags = Diagnostics()
-    options = Options(allow=allow, input_shapes=request.shapes if part.role == "model" else None,
-                      structured=request.structured if part.role == "model" else None)
+    options = Options(
+        allow=allow,
+        input_shapes=request.shapes if part.role == "model" else None,
+        structured=request.structured if part.role == "model" else None,
+    )
     kind = template_kind(source.data)
     expected = "layer graph" if part.role in LAYER_ROLES else "backward" if part.role == "backward" else "preset"
     if kind != expected:
-        raise fail("E0914", f"{source.display} is a {kind} template, but it was given as the {part.role}",
-                   Span(source.display, 1, 1), f"a {part.role} template is a {expected}")
+        raise fail(
+            "E0914",
+            f"{source.display} is a {kind} template, but it was given as the {part.role}",
+            Span(source.display, 1, 1),
+            f"a {part.role} template is a {expected}",
+        )
     default_params = dict(params.group("default") or {})
     if part.role == "backward":
         from scmc.backward import lower_backward
@@ -207,7 +232,9 @@ def compile_part(part: Part, source: Source, params: Parameters, request: BuildR
         raise CompileError(list(diags)) from None
     diags.raise_if_any()
     materialize(root, allow)
-    program = deduplicate(root, part.classname, reserved=set(RESERVED))  # a user layer `List` must not shadow typing.List
+    program = deduplicate(
+        root, part.classname, reserved=set(RESERVED)
+    )  # a user layer `List` must not shadow typing.List
     try:
         verify(program)
     except Exception as exc:
@@ -219,11 +246,22 @@ def compile_part(part: Part, source: Source, params: Parameters, request: BuildR
             live = build_program(program, allow)
         count = sum(p.numel() for p in live.parameters())
     except Exception as exc:
-        raise InternalError(f"the compiled program does not construct: {type(exc).__name__}: {exc}", dump(program)) from exc
+        raise InternalError(
+            f"the compiled program does not construct: {type(exc).__name__}: {exc}", dump(program)
+        ) from exc
     doc = f"{source.path.stem} {part.role}, compiled by scmc {scmc.__version__}."
     text = emit_module_file(program, header, doc)
-    return Compiled(part.role, source, program, text, count, root.input_shapes, default_params, files=dict(lowerer.files),
-                    includes=[t for t in lowerer.templates.values() if t.path != source.path])
+    return Compiled(
+        part.role,
+        source,
+        program,
+        text,
+        count,
+        root.input_shapes,
+        default_params,
+        files=dict(lowerer.files),
+        includes=[t for t in lowerer.templates.values() if t.path != source.path],
+    )
 
 
 def plan_package(request: BuildRequest) -> Plan:
@@ -281,7 +319,9 @@ def compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowList
             source.data["PARAMETERS"] = block
             blocks = [block]
         for i, override in enumerate(overrides):
-            if apply_override(blocks, override, diags, request.allow_new_params and source is sources[0], source.display):
+            if apply_override(
+                blocks, override, diags, request.allow_new_params and source is sources[0], source.display
+            ):
                 used[i] = True
     report_unused_overrides(overrides, used, sources, diags)
     diags.raise_if_any()
@@ -289,18 +329,34 @@ def compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowList
     param_sets = []
     for source in sources:
         raw = source.data.get("PARAMETERS")
-        param_sets.append(Parameters.from_raw(raw, source.data.key_span("PARAMETERS") if raw is not None else source.data.span, diags))
+        param_sets.append(
+            Parameters.from_raw(raw, source.data.key_span("PARAMETERS") if raw is not None else source.data.span, diags)
+        )
     diags.raise_if_any()
 
     name = request.name or package_name(sources[0], param_sets[0])
-    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name) or name in {"torch", "timm", "scmc", "scmc_runtime", "test", "tests"}:
-        raise fail("E0900", f"package name `{name}` is not usable", hint="--name takes a lowercase Python identifier, e.g. convnextv2_femto")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name) or name in {
+        "torch",
+        "timm",
+        "scmc",
+        "scmc_runtime",
+        "test",
+        "tests",
+    }:
+        raise fail(
+            "E0900",
+            f"package name `{name}` is not usable",
+            hint="--name takes a lowercase Python identifier, e.g. convnextv2_femto",
+        )
     from scmc.emit.python import RESERVED, comment_text
 
     for part in parts:
         if part.classname and (not part.classname.isidentifier() or part.classname in RESERVED):
-            raise fail("E0906", f"class name `{part.classname}` is not usable",
-                       hint="-c/--classname takes a Python identifier that is not a keyword, builtin or module name, e.g. Model")
+            raise fail(
+                "E0906",
+                f"class name `{part.classname}` is not usable",
+                hint="-c/--classname takes a Python identifier that is not a keyword, builtin or module name, e.g. Model",
+            )
     compiled: list[Compiled] = []
     for part, source, params in zip(parts, sources, param_sets):
         header = [  # each entry is one comment line: newlines in -p values or file names are spelled out
@@ -327,8 +383,11 @@ def create_module(request: BuildRequest, output: Path | None, force: bool = True
     part = compiled[0]
     if part.files:
         stem, path = sorted(part.files.items())[0]
-        raise fail("E0907", f"`_file_` layer {display_path(path)} needs a package around the generated module",
-                   hint="use `scmc build`, which copies layer files into the package")
+        raise fail(
+            "E0907",
+            f"`_file_` layer {display_path(path)} needs a package around the generated module",
+            hint="use `scmc build`, which copies layer files into the package",
+        )
     destination = output or Path(f"{to_snake(request.parts[0].classname)}.py")
     if destination.is_dir():
         raise fail("E0902", f"{display_path(destination)} is a directory; -o names the Python file to write")
@@ -363,24 +422,36 @@ def write_package(plan: Plan, destination: Path, force: bool) -> None:
     if parent.is_dir():
         _recover_stale(parent, destination)
     if destination.exists() and not force:
-        raise fail("E0901", f"{display_path(destination)} already exists",
-                   hint="pass --force to replace it (the old package is kept until the new one is complete)")
+        raise fail(
+            "E0901",
+            f"{display_path(destination)} already exists",
+            hint="pass --force to replace it (the old package is kept until the new one is complete)",
+        )
     if destination.exists() and not destination.is_dir():
         raise fail("E0902", f"{display_path(destination)} exists and is not a directory")
     blocking = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
-        raise fail("E0903", f"cannot create {display_path(parent)}: {display_path(blocking)} is a file, not a directory",
-                   hint="choose another -o directory")
+        raise fail(
+            "E0903",
+            f"cannot create {display_path(parent)}: {display_path(blocking)} is a file, not a directory",
+            hint="choose another -o directory",
+        )
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise fail("E0903", f"cannot create {display_path(parent)}: {exc.strerror}", hint="choose another -o directory") from None
+        raise fail(
+            "E0903", f"cannot create {display_path(parent)}: {exc.strerror}", hint="choose another -o directory"
+        ) from None
     if not os.access(parent, os.W_OK):
-        raise fail("E0903", f"cannot write to {display_path(parent)}: permission denied", hint="choose another -o directory")
+        raise fail(
+            "E0903", f"cannot write to {display_path(parent)}: permission denied", hint="choose another -o directory"
+        )
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-{os.getpid()}-", dir=parent))
     except OSError as exc:
-        raise fail("E0903", f"cannot write to {display_path(parent)}: {exc.strerror}", hint="choose another -o directory") from None
+        raise fail(
+            "E0903", f"cannot write to {display_path(parent)}: {exc.strerror}", hint="choose another -o directory"
+        ) from None
     old = parent / f".{destination.name}.old-{os.getpid()}"
     blocked = _block_signals()
     written = False
@@ -501,8 +572,10 @@ def _block_signals() -> Any:
     if threading.current_thread() is not threading.main_thread():
         return None
     received: list[int] = []
-    return {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-            for sig in (signal.SIGINT, signal.SIGTERM)}
+    return {
+        sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
 
 
 def _restore_signals(previous: Any) -> None:
@@ -554,19 +627,28 @@ def check(request: BuildRequest) -> CheckResult:
     plan = plan_package(request)
     destination = request.output or default_output(plan.name)
     if not destination.is_dir():
-        raise fail("E0905", f"{display_path(destination)} does not exist, so there is nothing to check",
-                   hint="build it first, or pass -o to point at the package")
-    on_disk = {str(p.relative_to(destination)).replace(os.sep, "/"): p for p in destination.rglob("*")
-               if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc")
-               and ".egg-info" not in str(p)}
+        raise fail(
+            "E0905",
+            f"{display_path(destination)} does not exist, so there is nothing to check",
+            hint="build it first, or pass -o to point at the package",
+        )
+    on_disk = {
+        str(p.relative_to(destination)).replace(os.sep, "/"): p
+        for p in destination.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc") and ".egg-info" not in str(p)
+    }
     missing = sorted(set(plan.files) - set(on_disk))
     extra = sorted(set(on_disk) - set(plan.files))
     changed: dict[str, str] = {}
     for rel in sorted(set(plan.files) & set(on_disk)):
         current = on_disk[rel].read_bytes()
         if current != plan.files[rel]:
-            diff = difflib.unified_diff(current.decode(errors="replace").splitlines(True),
-                                        plan.files[rel].decode().splitlines(True), f"on disk: {rel}", f"from templates: {rel}")
+            diff = difflib.unified_diff(
+                current.decode(errors="replace").splitlines(True),
+                plan.files[rel].decode().splitlines(True),
+                f"on disk: {rel}",
+                f"from templates: {rel}",
+            )
             changed[rel] = "".join(diff)
     return CheckResult(destination, missing, extra, changed)
 
@@ -586,10 +668,17 @@ def manifest(name: str, request: BuildRequest, compiled: list[Compiled], depende
         for included in c.includes:
             if included.display not in seen:
                 seen.add(included.display)
-                inputs.append({"role": f"{c.role} (CFG)", "path": included.display.replace(os.sep, "/"),
-                               "sha256": hashlib.sha256(included.text.encode()).hexdigest()})
+                inputs.append(
+                    {
+                        "role": f"{c.role} (CFG)",
+                        "path": included.display.replace(os.sep, "/"),
+                        "sha256": hashlib.sha256(included.text.encode()).hexdigest(),
+                    }
+                )
         for stem, path in sorted(c.files.items()):
-            inputs.append({"role": "layer file", "path": display_path(path).replace(os.sep, "/"), "sha256": sha256(path)})
+            inputs.append(
+                {"role": "layer file", "path": display_path(path).replace(os.sep, "/"), "sha256": sha256(path)}
+            )
     model = next((c for c in compiled if c.role == "model"), compiled[0])
     return {
         "package": name,
@@ -613,8 +702,13 @@ def manifest(name: str, request: BuildRequest, compiled: list[Compiled], depende
 def _backward_summary(bdef: Any) -> dict[str, Any] | None:
     if bdef is None:
         return None
-    return {"models": list(bdef.models), "losses": list(bdef.losses), "optimizers": [o.name for o in bdef.optimizers],
-            "accumulate": bdef.accumulate, "autocast_dtype": bdef.autocast_dtype}
+    return {
+        "models": list(bdef.models),
+        "losses": list(bdef.losses),
+        "optimizers": [o.name for o in bdef.optimizers],
+        "accumulate": bdef.accumulate,
+        "autocast_dtype": bdef.autocast_dtype,
+    }
 
 
 def _jsonable(value: Any) -> Any:

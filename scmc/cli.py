@@ -23,7 +23,9 @@ def _shape(text: str) -> tuple[str, dict[str, Any]]:
     except ValueError:
         shape = []
     if not sep or not name.strip().isidentifier() or not shape or any(d <= 0 for d in shape):
-        raise click.BadParameter(f"`{text}`: write NAME=C,H,W (sizes without the batch dimension), e.g. image=3,224,224")
+        raise click.BadParameter(
+            f"`{text}`: write NAME=C,H,W (sizes without the batch dimension), e.g. image=3,224,224"
+        )
     return name.strip(), {"shape": shape, "dtype": "float32"}
 
 
@@ -35,8 +37,14 @@ def main() -> None:
 
 @main.command()
 @click.argument("template", type=click.Path(path_type=Path))
-@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Override a parameter: key=value, group.key=value, or 'DEFAULT: {key: value}'. Repeatable.")
+@click.option(
+    "-p",
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a parameter: key=value, group.key=value, or 'DEFAULT: {key: value}'. Repeatable.",
+)
 @click.option("--loss", type=click.Path(path_type=Path), help="Loss template (a layer graph) -> loss.py.")
 @click.option("--metric", type=click.Path(path_type=Path), help="Metric template (a layer graph) -> metric.py.")
 @click.option("--backward", type=click.Path(path_type=Path), help="Backward template -> backward.py.")
@@ -44,21 +52,50 @@ def main() -> None:
 @click.option("--name", help="Package name (default: template stem + selected group, e.g. convnextv2_femto).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output directory (default: artifacts/<name>).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-@click.option("-s", "--shape", "shapes", multiple=True, metavar="NAME=C,H,W", help="Input shape without batch; overrides INPUT_SHAPES.")
+@click.option(
+    "-s",
+    "--shape",
+    "shapes",
+    multiple=True,
+    metavar="NAME=C,H,W",
+    help="Input shape without batch; overrides INPUT_SHAPES.",
+)
 @click.option("-c", "--classname", default="Model", show_default=True, help="Name of the generated model class.")
 @click.option("--no-structured-output", is_flag=True, help="Return a value or tuple instead of a dict.")
 @click.option("--sublayer", help="Compile the named user layer (e.g. Backbone) instead of the root.")
 @click.option("--allow-new-params", is_flag=True, help="Let -p add keys the templates do not define (to DEFAULT).")
-@click.option("--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable.")
-@click.option("--check", is_flag=True, help="Write nothing; exit 1 with a diff summary if the package on disk is stale.")
-@click.option("--no-cache", is_flag=True,
-              help="Compile even if an identical build is cached, and cache nothing (also: SCMC_NO_CACHE=1).")
+@click.option(
+    "--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable."
+)
+@click.option(
+    "--check", is_flag=True, help="Write nothing; exit 1 with a diff summary if the package on disk is stale."
+)
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Compile even if an identical build is cached, and cache nothing (also: SCMC_NO_CACHE=1).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
-def build(template: Path, params: tuple[str, ...], loss: Path | None, metric: Path | None, backward: Path | None,
-          dataset: Path | None, name: str | None,
-          output: Path | None, force: bool, shapes: tuple[str, ...], classname: str, no_structured_output: bool,
-          sublayer: str | None, allow_new_params: bool, allow_modules: tuple[str, ...], check: bool, no_cache: bool,
-          quiet: bool) -> None:
+def build(
+    template: Path,
+    params: tuple[str, ...],
+    loss: Path | None,
+    metric: Path | None,
+    backward: Path | None,
+    dataset: Path | None,
+    name: str | None,
+    output: Path | None,
+    force: bool,
+    shapes: tuple[str, ...],
+    classname: str,
+    no_structured_output: bool,
+    sublayer: str | None,
+    allow_new_params: bool,
+    allow_modules: tuple[str, ...],
+    check: bool,
+    no_cache: bool,
+    quiet: bool,
+) -> None:
     """Compile TEMPLATE (and optional loss and metric templates) into a package.
 
     An identical earlier build (same command, working directory, template files and installed
@@ -111,8 +148,11 @@ def run_check(request: Any) -> None:
     if result.ok:
         click.echo(f"{where} is up to date with its templates")
         return
-    click.echo(f"{where} differs from what the templates produce now:\n{result.summary()}\n"
-               f"rebuild with the same command and --force (without --check)", err=True)
+    click.echo(
+        f"{where} differs from what the templates produce now:\n{result.summary()}\n"
+        f"rebuild with the same command and --force (without --check)",
+        err=True,
+    )
     sys.exit(1)
 
 
@@ -128,8 +168,17 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
     from ruamel.yaml import YAML
 
     from scmc.diagnostics import Diagnostics
-    from scmc.load import (LDict, Parameters, apply_override, expand, parameter_blocks, parse_override, plain,
-                           read_template, report_unused_overrides)
+    from scmc.load import (
+        LDict,
+        Parameters,
+        apply_override,
+        expand,
+        parameter_blocks,
+        parse_override,
+        plain,
+        read_template,
+        report_unused_overrides,
+    )
 
     try:
         source = read_template(template)
@@ -161,33 +210,73 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
 
 @main.command(name="export")
 @click.argument("package_dir", type=click.Path(path_type=Path))
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
-              help="A checkpoint of the generated train.py (last.pt, best.pt) or a bare state_dict.")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="A checkpoint of the generated train.py (last.pt, best.pt) or a bare state_dict.",
+)
 @click.option("--ema", "weights", flag_value="ema", help="Export the EMA weights; an error if the checkpoint has none.")
 @click.option("--raw", "weights", flag_value="raw", help="Export the trained weights even when EMA weights exist.")
-@click.option("--format", "formats", multiple=True, metavar="onnx|torchscript|pt2",
-              help="What to write (repeatable, or comma-separated). Default: onnx.")
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Output folder (default: <checkpoint folder>/export).")
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    metavar="onnx|torchscript|pt2",
+    help="What to write (repeatable, or comma-separated). Default: onnx.",
+)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Output folder (default: <checkpoint folder>/export)."
+)
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: 20, the dynamo exporter's own).")
 @click.option("--static-batch", is_flag=True, help="Fix the batch dimension to 1 (default: dynamic).")
 @click.option("--dynamic-spatial", is_flag=True, help="Also make height and width dynamic (ONNX, pt2).")
-@click.option("-s", "--shape", "shapes", multiple=True, metavar="NAME=C,H,W",
-              help="Input shape without batch to trace and verify at (default: the training image size "
-                   "recorded in the checkpoint, else the manifest's).")
+@click.option(
+    "-s",
+    "--shape",
+    "shapes",
+    multiple=True,
+    metavar="NAME=C,H,W",
+    help="Input shape without batch to trace and verify at (default: the training image size "
+    "recorded in the checkpoint, else the manifest's).",
+)
 @click.option("--labels", type=click.Path(path_type=Path), help="Class labels, one per line, for the ONNX metadata.")
 @click.option("--allow-mismatch", is_flag=True, help="Exit 0 even when an export does not match eager PyTorch.")
 @click.option("--verify-only", is_flag=True, help="Re-verify the files already in the output folder; export nothing.")
 @click.option("--no-aoti", is_flag=True, help="With pt2: do not compile an AOTInductor package.")
-@click.option("--aoti-timeout", type=float, default=900.0, show_default=True,
-              help="Seconds the AOTInductor compilation may take before it is skipped.")
-@click.option("--latency-rounds", type=click.IntRange(min=0), default=15, show_default=True,
-              help="Interleaved timing rounds per batch size (0: no latency figures).")
+@click.option(
+    "--aoti-timeout",
+    type=float,
+    default=900.0,
+    show_default=True,
+    help="Seconds the AOTInductor compilation may take before it is skipped.",
+)
+@click.option(
+    "--latency-rounds",
+    type=click.IntRange(min=0),
+    default=15,
+    show_default=True,
+    help="Interleaved timing rounds per batch size (0: no latency figures).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
-def export(package_dir: Path, checkpoint: Path, weights: str | None, formats: tuple[str, ...], output: Path | None,
-           opset: int | None, static_batch: bool, dynamic_spatial: bool, shapes: tuple[str, ...], labels: Path | None,
-           allow_mismatch: bool, verify_only: bool, no_aoti: bool, aoti_timeout: float, latency_rounds: int,
-           quiet: bool) -> None:
+def export(
+    package_dir: Path,
+    checkpoint: Path,
+    weights: str | None,
+    formats: tuple[str, ...],
+    output: Path | None,
+    opset: int | None,
+    static_batch: bool,
+    dynamic_spatial: bool,
+    shapes: tuple[str, ...],
+    labels: Path | None,
+    allow_mismatch: bool,
+    verify_only: bool,
+    no_aoti: bool,
+    aoti_timeout: float,
+    latency_rounds: int,
+    quiet: bool,
+) -> None:
     """Export PACKAGE_DIR (built by scmc build) with CHECKPOINT's weights, verified against eager PyTorch."""
     from scmc.export import DEFAULT_OPSET, ExportRequest, run_export
 
@@ -213,8 +302,11 @@ def export(package_dir: Path, checkpoint: Path, weights: str | None, formats: tu
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # user errors are diagnostics; anything else is a bug in scmc
-        click.echo(f"internal error in scmc export: {type(exc).__name__}: {exc}\nThis is a bug in scmc {scmc.__version__}; "
-                   f"please report it with this output.\n--- traceback ---\n{traceback.format_exc()}", err=True)
+        click.echo(
+            f"internal error in scmc export: {type(exc).__name__}: {exc}\nThis is a bug in scmc {scmc.__version__}; "
+            f"please report it with this output.\n--- traceback ---\n{traceback.format_exc()}",
+            err=True,
+        )
         status = 70
     sys.exit(status)
 
@@ -234,26 +326,59 @@ def torch_create() -> None:
 
 @torch_create.command(name="model")
 @click.argument("template", type=click.Path(path_type=Path))
-@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Override a parameter: 'DEFAULT: {key: value}', key=value or group.key=value. Repeatable.")
+@click.option(
+    "-p",
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a parameter: 'DEFAULT: {key: value}', key=value or group.key=value. Repeatable.",
+)
 @click.option("-c", "--classname", default="Model", show_default=True, help="Name of the generated class.")
 @click.option("--no-structured-output", is_flag=True, help="Return a value or tuple instead of a dict.")
 @click.option("-s", "--sublayer", help="Compile the named user layer (e.g. Backbone) instead of the root.")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=C,H,W",
-              help="Input shape without batch, for templates without INPUT_SHAPES (here -s means --sublayer).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="The Python file to write (default: <classname>.py in snake_case).")
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    metavar="NAME=C,H,W",
+    help="Input shape without batch, for templates without INPUT_SHAPES (here -s means --sublayer).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="The Python file to write (default: <classname>.py in snake_case).",
+)
 @click.option("--allow-new-params", is_flag=True, help="Let -p add keys the template does not define (to DEFAULT).")
-@click.option("--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable.")
+@click.option(
+    "--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable."
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
-def torch_create_model(template: Path, params: tuple[str, ...], classname: str, no_structured_output: bool,
-                       sublayer: str | None, shapes: tuple[str, ...], output: Path | None, allow_new_params: bool,
-                       allow_modules: tuple[str, ...], quiet: bool) -> None:
+def torch_create_model(
+    template: Path,
+    params: tuple[str, ...],
+    classname: str,
+    no_structured_output: bool,
+    sublayer: str | None,
+    shapes: tuple[str, ...],
+    output: Path | None,
+    allow_new_params: bool,
+    allow_modules: tuple[str, ...],
+    quiet: bool,
+) -> None:
     """Write the model class of TEMPLATE (a layer graph) to one Python file."""
     from scmc.build import BuildRequest, Part
 
-    request = BuildRequest(parts=[Part("model", template, classname)], params=list(params),
-                           shapes=dict(_shape(s) for s in shapes), structured=False if no_structured_output else None,
-                           sublayer=sublayer, allow_new_params=allow_new_params, allow_modules=tuple(allow_modules))
+    request = BuildRequest(
+        parts=[Part("model", template, classname)],
+        params=list(params),
+        shapes=dict(_shape(s) for s in shapes),
+        structured=False if no_structured_output else None,
+        sublayer=sublayer,
+        allow_new_params=allow_new_params,
+        allow_modules=tuple(allow_modules),
+    )
     run_create(request, output, quiet)
 
 
@@ -261,17 +386,35 @@ def torch_create_model(template: Path, params: tuple[str, ...], classname: str, 
 @click.argument("template", type=click.Path(path_type=Path))
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Override a parameter (as in model).")
 @click.option("-c", "--classname", default="Backward", show_default=True, help="Name of the generated class.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="The Python file to write (default: <classname>.py in snake_case).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="The Python file to write (default: <classname>.py in snake_case).",
+)
 @click.option("--allow-new-params", is_flag=True, help="Let -p add keys the template does not define (to DEFAULT).")
-@click.option("--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable.")
+@click.option(
+    "--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable."
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
-def torch_create_backward(template: Path, params: tuple[str, ...], classname: str, output: Path | None,
-                          allow_new_params: bool, allow_modules: tuple[str, ...], quiet: bool) -> None:
+def torch_create_backward(
+    template: Path,
+    params: tuple[str, ...],
+    classname: str,
+    output: Path | None,
+    allow_new_params: bool,
+    allow_modules: tuple[str, ...],
+    quiet: bool,
+) -> None:
     """Write the optimizer/step class of TEMPLATE (a backward template) to one Python file."""
     from scmc.build import BuildRequest, Part
 
-    request = BuildRequest(parts=[Part("backward", template, classname)], params=list(params),
-                           allow_new_params=allow_new_params, allow_modules=tuple(allow_modules))
+    request = BuildRequest(
+        parts=[Part("backward", template, classname)],
+        params=list(params),
+        allow_new_params=allow_new_params,
+        allow_modules=tuple(allow_modules),
+    )
     run_create(request, output, quiet)
 
 
@@ -281,8 +424,10 @@ def run_create(request: Any, output: Path | None, quiet: bool) -> None:
 
     part, destination = _compile_or_exit(lambda: create_module(request, output))
     if not quiet:
-        click.echo(f"wrote {part.program.root if part.program is not None else part.backward.classname} "
-                   f"-> {display_path(destination)}" + (f"  ({part.param_count:,} parameters)" if part.program else ""))
+        click.echo(
+            f"wrote {part.program.root if part.program is not None else part.backward.classname} "
+            f"-> {display_path(destination)}" + (f"  ({part.param_count:,} parameters)" if part.program else "")
+        )
 
 
 def _compile_or_exit(stage: Any) -> Any:
@@ -295,8 +440,11 @@ def _compile_or_exit(stage: Any) -> Any:
         click.echo(exc.render(), err=True)
         sys.exit(1)
     except InternalError as exc:
-        click.echo(f"internal compiler error: {exc}\nThis is a bug in scmc {scmc.__version__}; please report it with this output.\n"
-                   f"--- IR ---\n{exc.ir_dump}--- traceback ---\n{traceback.format_exc()}", err=True)
+        click.echo(
+            f"internal compiler error: {exc}\nThis is a bug in scmc {scmc.__version__}; please report it with this output.\n"
+            f"--- IR ---\n{exc.ir_dump}--- traceback ---\n{traceback.format_exc()}",
+            err=True,
+        )
         sys.exit(70)
     except KeyboardInterrupt:
         click.echo("interrupted; nothing was written", err=True)
@@ -304,8 +452,11 @@ def _compile_or_exit(stage: Any) -> Any:
     except SystemExit:
         raise
     except Exception as exc:  # any other exception is a bug in scmc, not a user mistake
-        click.echo(f"internal compiler error: {type(exc).__name__}: {exc}\nThis is a bug in scmc {scmc.__version__}; "
-                   f"please report it with this output.\n--- traceback ---\n{traceback.format_exc()}", err=True)
+        click.echo(
+            f"internal compiler error: {type(exc).__name__}: {exc}\nThis is a bug in scmc {scmc.__version__}; "
+            f"please report it with this output.\n--- traceback ---\n{traceback.format_exc()}",
+            err=True,
+        )
         sys.exit(70)
 
 
@@ -318,8 +469,10 @@ def run_build(request: Any, quiet: bool = False) -> None:
     if not quiet:
         elapsed = time.perf_counter() - start
         how = "unchanged inputs, from the build cache" if plan.cached else f"{len(plan.files)} files"
-        click.echo(f"built {plan.name} -> {display_path(destination)}  "
-                   f"({plan.param_count:,} parameters, {how}, {elapsed:.1f} s)")
+        click.echo(
+            f"built {plan.name} -> {display_path(destination)}  "
+            f"({plan.param_count:,} parameters, {how}, {elapsed:.1f} s)"
+        )
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -49,7 +49,12 @@ _BINOPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.LShift: operator.lshift,
     ast.RShift: operator.rshift,
 }
-_UNARY: dict[type, Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg, ast.Not: operator.not_, ast.Invert: operator.invert}
+_UNARY: dict[type, Callable[[Any], Any]] = {
+    ast.UAdd: operator.pos,
+    ast.USub: operator.neg,
+    ast.Not: operator.not_,
+    ast.Invert: operator.invert,
+}
 _CMP: dict[type, Callable[[Any, Any], Any]] = {
     ast.Eq: operator.eq,
     ast.NotEq: operator.ne,
@@ -122,8 +127,11 @@ def parse(text: str, ctx: Context) -> Expr:
         raise ExprError("E0501", f"`{text.strip()}` is not a Python expression: {exc.msg}") from None
     for node in ast.walk(tree):  # before anything else: `__import__(...)` is refused as such
         # `_` and `_x` are ordinary flow names; dunder names and private attributes are not
-        private = node.id if isinstance(node, ast.Name) and node.id.startswith("__") else \
-            node.attr if isinstance(node, ast.Attribute) and node.attr.startswith("_") else ""
+        private = (
+            node.id
+            if isinstance(node, ast.Name) and node.id.startswith("__")
+            else node.attr if isinstance(node, ast.Attribute) and node.attr.startswith("_") else ""
+        )
         if private:
             raise ExprError(
                 "E0502",
@@ -136,9 +144,28 @@ def parse(text: str, ctx: Context) -> Expr:
     class Rewrite(ast.NodeTransformer):
         def generic_visit(self, node: ast.AST) -> ast.AST:
             allowed = (
-                ast.Expression, ast.Constant, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp,
-                ast.Subscript, ast.Slice, ast.Tuple, ast.List, ast.Dict, ast.Call, ast.keyword, ast.Load,
-                ast.operator, ast.unaryop, ast.boolop, ast.cmpop, ast.Name, ast.Attribute, ast.Starred,
+                ast.Expression,
+                ast.Constant,
+                ast.BinOp,
+                ast.UnaryOp,
+                ast.BoolOp,
+                ast.Compare,
+                ast.IfExp,
+                ast.Subscript,
+                ast.Slice,
+                ast.Tuple,
+                ast.List,
+                ast.Dict,
+                ast.Call,
+                ast.keyword,
+                ast.Load,
+                ast.operator,
+                ast.unaryop,
+                ast.boolop,
+                ast.cmpop,
+                ast.Name,
+                ast.Attribute,
+                ast.Starred,
             )
             if not isinstance(node, allowed) or isinstance(node, ast.Starred):
                 raise ExprError(
@@ -154,7 +181,9 @@ def parse(text: str, ctx: Context) -> Expr:
             return self.generic_visit(node)
 
         def visit_Constant(self, node: ast.Constant) -> ast.AST:
-            if isinstance(node.value, (bytes, type(Ellipsis))) or (isinstance(node.value, str) and len(node.value) > MAX_LENGTH):
+            if isinstance(node.value, (bytes, type(Ellipsis))) or (
+                isinstance(node.value, str) and len(node.value) > MAX_LENGTH
+            ):
                 raise ExprError("E0502", f"constant `{ast.unparse(node)}` is outside the `eval:` grammar")
             return node
 
@@ -177,7 +206,9 @@ def parse(text: str, ctx: Context) -> Expr:
             # being lowered), IMPORTS and the pure builtins win; a known set of flow names wins
             # over them.
             wildcard = isinstance(ctx.flow_names, AnyName)
-            shadowed = wildcard and (head in ctx.imports or (not rest and (head in PURE_BUILTINS or head in ("True", "False", "None"))))
+            shadowed = wildcard and (
+                head in ctx.imports or (not rest and (head in PURE_BUILTINS or head in ("True", "False", "None")))
+            )
             if wildcard and rest and not shadowed and head in ctx.allow.all_roots():
                 raise ExprError(
                     "E0504",
@@ -207,11 +238,16 @@ def parse(text: str, ctx: Context) -> Expr:
 
                 hint = did_you_mean(head, known)
                 if ctx.flow_names is not None:
-                    raise ExprError("E0504", f"`{dotted}` is not one of the flow values or IMPORTS", hint or "add the module to IMPORTS")
+                    raise ExprError(
+                        "E0504",
+                        f"`{dotted}` is not one of the flow values or IMPORTS",
+                        hint or "add the module to IMPORTS",
+                    )
                 raise ExprError(
                     "E0504",
                     f"`{dotted}` is not a constant: layer arguments are folded at build time",
-                    hint or f"insert a parameter with Jinja (`{{{{ {head} }}}}` inside a `_jinja_yaml_` block), "
+                    hint
+                    or f"insert a parameter with Jinja (`{{{{ {head} }}}}` inside a `_jinja_yaml_` block), "
                     "or import a module in IMPORTS",
                 )
             try:
@@ -265,17 +301,36 @@ def evaluate(expr: Expr, env: dict[str, Any], allow: AllowList) -> Any:
             left, right = go(node.left), go(node.right)
             if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > 4096:
                 raise ExprError("E0505", "exponent too large in expression")
-            if isinstance(node.op, ast.Pow) and isinstance(left, int) and isinstance(right, int) and \
-                    abs(left) > 1 and left.bit_length() * right > MAX_BITS:
+            if (
+                isinstance(node.op, ast.Pow)
+                and isinstance(left, int)
+                and isinstance(right, int)
+                and abs(left) > 1
+                and left.bit_length() * right > MAX_BITS
+            ):
                 raise ExprError("E0505", f"expression builds an integer of more than {MAX_BITS} bits")
             if isinstance(node.op, (ast.LShift,)) and isinstance(right, int) and right > 4096:
                 raise ExprError("E0505", "shift too large in expression")
-            if isinstance(node.op, ast.LShift) and isinstance(left, int) and isinstance(right, int) and \
-                    left.bit_length() + right > MAX_BITS:
+            if (
+                isinstance(node.op, ast.LShift)
+                and isinstance(left, int)
+                and isinstance(right, int)
+                and left.bit_length() + right > MAX_BITS
+            ):
                 raise ExprError("E0505", f"expression builds an integer of more than {MAX_BITS} bits")
-            if isinstance(node.op, ast.Mult) and isinstance(left, (str, list, tuple)) and isinstance(right, int) and len(left) * right > MAX_LENGTH:
+            if (
+                isinstance(node.op, ast.Mult)
+                and isinstance(left, (str, list, tuple))
+                and isinstance(right, int)
+                and len(left) * right > MAX_LENGTH
+            ):
                 raise ExprError("E0505", f"expression builds a value longer than {MAX_LENGTH}")
-            if isinstance(node.op, ast.Mult) and isinstance(right, (str, list, tuple)) and isinstance(left, int) and len(right) * left > MAX_LENGTH:
+            if (
+                isinstance(node.op, ast.Mult)
+                and isinstance(right, (str, list, tuple))
+                and isinstance(left, int)
+                and len(right) * left > MAX_LENGTH
+            ):
                 raise ExprError("E0505", f"expression builds a value longer than {MAX_LENGTH}")
             return guard_size(_BINOPS[type(node.op)](left, right))
         if isinstance(node, ast.UnaryOp):

@@ -52,10 +52,16 @@ def build_value(value: Any, allow: AllowList, params: dict[str, Any] | None = No
             import functools
 
             fn = build_value(value.args[0], allow, params)
-            return functools.partial(fn, *[build_value(a, allow, params) for a in value.args[1:]],
-                                     **{k: build_value(v, allow, params) for k, v in value.kwargs})
+            return functools.partial(
+                fn,
+                *[build_value(a, allow, params) for a in value.args[1:]],
+                **{k: build_value(v, allow, params) for k, v in value.kwargs},
+            )
         fn = resolve(value.address, allow)
-        return fn(*[build_value(a, allow, params) for a in value.args], **{k: build_value(v, allow, params) for k, v in value.kwargs})
+        return fn(
+            *[build_value(a, allow, params) for a in value.args],
+            **{k: build_value(v, allow, params) for k, v in value.kwargs},
+        )
     if isinstance(value, tuple):
         return tuple(build_value(v, allow, params) for v in value)
     if isinstance(value, list):
@@ -77,8 +83,16 @@ class StepFailed(Exception):
 class GraphModule(torch.nn.Module):
     """Runs a forward graph node by node."""
 
-    def __init__(self, inputs: list[str], outputs: list[str], structured: bool, flow: list[Node],
-                 inference: list[Node] | None, functions: dict[str, Any], allow: AllowList):
+    def __init__(
+        self,
+        inputs: list[str],
+        outputs: list[str],
+        structured: bool,
+        flow: list[Node],
+        inference: list[Node] | None,
+        functions: dict[str, Any],
+        allow: AllowList,
+    ):
         super().__init__()
         self._inputs = list(inputs)
         self._outputs = list(outputs)
@@ -158,12 +172,18 @@ def type_name(value: Any) -> str:
         return "str"
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
         return "list[torch.Tensor]" if isinstance(value, list) else f"tuple[{', '.join(['torch.Tensor'] * len(value))}]"
-    if isinstance(value, dict) and value and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()):
+    if (
+        isinstance(value, dict)
+        and value
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    ):
         return "dict[str, torch.Tensor]"
     return "Any"
 
 
-def build_instance(inst: Instance, allow: AllowList, record: dict[int, tuple[ChildInst, torch.nn.Module, type]] | None = None) -> GraphModule:
+def build_instance(
+    inst: Instance, allow: AllowList, record: dict[int, tuple[ChildInst, torch.nn.Module, type]] | None = None
+) -> GraphModule:
     """A live module for an instance tree. ``record`` collects (child, module, original class)."""
     functions: dict[str, Any] = {}
     modules: dict[str, torch.nn.Module] = {}
@@ -195,7 +215,9 @@ def build_instance(inst: Instance, allow: AllowList, record: dict[int, tuple[Chi
     return gm
 
 
-def build_program(program: Program, allow: AllowList, cls: str | None = None, kwargs: dict[str, Any] | None = None) -> GraphModule:
+def build_program(
+    program: Program, allow: AllowList, cls: str | None = None, kwargs: dict[str, Any] | None = None
+) -> GraphModule:
     """A live module for a class of a compiled program (default: the root, no arguments)."""
     mdef = program.module(cls or program.root)
     params = dict(kwargs or {})
@@ -216,8 +238,15 @@ def build_program(program: Program, allow: AllowList, cls: str | None = None, kw
             modules[child.attr] = build_program(program, allow, child.ctor.address, sub_kwargs)
         else:
             modules[child.attr] = build_value(child.ctor, allow, params)
-    gm = GraphModule(list(mdef.inputs), list(mdef.outputs), mdef.structured, list(mdef.flow),
-                     list(mdef.inference) if mdef.inference is not None else None, functions, allow)
+    gm = GraphModule(
+        list(mdef.inputs),
+        list(mdef.outputs),
+        mdef.structured,
+        list(mdef.flow),
+        list(mdef.inference) if mdef.inference is not None else None,
+        functions,
+        allow,
+    )
     for name, module in modules.items():
         gm.add_module(name, module)
     return gm

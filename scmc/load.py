@@ -129,11 +129,17 @@ def read_text(path: Path, display: str) -> str:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise fail("E0001", f"template file not found: {display}", hint="check the path; it is relative to the current directory") from None
+        raise fail(
+            "E0001",
+            f"template file not found: {display}",
+            hint="check the path; it is relative to the current directory",
+        ) from None
     except IsADirectoryError:
         raise fail("E0001", f"{display} is a directory, not a template file") from None
     except PermissionError:
-        raise fail("E0002", f"cannot read {display}: permission denied", hint="make the file readable (chmod +r)") from None
+        raise fail(
+            "E0002", f"cannot read {display}: permission denied", hint="make the file readable (chmod +r)"
+        ) from None
     except OSError as exc:
         raise fail("E0002", f"cannot read {display}: {exc.strerror}") from None
     from scmc import cache
@@ -160,8 +166,12 @@ def parse_yaml(text: str, display: str, line_offset: int = 0, note: str = "") ->
     try:
         node = yaml.compose(text)
     except RecursionError:
-        raise fail("E0106", "the YAML nests too deeply", Span(display, line_offset + 1, 1, note),
-                   hint="templates nest a few levels; check for a runaway bracket") from None
+        raise fail(
+            "E0106",
+            "the YAML nests too deeply",
+            Span(display, line_offset + 1, 1, note),
+            hint="templates nest a few levels; check for a runaway bracket",
+        ) from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = (mark.line + 1 + line_offset) if mark else line_offset
@@ -186,8 +196,12 @@ def parse_yaml(text: str, display: str, line_offset: int = 0, note: str = "") ->
     except _Expanded as exc:
         raise fail("E0105", exc.message, exc.span, hint=exc.hint) from None
     except RecursionError:
-        raise fail("E0106", "the YAML nests too deeply", Span(display, line_offset + 1, 1, note),
-                   hint="templates nest a few levels; check for a runaway bracket") from None
+        raise fail(
+            "E0106",
+            "the YAML nests too deeply",
+            Span(display, line_offset + 1, 1, note),
+            hint="templates nest a few levels; check for a runaway bracket",
+        ) from None
     diags.raise_if_any()
     return value
 
@@ -212,17 +226,23 @@ class _Expansion:
     def enter(self, node: Any, span: Span) -> None:
         self.left -= 1
         if self.left < 0:
-            raise _Expanded(f"the YAML expands to more than {MAX_YAML_VALUES:,} values", span,
-                            "anchors and aliases (`&a`, `*a`) repeat their value each time they are used")
+            raise _Expanded(
+                f"the YAML expands to more than {MAX_YAML_VALUES:,} values",
+                span,
+                "anchors and aliases (`&a`, `*a`) repeat their value each time they are used",
+            )
         if id(node) in self.open:
-            raise _Expanded("this alias refers to a collection that contains it", span,
-                            "a template must be a tree: an alias cannot point at one of its own parents")
+            raise _Expanded(
+                "this alias refers to a collection that contains it",
+                span,
+                "a template must be a tree: an alias cannot point at one of its own parents",
+            )
 
 
 def _short_tag(tag: str) -> str:
     """A tag as the template spells it: `tag:yaml.org,2002:python/name` -> `!!python/name`."""
     prefix = "tag:yaml.org,2002:"
-    return "!!" + tag[len(prefix):] if tag.startswith(prefix) else tag
+    return "!!" + tag[len(prefix) :] if tag.startswith(prefix) else tag
 
 
 _RENDERED_CACHE: dict[str, Any] = {}
@@ -270,8 +290,15 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def _construct(node: Any, constructor: Any, display: str, line_offset: int, note: str, diags: Diagnostics,
-               guard: "_Expansion | None" = None) -> Any:
+def _construct(
+    node: Any,
+    constructor: Any,
+    display: str,
+    line_offset: int,
+    note: str,
+    diags: Diagnostics,
+    guard: "_Expansion | None" = None,
+) -> Any:
     from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
     mark = node.start_mark
@@ -287,8 +314,16 @@ def _construct(node: Any, constructor: Any, display: str, line_offset: int, note
     return _construct_collection(node, constructor, display, line_offset, note, diags, guard, span)
 
 
-def _construct_collection(node: Any, constructor: Any, display: str, line_offset: int, note: str, diags: Diagnostics,
-                          guard: "_Expansion", span: Span) -> Any:
+def _construct_collection(
+    node: Any,
+    constructor: Any,
+    display: str,
+    line_offset: int,
+    note: str,
+    diags: Diagnostics,
+    guard: "_Expansion",
+    span: Span,
+) -> Any:
     from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
     if node.tag not in _SAFE_TAGS:
@@ -335,7 +370,12 @@ def _construct_collection(node: Any, constructor: Any, display: str, line_offset
                 diags.error("E0102", "mapping keys must be scalars", key_span)
                 continue
             if key in out:
-                diags.error("E0103", f"duplicate key `{key}`", key_span, hint=f"`{key}` is already set at line {out.key_span(key).line}")
+                diags.error(
+                    "E0103",
+                    f"duplicate key `{key}`",
+                    key_span,
+                    hint=f"`{key}` is already set at line {out.key_span(key).line}",
+                )
                 continue
             out[key] = _construct(value_node, constructor, display, line_offset, note, diags, guard)
             vm = value_node.start_mark
@@ -437,7 +477,11 @@ class Parameters:
             if isinstance(shared_block, LDict):
                 where = shared_block.key_span(both[0])  # the key itself, inside SHARED
             default_block = raw.get("DEFAULT") if isinstance(raw, LDict) else None
-            also = f" (DEFAULT sets it at line {default_block.key_span(both[0]).line})" if isinstance(default_block, LDict) else ""
+            also = (
+                f" (DEFAULT sets it at line {default_block.key_span(both[0]).line})"
+                if isinstance(default_block, LDict)
+                else ""
+            )
             diags.error(
                 "E0202",
                 f"parameter{'s' if len(both) > 1 else ''} {', '.join(f'`{k}`' for k in both)} set in both SHARED and DEFAULT",
@@ -495,7 +539,10 @@ def parse_override(text: str) -> Override:
             f"cannot read `-p {text}`",
             hint="write `-p key=value`, `-p group.key=value` or `-p 'DEFAULT: {key: value}'`",
         )
-    groups = {("default" if k == "DEFAULT" else "_shared_" if k == "SHARED" else str(k)): plain(v or {}) for k, v in value.items()}
+    groups = {
+        ("default" if k == "DEFAULT" else "_shared_" if k == "SHARED" else str(k)): plain(v or {})
+        for k, v in value.items()
+    }
     return Override(text, groups=groups)
 
 
@@ -524,14 +571,28 @@ def parameter_blocks(data: LDict) -> list[LDict]:
         if isinstance(params, LDict):
             blocks.append(params)
         for key, value in node.items():
-            if key != "PARAMETERS" and isinstance(key, str) and key not in LAYER_GRAPH_KEYS and isinstance(value, LDict):
+            if (
+                key != "PARAMETERS"
+                and isinstance(key, str)
+                and key not in LAYER_GRAPH_KEYS
+                and isinstance(value, LDict)
+            ):
                 visit(value)
 
     visit(data)
     return blocks
 
 
-LAYER_GRAPH_KEYS = ("PARAMETERS", "IMPORTS", "INPUTS", "OUTPUTS", "STRUCTURED_OUTPUT", "FLOW", "INFERENCE_FLOW", "INPUT_SHAPES")
+LAYER_GRAPH_KEYS = (
+    "PARAMETERS",
+    "IMPORTS",
+    "INPUTS",
+    "OUTPUTS",
+    "STRUCTURED_OUTPUT",
+    "FLOW",
+    "INFERENCE_FLOW",
+    "INPUT_SHAPES",
+)
 
 
 def defined_keys(blocks: list[LDict]) -> set[str]:
@@ -543,7 +604,9 @@ def defined_keys(blocks: list[LDict]) -> set[str]:
     return keys
 
 
-def apply_override(blocks: list[LDict], override: Override, diags: Diagnostics, allow_new: bool, source_display: str) -> bool:
+def apply_override(
+    blocks: list[LDict], override: Override, diags: Diagnostics, allow_new: bool, source_display: str
+) -> bool:
     """Apply one override to a template's PARAMETERS blocks. Returns whether it applied."""
     applied = False
     if override.groups is not None:
@@ -579,7 +642,9 @@ def apply_override(blocks: list[LDict], override: Override, diags: Diagnostics, 
                     hint=f"use `-p {key}=...` to change it everywhere",
                 )
                 return True
-            if isinstance(group, dict) and (key in group or any(isinstance(g, dict) and key in g for g in block.values())):
+            if isinstance(group, dict) and (
+                key in group or any(isinstance(g, dict) and key in g for g in block.values())
+            ):
                 group[key] = override.value
                 applied = True
     if not applied and allow_new and blocks:
@@ -594,7 +659,9 @@ def apply_override(blocks: list[LDict], override: Override, diags: Diagnostics, 
     return applied
 
 
-def report_unused_overrides(overrides: list[Override], used: list[bool], sources: list[Source], diags: Diagnostics) -> None:
+def report_unused_overrides(
+    overrides: list[Override], used: list[bool], sources: list[Source], diags: Diagnostics
+) -> None:
     known: set[str] = set()
     groups: set[str] = set()
     for source in sources:
@@ -614,12 +681,20 @@ def report_unused_overrides(overrides: list[Override], used: list[bool], sources
             names = [k for g in override.groups.values() for k in g if k not in known]
             what = ", ".join(f"`{n}`" for n in names) or "its keys"
             hint = " ".join(filter(None, (did_you_mean(n, known) for n in names)))
-            diags.error("E0213", f"`{override.describe()}` sets {what}, which no template of this build defines", span,
-                        hint=(hint + " " if hint else "") + "or pass --allow-new-params to add it to DEFAULT")
+            diags.error(
+                "E0213",
+                f"`{override.describe()}` sets {what}, which no template of this build defines",
+                span,
+                hint=(hint + " " if hint else "") + "or pass --allow-new-params to add it to DEFAULT",
+            )
             continue
         if override.group is not None and override.group not in groups and override.group != "default":
-            diags.error("E0214", f"`{override.describe()}` names group `{override.group}`, which no template defines", span,
-                        hint=did_you_mean(override.group, groups) or f"groups: {', '.join(sorted(groups))}")
+            diags.error(
+                "E0214",
+                f"`{override.describe()}` names group `{override.group}`, which no template defines",
+                span,
+                hint=did_you_mean(override.group, groups) or f"groups: {', '.join(sorted(groups))}",
+            )
             continue
         hint = did_you_mean(override.key or "", known)
         diags.error(
@@ -739,13 +814,20 @@ def _call_binop(context: Any, operator: str, left: Any, right: Any) -> Any:
     if operator == "*":
         for seq, times in ((left, right), (right, left)):
             if _sized(seq) and isinstance(times, int) and _sized(seq) * times > MAX_JINJA_LENGTH:
-                raise JinjaTooBig(f"`*` would build a value of {_sized(seq) * times:,} items (the limit is {MAX_JINJA_LENGTH:,})")
+                raise JinjaTooBig(
+                    f"`*` would build a value of {_sized(seq) * times:,} items (the limit is {MAX_JINJA_LENGTH:,})"
+                )
         return _guard_result(left * right)
     if operator == "**":
-        if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0 and \
-                left.bit_length() * right > MAX_JINJA_BITS:
+        if (
+            isinstance(left, int)
+            and isinstance(right, int)
+            and abs(left) > 1
+            and right > 0
+            and left.bit_length() * right > MAX_JINJA_BITS
+        ):
             raise JinjaTooBig(f"`**` would build an integer of more than {MAX_JINJA_BITS:,} bits")
-        return left ** right
+        return left**right
     if operator == "%":
         _guard_format(left)
         return _guard_result(left % right)
@@ -827,13 +909,23 @@ def _render(source: str, variables: Mapping[str, Any], span: Span, text_span: Sp
     try:
         return _render_limited(template, dict(variables))  # a mapping, so a parameter may be called `self`
     except JinjaTooBig as exc:
-        raise fail("E0314", f"Jinja block too large: {exc}", span,
-                   hint="templates describe layers; they do not need values this large") from None
+        raise fail(
+            "E0314",
+            f"Jinja block too large: {exc}",
+            span,
+            hint="templates describe layers; they do not need values this large",
+        ) from None
     except RenderTimeout:
-        raise fail("E0311", f"rendering this Jinja block took longer than {MAX_SECONDS:g} s", span,
-                   hint="a loop in the block runs too long") from None
+        raise fail(
+            "E0311",
+            f"rendering this Jinja block took longer than {MAX_SECONDS:g} s",
+            span,
+            hint="a loop in the block runs too long",
+        ) from None
     except RecursionError:
-        raise fail("E0310", "Jinja rendering recursed too deeply", span, hint="a macro calls itself without end") from None
+        raise fail(
+            "E0310", "Jinja rendering recursed too deeply", span, hint="a macro calls itself without end"
+        ) from None
     except TemplateRaised as exc:
         raise fail("E0301", f"the template refused these parameters: {exc}", span) from None
     except UndefinedError as exc:
@@ -844,7 +936,8 @@ def _render(source: str, variables: Mapping[str, Any], span: Span, text_span: Sp
             "E0302",
             f"Jinja: {exc.message}",
             span,
-            hint=hint or (f"variables available here: {', '.join(names)}" if names else "no parameters are defined here"),
+            hint=hint
+            or (f"variables available here: {', '.join(names)}" if names else "no parameters are defined here"),
         ) from None
     except SecurityError as exc:
         raise fail("E0303", f"Jinja sandbox refused: {exc}", span, hint="templates may only read parameters") from None
@@ -864,10 +957,14 @@ def _render_limited(template: Any, variables: dict[str, Any]) -> str:
     import signal
     import threading
 
-    timer = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-             and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-             and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None))
+    timer = (
+        hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+        and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
+    )
     if timer:
+
         def expired(signum: int, frame: Any) -> None:
             raise RenderTimeout()
 
@@ -902,8 +999,12 @@ def _apply_pipe(value: Any, pipe: Any, span: Span) -> Any:
         elif name in _SAFE_PIPES:
             value = _SAFE_PIPES[name](value)
         else:
-            raise fail("E0305", f"`_jinja_pipe_` step `{plain(item)}` is not allowed", span,
-                       hint="pipes may only cast: int, float, str, bool, list, dict, json.loads")
+            raise fail(
+                "E0305",
+                f"`_jinja_pipe_` step `{plain(item)}` is not allowed",
+                span,
+                hint="pipes may only cast: int, float, str, bool, list, dict, json.loads",
+            )
     return value
 
 
@@ -934,7 +1035,9 @@ def _render_block(node: LDict, groups: Parameters, default: str) -> tuple[LDict,
         except CompileError as exc:
             diag = exc.diagnostics[0]
             inner = diag.span.line if diag.span else 0
-            raise fail(diag.code, f"{diag.message} (line {inner} of the rendered block:\n{_excerpt(text, inner)})", span) from None
+            raise fail(
+                diag.code, f"{diag.message} (line {inner} of the rendered block:\n{_excerpt(text, inner)})", span
+            ) from None
         value = relocate(value, block_span)
     elif alias == JINJA_JSON:
         try:
@@ -1006,12 +1109,18 @@ def expand(data: Any, params: Parameters, default: str = "default") -> Any:
                     rest, part = _render_block(item, params, default)
                     if rest:
                         if not isinstance(part, LDict):
-                            raise fail("E0312", "this Jinja block sits beside other keys, so it must render a mapping", rest.span)
+                            raise fail(
+                                "E0312",
+                                "this Jinja block sits beside other keys, so it must render a mapping",
+                                rest.span,
+                            )
                         items.append(merge_into(rest, part))
                         spans.append(node.item_span(index))
                     elif isinstance(part, list):
                         items.extend(part)
-                        spans.extend(part.item_spans if isinstance(part, LList) else [node.item_span(index)] * len(part))
+                        spans.extend(
+                            part.item_spans if isinstance(part, LList) else [node.item_span(index)] * len(part)
+                        )
                     elif part is None:
                         continue  # a block that rendered nothing adds no items
                     else:

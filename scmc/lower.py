@@ -84,8 +84,12 @@ def to_pascal(name: str) -> str:
 def is_name(text: Any) -> bool:
     """A Python identifier that is not a keyword and that Python reads as itself: identifiers are
     NFKC-normalized by the parser, so `ℌ` and `H` would be one name in generated code."""
-    return (isinstance(text, str) and text.isidentifier() and not keyword.iskeyword(text)
-            and unicodedata.normalize("NFKC", text) == text)
+    return (
+        isinstance(text, str)
+        and text.isidentifier()
+        and not keyword.iskeyword(text)
+        and unicodedata.normalize("NFKC", text) == text
+    )
 
 
 @dataclass
@@ -127,8 +131,12 @@ class Lowerer:
             parts = sublayer.split(".")
             definition, def_scope = self._find_layer(parts, scope, source.data.span)
             # the sublayer is the root of this build: INPUT_SHAPES, --shape and --no-structured-output apply to it
-            return self._lower_user(definition, def_scope, params, classname, ".".join(parts), source.data.span, is_root=True)
-        root = LDict({k: v for k, v in source.data.items() if k in LAYER_GRAPH_KEYS or k in JINJA_KEYS}, span=source.data.span)
+            return self._lower_user(
+                definition, def_scope, params, classname, ".".join(parts), source.data.span, is_root=True
+            )
+        root = LDict(
+            {k: v for k, v in source.data.items() if k in LAYER_GRAPH_KEYS or k in JINJA_KEYS}, span=source.data.span
+        )
         root.key_spans = dict(source.data.key_spans)
         root.value_spans = dict(source.data.value_spans)
         return self._lower_graph(root, scope, params, template=source.display, class_hint=classname, is_root=True)
@@ -152,33 +160,61 @@ class Lowerer:
         from scmc.diagnostics import Diagnostic
 
         hint = did_you_mean(name, scope.layers) or (
-            f"user layers of this file: {', '.join(sorted(scope.layers))}" if scope.layers else "this file defines no user layers"
+            f"user layers of this file: {', '.join(sorted(scope.layers))}"
+            if scope.layers
+            else "this file defines no user layers"
         )
         return Diagnostic("E0700", f"unknown user layer TYPE `{name}`", span, hint)
 
-    def _lower_user(self, definition: LDict, scope: Scope, params: Parameters, class_hint: str, key: str, span: Span,
-                    passed: dict[str, Any] | None = None, is_root: bool = False) -> Instance:
+    def _lower_user(
+        self,
+        definition: LDict,
+        scope: Scope,
+        params: Parameters,
+        class_hint: str,
+        key: str,
+        span: Span,
+        passed: dict[str, Any] | None = None,
+        is_root: bool = False,
+    ) -> Instance:
         if key in scope.chain:
-            cycle = " -> ".join((*scope.chain[scope.chain.index(key):], key))
-            raise CompileError([__import__("scmc.diagnostics", fromlist=["Diagnostic"]).Diagnostic(
-                "E0701", f"user layer TYPE cycle: {cycle}", span, "a user layer cannot contain itself")])
-        own = Parameters.from_raw(definition.get("PARAMETERS"), definition.key_span("PARAMETERS") if "PARAMETERS" in definition else definition.span, self.diags)
+            cycle = " -> ".join((*scope.chain[scope.chain.index(key) :], key))
+            raise CompileError(
+                [
+                    __import__("scmc.diagnostics", fromlist=["Diagnostic"]).Diagnostic(
+                        "E0701", f"user layer TYPE cycle: {cycle}", span, "a user layer cannot contain itself"
+                    )
+                ]
+            )
+        own = Parameters.from_raw(
+            definition.get("PARAMETERS"),
+            definition.key_span("PARAMETERS") if "PARAMETERS" in definition else definition.span,
+            self.diags,
+        )
         merged = own.merge(params)
         inner = Scope(scope.source, dict(scope.layers), (*scope.chain, key))
         for name, value in user_layer_defs(definition, self.diags, scope.source).items():
             inner.layers[name] = (value, inner)
-        graph = LDict({k: v for k, v in definition.items() if k in LAYER_GRAPH_KEYS or k in JINJA_KEYS}, span=definition.span)
+        graph = LDict(
+            {k: v for k, v in definition.items() if k in LAYER_GRAPH_KEYS or k in JINJA_KEYS}, span=definition.span
+        )
         graph.key_spans = dict(definition.key_spans)
         graph.value_spans = dict(definition.value_spans)
-        inst = self._lower_graph(graph, inner, merged, template=key, class_hint=class_hint, is_root=is_root, use_span=span)
+        inst = self._lower_graph(
+            graph, inner, merged, template=key, class_hint=class_hint, is_root=is_root, use_span=span
+        )
         inst.params = dict(passed or {})
         return inst
 
     def _user_child(self, spec: LDict, scope: Scope, params: Parameters, span: Span) -> Instance:
         for k in spec:
             if k not in USER_LAYER_KEYS:
-                self.diags.error("E0702", f"unknown key `{k}` in a user layer", spec.key_span(k),
-                                 did_you_mean(str(k), USER_LAYER_KEYS) or "a user layer has TYPE, CFG and PARAM")
+                self.diags.error(
+                    "E0702",
+                    f"unknown key `{k}` in a user layer",
+                    spec.key_span(k),
+                    did_you_mean(str(k), USER_LAYER_KEYS) or "a user layer has TYPE, CFG and PARAM",
+                )
         type_name = spec.get("TYPE")
         cfg = spec.get("CFG")
         param_raw = spec.get("PARAM")
@@ -201,26 +237,47 @@ class Lowerer:
                 parts = type_name.split(".")
                 definition, def_scope = self._find_layer(parts, other_scope, spec.value_span("TYPE"))
                 def_scope = Scope(def_scope.source, def_scope.layers, scope.chain)
-                return self._lower_user(definition, def_scope, own.merge(merged), hint + to_pascal(parts[-1]),
-                                        f"{other.display}:{type_name}", span, passed_default)
+                return self._lower_user(
+                    definition,
+                    def_scope,
+                    own.merge(merged),
+                    hint + to_pascal(parts[-1]),
+                    f"{other.display}:{type_name}",
+                    span,
+                    passed_default,
+                )
             key = f"{other.display}"
             if key in scope.chain:
-                raise CompileError([_diag("E0701", f"CFG cycle: {' -> '.join((*scope.chain, key))}", spec.value_span("CFG"))])
-            root = LDict({k: v for k, v in other.data.items() if k in LAYER_GRAPH_KEYS or k in JINJA_KEYS}, span=other.data.span)
+                raise CompileError(
+                    [_diag("E0701", f"CFG cycle: {' -> '.join((*scope.chain, key))}", spec.value_span("CFG"))]
+                )
+            root = LDict(
+                {k: v for k, v in other.data.items() if k in LAYER_GRAPH_KEYS or k in JINJA_KEYS}, span=other.data.span
+            )
             root.key_spans = dict(other.data.key_spans)
             root.value_spans = dict(other.data.value_spans)
             other_scope.chain = (*scope.chain, key)
-            inst = self._lower_graph(root, other_scope, own.merge(merged), template=key, class_hint=hint, is_root=False, use_span=span)
+            inst = self._lower_graph(
+                root, other_scope, own.merge(merged), template=key, class_hint=hint, is_root=False, use_span=span
+            )
             inst.params = passed_default
             return inst
         if not type_name:
-            raise CompileError([_diag("E0705", "a user layer needs TYPE (or CFG)", span, "write {TYPE: Name, PARAM: {DEFAULT: {...}}}")])
+            raise CompileError(
+                [
+                    _diag(
+                        "E0705", "a user layer needs TYPE (or CFG)", span, "write {TYPE: Name, PARAM: {DEFAULT: {...}}}"
+                    )
+                ]
+            )
         parts = type_name.split(".")
         if not all(parts):
             raise CompileError([_diag("E0703", f"TYPE `{type_name}` is not a name", spec.value_span("TYPE"))])
         definition, def_scope = self._find_layer(parts, scope, spec.value_span("TYPE"))
         def_scope = Scope(def_scope.source, def_scope.layers, scope.chain)  # the caller's chain, to catch cycles
-        return self._lower_user(definition, def_scope, merged, to_pascal(parts[-1]), type_name, spec.value_span("TYPE"), passed_default)
+        return self._lower_user(
+            definition, def_scope, merged, to_pascal(parts[-1]), type_name, spec.value_span("TYPE"), passed_default
+        )
 
     def _resolve_cfg(self, cfg: str, source: Source, span: Span) -> Path:
         candidates = [source.directory / cfg, Path(cfg)]
@@ -230,7 +287,16 @@ class Lowerer:
             if path.is_file():
                 return path
             cache.note_absent(path)  # a file created here later changes which one is read
-        raise CompileError([_diag("E0706", f"CFG file `{cfg}` not found", span, f"looked next to {source.display} and in the working directory")])
+        raise CompileError(
+            [
+                _diag(
+                    "E0706",
+                    f"CFG file `{cfg}` not found",
+                    span,
+                    f"looked next to {source.display} and in the working directory",
+                )
+            ]
+        )
 
     def _read(self, path: Path) -> Source:
         key = path.resolve()
@@ -240,28 +306,56 @@ class Lowerer:
 
     # ------------------------------------------------------------------ graphs
 
-    def _lower_graph(self, raw: LDict, scope: Scope, params: Parameters, template: str, class_hint: str,
-                     is_root: bool, use_span: Span | None = None) -> Instance:
+    def _lower_graph(
+        self,
+        raw: LDict,
+        scope: Scope,
+        params: Parameters,
+        template: str,
+        class_hint: str,
+        is_root: bool,
+        use_span: Span | None = None,
+    ) -> Instance:
         previous, self.current_source = self.current_source, scope.source
         try:
             return self._lower_graph_in(raw, scope, params, template, class_hint, is_root, use_span)
         finally:
             self.current_source = previous
 
-    def _lower_graph_in(self, raw: LDict, scope: Scope, params: Parameters, template: str, class_hint: str,
-                        is_root: bool, use_span: Span | None = None) -> Instance:
+    def _lower_graph_in(
+        self,
+        raw: LDict,
+        scope: Scope,
+        params: Parameters,
+        template: str,
+        class_hint: str,
+        is_root: bool,
+        use_span: Span | None = None,
+    ) -> Instance:
         self.instances += 1
         if self.instances > self.options.max_instances:
-            raise CompileError([_diag("E0707", f"more than {self.options.max_instances} layer instances", raw.span,
-                                      "a Jinja loop or a recursive template is generating too many layers")])
+            raise CompileError(
+                [
+                    _diag(
+                        "E0707",
+                        f"more than {self.options.max_instances} layer instances",
+                        raw.span,
+                        "a Jinja loop or a recursive template is generating too many layers",
+                    )
+                ]
+            )
         graph = expand(raw, params)
         if not isinstance(graph, LDict):
             raise CompileError([_diag("E0708", "a layer graph must render to a mapping", raw.span)])
         span = graph.span
         for key in graph:
             if key not in LAYER_GRAPH_KEYS:
-                self.diags.error("E0709", f"unknown key `{key}` in a layer graph", graph.key_span(key),
-                                 did_you_mean(str(key), LAYER_GRAPH_KEYS) or "user layers are defined at the top level of a file")
+                self.diags.error(
+                    "E0709",
+                    f"unknown key `{key}` in a layer graph",
+                    graph.key_span(key),
+                    did_you_mean(str(key), LAYER_GRAPH_KEYS) or "user layers are defined at the top level of a file",
+                )
         if "FLOW" not in graph:
             self.diags.error("E0710", f"layer graph `{template}` has no FLOW", use_span or span, "add FLOW: [steps...]")
             raise CompileError(list(self.diags))
@@ -272,7 +366,11 @@ class Lowerer:
         outer_imports, self.imports = self.imports, imports
         try:
             flow = self._flow(graph, "FLOW", scope, params, imports, children, layer_kinds)
-            inference = self._flow(graph, "INFERENCE_FLOW", scope, params, imports, children, layer_kinds) if "INFERENCE_FLOW" in graph and graph["INFERENCE_FLOW"] is not None else None
+            inference = (
+                self._flow(graph, "INFERENCE_FLOW", scope, params, imports, children, layer_kinds)
+                if "INFERENCE_FLOW" in graph and graph["INFERENCE_FLOW"] is not None
+                else None
+            )
         finally:
             self.imports = outer_imports
         if len(self.diags) > errors_before:
@@ -295,8 +393,13 @@ class Lowerer:
             for node in nodes:
                 for name in node_reads(node):
                     if name not in defined:
-                        self.diags.error("E0711", f"`{name}` is read before it is written", node.span,
-                                         did_you_mean(name, defined) or f"inputs are {', '.join(inputs) or 'none'}; declare it in INPUTS or write it in an earlier step")
+                        self.diags.error(
+                            "E0711",
+                            f"`{name}` is read before it is written",
+                            node.span,
+                            did_you_mean(name, defined)
+                            or f"inputs are {', '.join(inputs) or 'none'}; declare it in INPUTS or write it in an earlier step",
+                        )
                 for name in out_names(node.out):
                     defined.add(name)
                     if label == "FLOW" and name not in written_any and name not in inputs:
@@ -304,8 +407,12 @@ class Lowerer:
         if outputs is None:
             outputs = written_any
             if not outputs:
-                self.diags.error("E0737", f"layer graph `{template}` returns nothing: every step writes one of its inputs",
-                                 use_span or span, "name the result of the last step, or declare OUTPUTS")
+                self.diags.error(
+                    "E0737",
+                    f"layer graph `{template}` returns nothing: every step writes one of its inputs",
+                    use_span or span,
+                    "name the result of the last step, or declare OUTPUTS",
+                )
         for label, nodes in (("FLOW", flow), ("INFERENCE_FLOW", inference)):
             if nodes is None:
                 continue
@@ -313,7 +420,9 @@ class Lowerer:
             for name in outputs:
                 if name not in written:
                     where = graph.key_span("OUTPUTS") if "OUTPUTS" in graph else span
-                    self.diags.error("E0712", f"output `{name}` is never written by {label}", where, did_you_mean(name, written))
+                    self.diags.error(
+                        "E0712", f"output `{name}` is never written by {label}", where, did_you_mean(name, written)
+                    )
         structured = graph.get("STRUCTURED_OUTPUT", False)
         if not isinstance(structured, bool):
             self.diags.error("E0713", "STRUCTURED_OUTPUT must be true or false", graph.value_span("STRUCTURED_OUTPUT"))
@@ -321,8 +430,19 @@ class Lowerer:
         if is_root and self.options.structured is not None:
             structured = self.options.structured
         shapes = self._shapes(graph, inputs) if is_root else None
-        return Instance(template, class_hint, {}, children, list(inputs), list(outputs), structured, flow, inference,
-                        use_span or span, shapes)
+        return Instance(
+            template,
+            class_hint,
+            {},
+            children,
+            list(inputs),
+            list(outputs),
+            structured,
+            flow,
+            inference,
+            use_span or span,
+            shapes,
+        )
 
     def _names(self, graph: LDict, key: str) -> list[str] | None:
         if key not in graph or graph[key] is None:
@@ -348,7 +468,9 @@ class Lowerer:
         shapes: dict[str, Any] = {}
         if raw is not None:
             if not isinstance(raw, dict):
-                self.diags.error("E0717", "INPUT_SHAPES must map input names to shapes", graph.value_span("INPUT_SHAPES"))
+                self.diags.error(
+                    "E0717", "INPUT_SHAPES must map input names to shapes", graph.value_span("INPUT_SHAPES")
+                )
                 raw = {}
             for name, shape in raw.items():
                 where = raw.key_span(name) if isinstance(raw, LDict) else graph.value_span("INPUT_SHAPES")
@@ -359,14 +481,22 @@ class Lowerer:
 
     def _shape(self, name: Any, shape: Any, where: Span, inputs: list[str]) -> Any:
         if name not in inputs:
-            self.diags.error("E0718", f"INPUT_SHAPES names `{name}`, which is not an input", where,
-                             did_you_mean(str(name), inputs) or f"inputs: {', '.join(inputs)}")
+            self.diags.error(
+                "E0718",
+                f"INPUT_SHAPES names `{name}`, which is not an input",
+                where,
+                did_you_mean(str(name), inputs) or f"inputs: {', '.join(inputs)}",
+            )
         dtype = "float32"
         if isinstance(shape, dict):
             dtype = shape.get("dtype", "float32")
             shape = shape.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-            self.diags.error("E0719", f"shape of `{name}` must be a list of positive integers (without the batch dimension)", where)
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+        ):
+            self.diags.error(
+                "E0719", f"shape of `{name}` must be a list of positive integers (without the batch dimension)", where
+            )
             return {"shape": [], "dtype": "float32"}
         if dtype not in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool"):
             self.diags.error("E0719", f"dtype `{dtype}` of `{name}` is not supported", where)
@@ -407,8 +537,16 @@ class Lowerer:
 
     # ------------------------------------------------------------------ steps
 
-    def _flow(self, graph: LDict, key: str, scope: Scope, params: Parameters, imports: dict[str, str],
-              children: list[ChildInst], layers: dict[str, ChildInst]) -> list[Node]:
+    def _flow(
+        self,
+        graph: LDict,
+        key: str,
+        scope: Scope,
+        params: Parameters,
+        imports: dict[str, str],
+        children: list[ChildInst],
+        layers: dict[str, ChildInst],
+    ) -> list[Node]:
         steps = graph[key]
         if not isinstance(steps, list):
             self.diags.error("E0721", f"{key} must be a list of steps", graph.value_span(key))
@@ -430,8 +568,16 @@ class Lowerer:
                 nodes.append(node)
         return nodes
 
-    def _step(self, step: Any, span: Span, scope: Scope, params: Parameters, imports: dict[str, str],
-              children: list[ChildInst], layers: dict[str, ChildInst]) -> Node | None:
+    def _step(
+        self,
+        step: Any,
+        span: Span,
+        scope: Scope,
+        params: Parameters,
+        imports: dict[str, str],
+        children: list[ChildInst],
+        layers: dict[str, ChildInst],
+    ) -> Node | None:
         inputs: Any = None
         outputs: Any = None
         name: Any = None
@@ -450,69 +596,151 @@ class Lowerer:
             elif n == 4:
                 inputs, outputs, name, layer = step
             else:
-                raise CompileError([_diag("E0722", f"a FLOW step has 2 to 4 elements; this one has {n}", span,
-                                          "[in, out], [in, out, name], [in, out, LAYER] or [in, out, name, LAYER]")])
+                raise CompileError(
+                    [
+                        _diag(
+                            "E0722",
+                            f"a FLOW step has 2 to 4 elements; this one has {n}",
+                            span,
+                            "[in, out], [in, out, name], [in, out, LAYER] or [in, out, name, LAYER]",
+                        )
+                    ]
+                )
         elif isinstance(step, dict):
             for k in step:
                 if k not in STEP_KEYS:
-                    self.diags.error("E0723", f"unknown key `{k}` in a FLOW step", step.key_span(k) if isinstance(step, LDict) else span,
-                                     did_you_mean(str(k), STEP_KEYS) or "a step mapping has INPUTS, OUTPUTS, NAME and LAYER")
+                    self.diags.error(
+                        "E0723",
+                        f"unknown key `{k}` in a FLOW step",
+                        step.key_span(k) if isinstance(step, LDict) else span,
+                        did_you_mean(str(k), STEP_KEYS) or "a step mapping has INPUTS, OUTPUTS, NAME and LAYER",
+                    )
             if ("INPUTS" in step) != ("OUTPUTS" in step):
                 missing = "OUTPUTS" if "INPUTS" in step else "INPUTS"
-                raise CompileError([_diag("E0724", f"this step has {'INPUTS' if missing == 'OUTPUTS' else 'OUTPUTS'} but no {missing}; "
-                                          "INPUTS and OUTPUTS come together or not at all", span,
-                                          f"add {missing}, or drop both to only define the layer")])
+                raise CompileError(
+                    [
+                        _diag(
+                            "E0724",
+                            f"this step has {'INPUTS' if missing == 'OUTPUTS' else 'OUTPUTS'} but no {missing}; "
+                            "INPUTS and OUTPUTS come together or not at all",
+                            span,
+                            f"add {missing}, or drop both to only define the layer",
+                        )
+                    ]
+                )
             has_io = "INPUTS" in step
             inputs, outputs = step.get("INPUTS"), step.get("OUTPUTS")
             name, layer = step.get("NAME"), step.get("LAYER")
             if not has_io and layer is None:
                 raise CompileError([_diag("E0725", "a step without INPUTS/OUTPUTS must define a LAYER", span)])
         else:
-            raise CompileError([_diag("E0726", f"a FLOW step must be a list or a mapping, not {type(step).__name__}", span)])
+            raise CompileError(
+                [_diag("E0726", f"a FLOW step must be a list or a mapping, not {type(step).__name__}", span)]
+            )
 
         child: ChildInst | None = None
         if name is not None and not is_name(name):
-            raise CompileError([_diag("E0727", f"layer name `{name}` is not a valid Python identifier", span,
-                                      "names become attributes of the generated class: use letters, digits and _")])
+            raise CompileError(
+                [
+                    _diag(
+                        "E0727",
+                        f"layer name `{name}` is not a valid Python identifier",
+                        span,
+                        "names become attributes of the generated class: use letters, digits and _",
+                    )
+                ]
+            )
         if name is not None and name.startswith("__"):
-            raise CompileError([_diag("E0728", f"layer name `{name}` is reserved: names starting with `__` are special in a Python class", span,
-                                      f"rename it, e.g. `{name.strip('_') or 'layer'}`")])
+            raise CompileError(
+                [
+                    _diag(
+                        "E0728",
+                        f"layer name `{name}` is reserved: names starting with `__` are special in a Python class",
+                        span,
+                        f"rename it, e.g. `{name.strip('_') or 'layer'}`",
+                    )
+                ]
+            )
         if name is not None and name in MODULE_ATTRS:
-            raise CompileError([_diag("E0728", f"layer name `{name}` would shadow torch.nn.Module.{name}", span,
-                                      f"rename it, e.g. `{name}_layer`")])
+            raise CompileError(
+                [
+                    _diag(
+                        "E0728",
+                        f"layer name `{name}` would shadow torch.nn.Module.{name}",
+                        span,
+                        f"rename it, e.g. `{name}_layer`",
+                    )
+                ]
+            )
         if layer is None:
             if name is not None:
                 if name in layers and layers[name] is None:
                     raise CompileError([])  # its definition failed and was reported
                 if name not in layers:
-                    raise CompileError([_diag("E0729", f"layer `{name}` is not defined by an earlier step", span,
-                                              did_you_mean(name, layers) or "define it first with [in, out, name, LAYER]")])
+                    raise CompileError(
+                        [
+                            _diag(
+                                "E0729",
+                                f"layer `{name}` is not defined by an earlier step",
+                                span,
+                                did_you_mean(name, layers) or "define it first with [in, out, name, LAYER]",
+                            )
+                        ]
+                    )
                 child = layers[name]
         else:
             if name is not None and layers.get(name) is not None:
-                raise CompileError([_diag("E0730", f"layer name `{name}` is defined twice", span,
-                                          f"reuse it with [in, out, {name}] or give the new layer another name")])
+                raise CompileError(
+                    [
+                        _diag(
+                            "E0730",
+                            f"layer name `{name}` is defined twice",
+                            span,
+                            f"reuse it with [in, out, {name}] or give the new layer another name",
+                        )
+                    ]
+                )
             self.layers += 1
             if self.layers > self.options.max_instances:
-                raise CompileError([_diag("E0707", f"more than {self.options.max_instances} layers", span,
-                                          "a Jinja loop or a recursive template is generating too many layers")])
+                raise CompileError(
+                    [
+                        _diag(
+                            "E0707",
+                            f"more than {self.options.max_instances} layers",
+                            span,
+                            "a Jinja loop or a recursive template is generating too many layers",
+                        )
+                    ]
+                )
             child = self._layer(layer, span, scope, params, name)
             children.append(child)
             if name is not None:
                 layers[name] = child
         if not has_io:
             return None
-        args, kwargs = self._inputs(inputs, span, imports, layer_is_function=child is not None and child.kind == "function")
+        args, kwargs = self._inputs(
+            inputs, span, imports, layer_is_function=child is not None and child.kind == "function"
+        )
         out = self._outputs(outputs, span)
         if child is None:
             if kwargs or len(args) != 1:
-                raise CompileError([_diag("E0731", "an assignment step [in, out] takes exactly one input", span,
-                                          "to bind a Python list, nest it: [[[a, b]], out]; to call a layer, add it as a third element")])
+                raise CompileError(
+                    [
+                        _diag(
+                            "E0731",
+                            "an assignment step [in, out] takes exactly one input",
+                            span,
+                            "to bind a Python list, nest it: [[[a, b]], out]; to call a layer, add it as a third element",
+                        )
+                    ]
+                )
         elif child.kind == "user" and child.instance is not None:
             _check_user_call(child.instance, args, kwargs, span)
         return Node(str(id(child)) if child is not None else None, tuple(args), tuple(kwargs), out, span)
 
-    def _inputs(self, raw: Any, span: Span, imports: dict[str, str], layer_is_function: bool) -> tuple[list[Arg], list[tuple[str, Arg]]]:
+    def _inputs(
+        self, raw: Any, span: Span, imports: dict[str, str], layer_is_function: bool
+    ) -> tuple[list[Arg], list[tuple[str, Arg]]]:
         if isinstance(raw, dict):
             kwargs = []
             for k, v in raw.items():
@@ -543,12 +771,28 @@ class Lowerer:
                 try:
                     return Const(_parse_value(text[9:], text))
                 except CompileError:
-                    raise CompileError([_diag("E0736", f"`{text}`: the value after `constant:` is not valid YAML", span,
-                                              "e.g. `constant: 0.5` or `constant: [1, 2]`")]) from None
+                    raise CompileError(
+                        [
+                            _diag(
+                                "E0736",
+                                f"`{text}`: the value after `constant:` is not valid YAML",
+                                span,
+                                "e.g. `constant: 0.5` or `constant: [1, 2]`",
+                            )
+                        ]
+                    ) from None
             parts = text.split(".")
             if not is_name(parts[0]):
-                raise CompileError([_diag("E0733", f"`{raw}` is not a flow name", span,
-                                          "names are Python identifiers; use `eval: ...` for expressions or `constant: ...` for literals")])
+                raise CompileError(
+                    [
+                        _diag(
+                            "E0733",
+                            f"`{raw}` is not a flow name",
+                            span,
+                            "names are Python identifiers; use `eval: ...` for expressions or `constant: ...` for literals",
+                        )
+                    ]
+                )
             arg: Arg = Var(parts[0])
             for part in parts[1:]:
                 if part.isdigit() or (part.startswith("-") and part[1:].isdigit()):
@@ -561,7 +805,9 @@ class Lowerer:
         if raw is None or isinstance(raw, (bool, int, float)):
             return Const(raw)
         if isinstance(raw, dict):
-            raise CompileError([_diag("E0734", "a mapping is only allowed as the whole input (keyword arguments)", span)])
+            raise CompileError(
+                [_diag("E0734", "a mapping is only allowed as the whole input (keyword arguments)", span)]
+            )
         raise CompileError([_diag("E0734", f"unsupported input `{raw}`", span)])
 
     def _outputs(self, raw: Any, span: Span) -> Out:
@@ -579,7 +825,9 @@ class Lowerer:
                 if not is_name(k):
                     raise CompileError([_diag("E0735", f"output name `{k}` is not a valid Python identifier", span)])
                 if not isinstance(v, (str, int)) or isinstance(v, bool):
-                    raise CompileError([_diag("E0735", f"output `{k}` must name a key (string or integer) of the result", span)])
+                    raise CompileError(
+                        [_diag("E0735", f"output `{k}` must name a key (string or integer) of the result", span)]
+                    )
                 pairs.append((k, v))
             return OutDict(tuple(pairs))
         raise CompileError([_diag("E0735", f"unsupported output `{raw}`", span)])
@@ -599,8 +847,16 @@ class Lowerer:
             return ChildInst(name or "", "user", instance=inst, span=span, name_given=name is not None)
         if isinstance(raw, list) and raw and raw[0] == "_obj_":
             return self._pattern(raw, span, name)
-        raise CompileError([_diag("E0740", "LAYER must be an `_obj_` pattern or a user layer {TYPE: ...}", span,
-                                  "e.g. [_obj_, {_addr_: torch.nn.ReLU}, _call_]")])
+        raise CompileError(
+            [
+                _diag(
+                    "E0740",
+                    "LAYER must be an `_obj_` pattern or a user layer {TYPE: ...}",
+                    span,
+                    "e.g. [_obj_, {_addr_: torch.nn.ReLU}, _call_]",
+                )
+            ]
+        )
 
     def _pattern(self, raw: list, span: Span, name: str | None) -> ChildInst:
         address, obj, call, bind_args, bind_kwargs, call_args, call_kwargs = self._pattern_parts(raw, span)
@@ -608,28 +864,65 @@ class Lowerer:
 
         is_class = inspect.isclass(obj)
         if is_class and call is None:
-            raise CompileError([_diag("E0741", f"`{address}` is a class but the pattern has no `_call_`", span,
-                                      f"add `_call_` to construct it: [_obj_, {{_addr_: {address}}}, _call_]")])
+            raise CompileError(
+                [
+                    _diag(
+                        "E0741",
+                        f"`{address}` is a class but the pattern has no `_call_`",
+                        span,
+                        f"add `_call_` to construct it: [_obj_, {{_addr_: {address}}}, _call_]",
+                    )
+                ]
+            )
         args = tuple(bind_args) + tuple(call_args)
         kwargs = {**bind_kwargs, **call_kwargs}
         if call is None:
             if not callable(obj):
                 raise CompileError([_diag("E0742", f"`{address}` is not callable", span)])
             self._check_signature(obj, address, args, kwargs, span, partial=True)
-            return ChildInst(name or "", "function", Ctor(address, args, tuple(kwargs.items())), span=span, name_given=name is not None)
+            return ChildInst(
+                name or "",
+                "function",
+                Ctor(address, args, tuple(kwargs.items())),
+                span=span,
+                name_given=name is not None,
+            )
         if not is_class:
-            raise CompileError([_diag("E0743", f"`{address}` is a function; calling it at build time is not supported", span,
-                                      "drop `_call_` to call it in forward, or name a layer class")])
+            raise CompileError(
+                [
+                    _diag(
+                        "E0743",
+                        f"`{address}` is a function; calling it at build time is not supported",
+                        span,
+                        "drop `_call_` to call it in forward, or name a layer class",
+                    )
+                ]
+            )
         if not issubclass(obj, torch.nn.Module):
-            raise CompileError([_diag("E0744", f"`{address}` is not a torch.nn.Module", span,
-                                      "layers must be modules; use a function without `_call_` for plain callables")])
+            raise CompileError(
+                [
+                    _diag(
+                        "E0744",
+                        f"`{address}` is not a torch.nn.Module",
+                        span,
+                        "layers must be modules; use a function without `_call_` for plain callables",
+                    )
+                ]
+            )
         self._check_signature(obj, address, args, kwargs, span, partial=False)
         from torch.nn.modules.lazy import LazyModuleMixin
 
         lazy = issubclass(obj, LazyModuleMixin)
         if not lazy:
             self._check_constructs(obj, address, args, kwargs, span)
-        return ChildInst(name or "", "module", Ctor(address, args, tuple(kwargs.items())), span=span, lazy=lazy, name_given=name is not None)
+        return ChildInst(
+            name or "",
+            "module",
+            Ctor(address, args, tuple(kwargs.items())),
+            span=span,
+            lazy=lazy,
+            name_given=name is not None,
+        )
 
     def _check_constructs(self, obj: Any, address: str, args: tuple, kwargs: dict, span: Span) -> None:
         """Build the layer once on the meta device: bad argument values are the user's error, at this step."""
@@ -657,8 +950,9 @@ class Lowerer:
                     if value.is_integer():
                         hint += " (in `eval:`, `//` divides to an integer)"
                     break
-            raise CompileError([_diag("E0753", f"constructing `{address}` failed: {type(exc).__name__}: {detail}", span,
-                                      hint)]) from None
+            raise CompileError(
+                [_diag("E0753", f"constructing `{address}` failed: {type(exc).__name__}: {detail}", span, hint)]
+            ) from None
 
     def _check_signature(self, obj: Any, address: str, args: tuple, kwargs: dict, span: Span, partial: bool) -> None:
         try:
@@ -668,10 +962,20 @@ class Lowerer:
         var = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         params = [n for n, p in sig.parameters.items() if n != "self" and p.kind not in var]
         if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-            unknown = [k for k in kwargs if k not in params or sig.parameters[k].kind == inspect.Parameter.POSITIONAL_ONLY]
+            unknown = [
+                k for k in kwargs if k not in params or sig.parameters[k].kind == inspect.Parameter.POSITIONAL_ONLY
+            ]
             if unknown:
-                raise CompileError([_diag("E0745", f"`{address}` has no parameter `{unknown[0]}`", span,
-                                          did_you_mean(unknown[0], params) or f"parameters: {', '.join(params)}")])
+                raise CompileError(
+                    [
+                        _diag(
+                            "E0745",
+                            f"`{address}` has no parameter `{unknown[0]}`",
+                            span,
+                            did_you_mean(unknown[0], params) or f"parameters: {', '.join(params)}",
+                        )
+                    ]
+                )
         try:
             (sig.bind_partial if partial else sig.bind)(*args, **kwargs)
         except TypeError as exc:
@@ -680,10 +984,21 @@ class Lowerer:
                 hint = f"give `{bad.group(1)}` in `_call_` (or `_bind_`)"
             else:
                 hint = did_you_mean(bad.group(1), params) if bad else ""
-            shown = ", ".join(n if p.default is inspect.Parameter.empty else f"{n}={p.default!r}"
-                              for n, p in sig.parameters.items() if n in params)
-            raise CompileError([_diag("E0745", f"arguments do not fit `{address}({shown})`: {exc}", span,
-                                      hint or f"parameters: {', '.join(params)}")]) from None
+            shown = ", ".join(
+                n if p.default is inspect.Parameter.empty else f"{n}={p.default!r}"
+                for n, p in sig.parameters.items()
+                if n in params
+            )
+            raise CompileError(
+                [
+                    _diag(
+                        "E0745",
+                        f"arguments do not fit `{address}({shown})`: {exc}",
+                        span,
+                        hint or f"parameters: {', '.join(params)}",
+                    )
+                ]
+            ) from None
 
     def _pattern_parts(self, raw: list, span: Span):
         address: str | None = None
@@ -710,8 +1025,10 @@ class Lowerer:
                 file = item.get("_file_")
                 continue
             if not isinstance(item, dict) or len(item) != 1:
-                raise CompileError([_diag("E0746", f"pattern step `{plain(item)}` is not one of {', '.join(PATTERN_KEYS)}", span)])
-            (key, value), = item.items()
+                raise CompileError(
+                    [_diag("E0746", f"pattern step `{plain(item)}` is not one of {', '.join(PATTERN_KEYS)}", span)]
+                )
+            ((key, value),) = item.items()
             if key == "_attr_":
                 if not is_name(value) or str(value).startswith("_"):
                     raise CompileError([_diag("E0401", f"`_attr_: {value}` must be a public attribute name", span)])
@@ -726,7 +1043,9 @@ class Lowerer:
                 call_args += a
                 call_kwargs.update(k)
             else:
-                raise CompileError([_diag("E0746", f"unknown pattern key `{key}`", span, did_you_mean(str(key), PATTERN_KEYS))])
+                raise CompileError(
+                    [_diag("E0746", f"unknown pattern key `{key}`", span, did_you_mean(str(key), PATTERN_KEYS))]
+                )
         if address is None:
             raise CompileError([_diag("E0747", "the pattern has no `_addr_`", span)])
         if file is not None:
@@ -751,23 +1070,51 @@ class Lowerer:
 
         directory = (self.current_source.directory if self.current_source else Path.cwd()).resolve()
         if not isinstance(file, str) or not file.endswith(".py"):
-            raise CompileError([_diag("E0748", f"`_file_` must name a .py file next to the template, not `{file}`", span)])
+            raise CompileError(
+                [_diag("E0748", f"`_file_` must name a .py file next to the template, not `{file}`", span)]
+            )
         path = (directory / file).resolve()
         try:
             path.relative_to(directory)
         except ValueError:
-            raise CompileError([_diag("E0755", f"`_file_: {file}` points outside the template's directory", span,
-                                      "layer files must sit in the template's directory (no `..`, absolute paths or symlinks out)")]) from None
+            raise CompileError(
+                [
+                    _diag(
+                        "E0755",
+                        f"`_file_: {file}` points outside the template's directory",
+                        span,
+                        "layer files must sit in the template's directory (no `..`, absolute paths or symlinks out)",
+                    )
+                ]
+            ) from None
         if not path.is_file():
-            raise CompileError([_diag("E0756", f"`_file_: {file}` does not exist", span, f"looked in {display_dir(directory)}")])
+            raise CompileError(
+                [_diag("E0756", f"`_file_: {file}` does not exist", span, f"looked in {display_dir(directory)}")]
+            )
         stem = path.stem
         reserved = {"model", "loss", "metric", "backward", "train", "predict", "manifest", "scmc_files"}
         if not is_name(stem) or stem in reserved or stem in self.options.allow.roots:
-            raise CompileError([_diag("E0757", f"`{path.name}` cannot become a module of the package", span,
-                                      f"rename it; {', '.join(sorted(reserved))} and allow-listed roots are taken")])
+            raise CompileError(
+                [
+                    _diag(
+                        "E0757",
+                        f"`{path.name}` cannot become a module of the package",
+                        span,
+                        f"rename it; {', '.join(sorted(reserved))} and allow-listed roots are taken",
+                    )
+                ]
+            )
         if stem not in self.options.allow.extra:
-            raise CompileError([_diag("E0748", f"`_file_: {file}` runs the Python code in {path.name} at build time", span,
-                                      f"if you trust it, pass --allow-module {stem}")])
+            raise CompileError(
+                [
+                    _diag(
+                        "E0748",
+                        f"`_file_: {file}` runs the Python code in {path.name} at build time",
+                        span,
+                        f"if you trust it, pass --allow-module {stem}",
+                    )
+                ]
+            )
         known = self.files.get(stem)
         if known is not None and known != path:
             raise CompileError([_diag("E0758", f"two layer files are named {path.name}", span, "rename one of them")])
@@ -782,7 +1129,9 @@ class Lowerer:
                 spec.loader.exec_module(module)  # type: ignore[union-attr]
             except Exception as exc:
                 del sys.modules[module_name]
-                raise CompileError([_diag("E0759", f"loading {path.name} failed: {type(exc).__name__}: {exc}", span)]) from None
+                raise CompileError(
+                    [_diag("E0759", f"loading {path.name} failed: {type(exc).__name__}: {exc}", span)]
+                ) from None
             setattr(package, stem, module)
             self.files[stem] = path
             if module_name not in self.options.allow.extra:
@@ -831,8 +1180,16 @@ class Lowerer:
                 from torch.nn.modules.lazy import LazyModuleMixin
 
                 if inspect.isclass(obj) and issubclass(obj, LazyModuleMixin):
-                    raise CompileError([_diag("E0751", f"lazy layer `{address}` inside an argument cannot be materialized", span,
-                                              "give it its sizes (use the non-lazy class)")])
+                    raise CompileError(
+                        [
+                            _diag(
+                                "E0751",
+                                f"lazy layer `{address}` inside an argument cannot be materialized",
+                                span,
+                                "give it its sizes (use the non-lazy class)",
+                            )
+                        ]
+                    )
                 return Ctor(address, tuple(bind_args) + tuple(call_args), tuple({**bind_kwargs, **call_kwargs}.items()))
             return [self._value(v, span) for v in raw]
         if isinstance(raw, dict):
@@ -870,9 +1227,9 @@ class Lowerer:
 def _check_user_call(inst: Instance, args: list, kwargs: list, span: Span) -> None:
     """A user layer's forward takes exactly its INPUTS: the step must give each one once."""
     inputs = list(inst.inputs)
-    given = inputs[:len(args)] + [k for k, _ in kwargs]
+    given = inputs[: len(args)] + [k for k, _ in kwargs]
     unknown = [k for k, _ in kwargs if k not in inputs]
-    twice = [k for k, _ in kwargs if k in inputs[:len(args)]]
+    twice = [k for k, _ in kwargs if k in inputs[: len(args)]]
     missing = [n for n in inputs if n not in given]
     problem = ""
     if len(args) > len(inputs):
@@ -885,8 +1242,16 @@ def _check_user_call(inst: Instance, args: list, kwargs: list, span: Span) -> No
         problem = f"this step does not give {', '.join(f'`{m}`' for m in missing)}"
     if problem:
         takes = ", ".join(inputs) or "nothing"
-        raise CompileError([_diag("E0738", f"user layer `{inst.template}` takes {takes}, but {problem}", span,
-                                  "declare the user layer's INPUTS, or pass one value per input")])
+        raise CompileError(
+            [
+                _diag(
+                    "E0738",
+                    f"user layer `{inst.template}` takes {takes}, but {problem}",
+                    span,
+                    "declare the user layer's INPUTS, or pass one value per input",
+                )
+            ]
+        )
 
 
 def _as_value(value: Any, expr: X.Expr, span: Span) -> Any:
@@ -897,8 +1262,16 @@ def _as_value(value: Any, expr: X.Expr, span: Span) -> Any:
     # an allow-listed object reached by name, e.g. torch.float32
     if len(expr.addresses) == 1 and expr.source == expr.addresses[0]:
         return Ref(expr.addresses[0])
-    raise CompileError([_diag("E0752", f"eval: `{expr.source}` gives a {type(value).__name__}, not a literal", span,
-                              "layer arguments must fold to numbers, strings, booleans, None or lists of them")])
+    raise CompileError(
+        [
+            _diag(
+                "E0752",
+                f"eval: `{expr.source}` gives a {type(value).__name__}, not a literal",
+                span,
+                "layer arguments must fold to numbers, strings, booleans, None or lists of them",
+            )
+        ]
+    )
 
 
 def _meta_device():
@@ -959,11 +1332,17 @@ def user_layer_defs(data: LDict, diags: Diagnostics, source: Source) -> dict[str
             continue
         if not isinstance(value, dict):
             hint = did_you_mean(key, LAYER_GRAPH_KEYS)
-            diags.error("E0761", f"top-level key `{key}` is neither a template key nor a user layer (a mapping)", data.key_span(key),
-                        hint or "user layers are mappings with a FLOW")
+            diags.error(
+                "E0761",
+                f"top-level key `{key}` is neither a template key nor a user layer (a mapping)",
+                data.key_span(key),
+                hint or "user layers are mappings with a FLOW",
+            )
             continue
         if key.isupper() and key not in ("BACKWARDS",) and did_you_mean(key, LAYER_GRAPH_KEYS) and "FLOW" not in value:
-            diags.error("E0762", f"unknown template key `{key}`", data.key_span(key), did_you_mean(key, LAYER_GRAPH_KEYS))
+            diags.error(
+                "E0762", f"unknown template key `{key}`", data.key_span(key), did_you_mean(key, LAYER_GRAPH_KEYS)
+            )
             continue
         out[key] = value
     return out

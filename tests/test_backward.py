@@ -25,21 +25,27 @@ FLOW:
 SGD = "[_obj_, {_addr_: torch.optim.SGD}, {_bind_: {lr: 0.1}}]"
 
 
-def backward_template(*, mixed: str | None = None, clip: float | None = None, accumulate: int | None = None,
-                      two_optimizers: bool = False) -> str:
+def backward_template(
+    *, mixed: str | None = None, clip: float | None = None, accumulate: int | None = None, two_optimizers: bool = False
+) -> str:
     lines = []
     if mixed:
         lines += ["MIXED_PRECISION: {init_scale: 1024.0}", f"MIXED_PRECISION_TYPE: {mixed}"]
     lines.append(f"ACCUMULATE_GRADIENTS: {accumulate if accumulate else 'null'}")
-    clip_pattern = ("null" if clip is None else
-                    f"[_obj_, {{_addr_: torch.nn.utils.clip_grad_norm_}}, {{_bind_: {{max_norm: {clip}}}}}]")
+    clip_pattern = (
+        "null"
+        if clip is None
+        else f"[_obj_, {{_addr_: torch.nn.utils.clip_grad_norm_}}, {{_bind_: {{max_norm: {clip}}}}}]"
+    )
     lines.append("BACKWARDS:")
     lines.append("  - LOSS: mse")
     lines.append("    OPTIMIZERS:")
     if two_optimizers:
         lines.append(f"      - {{NAME: first, OPTIMIZER: {SGD}, LAYERS: [model.a], CLIP: {clip_pattern}}}")
-        lines.append(f"      - {{NAME: second, OPTIMIZER: [_obj_, {{_addr_: torch.optim.AdamW}}, {{_bind_: {{lr: 0.01}}}}], "
-                     f"LAYERS: [model.b], CLIP: {clip_pattern}}}")
+        lines.append(
+            f"      - {{NAME: second, OPTIMIZER: [_obj_, {{_addr_: torch.optim.AdamW}}, {{_bind_: {{lr: 0.01}}}}], "
+            f"LAYERS: [model.b], CLIP: {clip_pattern}}}"
+        )
     else:
         lines.append(f"      - {{OPTIMIZER: {SGD}, LAYERS: model, CLIP: {clip_pattern}}}")
     return "\n".join(lines) + "\n"
@@ -51,8 +57,15 @@ def build_tiny(tmp_path: Path, name: str, backward: str):
     (folder / "model.yaml").write_text(MODEL)
     (folder / "loss.yaml").write_text(LOSS)
     (folder / "backward.yaml").write_text(backward)
-    out = build_package(folder / "pkg", str(folder / "model.yaml"), "--loss", str(folder / "loss.yaml"),
-                        "--backward", str(folder / "backward.yaml"), name=name)
+    out = build_package(
+        folder / "pkg",
+        str(folder / "model.yaml"),
+        "--loss",
+        str(folder / "loss.yaml"),
+        "--backward",
+        str(folder / "backward.yaml"),
+        name=name,
+    )
     return import_package(out, name)
 
 
@@ -171,9 +184,21 @@ def test_bfloat16_autocast_runs_the_forward_in_bfloat16_without_a_scaler(tmp_pat
 
 @pytest.fixture(scope="module")
 def convnext_backward(tmp_path_factory):
-    out = build_package(tmp_path_factory.mktemp("cnx") / "pkg", "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=atto",
-                        "-p", "layer_decay_type=group", "-p", "num_classes=10", "-p", "warmup_epochs=1", "-p", "epochs=4",
-                        name="convnext_layer_decay")
+    out = build_package(
+        tmp_path_factory.mktemp("cnx") / "pkg",
+        "cfg/models/ConvNeXtV2.yaml",
+        "-p",
+        "backbone=atto",
+        "-p",
+        "layer_decay_type=group",
+        "-p",
+        "num_classes=10",
+        "-p",
+        "warmup_epochs=1",
+        "-p",
+        "epochs=4",
+        name="convnext_layer_decay",
+    )
     return import_package(out, "convnext_layer_decay")
 
 
@@ -184,13 +209,15 @@ def test_layer_decay_groups_have_the_expected_lr_scales(convnext_backward) -> No
     groups = backward.param_groups["optimizer"]
     # atto depths [2, 2, 6, 2] in groups of 2: stem + 6 block groups = 7 layer groups, then the head
     scales = sorted({round(g["lr_scale"], 6) for g in groups})
-    assert scales == [round(0.9 ** k, 6) for k in range(7, -1, -1)]
+    assert scales == [round(0.9**k, 6) for k in range(7, -1, -1)]
     stem = next(g for g in groups if any(n.startswith("backbone.stem.") for n in g["param_names"]))
     head = next(g for g in groups if "head.weight" in g["param_names"])
-    assert stem["lr_scale"] == pytest.approx(0.9 ** 7) and head["lr_scale"] == 1.0
+    assert stem["lr_scale"] == pytest.approx(0.9**7) and head["lr_scale"] == 1.0
     for g in groups:
-        no_decay = all(n.endswith(".bias") or n.endswith("norm.weight") or ".grn." in n or "weight" not in n
-                       for n in g["param_names"])
+        no_decay = all(
+            n.endswith(".bias") or n.endswith("norm.weight") or ".grn." in n or "weight" not in n
+            for n in g["param_names"]
+        )
         if g["weight_decay"] == 0.0:
             assert all(not n.endswith("conv.weight") and not n.endswith("fc1.weight") for n in g["param_names"])
         del no_decay
@@ -200,8 +227,11 @@ def test_cosine_schedule_warms_up_per_update_then_decays(convnext_backward) -> N
     pkg = convnext_backward
     model = pkg.Model()
     backward = pkg.Backward(model, updates_per_epoch=5, epochs=4)
-    head_lr = lambda: next(g["lr"] for g in backward.optimizers["optimizer"].param_groups  # noqa: E731
-                           if "head.weight" in g["param_names"])
+    head_lr = lambda: next(
+        g["lr"]
+        for g in backward.optimizers["optimizer"].param_groups  # noqa: E731
+        if "head.weight" in g["param_names"]
+    )
     lrs = [head_lr()]
     x, label = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
     loss = pkg.Loss()

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from scmc.cli import main
 from tests.conftest import import_package
 
-LAYER_FILE = '''
+LAYER_FILE = """
 import pathlib
 import torch
 
@@ -24,7 +24,7 @@ class Scale(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.factor
-'''
+"""
 TEMPLATE = """
 INPUT_SHAPES: {x: [4]}
 OUTPUTS: [y]

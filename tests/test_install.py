@@ -21,11 +21,16 @@ def test_package_installs_and_runs_in_a_fresh_venv(femto_package: Path, tmp_path
     # torch pinned first so pip takes the local copy of this machine's build
     subprocess.run([*pip, "torch==2.14.1", "torchvision==0.29.1"], check=True, env=env)
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT / "runtime"), "-w", str(wheels)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT / "runtime"), "-w", str(wheels)], check=True
+    )
     subprocess.run([*pip, "timm", *map(str, wheels.glob("*.whl")), str(femto_package)], check=True, env=env)
-    listed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
-                            capture_output=True, text=True, check=True).stdout.lower()
+    listed = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.lower()
     for absent in ("scmc==", "structcast", "ruamel"):  # jinja2 and pyyaml come with torch and timm
         assert absent not in listed, f"{absent} must not be needed by the generated package"
     code = (

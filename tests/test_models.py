@@ -26,8 +26,10 @@ TIMM_COUNTS = {
 
 
 def compiled_model_source(group: str) -> str:
-    request = BuildRequest(parts=[Part("model", __import__("pathlib").Path("cfg/models/ConvNeXtV2.yaml"), "Model")],
-                           params=[f"backbone={group}"])
+    request = BuildRequest(
+        parts=[Part("model", __import__("pathlib").Path("cfg/models/ConvNeXtV2.yaml"), "Model")],
+        params=[f"backbone={group}"],
+    )
     plan = plan_package(request)
     return next(text.decode() for path, text in plan.files.items() if path.endswith("/model.py"))
 

@@ -50,8 +50,10 @@ def emit_backward(bdef: BackwardDef, header: list[str], docstring: str) -> str:
     summary.append(f"Every training step: {loss_div}{' -> scale' if scaled else ''} -> backward.")
     when = f"Every {n} steps, and at the last step of an epoch" if n > 1 else "Every step"
     clip = " -> clip" if any(o.clip for o in bdef.optimizers) else ""
-    summary.append(f"{when}: {'unscale -> ' if scaled else ''}{clip.strip(' ->') + ' -> ' if clip else ''}"
-                   f"optimizer step{' -> scaler update' if scaled else ''} -> zero_grad -> scheduler step.")
+    summary.append(
+        f"{when}: {'unscale -> ' if scaled else ''}{clip.strip(' ->') + ' -> ' if clip else ''}"
+        f"optimizer step{' -> scaler update' if scaled else ''} -> zero_grad -> scheduler step."
+    )
     models = ", ".join(f"{m}: torch.nn.Module" for m in bdef.models)
     losses = ", ".join(f"{l}: torch.Tensor" for l in bdef.losses)
 
@@ -59,12 +61,16 @@ def emit_backward(bdef: BackwardDef, header: list[str], docstring: str) -> str:
     lines.append(f"    accumulate = {n}")
     lines.append(f"    autocast_dtype = {'torch.' + bdef.autocast_dtype if bdef.autocast_dtype else 'None'}")
     lines.append("")
-    lines.append(f"    def __init__(self, {models}, *, updates_per_epoch: int, epochs: int | None = None, "
-                 f"device_type: str = \"cpu\") -> None:")
+    lines.append(
+        f"    def __init__(self, {models}, *, updates_per_epoch: int, epochs: int | None = None, "
+        f'device_type: str = "cpu") -> None:'
+    )
     for opt in bdef.optimizers:
         extra = ["updates_per_epoch=updates_per_epoch", "num_epochs=epochs"] if opt.takes_schedule else []
-        lines.append(f"        self.{opt.name} = scmc_runtime.optim.as_optimization("
-                     f"{_call(opt.factory, _params_expr(opt), extra)})")
+        lines.append(
+            f"        self.{opt.name} = scmc_runtime.optim.as_optimization("
+            f"{_call(opt.factory, _params_expr(opt), extra)})"
+        )
     if scaled:  # one scaler for all optimizers, updated once per step (torch.amp's rule)
         kwargs = "".join(f", {k}={literal(v)}" for k, v in bdef.scaler_kwargs or ())
         lines.append(f"        self.scaler = torch.amp.GradScaler(device_type{kwargs})")
@@ -117,7 +123,7 @@ def emit_backward(bdef: BackwardDef, header: list[str], docstring: str) -> str:
     lines.append("    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:")
     lines.append('        """Step the per-epoch schedulers after epoch `epoch` (0-based) with its metrics."""')
     for name in names:
-        lines.append(f"        self.{name}.step_epoch(epoch + 1, metrics.get(self.{name}.criterion or \"\"))")
+        lines.append(f'        self.{name}.step_epoch(epoch + 1, metrics.get(self.{name}.criterion or ""))')
     lines.append("")
     dict_of = lambda suffix: "{" + ", ".join(f"{nm!r}: self.{nm}{suffix}" for nm in names) + "}"  # noqa: E731
     lines.append("    @property")
@@ -131,18 +137,24 @@ def emit_backward(bdef: BackwardDef, header: list[str], docstring: str) -> str:
     lines.append("    @property")
     lines.append("    def learning_rates(self) -> dict[str, float]:")
     lines.append('        """The learning rate of every parameter group, keyed `optimizer/group`."""')
-    lines.append("        return {f\"{name}/{i}\": group[\"lr\"] for name, opt in self.optimizers.items() "
-                 "for i, group in enumerate(opt.param_groups)}")
+    lines.append(
+        '        return {f"{name}/{i}": group["lr"] for name, opt in self.optimizers.items() '
+        "for i, group in enumerate(opt.param_groups)}"
+    )
     lines.append("")
     lines.append("    @property")
     lines.append("    def param_groups(self) -> dict[str, list[dict]]:")
-    lines.append("        return {name: [{k: v for k, v in g.items() if k != \"params\"} for g in opt.param_groups] "
-                 "for name, opt in self.optimizers.items()}")
+    lines.append(
+        '        return {name: [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] '
+        "for name, opt in self.optimizers.items()}"
+    )
     lines.append("")
     lines.append("    def state_dict(self) -> dict:")
-    state = ", ".join([f"{nm!r}: self.{nm}.state_dict()" for nm in names]
-                      + (["'scaler': self.scaler.state_dict()"] if scaled else [])
-                      + ["'updates': self.updates", "'pending': self.pending"])
+    state = ", ".join(
+        [f"{nm!r}: self.{nm}.state_dict()" for nm in names]
+        + (["'scaler': self.scaler.state_dict()"] if scaled else [])
+        + ["'updates': self.updates", "'pending': self.pending"]
+    )
     lines.append(f"        return {{{state}}}")
     lines.append("")
     lines.append("    def load_state_dict(self, state: dict) -> None:")

@@ -44,7 +44,11 @@ def imported_roots(source: str) -> list[str]:
 
     roots: list[str] = []
     for node in ast.walk(ast.parse(source)):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        )
         for name in names:
             root = name.split(".")[0]
             if root and root not in roots:
@@ -72,8 +76,14 @@ def dependencies(sources: list[str]) -> list[str]:
 
 # preset keys -> TrainConfig fields (scmc/emit/train.py FIELDS)
 PRESET_FIELDS = {
-    "dataset": {"image_size": "image_size", "batch_size": "batch_size", "epochs": "epochs", "workers": "workers",
-                "root": "data", "name": "timm_dataset"},
+    "dataset": {
+        "image_size": "image_size",
+        "batch_size": "batch_size",
+        "epochs": "epochs",
+        "workers": "workers",
+        "root": "data",
+        "name": "timm_dataset",
+    },
     "ema": {"enabled": "ema", "decay": "ema_decay", "warmup": "ema_warmup"},
     "compile": {"enabled": "compile", "mode": "compile_mode"},
 }
@@ -136,8 +146,15 @@ def predict_source(name: str, train: Any, compiled: list["Compiled"]) -> str:
     defaults = train.defaults
     dataset = next((c.config for c in compiled if c.role == "dataset" and isinstance(c.config, dict)), {})
     labels = [str(i) for i in range(10)] if dataset.get("kind") == "digits" else None
-    return render_predict(name, train.model_inputs[0], int(defaults.get("image_size", 224)),
-                          list(defaults.get("mean", IMAGENET_MEAN)), list(defaults.get("std", IMAGENET_STD)), labels, 5)
+    return render_predict(
+        name,
+        train.model_inputs[0],
+        int(defaults.get("image_size", 224)),
+        list(defaults.get("mean", IMAGENET_MEAN)),
+        list(defaults.get("std", IMAGENET_STD)),
+        labels,
+        5,
+    )
 
 
 def class_name(c: "Compiled") -> str:
@@ -162,7 +179,9 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
     env = _env()
     model = next(c for c in compiled if c.role == "model")
     layer_files = {stem: path for c in compiled for stem, path in c.files.items()}
-    deps = dependencies([c.text for c in compiled if c.text] + [p.read_text(encoding="utf-8") for p in layer_files.values()])
+    deps = dependencies(
+        [c.text for c in compiled if c.text] + [p.read_text(encoding="utf-8") for p in layer_files.values()]
+    )
     # the stem lands in a docstring and a TOML string: keep only plain characters of it
     stem = re.sub(r"[^\w .+-]", "_", model.source.path.stem)
     description = f"{stem} compiled by scmc into a standalone PyTorch package."
@@ -186,33 +205,46 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
     )
     files[f"{src}/__init__.py"] = format_python(init).encode()
     train = train_context(name, compiled)
-    files["pyproject.toml"] = env.get_template("pyproject.toml.j2").render(
-        **common, distribution=name.replace("_", "-"), dependencies=deps, runtime_requirement=RUNTIME_REQUIREMENT,
-        has_train=train is not None,
-    ).encode()
+    files["pyproject.toml"] = (
+        env.get_template("pyproject.toml.j2")
+        .render(
+            **common,
+            distribution=name.replace("_", "-"),
+            dependencies=deps,
+            runtime_requirement=RUNTIME_REQUIREMENT,
+            has_train=train is not None,
+        )
+        .encode()
+    )
     root = model.program.module(model.program.root)
     shapes = sorted((model.input_shapes or {}).items())
     example = ", ".join(f"torch.randn(2, {', '.join(str(d) for d in spec['shape'])})" for _, spec in shapes) or "..."
-    files["README.md"] = env.get_template("README.md.j2").render(
-        **common,
-        parameters=list(request.params),
-        classes=[(c.role, class_name(c)) for c in modules],
-        param_count=model.param_count,
-        input_shapes=shapes,
-        inputs=list(root.inputs),
-        outputs=list(root.outputs),
-        structured=root.structured,
-        dependencies=deps,
-        extra_deps=[d for d in deps if not d.startswith(("torch", "scmc-runtime"))],
-        resolved=sorted((k, json.dumps(v, sort_keys=True, default=repr)) for k, v in model.params.items()),
-        model_class=root.name,
-        example_call=example,
-        rebuild=rebuild_command(request, name),
-    ).encode()
+    files["README.md"] = (
+        env.get_template("README.md.j2")
+        .render(
+            **common,
+            parameters=list(request.params),
+            classes=[(c.role, class_name(c)) for c in modules],
+            param_count=model.param_count,
+            input_shapes=shapes,
+            inputs=list(root.inputs),
+            outputs=list(root.outputs),
+            structured=root.structured,
+            dependencies=deps,
+            extra_deps=[d for d in deps if not d.startswith(("torch", "scmc-runtime"))],
+            resolved=sorted((k, json.dumps(v, sort_keys=True, default=repr)) for k, v in model.params.items()),
+            model_class=root.name,
+            example_call=example,
+            rebuild=rebuild_command(request, name),
+        )
+        .encode()
+    )
     if train is not None:
         from scmc.emit.train import render_train
 
         files[f"{src}/train.py"] = render_train(train).encode()
         files[f"{src}/predict.py"] = predict_source(name, train, compiled).encode()
-    files[f"{src}/manifest.json"] = (json.dumps(manifest(name, request, compiled, deps), indent=2, sort_keys=True) + "\n").encode()
+    files[f"{src}/manifest.json"] = (
+        json.dumps(manifest(name, request, compiled, deps), indent=2, sort_keys=True) + "\n"
+    ).encode()
     return files

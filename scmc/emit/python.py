@@ -40,7 +40,11 @@ from scmc.ir import (
     out_names,
 )
 
-RESERVED = {"self", "torch", "typing", "Dict", "List", "Tuple", "Any", "Optional", "super"} | set(dir(builtins)) | set(keyword.kwlist)
+RESERVED = (
+    {"self", "torch", "typing", "Dict", "List", "Tuple", "Any", "Optional", "super"}
+    | set(dir(builtins))
+    | set(keyword.kwlist)
+)
 
 
 LINE_LENGTH = 100
@@ -55,7 +59,7 @@ FILE_PACKAGE = "scmc_files."  # `_file_` modules, copied into the generated pack
 
 def code_name(address: str) -> str:
     """How generated code spells an address: `_file_` modules are siblings of the module."""
-    return address[len(FILE_PACKAGE):] if address.startswith(FILE_PACKAGE) else address
+    return address[len(FILE_PACKAGE) :] if address.startswith(FILE_PACKAGE) else address
 
 
 def literal(value: Any) -> str:
@@ -289,8 +293,11 @@ def safe_parameter_names(program: Program, taken: set[str]) -> Program:
             return ParamExpr(ast.unparse(tree), tuple(mapping.get(n, n) for n in v.names))
         if isinstance(v, Ctor):
             keys = renames.get(v.address, {}) if v.user else {}
-            return dataclasses.replace(v, args=tuple(value(a, mapping) for a in v.args),
-                                       kwargs=tuple((keys.get(k, k), value(a, mapping)) for k, a in v.kwargs))
+            return dataclasses.replace(
+                v,
+                args=tuple(value(a, mapping) for a in v.args),
+                kwargs=tuple((keys.get(k, k), value(a, mapping)) for k, a in v.kwargs),
+            )
         if isinstance(v, list):
             return [value(a, mapping) for a in v]
         if isinstance(v, tuple):

@@ -113,11 +113,18 @@ class Deduplicator:
                 self.visit(child.instance)
         values: list[Any] = []
         labels: list[str] = []
-        parts = [f"root={is_root}", f"in={inst.inputs}", f"out={inst.outputs}", f"structured={inst.structured}",
-                 f"types={sorted(inst.types.items())}"]
+        parts = [
+            f"root={is_root}",
+            f"in={inst.inputs}",
+            f"out={inst.outputs}",
+            f"structured={inst.structured}",
+            f"types={sorted(inst.types.items())}",
+        ]
         for child in inst.children:
             if child.kind == "user":
-                parts.append(f"{child.attr}:user:{self.group_of[id(child.instance)].hint}#{self.groups.index(self.group_of[id(child.instance)])}")
+                parts.append(
+                    f"{child.attr}:user:{self.group_of[id(child.instance)].hint}#{self.groups.index(self.group_of[id(child.instance)])}"
+                )
             else:
                 parts.append(f"{child.attr}:{child.kind}:{_holes(child.ctor, values, labels, child.attr)}")
         for label, graph in (("flow", inst.flow), ("inference", inst.inference)):
@@ -210,7 +217,11 @@ class Deduplicator:
                 choice = Param(name)
             for name in choice.names if isinstance(choice, ParamExpr) else (choice.name,):
                 if name not in lifted_values:
-                    source = [m.params.get(name) for m in group.members] if isinstance(choice, ParamExpr) or name in candidates else column
+                    source = (
+                        [m.params.get(name) for m in group.members]
+                        if isinstance(choice, ParamExpr) or name in candidates
+                        else column
+                    )
                     lifted_values[name] = source
                     params.append((name, _annotation(source)))
             resolved.append(choice)

@@ -47,25 +47,41 @@ def materialize(root: Instance, allow: AllowList) -> None:
     if not shapes:
         if lazies:
             first = lazies[0]
-            raise CompileError([Diagnostic(
-                "E0800",
-                f"lazy layer `{first.ctor.address}` needs input shapes to be materialized ({len(lazies)} lazy layer{'s' if len(lazies) > 1 else ''} in this model)",
-                first.span,
-                f"add INPUT_SHAPES: {{{', '.join(f'{n}: [...]' for n in root.inputs)}}} to the template or pass --shape {root.inputs[0] if root.inputs else 'name'}=C,H,W",
-            )])
+            raise CompileError(
+                [
+                    Diagnostic(
+                        "E0800",
+                        f"lazy layer `{first.ctor.address}` needs input shapes to be materialized ({len(lazies)} lazy layer{'s' if len(lazies) > 1 else ''} in this model)",
+                        first.span,
+                        f"add INPUT_SHAPES: {{{', '.join(f'{n}: [...]' for n in root.inputs)}}} to the template or pass --shape {root.inputs[0] if root.inputs else 'name'}=C,H,W",
+                    )
+                ]
+            )
         return
     missing = [n for n in root.inputs if n not in shapes]
     if missing:
-        raise CompileError([Diagnostic("E0801", f"no input shape for {', '.join(f'`{m}`' for m in missing)}", root.span,
-                                       "every input needs a shape in INPUT_SHAPES or -s")])
+        raise CompileError(
+            [
+                Diagnostic(
+                    "E0801",
+                    f"no input shape for {', '.join(f'`{m}`' for m in missing)}",
+                    root.span,
+                    "every input needs a shape in INPUT_SHAPES or -s",
+                )
+            ]
+        )
     record: dict[int, tuple[ChildInst, Any, type]] = {}
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             live = build_instance(root, allow, record)
     except Exception as exc:
-        raise CompileError([Diagnostic("E0802", f"constructing the model failed: {type(exc).__name__}: {exc}", root.span)]) from None
-    inputs = [torch.empty((BATCH, *shapes[n]["shape"]), dtype=_dtype(shapes[n]["dtype"]), device="meta") for n in root.inputs]
+        raise CompileError(
+            [Diagnostic("E0802", f"constructing the model failed: {type(exc).__name__}: {exc}", root.span)]
+        ) from None
+    inputs = [
+        torch.empty((BATCH, *shapes[n]["shape"]), dtype=_dtype(shapes[n]["dtype"]), device="meta") for n in root.inputs
+    ]
     for training in (False, True):
         live.train(training)
         try:
@@ -76,20 +92,32 @@ def materialize(root: Instance, allow: AllowList) -> None:
         except StepFailed as exc:
             mode = "training" if training else "inference"
             given = ", ".join(f"{n}={shapes[n]['shape']}" for n in root.inputs)
-            raise CompileError([Diagnostic(
-                "E0803",
-                f"shape inference failed in this step ({mode} mode, input shapes {given}): {exc.error.__class__.__name__}: {exc.error}",
-                exc.node.span,
-                "check the layer sizes against the input shapes",
-            )]) from None
+            raise CompileError(
+                [
+                    Diagnostic(
+                        "E0803",
+                        f"shape inference failed in this step ({mode} mode, input shapes {given}): {exc.error.__class__.__name__}: {exc.error}",
+                        exc.node.span,
+                        "check the layer sizes against the input shapes",
+                    )
+                ]
+            ) from None
     for child, module, cls in record.values():
         if not child.lazy:
             continue
         try:
             spec = concrete_constructor(module, cls)
         except RuntimeError:
-            raise CompileError([Diagnostic("E0804", f"lazy layer `{child.ctor.address}` is never called, so its sizes are unknown", child.span,
-                                           "call it in FLOW or replace it with the non-lazy layer")]) from None
+            raise CompileError(
+                [
+                    Diagnostic(
+                        "E0804",
+                        f"lazy layer `{child.ctor.address}` is never called, so its sizes are unknown",
+                        child.span,
+                        "call it in FLOW or replace it with the non-lazy layer",
+                    )
+                ]
+            ) from None
         if spec is None:  # pragma: no cover - lazy flag came from the class
             continue
         address, kwargs = spec
