@@ -248,6 +248,14 @@ def _short_tag(tag: str) -> str:
 _RENDERED_CACHE: dict[str, Any] = {}
 
 
+def clear_caches() -> None:
+    """Forget the in-process memos (parsed rendered blocks, validated parameter groups, compiled
+    Jinja templates), so that the next build costs what it costs in a fresh process."""
+    _RENDERED_CACHE.clear()
+    _GROUPS_CACHE.clear()
+    _TEMPLATE_CACHE.clear()
+
+
 def parse_rendered_yaml(text: str, display: str) -> Any:
     """Parse the output of a Jinja block. Its nodes all get the block's span, so no positions
     are kept: ruamel's safe loader is enough (and several times faster than composing)."""
