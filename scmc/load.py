@@ -158,6 +158,15 @@ def read_text(path: Path, display: str) -> str:
         ) from None
 
 
+def _too_deep(display: str, line_offset: int, note: str) -> CompileError:
+    return fail(
+        "E0106",
+        "the YAML nests too deeply",
+        Span(display, line_offset + 1, 1, note),
+        hint="templates nest a few levels; check for a runaway bracket",
+    )
+
+
 def parse_yaml(text: str, display: str, line_offset: int = 0, note: str = "") -> Any:
     """Parse YAML text into located values. Raises CompileError on syntax or tag errors."""
     from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -166,12 +175,7 @@ def parse_yaml(text: str, display: str, line_offset: int = 0, note: str = "") ->
     try:
         node = yaml.compose(text)
     except RecursionError:
-        raise fail(
-            "E0106",
-            "the YAML nests too deeply",
-            Span(display, line_offset + 1, 1, note),
-            hint="templates nest a few levels; check for a runaway bracket",
-        ) from None
+        raise _too_deep(display, line_offset, note) from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = (mark.line + 1 + line_offset) if mark else line_offset
@@ -196,12 +200,7 @@ def parse_yaml(text: str, display: str, line_offset: int = 0, note: str = "") ->
     except _Expanded as exc:
         raise fail("E0105", exc.message, exc.span, hint=exc.hint) from None
     except RecursionError:
-        raise fail(
-            "E0106",
-            "the YAML nests too deeply",
-            Span(display, line_offset + 1, 1, note),
-            hint="templates nest a few levels; check for a runaway bracket",
-        ) from None
+        raise _too_deep(display, line_offset, note) from None
     diags.raise_if_any()
     return value
 
