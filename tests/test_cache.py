@@ -51,8 +51,8 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def build(out: str, *args: str, expect: int = 0) -> str:
-    result = CliRunner().invoke(main, ["build", "net.yaml", "-o", out, "--force", *args], catch_exceptions=False)
+def build(out: str, *args: str, expect: int = 0, template: str = "net.yaml") -> str:
+    result = CliRunner().invoke(main, ["build", template, "-o", out, "--force", *args], catch_exceptions=False)
     assert result.exit_code == expect, result.output
     return result.output
 
@@ -77,53 +77,62 @@ def test_the_cache_directory_is_private(project: Path) -> None:
     assert (project / "cache").stat().st_mode & 0o077 == 0
 
 
-@pytest.mark.parametrize(
-    "change",
-    ["edit the template", "edit a CFG file", "a CFG candidate appears", "another -p", "another --name", "another cwd"],
-)
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# change -> (template built first, what changes, template and arguments of the rebuild,
+#            the file it writes (relative to the project) and a text that shows the change)
+KEY_CASES = {
+    "edit the template": (
+        "net.yaml",
+        lambda p: _write(p / "net.yaml", MODEL.replace("width: 8", "width: 6")),
+        ["net.yaml"],
+        "b/src/net/model.py",
+        "Linear(in_features=4, out_features=6",
+    ),
+    "edit a CFG file": (
+        "net.yaml",
+        lambda p: _write(p / "parts" / "head.yaml", HEAD.replace("classes: 3", "classes: 5")),
+        ["net.yaml"],
+        "b/src/net/model.py",
+        "Linear(in_features=8, out_features=5",
+    ),
+    # CFG looks next to the template first, then in the working directory: a template one
+    # level down first takes parts/head.yaml from the cwd, then one appears next to it.
+    "a CFG candidate appears": (
+        "sub/net.yaml",
+        lambda p: _write(p / "sub" / "parts" / "head.yaml", HEAD.replace("classes: 3", "classes: 7")),
+        ["sub/net.yaml"],
+        "b/src/net/model.py",
+        "Linear(in_features=8, out_features=7",
+    ),
+    "another -p": (
+        "net.yaml",
+        None,
+        ["net.yaml", "-p", "width=5"],
+        "b/src/net/model.py",
+        "Linear(in_features=4, out_features=5",
+    ),
+    "another --name": ("net.yaml", None, ["net.yaml", "--name", "other"], "b/src/other/model.py", "class Model"),
+    # the same file, named from another directory: generated headers show paths relative to the cwd
+    "another cwd": ("net.yaml", lambda p: os.chdir(p / "parts"), ["../net.yaml"], "b/src/net/model.py", "../net.yaml"),
+}
+
+
+@pytest.mark.parametrize("change", list(KEY_CASES))
 def test_every_input_of_a_build_is_part_of_its_key(project: Path, change: str) -> None:
-    build("a")
-    args: list[str] = []
-    expected = None
-    if change == "edit the template":
-        (project / "net.yaml").write_text(MODEL.replace("width: 8", "width: 6"))
-        expected = ("src/net/model.py", "Linear(in_features=4, out_features=6")
-    elif change == "edit a CFG file":
-        (project / "parts" / "head.yaml").write_text(HEAD.replace("classes: 3", "classes: 5"))
-        expected = ("src/net/model.py", "Linear(in_features=8, out_features=5")
-    elif change == "a CFG candidate appears":
-        # CFG looks next to the template first, then in the working directory: a template one
-        # level down first takes parts/head.yaml from the cwd, then one appears next to it.
-        (project / "sub").mkdir()
-        (project / "sub" / "net.yaml").write_text(MODEL)
-        result = CliRunner().invoke(main, ["build", "sub/net.yaml", "-o", "s1", "--force"], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        (project / "sub" / "parts").mkdir()
-        (project / "sub" / "parts" / "head.yaml").write_text(HEAD.replace("classes: 3", "classes: 7"))
-        result = CliRunner().invoke(main, ["build", "sub/net.yaml", "-o", "s2", "--force"], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        assert "from the build cache" not in result.output
-        assert "Linear(in_features=8, out_features=7" in (project / "s2" / "src" / "net" / "model.py").read_text()
-        return
-    elif change == "another -p":
-        args = ["-p", "width=5"]
-        expected = ("src/net/model.py", "Linear(in_features=4, out_features=5")
-    elif change == "another --name":
-        args = ["--name", "other"]
-        expected = ("src/other/model.py", "class Model")
-    elif change == "another cwd":
-        # the same file, named from another directory: generated headers show paths relative to the cwd
-        os.chdir(project / "parts")
-        result = CliRunner().invoke(main, ["build", "../net.yaml", "-o", "../b", "--force"], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        assert "from the build cache" not in result.output
-        assert "../net.yaml" in (project / "b" / "src" / "net" / "model.py").read_text()
-        return
-    output = build("b", *args)
+    first, prepare, (template, *args), written, shown = KEY_CASES[change]
+    _write(project / "sub" / "net.yaml", MODEL)
+    build("a", template=first)
+    if prepare is not None:
+        prepare(project)
+    out = os.path.relpath(project / "b")  # from the cwd of the rebuild
+    output = build(out, *args, template=template)
     assert "from the build cache" not in output
-    rel, text = expected
-    assert text in (project / "b" / rel).read_text()
-    assert "from the build cache" in build("c", *args)  # and the new result is cached in turn
+    assert shown in (project / written).read_text()
+    assert "from the build cache" in build(out, *args, template=template)  # and the new result is cached in turn
 
 
 def test_the_installed_software_is_part_of_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
