@@ -270,13 +270,12 @@ def plan_package(request: BuildRequest) -> Plan:
 
     fingerprint = cache.environment_fingerprint() if request.cache else None
     key = cache.request_key(request, fingerprint) if fingerprint is not None else None
-    if key is not None:
-        entry = cache.load(key)
-        if entry is not None:
-            return Plan(entry.name, entry.files, [], entry.param_count, cached=True)
+    entry = cache.load(key) if key is not None else None
+    if entry is not None:
+        return Plan(entry.name, entry.files, [], entry.param_count, cached=True)
     with cache.recording(fingerprint) as reads:
         name, compiled, allow = compile_parts(request)
-        from scmc.emit.package import package_files
+        from scmc.emit.package import package_files  # not needed by a hit
 
         files = package_files(name, request, compiled, allow)
     count = next((c.param_count for c in compiled if c.role == "model"), 0)

@@ -36,16 +36,16 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 FORMAT = 1  # bump when the entry layout or the key's meaning changes
 MAX_ENTRIES = 256
-
-# The files one build read: resolved path -> sha256 of the bytes (None: probed, absent).
-_reads: dict[str, str | None] | None = None
-# While a cached build compiles: the environment fingerprint, which also keys formatted text.
-_session: str | None = None
 MAX_FORMATTED = 1024
+
+# While a cached build compiles: the files it read (resolved path -> sha256 of the bytes,
+# None: probed, absent) and the environment fingerprint, which also keys formatted text.
+_reads: dict[str, str | None] | None = None
+_session: str | None = None
 
 
 def disabled_by_env() -> bool:
@@ -73,43 +73,36 @@ def note_absent(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def recording(fingerprint: str | None = None) -> Iterator[dict[str, str | None]]:
-    """Record the files a build reads; with FINGERPRINT (a cached build), also remember and
-    reuse black's output for the texts it formats."""
+def recording(fingerprint: str | None) -> Iterator[dict[str, str | None]]:
+    """While a cached build (environment FINGERPRINT) compiles: record the files it reads, and
+    remember and reuse black's output for the texts it formats. Without a fingerprint (the
+    cache is off) nothing is recorded or remembered."""
     global _reads, _session
     previous = _reads, _session
-    _reads, _session = {}, fingerprint
+    reads: dict[str, str | None] = {}
+    _reads, _session = (reads if fingerprint is not None else None), fingerprint
     try:
-        yield _reads
+        yield reads
     finally:
         _reads, _session = previous
 
 
-def _formatted_path(source: str, line_length: int) -> Path | None:
+def formatted(source: str, line_length: int, produce: Callable[[str], str]) -> str:
+    """``produce(source)`` (black), or its output for the same text from an earlier build in the
+    same environment; outside a cached build, always ``produce(source)``."""
     if _session is None:
-        return None
+        return produce(source)
     h = hashlib.sha256(f"{_session}\0{line_length}\0".encode() + source.encode("utf-8", "surrogatepass"))
-    return cache_dir() / f"v{FORMAT}" / "formatted" / f"{h.hexdigest()}.py"
-
-
-def formatted(source: str, line_length: int) -> str | None:
-    """Black's output for SOURCE from an earlier build in the same environment, if kept."""
-    path = _formatted_path(source, line_length)
-    if path is None:
-        return None
+    path = cache_dir() / f"v{FORMAT}" / "formatted" / f"{h.hexdigest()}.py"
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, ValueError):
-        return None
-    with contextlib.suppress(OSError):
-        os.utime(path)
-    return text
-
-
-def remember_formatted(source: str, line_length: int, text: str) -> None:
-    path = _formatted_path(source, line_length)
-    if path is not None:
+        text = produce(source)
         _write_atomic(path, text, MAX_FORMATTED)
+    else:
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used texts are the last to be evicted
+    return text
 
 
 def _hash_tree(h: Any, root: Path, suffixes: tuple[str, ...]) -> None:

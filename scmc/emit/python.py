@@ -424,11 +424,11 @@ def format_python(source: str) -> str:
     (formatting is a third of a build's own work, and most files of a rebuild are unchanged)."""
     from scmc import cache
 
-    formatted = cache.formatted(source, LINE_LENGTH)
-    if formatted is None:
+    def black_format(text: str) -> str:
         import black
 
-        formatted = black.format_str(source, mode=black.Mode(line_length=LINE_LENGTH))
+        formatted = black.format_str(text, mode=black.Mode(line_length=LINE_LENGTH))
         ast.parse(formatted)
-        cache.remember_formatted(source, LINE_LENGTH, formatted)
-    return formatted
+        return formatted
+
+    return cache.formatted(source, LINE_LENGTH, black_format)
