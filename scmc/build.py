@@ -658,22 +658,12 @@ def manifest(name: str, request: BuildRequest, compiled: list[Compiled], depende
     inputs = []
     seen: set[str] = set()
     for c in compiled:
-        for path in [c.source.path]:
-            rel = c.source.display
-            if rel in seen:
-                continue
-            seen.add(rel)
-            inputs.append({"role": c.role, "path": rel.replace(os.sep, "/"), "sha256": sha256(path)})
-        for included in c.includes:
-            if included.display not in seen:
-                seen.add(included.display)
-                inputs.append(
-                    {
-                        "role": f"{c.role} (CFG)",
-                        "path": included.display.replace(os.sep, "/"),
-                        "sha256": hashlib.sha256(included.text.encode()).hexdigest(),
-                    }
-                )
+        # templates as read (hashing the text read, not the file again, which may have changed since)
+        for role, source in [(c.role, c.source), *((f"{c.role} (CFG)", t) for t in c.includes)]:
+            if source.display not in seen:
+                seen.add(source.display)
+                digest = hashlib.sha256(source.text.encode()).hexdigest()
+                inputs.append({"role": role, "path": source.display.replace(os.sep, "/"), "sha256": digest})
         for stem, path in sorted(c.files.items()):
             inputs.append(
                 {"role": "layer file", "path": display_path(path).replace(os.sep, "/"), "sha256": sha256(path)}
