@@ -647,38 +647,15 @@ def compare_outputs(expected: dict[str, Any], actual: dict[str, Any]) -> list[Ou
         atol, rtol = tolerance_for(dtype)
         exp = _to_numpy(exp_value)
         shape = list(exp.shape)
-        if name not in actual:
-            diffs.append(
-                OutputDiff(
-                    name,
-                    dtype,
-                    shape,
-                    math.inf,
-                    math.inf,
-                    math.inf,
-                    exp.size,
-                    atol,
-                    rtol,
-                    f"output `{name}` is missing (got {', '.join(actual) or 'nothing'})",
-                )
-            )
-            continue
-        act = _to_numpy(actual[name])
-        if list(act.shape) != shape:
-            diffs.append(
-                OutputDiff(
-                    name,
-                    dtype,
-                    shape,
-                    math.inf,
-                    math.inf,
-                    math.inf,
-                    exp.size,
-                    atol,
-                    rtol,
-                    f"shape {list(act.shape)} instead of {shape}",
-                )
-            )
+        act = _to_numpy(actual[name]) if name in actual else None
+        if act is None:
+            structural = f"output `{name}` is missing (got {', '.join(actual) or 'nothing'})"
+        elif list(act.shape) != shape:
+            structural = f"shape {list(act.shape)} instead of {shape}"
+        else:
+            structural = ""
+        if structural:  # nothing to compare: every element counts as mismatched
+            diffs.append(OutputDiff(name, dtype, shape, math.inf, math.inf, math.inf, exp.size, atol, rtol, structural))
             continue
         e = exp.astype(np.float64)
         a = act.astype(np.float64)
