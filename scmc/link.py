@@ -357,7 +357,7 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
                     "E1202",
                     f"`{address}` takes soft targets (a probability per class), but {where} yields class indices",
                     node.span,
-                    "set `targets: soft` in the dataset preset (cfg/datasets/digits.yaml: -p targets=soft) "
+                    "set `targets: soft` in the dataset preset (for cfg/datasets/digits.yaml: -p targets=soft) "
                     "to feed it one-hot probabilities, or use a loss on class indices such as torch.nn.CrossEntropyLoss",
                 )
             if soft and any(obj is o for o in _objects(CLASS_TARGET_LAYERS)):
