@@ -171,7 +171,7 @@ def _key(part: Compiled, key: str) -> Span:
     return locate(part.tree, (key,), part.source.data.span)
 
 
-def _check_dataset(part: Compiled, preset: DatasetPreset, diags: Diagnostics) -> None:
+def _check_dataset(part: Compiled, preset: DatasetPreset, channels: int, diags: Diagnostics) -> None:
     given = preset.model_fields_set
     if preset.kind == "digits" and "root" in given:
         diags.error(
@@ -201,8 +201,16 @@ def _check_dataset(part: Compiled, preset: DatasetPreset, diags: Diagnostics) ->
             _key(part, "name"),
             "remove `name`, or use `kind: timm`",
         )
-    if preset.mean is not None and preset.std is not None and len(preset.mean) != len(preset.std):
-        diags.error("E1208", "`mean` and `std` need one value per channel each", _key(part, "std"))
+    for key in ("mean", "std"):
+        values = getattr(preset, key)
+        if values is not None and len(values) != channels:
+            diags.error(
+                "E1208",
+                f"`{key}` has {len(values)} value{'s' if len(values) != 1 else ''}, but the images have "
+                f"{channels} channels",
+                _key(part, key),
+                f"give one value per channel ({channels})",
+            )
     if preset.classes is not None and preset.num_classes is not None and len(preset.classes) != preset.num_classes:
         diags.error(
             "E1208",
@@ -272,10 +280,12 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
             if preset is not None:
                 presets[role] = (part, preset)
     dataset = presets["dataset"][1] if "dataset" in presets else None
-    if dataset is not None:
-        _check_dataset(presets["dataset"][0], dataset, diags)
-
     root = model.root
+    if dataset is not None:
+        first = (model.input_shapes or {}).get(root.inputs[0]) if root.inputs else None
+        shape = first["shape"] if first else ()
+        channels = int(shape[0]) if len(shape) == 3 else 3  # train.py's images are C x H x W (RGB)
+        _check_dataset(presets["dataset"][0], dataset, channels, diags)
     outputs = tuple(root.outputs)
     known = set(root.inputs) | set(outputs)
     label = "label"
@@ -303,6 +313,13 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
                 _reads(graph, n),
                 f"train.py feeds the images as `{root.inputs[0]}` and the labels as `{label}`",
             )
+    if not root.inputs and loss is not None and backward is not None:
+        diags.error(
+            "E1209",
+            "the model takes no inputs, so train.py has nothing to feed it the images with",
+            model.source.data.span,
+            "declare the images as the model's first input (INPUTS: [image])",
+        )
     extra = [n for n in root.inputs[1:] if n != label]
     if extra and (loss is not None and backward is not None):
         diags.error(
