@@ -29,7 +29,7 @@ def main() -> None:
     from scmc.load import clear_caches
 
     def compile_group(group: str) -> tuple:
-        request = BuildRequest(parts=[Part("model", TEMPLATE, "Model")], params=[f"backbone={group}"])
+        request = BuildRequest(parts=[Part("model", TEMPLATE, "Model")], params=[f"backbone={group}", "num_classes=10"])
         # Untimed: start each build as a fresh process would, without the in-process memos of
         # earlier builds (rendered blocks, compiled Jinja templates) and without their garbage,
         # whose collection would otherwise be billed to whichever group comes next.

@@ -75,6 +75,8 @@ def femto_build_argv(out: Path) -> List[str]:
         TEMPLATE,
         "-p",
         "backbone=femto",
+        "-p",
+        "num_classes=10",
         "--loss",
         LOSS,
         "--metric",
@@ -86,7 +88,7 @@ def femto_build_argv(out: Path) -> List[str]:
 
 
 def group_build_argv(group: str, out: Path) -> List[str]:
-    return scmc_argv() + ["build", TEMPLATE, "-p", f"backbone={group}", "-o", str(out), "-q"]
+    return scmc_argv() + ["build", TEMPLATE, "-p", f"backbone={group}", "-p", "num_classes=10", "-o", str(out), "-q"]
 
 
 # --------------------------------------------------------------------------- (a) femto

@@ -88,7 +88,7 @@ train_loader = DataLoader(train_set, batch_size=cfg["batch"], shuffle=True, drop
                           generator=torch.Generator().manual_seed(cfg["seed"]))
 val_loader = DataLoader(val_set, batch_size=cfg["batch"])
 
-model = timm.create_model("convnextv2_femto", pretrained=False, conv_mlp=False, num_classes=1000)
+model = timm.create_model("convnextv2_femto", pretrained=False, conv_mlp=False, num_classes=10)
 groups = [{"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
           {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 0.05}]
 optimizer = torch.optim.AdamW(groups, lr=2e-3, betas=(0.9, 0.999))
@@ -150,7 +150,7 @@ print("BENCH_RESULT " + json.dumps({"epochs": epochs}), flush=True)
 
 def build_femto(out: Path) -> Path:
     scmc = [SCMC] if SCMC else [PYTHON, "-m", "scmc"]
-    run_process(scmc + ["build", "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=femto", "-o", str(out), "-q"])
+    run_process(scmc + ["build", "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=femto", "-p", "num_classes=10", "-o", str(out), "-q"])
     return out / "src"
 
 

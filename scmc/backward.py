@@ -8,15 +8,17 @@ as layer arguments (:class:`scmc.lower.Lowerer`).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from scmc.diagnostics import CompileError, Diagnostic, Diagnostics, Span, did_you_mean
-from scmc.ir import Ctor
+from scmc.ir import BackwardDef, BackwardStepDef, Ctor, OptimizerDef
 from scmc.load import LDict, LList, Parameters, Source, expand, plain
-from scmc.lower import Lowerer, Options, is_name
+from scmc.lower import Lowerer, Options
+from scmc.names import is_name
+from scmc.schema import locate
+from scmc.schema import validation_diagnostics as schema_diagnostics
 
 BACKWARD_KEYS = (
     "PARAMETERS",
@@ -60,71 +62,12 @@ class BackwardTemplate(BaseModel):
     MODELS: list[str] = Field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- IR
-
-
-@dataclass(frozen=True)
-class OptimizerDef:
-    name: str
-    factory: Ctor  # address + bound arguments; called with the named parameters
-    layers: tuple[str, ...]  # "model" or "model.backbone"
-    clip: Ctor | None  # address + bound arguments; called with the parameters
-    takes_schedule: bool  # the factory accepts updates_per_epoch / num_epochs
-    span: Span
-
-
-@dataclass(frozen=True)
-class BackwardStepDef:
-    name: str
-    loss: str
-    optimizers: tuple[str, ...]
-    kwargs: tuple[tuple[str, Any], ...]
-
-
-@dataclass(frozen=True)
-class BackwardDef:
-    classname: str
-    models: tuple[str, ...]
-    losses: tuple[str, ...]
-    optimizers: tuple[OptimizerDef, ...]
-    steps: tuple[BackwardStepDef, ...]
-    autocast_dtype: str | None  # "bfloat16" | "float16" | None
-    scaler_kwargs: tuple[tuple[str, Any], ...] | None  # only for float16
-    accumulate: int
-    template: str
-
-
-def locate(tree: Any, loc: tuple, default: Span) -> Span:
-    """The span of the value at a pydantic error location."""
-    node, span = tree, default
-    for part in loc:
-        if isinstance(node, LDict) and part in node:
-            span = node.key_span(part) if not isinstance(node[part], (LDict, LList)) else node[part].span
-            node = node[part]
-        elif isinstance(node, LList) and isinstance(part, int) and part < len(node):
-            span = node.item_span(part)
-            node = node[part]
-        else:
-            break
-    return span
+def _known_keys(loc: tuple) -> tuple[str, ...]:
+    return BACKWARD_KEYS if not loc else tuple(OptimizerSpec.model_fields)
 
 
 def validation_diagnostics(exc: ValidationError, tree: Any, default: Span, what: str) -> list[Diagnostic]:
-    out = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        path = ".".join(str(p) for p in loc) or what
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            known = BACKWARD_KEYS if len(loc) == 1 else tuple(OptimizerSpec.model_fields)
-            message = f"unknown key `{loc[-1]}` in {what}"
-            hint = did_you_mean(str(loc[-1]), known) or f"known keys: {', '.join(known)}"
-        elif kind == "missing":
-            message, hint = f"{what} needs `{path}`", ""
-        else:
-            message, hint = f"`{path}`: {err['msg']}", ""
-        out.append(Diagnostic("E1000", message, locate(tree, loc, default), hint))
-    return out
+    return schema_diagnostics(exc, tree, default, what, "E1000", _known_keys)
 
 
 def _step_name(base: str, taken: set[str]) -> str:
@@ -154,6 +97,7 @@ def lower_backward(source: Source, params: Parameters, classname: str, options: 
     optimizers: list[OptimizerDef] = []
     steps: list[BackwardStepDef] = []
     taken: set[str] = set()
+    layer_spans: dict[str, Span] = {}
     for b_index, backward in enumerate(spec.BACKWARDS):
         b_tree = tree["BACKWARDS"][b_index]
         b_span = tree["BACKWARDS"].item_span(b_index)
@@ -188,6 +132,7 @@ def lower_backward(source: Source, params: Parameters, classname: str, options: 
                 diags.extend(exc.diagnostics)
                 continue
             optimizers.append(OptimizerDef(name, factory, layers, clip, takes_schedule, o_span))
+            layer_spans[name] = locate(o_tree, ("LAYERS",), o_span)
             names.append(name)
         extra = tuple((k, v) for k, v in (backward.model_extra or {}).items())
         for key, _ in extra:
@@ -200,21 +145,30 @@ def lower_backward(source: Source, params: Parameters, classname: str, options: 
                 )
         steps.append(
             BackwardStepDef(
-                _step_name(backward.NAME or "backward", set(s.name for s in steps)), backward.LOSS, tuple(names), extra
+                _step_name(backward.NAME or "backward", set(s.name for s in steps)),
+                backward.LOSS,
+                tuple(names),
+                extra,
+                locate(b_tree, ("LOSS",), b_span),
             )
         )
     diags.raise_if_any()
 
     models = list(spec.MODELS)
+    spans = [(f"model {m}", locate(tree, ("MODELS", i), source.data.span)) for i, m in enumerate(models)]
     for opt in optimizers:
         for layer in opt.layers:
             root = layer.split(".")[0]
+            spans.append((f"layer {layer}", layer_spans[opt.name]))
             if root not in models:
                 models.append(root)
+                spans.append((f"model {root}", layer_spans[opt.name]))
     losses = list(spec.LOSSES) or []
+    spans += [(f"loss {n}", locate(tree, ("LOSSES", i), source.data.span)) for i, n in enumerate(losses)]
     for step in steps:
         if step.loss not in losses:
             losses.append(step.loss)
+            spans.append((f"loss {step.loss}", step.span))
 
     enabled = (
         spec.MIXED_PRECISION if isinstance(spec.MIXED_PRECISION, bool) else spec.MIXED_PRECISION.get("enabled", True)
@@ -246,6 +200,7 @@ def lower_backward(source: Source, params: Parameters, classname: str, options: 
         scaler,
         spec.ACCUMULATE_GRADIENTS or 1,
         source.display,
+        tuple(spans),
     )
 
 

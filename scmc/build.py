@@ -9,8 +9,6 @@ partial package where a good one was.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -19,12 +17,12 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import scmc
 from scmc.addresses import AllowList
 from scmc.diagnostics import CompileError, Diagnostics, Span, fail
-from scmc.ir import Program, dump, verify
+from scmc.ir import dump, verify
 from scmc.load import (
     LDict,
     Override,
@@ -38,15 +36,11 @@ from scmc.load import (
     report_unused_overrides,
 )
 
-RUNTIME_REQUIREMENT = ">=0.1.0,<0.2"
+if TYPE_CHECKING:
+    from scmc.link import BuildInfo, Compiled
 
-# import root -> (distribution, lower bound) for the generated pyproject
-DISTRIBUTIONS = {
-    "torch": ("torch", ">=2.4"),
-    "torchvision": ("torchvision", ">=0.19"),
-    "timm": ("timm", ">=1.0"),
-    "scmc_runtime": ("scmc-runtime", RUNTIME_REQUIREMENT),
-}
+LAYER_ROLES = ("model", "loss", "metric")
+PRESET_ROLES = ("dataset", "ema", "compile")
 
 
 class InternalError(Exception):
@@ -66,8 +60,6 @@ class Part:
     classname: str
 
 
-LAYER_ROLES = ("model", "loss", "metric")
-PRESET_ROLES = ("dataset", "ema", "compile")
 ROLE_CLASSES = {"model": "Model", "loss": "Loss", "metric": "Metric", "backward": "Backward"}
 PACKAGE_KEYS = {
     "LOSS": "loss",
@@ -148,21 +140,6 @@ class BuildRequest:
 
 
 @dataclass
-class Compiled:
-    role: str
-    source: Source
-    program: Program | None  # layer graphs
-    text: str  # generated Python (empty for presets)
-    param_count: int
-    input_shapes: dict[str, Any] | None
-    params: dict[str, Any]
-    backward: Any = None  # scmc.backward.BackwardDef
-    config: Any = None  # a rendered preset
-    files: dict[str, Path] = field(default_factory=dict)  # `_file_` modules: stem -> path
-    includes: list[Source] = field(default_factory=list)  # templates read through CFG
-
-
-@dataclass
 class Plan:
     name: str
     files: dict[str, bytes]
@@ -190,6 +167,7 @@ def compile_part(
 ) -> Compiled:
     from scmc.emit.python import RESERVED, emit_module_file
     from scmc.interp import build_program
+    from scmc.link import Compiled
     from scmc.lower import Lowerer, Options
     from scmc.passes.dedup import deduplicate
     from scmc.passes.materialize import materialize
@@ -222,8 +200,8 @@ def compile_part(
 
         body = LDict({k: v for k, v in source.data.items() if k != "PARAMETERS"}, span=source.data.span)
         body.key_spans = dict(source.data.key_spans)
-        config = plain(expand(body, params))
-        return Compiled(part.role, source, None, "", 0, None, default_params, config=config)
+        tree = expand(body, params)
+        return Compiled(part.role, source, None, "", 0, None, default_params, config=plain(tree), tree=tree)
     lowerer = Lowerer(options, diags)
     try:
         root = lowerer.lower_root(source, params, part.classname, request.sublayer if part.role == "model" else None)
@@ -261,6 +239,7 @@ def compile_part(
         default_params,
         files=dict(lowerer.files),
         includes=[t for t in lowerer.templates.values() if t.path != source.path],
+        output_shapes=root.output_shapes,
     )
 
 
@@ -276,12 +255,24 @@ def plan_package(request: BuildRequest) -> Plan:
     with cache.recording(fingerprint) as reads:
         name, compiled, allow = compile_parts(request)
         from scmc.emit.package import package_files  # not needed by a hit
+        from scmc.link import link
 
-        files = package_files(name, request, compiled, allow)
+        files = package_files(link(name, compiled, build_info(request), allow))
     count = next((c.param_count for c in compiled if c.role == "model"), 0)
     if key is not None:
         cache.store(key, reads, name, files, count)
     return Plan(name, files, compiled, count)
+
+
+def build_info(request: BuildRequest) -> "BuildInfo":
+    from scmc.link import BuildInfo
+
+    return BuildInfo(
+        params=tuple(request.params),
+        parts=tuple((p.role, p.path) for p in request.parts),
+        shapes=tuple(request.shapes.items()),
+        allow_modules=tuple(request.allow_modules),
+    )
 
 
 def compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowList]:
@@ -375,7 +366,7 @@ def create_module(request: BuildRequest, output: Path | None, force: bool = True
 
     The first part of the request is compiled alone (no PACKAGE presets); its module text is
     written atomically to `output` (default: snake_case(classname).py)."""
-    from scmc.lower import to_snake
+    from scmc.names import to_snake
 
     request.presets = False
     _, compiled, _ = compile_parts(request)
@@ -394,10 +385,6 @@ def create_module(request: BuildRequest, output: Path | None, force: bool = True
         raise fail("E0901", f"{display_path(destination)} already exists", hint="pass --force to replace it")
     write_text_atomic(destination, part.text)
     return part, destination
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- writing
@@ -650,55 +637,3 @@ def check(request: BuildRequest) -> CheckResult:
             )
             changed[rel] = "".join(diff)
     return CheckResult(destination, missing, extra, changed)
-
-
-def manifest(name: str, request: BuildRequest, compiled: list[Compiled], dependencies: list[str]) -> dict[str, Any]:
-    import torch
-
-    inputs = []
-    seen: set[str] = set()
-    for c in compiled:
-        # templates as read (hashing the text read, not the file again, which may have changed since)
-        for role, source in [(c.role, c.source), *((f"{c.role} (CFG)", t) for t in c.includes)]:
-            if source.display not in seen:
-                seen.add(source.display)
-                digest = hashlib.sha256(source.text.encode()).hexdigest()
-                inputs.append({"role": role, "path": source.display.replace(os.sep, "/"), "sha256": digest})
-        for stem, path in sorted(c.files.items()):
-            inputs.append(
-                {"role": "layer file", "path": display_path(path).replace(os.sep, "/"), "sha256": sha256(path)}
-            )
-    model = next((c for c in compiled if c.role == "model"), compiled[0])
-    return {
-        "package": name,
-        "scmc_version": scmc.__version__,
-        "torch_version": torch.__version__.split("+")[0],
-        "parameters": list(request.params),
-        "resolved_parameters": _jsonable(model.params),
-        "inputs": inputs,
-        "classes": {c.role: c.program.root for c in compiled if c.program is not None}
-        | {c.role: c.backward.classname for c in compiled if c.backward is not None},
-        "input_shapes": _jsonable(model.input_shapes or {}),
-        "outputs": {c.role: list(c.program.module(c.program.root).outputs) for c in compiled if c.program is not None},
-        "backward": _backward_summary(next((c.backward for c in compiled if c.backward is not None), None)),
-        "presets": {c.role: _jsonable(c.config) for c in compiled if c.config is not None},
-        "parameter_count": model.param_count,
-        "dependencies": dependencies,
-        "allowed_modules": list(request.allow_modules),
-    }
-
-
-def _backward_summary(bdef: Any) -> dict[str, Any] | None:
-    if bdef is None:
-        return None
-    return {
-        "models": list(bdef.models),
-        "losses": list(bdef.losses),
-        "optimizers": [o.name for o in bdef.optimizers],
-        "accumulate": bdef.accumulate,
-        "autocast_dtype": bdef.autocast_dtype,
-    }
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=repr, sort_keys=True))

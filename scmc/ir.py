@@ -194,6 +194,43 @@ class Program:
         raise KeyError(name)
 
 
+# --------------------------------------------------------------------------- backward steps
+# What a backward template lowers to (scmc/backward.py) and emit/backward.py prints.
+
+
+@dataclass(frozen=True)
+class OptimizerDef:
+    name: str
+    factory: Ctor  # address + bound arguments; called with the named parameters
+    layers: tuple[str, ...]  # "model" or "model.backbone"
+    clip: Ctor | None  # address + bound arguments; called with the parameters
+    takes_schedule: bool  # the factory accepts updates_per_epoch / num_epochs
+    span: Span
+
+
+@dataclass(frozen=True)
+class BackwardStepDef:
+    name: str
+    loss: str
+    optimizers: tuple[str, ...]
+    kwargs: tuple[tuple[str, Any], ...]
+    span: Span = field(compare=False, hash=False, default=Span("<none>"))  # of its LOSS key
+
+
+@dataclass(frozen=True)
+class BackwardDef:
+    classname: str
+    models: tuple[str, ...]
+    losses: tuple[str, ...]
+    optimizers: tuple[OptimizerDef, ...]
+    steps: tuple[BackwardStepDef, ...]
+    autocast_dtype: str | None  # "bfloat16" | "float16" | None
+    scaler_kwargs: tuple[tuple[str, Any], ...] | None  # only for float16
+    accumulate: int
+    template: str
+    spans: tuple[tuple[str, Span], ...] = field(compare=False, hash=False, default=())  # LOSSES/MODELS entries
+
+
 # --------------------------------------------------------------------------- instances
 
 
@@ -224,6 +261,7 @@ class Instance:
     span: Span
     input_shapes: dict[str, Any] | None = None
     types: dict[str, str] = field(default_factory=dict)
+    output_shapes: dict[str, tuple[int, ...]] | None = None  # without the batch; set by materialize
 
 
 # --------------------------------------------------------------------------- dump / verify

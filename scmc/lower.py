@@ -13,7 +13,6 @@ import builtins
 import inspect
 import keyword
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from scmc.load import (
     plain,
     read_template,
 )
+from scmc.names import is_name, to_snake
 
 STEP_KEYS = ("INPUTS", "OUTPUTS", "NAME", "LAYER")
 PACKAGE_KEY = "PACKAGE"  # scmc: default loss/metric/backward/data presets of a model template
@@ -61,35 +61,12 @@ PATTERN_KEYS = ("_addr_", "_file_", "_attr_", "_bind_", "_call_")
 MODULE_ATTRS = frozenset(n for n in dir(__import__("torch").nn.Module) if not n.startswith("__")) | {"training"}
 
 
-# Mixed-case acronyms that the camel-case split would cut (ReLU -> re_lu): spelled as torch does.
-_ACRONYMS = (("PReLU", "Prelu"), ("ReLU", "Relu"), ("SiLU", "Silu"), ("GeLU", "Gelu"))
-
-
-def to_snake(name: str) -> str:
-    for acronym, word in _ACRONYMS:
-        name = name.replace(acronym, word)
-    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
-    name = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
-    return re.sub(r"\W+", "_", name).strip("_").lower() or "layer"
-
-
 def to_pascal(name: str) -> str:
     parts = re.split(r"[^0-9A-Za-z]+", name)
     out = "".join(p[:1].upper() + p[1:] for p in parts if p)
     if not out or not out[0].isalpha():
         out = "Layer" + out
     return out
-
-
-def is_name(text: Any) -> bool:
-    """A Python identifier that is not a keyword and that Python reads as itself: identifiers are
-    NFKC-normalized by the parser, so `ℌ` and `H` would be one name in generated code."""
-    return (
-        isinstance(text, str)
-        and text.isidentifier()
-        and not keyword.iskeyword(text)
-        and unicodedata.normalize("NFKC", text) == text
-    )
 
 
 @dataclass

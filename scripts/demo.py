@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "convnextv2_femto"
-BUILD = ["build", "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=femto"]
+BUILD = ["build", "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=femto", "-p", "num_classes=10"]
 TRAIN = ["--epochs", "6", "--batch-size", "32", "--image-size", "32", "--ci"]
 TARGET_TOP1 = 0.97
 

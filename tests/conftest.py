@@ -80,6 +80,8 @@ def femto_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "cfg/losses/cls.yaml",
         "--metric",
         "cfg/metrics/topk.yaml",
+        "--dataset",  # ImageNet-sized (1000 classes, as timm's convnextv2_femto), not PACKAGE's 10 digits
+        "cfg/datasets/image_folder.yaml",
     )
 
 

@@ -3,7 +3,10 @@
 Every ``tests/errors/<case>.yaml`` holds one realistic template with a mistake (one, except
 ``three_mistakes``); ``<case>.expected`` holds the diagnostic lines the build must print
 (``path:line:col: error[CODE]: message``), in order. A case can pass flags to
-``scmc build`` with a first-line comment ``# args: -p key=value``.
+``scmc build`` with a first-line comment ``# args: -p key=value``. The case file is the model
+template, unless the args hold the word ``CASE``: then it stands where ``CASE`` is (``# args:
+tests/errors/link/model.yaml --loss CASE``), for mistakes in a loss, metric, backward or
+dataset preset. Templates such cases share live in ``tests/errors/link/`` (not cases themselves).
 
 Regenerate the expected files after a deliberate change to a message, then review the diff
 line by line (each message must name the right file and line and say what to do):
@@ -56,7 +59,10 @@ def run_build(args: list[str]):
 
 
 def build_case(case: str, out: Path):
-    return run_build([f"tests/errors/{case}.yaml", *case_args(case), "-o", str(out)])
+    path, args = f"tests/errors/{case}.yaml", case_args(case)
+    if "CASE" in args:
+        return run_build([path if a == "CASE" else a for a in args] + ["-o", str(out)])
+    return run_build([path, *args, "-o", str(out)])
 
 
 def test_the_corpus_has_at_least_twenty_cases_each_with_expected_diagnostics() -> None:

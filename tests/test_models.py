@@ -29,6 +29,7 @@ def compiled_model_source(group: str) -> str:
     request = BuildRequest(
         parts=[Part("model", __import__("pathlib").Path("cfg/models/ConvNeXtV2.yaml"), "Model")],
         params=[f"backbone={group}"],
+        presets=False,  # the model alone: 1000 classes, as timm's
     )
     plan = plan_package(request)
     return next(text.decode() for path, text in plan.files.items() if path.endswith("/model.py"))
@@ -134,7 +135,16 @@ def test_identical_blocks_share_one_class_with_lifted_constants(femto_package) -
 def test_drop_path_rate_becomes_a_typed_constructor_argument(tmp_path) -> None:
     from tests.conftest import build_package
 
-    out = build_package(tmp_path / "p", "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=atto", "-p", "drop_path_rate=0.1")
+    out = build_package(
+        tmp_path / "p",
+        "cfg/models/ConvNeXtV2.yaml",
+        "-p",
+        "backbone=atto",
+        "-p",
+        "drop_path_rate=0.1",
+        "-p",
+        "num_classes=10",
+    )
     source = (out / "src" / "convnextv2_atto" / "model.py").read_text()
     assert "def __init__(self, fout: int, drop_path: float) -> None:" in source
     assert "self.drop_path = DropPath(rate=drop_path)" in source

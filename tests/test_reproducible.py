@@ -89,7 +89,7 @@ def test_check_of_a_missing_package_is_an_error(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- identical bytes
 
-BUILD = ["cfg/models/ConvNeXtV2.yaml", "-p", "backbone=femto", "-q"]
+BUILD = ["cfg/models/ConvNeXtV2.yaml", "-p", "backbone=femto", "-p", "num_classes=10", "-q"]
 
 
 def start_build(workdir: Path, env: dict[str, str], user: list[str] | None = None) -> subprocess.Popen:

@@ -7,9 +7,9 @@ N-th step, and the last step of an epoch, which flushes a partial window): unsca
 
 from __future__ import annotations
 
-from scmc.backward import BackwardDef, OptimizerDef
-from scmc.emit.python import _docstring, addresses_in, format_python, literal, minimal_imports
 from scmc.addresses import module_of
+from scmc.emit.python import _docstring, addresses_in, format_python, literal, minimal_imports
+from scmc.ir import BackwardDef, OptimizerDef
 
 
 def _params_expr(opt: OptimizerDef) -> str:

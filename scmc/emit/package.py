@@ -6,61 +6,37 @@ the values. Everything is deterministic: no timestamps, no absolute paths, sorte
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shlex
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import scmc
-from scmc.addresses import AllowList
+from scmc.emit.jinja import environment as _env
+from scmc.emit.jinja import imported_roots
 from scmc.emit.python import comment_text, format_python
+from scmc.load import display_path
 
 if TYPE_CHECKING:
-    from scmc.build import BuildRequest, Compiled
+    from scmc.link import Compiled, PackageDef
 
-TEMPLATES = Path(__file__).parent / "templates"
 MODULE_FILES = {"model": "model", "loss": "loss", "metric": "metric", "backward": "backward"}
+RUNTIME_REQUIREMENT = ">=0.1.0,<0.2"
 
-
-def _env():
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    env.filters["pyrepr"] = repr
-    return env
-
-
-def imported_roots(source: str) -> list[str]:
-    """Top-level modules a Python source imports, in order of first import."""
-    import ast
-
-    roots: list[str] = []
-    for node in ast.walk(ast.parse(source)):
-        names = (
-            [a.name for a in node.names]
-            if isinstance(node, ast.Import)
-            else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-        )
-        for name in names:
-            root = name.split(".")[0]
-            if root and root not in roots:
-                roots.append(root)
-    return roots
+# import root -> (distribution, lower bound) for the generated pyproject
+DISTRIBUTIONS = {
+    "torch": ("torch", ">=2.4"),
+    "torchvision": ("torchvision", ">=0.19"),
+    "timm": ("timm", ">=1.0"),
+    "scmc_runtime": ("scmc-runtime", RUNTIME_REQUIREMENT),
+}
 
 
 def dependencies(sources: list[str]) -> list[str]:
     """Distributions the generated code imports (plus torch and the runtime, always)."""
     import sys
-
-    from scmc.build import DISTRIBUTIONS
 
     roots: list[str] = ["torch", "scmc_runtime"]
     for source in sources:
@@ -74,85 +50,51 @@ def dependencies(sources: list[str]) -> list[str]:
     return sorted(out)
 
 
-# preset keys -> TrainConfig fields (scmc/emit/train.py FIELDS)
-PRESET_FIELDS = {
-    "dataset": {
-        "image_size": "image_size",
-        "batch_size": "batch_size",
-        "epochs": "epochs",
-        "workers": "workers",
-        "root": "data",
-        "name": "timm_dataset",
-    },
-    "ema": {"enabled": "ema", "decay": "ema_decay", "warmup": "ema_warmup"},
-    "compile": {"enabled": "compile", "mode": "compile_mode"},
-}
-
-
-def train_context(name: str, compiled: list["Compiled"]):
+def train_context(pkg: "PackageDef"):
     """The context of the generated train.py, or None when the package cannot train (no
     backward or no loss)."""
     from scmc.emit.train import TrainContext
 
-    by_role = {c.role: c for c in compiled}
-    if not {"model", "loss", "backward"} <= set(by_role):
+    training = pkg.training
+    if training is None:
         return None
-    model, loss = by_role["model"], by_role["loss"]
-    metric = by_role.get("metric")
-    root = model.program.module(model.program.root)
-    loss_root = loss.program.module(loss.program.root)
-    metric_root = metric.program.module(metric.program.root) if metric else None
-    known = set(root.inputs) | set(root.outputs)
-    labels = [n for n in loss_root.inputs if n not in known]
-    defaults: dict[str, Any] = {}
-    for role, mapping in PRESET_FIELDS.items():
-        preset = by_role.get(role)
-        if preset is None or not isinstance(preset.config, dict):
-            continue
-        if role == "dataset" and preset.config.get("kind") == "timm":
-            mapping = {**mapping, "root": "cache_dir"}  # a timm dataset's root is where it is cached
-        for key, field in mapping.items():
-            if key in preset.config:
-                defaults[field] = preset.config[key]
-    if "image_size" not in defaults and model.input_shapes:
-        first = model.input_shapes[root.inputs[0]]["shape"]
-        defaults["image_size"] = int(first[-1])
+    root, loss_root = pkg.model.root, pkg.loss.root
+    metric_root = pkg.metric.root if pkg.metric is not None else None
     return TrainContext(
-        package=name,
+        package=pkg.name,
         scmc_version=scmc.__version__,
-        template=model.source.display.replace("\\", "/"),
+        template=pkg.model.source.display.replace("\\", "/"),
         model_inputs=list(root.inputs),
         model_outputs=list(root.outputs),
         model_structured=root.structured,
-        label=labels[0] if labels else "label",
+        label=training.label,
         loss_inputs=list(loss_root.inputs),
         loss_outputs=list(loss_root.outputs),
         loss_structured=loss_root.structured,
         metric_inputs=list(metric_root.inputs) if metric_root else [],
         metric_outputs=list(metric_root.outputs) if metric_root else [],
         metric_structured=metric_root.structured if metric_root else False,
-        backward_losses=list(by_role["backward"].backward.losses),
-        defaults=defaults,
+        backward_losses=list(training.backward_losses),
+        defaults=dict(training.defaults),
         model_class=root.name,
+        soft_targets=training.soft_targets,
     )
 
 
-def predict_source(name: str, train: Any, compiled: list["Compiled"]) -> str:
+def predict_source(pkg: "PackageDef", train: Any) -> str:
     """`python -m <pkg>.predict --onnx model.onnx image.png`: ONNX Runtime, numpy and Pillow only,
     with the validation preprocessing of train.py."""
     from scmc.emit.predict import render_predict
     from scmc.emit.train import IMAGENET_MEAN, IMAGENET_STD
 
     defaults = train.defaults
-    dataset = next((c.config for c in compiled if c.role == "dataset" and isinstance(c.config, dict)), {})
-    labels = [str(i) for i in range(10)] if dataset.get("kind") == "digits" else None
     return render_predict(
-        name,
+        pkg.name,
         train.model_inputs[0],
         int(defaults.get("image_size", 224)),
         list(defaults.get("mean", IMAGENET_MEAN)),
         list(defaults.get("std", IMAGENET_STD)),
-        labels,
+        list(pkg.class_labels) if pkg.class_labels is not None else None,
         5,
     )
 
@@ -161,23 +103,23 @@ def class_name(c: "Compiled") -> str:
     return c.program.root if c.program is not None else c.backward.classname
 
 
-def rebuild_command(request: "BuildRequest", name: str) -> str:
-    parts = ["scmc", "build", str(request.parts[0].path)]
-    for part in request.parts[1:]:
-        parts += [f"--{part.role}", str(part.path)]
-    for p in request.params:
+def rebuild_command(pkg: "PackageDef") -> str:
+    build, name = pkg.build, pkg.name
+    parts = ["scmc", "build", str(build.parts[0][1])]
+    for role, path in build.parts[1:]:
+        parts += [f"--{role}", str(path)]
+    for p in build.params:
         parts += ["-p", p]
-    for k, v in request.shapes.items():
+    for k, v in build.shapes:
         parts += ["-s", f"{k}={','.join(str(d) for d in v['shape'])}"]
     parts += ["--name", name, "--force"]
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"], allow: AllowList) -> dict[str, bytes]:
-    from scmc.build import RUNTIME_REQUIREMENT, manifest
-
+def package_files(pkg: "PackageDef") -> dict[str, bytes]:
+    """Every file of the package, by path relative to the package folder: the package definition printed."""
     env = _env()
-    model = next(c for c in compiled if c.role == "model")
+    name, compiled, model = pkg.name, list(pkg.parts), pkg.model
     layer_files = {stem: path for c in compiled for stem, path in c.files.items()}
     deps = dependencies(
         [c.text for c in compiled if c.text] + [p.read_text(encoding="utf-8") for p in layer_files.values()]
@@ -187,7 +129,7 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
     description = f"{stem} compiled by scmc into a standalone PyTorch package."
     src = f"src/{name}"
     files: dict[str, bytes] = {}
-    modules = [c for c in compiled if c.role in MODULE_FILES]
+    modules = list(pkg.modules)
     for c in modules:
         files[f"{src}/{MODULE_FILES[c.role]}.py"] = c.text.encode()
     for stem, path in sorted(layer_files.items()):
@@ -204,7 +146,7 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
         **common, runtime_requirement=RUNTIME_REQUIREMENT, imports=imports, classes=[cls for _, cls in imports]
     )
     files[f"{src}/__init__.py"] = format_python(init).encode()
-    train = train_context(name, compiled)
+    train = train_context(pkg)
     files["pyproject.toml"] = (
         env.get_template("pyproject.toml.j2")
         .render(
@@ -223,7 +165,7 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
         env.get_template("README.md.j2")
         .render(
             **common,
-            parameters=list(request.params),
+            parameters=list(pkg.build.params),
             classes=[(c.role, class_name(c)) for c in modules],
             param_count=model.param_count,
             input_shapes=shapes,
@@ -235,7 +177,7 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
             resolved=sorted((k, json.dumps(v, sort_keys=True, default=repr)) for k, v in model.params.items()),
             model_class=root.name,
             example_call=example,
-            rebuild=rebuild_command(request, name),
+            rebuild=rebuild_command(pkg),
         )
         .encode()
     )
@@ -243,8 +185,63 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
         from scmc.emit.train import render_train
 
         files[f"{src}/train.py"] = render_train(train).encode()
-        files[f"{src}/predict.py"] = predict_source(name, train, compiled).encode()
-    files[f"{src}/manifest.json"] = (
-        json.dumps(manifest(name, request, compiled, deps), indent=2, sort_keys=True) + "\n"
-    ).encode()
+        files[f"{src}/predict.py"] = predict_source(pkg, train).encode()
+    files[f"{src}/manifest.json"] = (json.dumps(manifest(pkg, deps), indent=2, sort_keys=True) + "\n").encode()
     return files
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def manifest(pkg: "PackageDef", dependencies: list[str]) -> dict[str, Any]:
+    import torch
+
+    name, compiled = pkg.name, list(pkg.parts)
+    inputs = []
+    seen: set[str] = set()
+    for c in compiled:
+        # templates as read (hashing the text read, not the file again, which may have changed since)
+        for role, source in [(c.role, c.source), *((f"{c.role} (CFG)", t) for t in c.includes)]:
+            if source.display not in seen:
+                seen.add(source.display)
+                digest = hashlib.sha256(source.text.encode()).hexdigest()
+                inputs.append({"role": role, "path": source.display.replace(os.sep, "/"), "sha256": digest})
+        for stem, path in sorted(c.files.items()):
+            inputs.append(
+                {"role": "layer file", "path": display_path(path).replace(os.sep, "/"), "sha256": _sha256(path)}
+            )
+    model = pkg.model
+    return {
+        "package": name,
+        "scmc_version": scmc.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "parameters": list(pkg.build.params),
+        "resolved_parameters": _jsonable(model.params),
+        "inputs": inputs,
+        "classes": {c.role: c.program.root for c in compiled if c.program is not None}
+        | {c.role: c.backward.classname for c in compiled if c.backward is not None},
+        "input_shapes": _jsonable(model.input_shapes or {}),
+        "outputs": {c.role: list(c.program.module(c.program.root).outputs) for c in compiled if c.program is not None},
+        "backward": _backward_summary(next((c.backward for c in compiled if c.backward is not None), None)),
+        "presets": {c.role: _jsonable(c.config) for c in compiled if c.config is not None},
+        "parameter_count": model.param_count,
+        "dependencies": dependencies,
+        "allowed_modules": list(pkg.build.allow_modules),
+    }
+
+
+def _backward_summary(bdef: Any) -> dict[str, Any] | None:
+    if bdef is None:
+        return None
+    return {
+        "models": list(bdef.models),
+        "losses": list(bdef.losses),
+        "optimizers": [o.name for o in bdef.optimizers],
+        "accumulate": bdef.accumulate,
+        "autocast_dtype": bdef.autocast_dtype,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=repr, sort_keys=True))

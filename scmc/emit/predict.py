@@ -27,7 +27,8 @@ def render_predict(
     topk: int,
 ) -> str:
     """Black-formatted source of ``<package>/predict.py``."""
-    from scmc.emit.package import _env, imported_roots
+    from scmc.emit.jinja import environment as _env
+    from scmc.emit.jinja import imported_roots
     from scmc.emit.python import format_python
 
     if not package.isidentifier():

@@ -103,6 +103,7 @@ class TrainContext:
     backward_losses: list[str]  # the loss outputs Backward.__call__ takes, by keyword
     defaults: dict[str, Any] = field(default_factory=dict)
     model_class: str = "Model"  # the class in model.py (scmc build --classname)
+    soft_targets: int = 0  # N > 0: the loss takes the labels as one-hot probabilities over N classes
 
 
 def _check_names(ctx: TrainContext) -> None:
@@ -185,9 +186,11 @@ def _fields(ctx: TrainContext) -> list[Field]:
     return out
 
 
-def _source(name: str, ctx: TrainContext) -> str:
-    """The expression in train.py that holds the graph input ``name``."""
+def _source(name: str, ctx: TrainContext, soft: bool = False) -> str:
+    """The expression in train.py that holds the graph input ``name`` (``soft``: for the loss)."""
     if name == ctx.label:
+        if soft and ctx.soft_targets:
+            return f"torch.nn.functional.one_hot(labels, {int(ctx.soft_targets)}).float()"
         return "labels"
     if name in ctx.model_outputs:
         if ctx.model_structured:
@@ -231,7 +234,7 @@ def render_train(ctx: TrainContext) -> str:
         outputs_type=outputs_type,
         model_takes_labels=len(ctx.model_inputs) > 1,
         model_call=model_call,
-        loss_args=", ".join(f"{n}={_source(n, ctx)}" for n in ctx.loss_inputs),
+        loss_args=", ".join(f"{n}={_source(n, ctx, soft=True)}" for n in ctx.loss_inputs),
         metric_args=", ".join(f"{n}={_source(n, ctx)}" for n in ctx.metric_inputs),
         backward_args=", ".join(f"{n}=losses[{n!r}]" for n in ctx.backward_losses),
         defaults={f.name: f.default for f in fields},

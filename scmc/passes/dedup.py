@@ -26,7 +26,7 @@ from scmc.ir import (
     format_arg,
     format_out,
 )
-from scmc.lower import is_name, to_snake
+from scmc.names import is_name, to_snake
 
 HOLE = "\x00hole"
 

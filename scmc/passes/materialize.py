@@ -30,6 +30,19 @@ def lazy_children(root: Instance) -> list[ChildInst]:
     return [c for inst in _walk(root) for c in inst.children if c.lazy]
 
 
+def _output_shapes(root: Instance, result: Any) -> dict[str, tuple[int, ...]]:
+    """The shape (without the batch) of each tensor output of the root, by output name."""
+    import torch
+
+    if root.structured and isinstance(result, dict):
+        values = [result.get(n) for n in root.outputs]
+    elif len(root.outputs) == 1:
+        values = [result]
+    else:
+        values = list(result) if isinstance(result, (tuple, list)) else []
+    return {n: tuple(int(d) for d in v.shape[1:]) for n, v in zip(root.outputs, values) if isinstance(v, torch.Tensor)}
+
+
 def _dtype(name: str):
     import torch
 
@@ -88,7 +101,9 @@ def materialize(root: Instance, allow: AllowList) -> None:
             # on the meta device: a tensor made in forward (`eval: x + torch.ones(...)`) takes no memory
             with torch.no_grad(), torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                live(*inputs)
+                result = live(*inputs)
+            if not training:
+                root.output_shapes = _output_shapes(root, result)
         except StepFailed as exc:
             mode = "training" if training else "inference"
             given = ", ".join(f"{n}={shapes[n]['shape']}" for n in root.inputs)

@@ -5,6 +5,8 @@ CASES = {
         "cfg/models/ConvNeXtV2.yaml",
         "-p",
         "backbone=femto",
+        "-p",
+        "num_classes=10",
         "--loss",
         "cfg/losses/cls.yaml",
         "--metric",
@@ -16,6 +18,8 @@ CASES = {
         "backbone=atto",
         "-p",
         "num_classes=10",
+        "-p",
+        "targets=soft",  # the digits preset feeds the soft-target loss one-hot probabilities
         "--loss",
         "cfg/losses/soft_cls.yaml",
         "--name",

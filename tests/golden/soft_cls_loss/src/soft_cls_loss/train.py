@@ -103,7 +103,7 @@ def compute_losses(
     criterion: Loss, outputs: dict[str, torch.Tensor], labels: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """The loss graph, label, cls -> ce_loss, fed by the model and the labels."""
-    ce_loss = criterion(label=labels, cls=outputs["cls"])
+    ce_loss = criterion(label=torch.nn.functional.one_hot(labels, 10).float(), cls=outputs["cls"])
     return {"ce_loss": ce_loss}
 
 
