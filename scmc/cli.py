@@ -15,18 +15,26 @@ from scmc.diagnostics import CompileError
 
 
 def _shape(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME=C,H,W`` (or ``NAME:C,H,W``), optionally ``:DTYPE`` after the sizes (``tokens=16:int64``)."""
+    from scmc.ir import INPUT_DTYPES
+
     name, sep, dims = text.partition("=")
     if not sep:
         name, sep, dims = text.partition(":")
+    dims, _, dtype = dims.partition(":")
+    dtype = dtype.strip() or "float32"
     try:
         shape = [int(d) for d in dims.replace("[", "").replace("]", "").split(",") if d.strip()]
     except ValueError:
         shape = []
     if not sep or not name.strip().isidentifier() or not shape or any(d <= 0 for d in shape):
         raise click.BadParameter(
-            f"`{text}`: write NAME=C,H,W (sizes without the batch dimension), e.g. image=3,224,224"
+            f"`{text}`: write NAME=C,H,W (sizes without the batch dimension), e.g. image=3,224,224, "
+            "optionally with a dtype, e.g. tokens=16:int64"
         )
-    return name.strip(), {"shape": shape, "dtype": "float32"}
+    if dtype not in INPUT_DTYPES:
+        raise click.BadParameter(f"`{text}`: dtype `{dtype}` is not supported; use one of {', '.join(INPUT_DTYPES)}")
+    return name.strip(), {"shape": shape, "dtype": dtype}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,8 +65,8 @@ def main() -> None:
     "--shape",
     "shapes",
     multiple=True,
-    metavar="NAME=C,H,W",
-    help="Input shape without batch; overrides INPUT_SHAPES.",
+    metavar="NAME=C,H,W[:DTYPE]",
+    help="Input shape without batch (and dtype, default float32), e.g. tokens=16:int64; overrides INPUT_SHAPES.",
 )
 @click.option("-c", "--classname", default="Model", show_default=True, help="Name of the generated model class.")
 @click.option("--no-structured-output", is_flag=True, help="Return a value or tuple instead of a dict.")
