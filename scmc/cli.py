@@ -438,6 +438,91 @@ def run_create(request: Any, output: Path | None, quiet: bool) -> None:
         )
 
 
+_INSPECT_TARGET = click.argument("target", type=click.Path(path_type=Path), metavar="TEMPLATE-or-PACKAGE")
+
+
+def _inspect_or_exit(target: Path, params: tuple[str, ...], shapes: tuple[str, ...], **options: Any) -> Any:
+    from scmc.inspection import InspectError, inspect_target
+
+    def stage() -> Any:
+        try:
+            return inspect_target(target, params=list(params), shapes=dict(_shape(s) for s in shapes), **options)
+        except InspectError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    return _compile_or_exit(stage)
+
+
+@main.command(name="inspect")
+@_INSPECT_TARGET
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Override a parameter (as in build).")
+@click.option("-s", "--shape", "shapes", multiple=True, metavar="NAME=C,H,W[:DTYPE]", help="Input shape without batch.")
+@click.option("--depth", default=2, show_default=True, help="Levels of nested layers to list (0: the model only).")
+@click.option("--batch-size", type=int, help="Also estimate training memory at this batch size.")
+@click.option("--latency", is_flag=True, help="Also time a real CPU forward (at --batch-size, default 1).")
+@click.option("--threads", default=1, show_default=True, help="CPU threads for --latency.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect_(
+    target: Path,
+    params: tuple[str, ...],
+    shapes: tuple[str, ...],
+    depth: int,
+    batch_size: int | None,
+    latency: bool,
+    threads: int,
+    as_json: bool,
+) -> None:
+    """Layers, output shapes, parameters and FLOPs of a template or a built package; writes nothing.
+
+    \b
+    Example:
+      scmc inspect cfg/models/ConvNeXtV2.yaml -p backbone=femto --batch-size 32
+    """
+    import json
+
+    from scmc.inspection import render
+
+    report = _inspect_or_exit(
+        target, params, shapes, depth=depth, batch_size=batch_size, latency=latency, threads=threads
+    )
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else render(report))
+
+
+@main.command(name="diff")
+@click.argument("left", type=click.Path(path_type=Path), metavar="A")
+@click.argument("right", type=click.Path(path_type=Path), metavar="B", required=False)
+@click.option("--pa", "params_a", multiple=True, metavar="KEY=VALUE", help="A parameter of side A.")
+@click.option("--pb", "params_b", multiple=True, metavar="KEY=VALUE", help="A parameter of side B.")
+@click.option("-s", "--shape", "shapes", multiple=True, metavar="NAME=C,H,W[:DTYPE]", help="Input shape (both sides).")
+@click.option("--depth", default=2, show_default=True, help="Levels of nested layers to compare.")
+@click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
+def diff_(
+    left: Path,
+    right: Path | None,
+    params_a: tuple[str, ...],
+    params_b: tuple[str, ...],
+    shapes: tuple[str, ...],
+    depth: int,
+    as_json: bool,
+) -> None:
+    """Differences between two templates, two parameter sets of one template (B omitted), or two packages.
+
+    \b
+    Examples:
+      scmc diff cfg/models/ConvNeXtV2.yaml --pa backbone=atto --pb backbone=femto
+      scmc diff artifacts/convnextv2_atto artifacts/convnextv2_femto
+    """
+    import json
+
+    from scmc.inspection import diff, render_diff
+
+    a = _inspect_or_exit(left, params_a, shapes, depth=depth)
+    b = _inspect_or_exit(right or left, params_b, shapes, depth=depth)
+    result = diff(a, b)
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else render_diff(result))
+
+
 def _compile_or_exit(stage: Any) -> Any:
     """Run a compiler stage; user errors exit 1, bugs in scmc exit 70 with the IR and traceback."""
     from scmc.build import InternalError
