@@ -134,15 +134,24 @@ def run(quick: bool) -> Result:
     return report(per_config, diffs)
 
 
-def time_config(fns: Dict[str, Callable[[Any], Any]], batch: int, rounds: int, label: str) -> Dict[str, Any]:
+def time_config(
+    fns: Dict[str, Callable[[Any], Any]],
+    batch: int,
+    rounds: int,
+    label: str,
+    reference: str = "timm conv_mlp=False",
+    shape: tuple = (3, 224, 224),
+) -> Dict[str, Any]:
+    """Interleaved rounds of every forward in ``fns`` on one random batch; a sample is the mean of
+    enough forwards to last SAMPLE_SECONDS on ``reference``."""
     import torch
 
-    x = torch.randn(batch, 3, 224, 224)
+    x = torch.randn(batch, *shape)
     with torch.inference_mode():
         for fn in fns.values():  # warm-up
             for _ in range(3):
                 fn(x)
-        single = min(_once(fns["timm conv_mlp=False"], x) for _ in range(5))
+        single = min(_once(fns[reference], x) for _ in range(5))
         iters = max(1, math.ceil(SAMPLE_SECONDS / max(single, 1e-6)))
         progress(f"bench_forward: {label}, up to {rounds} rounds x {iters} forwards per sample")
         samples: Dict[str, List[float]] = {name: [] for name in fns}

@@ -15,18 +15,26 @@ from scmc.diagnostics import CompileError
 
 
 def _shape(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME=C,H,W`` (or ``NAME:C,H,W``), optionally ``:DTYPE`` after the sizes (``tokens=16:int64``)."""
+    from scmc.ir import INPUT_DTYPES
+
     name, sep, dims = text.partition("=")
     if not sep:
         name, sep, dims = text.partition(":")
+    dims, _, dtype = dims.partition(":")
+    dtype = dtype.strip() or "float32"
     try:
         shape = [int(d) for d in dims.replace("[", "").replace("]", "").split(",") if d.strip()]
     except ValueError:
         shape = []
     if not sep or not name.strip().isidentifier() or not shape or any(d <= 0 for d in shape):
         raise click.BadParameter(
-            f"`{text}`: write NAME=C,H,W (sizes without the batch dimension), e.g. image=3,224,224"
+            f"`{text}`: write NAME=C,H,W (sizes without the batch dimension), e.g. image=3,224,224, "
+            "optionally with a dtype, e.g. tokens=16:int64"
         )
-    return name.strip(), {"shape": shape, "dtype": "float32"}
+    if dtype not in INPUT_DTYPES:
+        raise click.BadParameter(f"`{text}`: dtype `{dtype}` is not supported; use one of {', '.join(INPUT_DTYPES)}")
+    return name.strip(), {"shape": shape, "dtype": dtype}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,8 +65,8 @@ def main() -> None:
     "--shape",
     "shapes",
     multiple=True,
-    metavar="NAME=C,H,W",
-    help="Input shape without batch; overrides INPUT_SHAPES.",
+    metavar="NAME=C,H,W[:DTYPE]",
+    help="Input shape without batch (and dtype, default float32), e.g. tokens=16:int64; overrides INPUT_SHAPES.",
 )
 @click.option("-c", "--classname", default="Model", show_default=True, help="Name of the generated model class.")
 @click.option("--no-structured-output", is_flag=True, help="Return a value or tuple instead of a dict.")
@@ -428,6 +436,91 @@ def run_create(request: Any, output: Path | None, quiet: bool) -> None:
             f"wrote {part.program.root if part.program is not None else part.backward.classname} "
             f"-> {display_path(destination)}" + (f"  ({part.param_count:,} parameters)" if part.program else "")
         )
+
+
+_INSPECT_TARGET = click.argument("target", type=click.Path(path_type=Path), metavar="TEMPLATE-or-PACKAGE")
+
+
+def _inspect_or_exit(target: Path, params: tuple[str, ...], shapes: tuple[str, ...], **options: Any) -> Any:
+    from scmc.inspection import InspectError, inspect_target
+
+    def stage() -> Any:
+        try:
+            return inspect_target(target, params=list(params), shapes=dict(_shape(s) for s in shapes), **options)
+        except InspectError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    return _compile_or_exit(stage)
+
+
+@main.command(name="inspect")
+@_INSPECT_TARGET
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Override a parameter (as in build).")
+@click.option("-s", "--shape", "shapes", multiple=True, metavar="NAME=C,H,W[:DTYPE]", help="Input shape without batch.")
+@click.option("--depth", default=2, show_default=True, help="Levels of nested layers to list (0: the model only).")
+@click.option("--batch-size", type=int, help="Also estimate training memory at this batch size.")
+@click.option("--latency", is_flag=True, help="Also time a real CPU forward (at --batch-size, default 1).")
+@click.option("--threads", default=1, show_default=True, help="CPU threads for --latency.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect_(
+    target: Path,
+    params: tuple[str, ...],
+    shapes: tuple[str, ...],
+    depth: int,
+    batch_size: int | None,
+    latency: bool,
+    threads: int,
+    as_json: bool,
+) -> None:
+    """Layers, output shapes, parameters and FLOPs of a template or a built package; writes nothing.
+
+    \b
+    Example:
+      scmc inspect cfg/models/ConvNeXtV2.yaml -p backbone=femto --batch-size 32
+    """
+    import json
+
+    from scmc.inspection import render
+
+    report = _inspect_or_exit(
+        target, params, shapes, depth=depth, batch_size=batch_size, latency=latency, threads=threads
+    )
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else render(report))
+
+
+@main.command(name="diff")
+@click.argument("left", type=click.Path(path_type=Path), metavar="A")
+@click.argument("right", type=click.Path(path_type=Path), metavar="B", required=False)
+@click.option("--pa", "params_a", multiple=True, metavar="KEY=VALUE", help="A parameter of side A.")
+@click.option("--pb", "params_b", multiple=True, metavar="KEY=VALUE", help="A parameter of side B.")
+@click.option("-s", "--shape", "shapes", multiple=True, metavar="NAME=C,H,W[:DTYPE]", help="Input shape (both sides).")
+@click.option("--depth", default=2, show_default=True, help="Levels of nested layers to compare.")
+@click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
+def diff_(
+    left: Path,
+    right: Path | None,
+    params_a: tuple[str, ...],
+    params_b: tuple[str, ...],
+    shapes: tuple[str, ...],
+    depth: int,
+    as_json: bool,
+) -> None:
+    """Differences between two templates, two parameter sets of one template (B omitted), or two packages.
+
+    \b
+    Examples:
+      scmc diff cfg/models/ConvNeXtV2.yaml --pa backbone=atto --pb backbone=femto
+      scmc diff artifacts/convnextv2_atto artifacts/convnextv2_femto
+    """
+    import json
+
+    from scmc.inspection import diff, render_diff
+
+    a = _inspect_or_exit(left, params_a, shapes, depth=depth)
+    b = _inspect_or_exit(right or left, params_b, shapes, depth=depth)
+    result = diff(a, b)
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else render_diff(result))
 
 
 def _compile_or_exit(stage: Any) -> Any:

@@ -17,6 +17,9 @@ from typing import Any, Union
 from scmc.diagnostics import Span
 from scmc.expr import Expr
 
+# dtypes an input may have in INPUT_SHAPES or -s NAME=DIMS:DTYPE (materialization makes meta tensors of them)
+INPUT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
+
 # --------------------------------------------------------------------------- values
 
 

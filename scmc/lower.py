@@ -21,6 +21,7 @@ import scmc.expr as X
 from scmc.addresses import AddressError, AllowList, check_address, resolve
 from scmc.diagnostics import CompileError, Diagnostics, Span, did_you_mean
 from scmc.ir import (
+    INPUT_DTYPES,
     Arg,
     ChildInst,
     Const,
@@ -475,8 +476,10 @@ class Lowerer:
                 "E0719", f"shape of `{name}` must be a list of positive integers (without the batch dimension)", where
             )
             return {"shape": [], "dtype": "float32"}
-        if dtype not in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool"):
-            self.diags.error("E0719", f"dtype `{dtype}` of `{name}` is not supported", where)
+        if dtype not in INPUT_DTYPES:
+            self.diags.error(
+                "E0719", f"dtype `{dtype}` of `{name}` is not supported", where, f"use one of {', '.join(INPUT_DTYPES)}"
+            )
         return {"shape": list(shape), "dtype": dtype}
 
     def _imports(self, graph: LDict) -> dict[str, str]:

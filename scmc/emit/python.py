@@ -165,13 +165,15 @@ class ModuleEmitter:
         if isinstance(arg, Var):
             return self.names[arg.name]
         if isinstance(arg, Index):
-            return f"{self.arg(arg.base)}[{arg.key!r}]"
+            base = self.arg(arg.base)
+            return f"({base})[{arg.key!r}]" if isinstance(arg.base, ExprArg) else f"{base}[{arg.key!r}]"
         if isinstance(arg, ListArg):
             return "[" + ", ".join(self.arg(a) for a in arg.items) + "]"
         if isinstance(arg, Const):
             return literal(arg.value)
         assert isinstance(arg, ExprArg)
-        return f"({rename_expr(arg.expr, self.names)})"
+        # a call argument or list item needs no parentheses (ast.unparse parenthesizes a tuple itself)
+        return rename_expr(arg.expr, self.names)
 
     def target(self, out: Out) -> str:
         if isinstance(out, OutName):

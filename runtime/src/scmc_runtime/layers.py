@@ -6,6 +6,7 @@ their first forward pass; :func:`concrete_constructor` tells a code generator wh
 constructor call reproduces the materialized module.
 """
 
+import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,6 +18,7 @@ from torch.nn.parameter import UninitializedParameter
 __all__ = [
     "Add",
     "ChannelLastShuffle",
+    "ClassToken",
     "Concat",
     "Concatenate",
     "FoldExt",
@@ -25,6 +27,7 @@ __all__ = [
     "LazyRMSNorm",
     "Multiply",
     "Permute",
+    "PositionEmbedding",
     "ReduceSum",
     "ScaleIdentity",
     "Split",
@@ -420,6 +423,59 @@ class LazyRMSNorm(LazyModuleMixin, torch.nn.RMSNorm):
             if self.elementwise_affine:
                 self.weight.materialize(self.normalized_shape)
             self.reset_parameters()
+
+
+# --------------------------------------------------------------------------- token sequences (ViT)
+
+
+class ClassToken(torch.nn.Module):
+    """Prepends ``num_tokens`` learned tokens to a ``[B, N, C]`` sequence (a vision transformer's class token).
+
+    Initialized like timm's ``VisionTransformer.cls_token`` (normal, std 1e-6).
+    """
+
+    def __init__(self, dim: int, num_tokens: int = 1) -> None:
+        super().__init__()
+        self.token = torch.nn.Parameter(torch.zeros(1, num_tokens, dim))
+        torch.nn.init.normal_(self.token, std=1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.token.expand(x.shape[0], -1, -1), x], dim=1)
+
+
+class PositionEmbedding(torch.nn.Module):
+    """Adds a learned position embedding to a ``[B, prefix + H * W, C]`` token sequence.
+
+    The table covers ``num_prefix_tokens`` (class tokens) and a ``grid_size`` grid of patches,
+    initialized like timm's ``pos_embed`` (truncated normal, std 0.02). A sequence of another
+    square grid (another image size) gets the patch part resampled bicubically with antialiasing,
+    as timm's ``resample_abs_pos_embed`` does; a non-square sequence is an error.
+    """
+
+    def __init__(self, dim: int, grid_size: int, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        self.grid_size = grid_size
+        self.num_prefix_tokens = num_prefix_tokens
+        self.weight = torch.nn.Parameter(torch.empty(1, num_prefix_tokens + grid_size * grid_size, dim))
+        torch.nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        patches = x.shape[1] - self.num_prefix_tokens
+        if patches == self.grid_size * self.grid_size:
+            return x + self.weight
+        return x + self.resampled(patches)
+
+    def resampled(self, patches: int) -> Tensor:
+        side = int(math.sqrt(float(patches)) + 0.5)
+        if side * side != patches:
+            raise ValueError(f"PositionEmbedding: {patches} patch tokens do not form a square grid")
+        prefix = self.weight[:, : self.num_prefix_tokens]
+        grid = self.weight[:, self.num_prefix_tokens :].float()
+        dim = grid.shape[-1]
+        grid = grid.reshape(1, self.grid_size, self.grid_size, dim).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False, antialias=True)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, side * side, dim).to(self.weight.dtype)
+        return torch.cat([prefix, grid], dim=1)
 
 
 # --------------------------------------------------------------------------- ReinMax
