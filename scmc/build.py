@@ -146,6 +146,7 @@ class Plan:
     compiled: list[Compiled]  # empty when the plan came from the build cache
     param_count: int = 0  # the model's
     cached: bool = False
+    warnings: list[Any] = field(default_factory=list)  # Diagnostics with severity "warning" (not kept by the cache)
 
 
 def package_name(model: Source, groups: Parameters) -> str:
@@ -257,11 +258,12 @@ def plan_package(request: BuildRequest) -> Plan:
         from scmc.emit.package import package_files  # not needed by a hit
         from scmc.link import link
 
-        files = package_files(link(name, compiled, build_info(request), allow))
+        package = link(name, compiled, build_info(request), allow)
+        files = package_files(package)
     count = next((c.param_count for c in compiled if c.role == "model"), 0)
     if key is not None:
         cache.store(key, reads, name, files, count)
-    return Plan(name, files, compiled, count)
+    return Plan(name, files, compiled, count, warnings=list(package.warnings))
 
 
 def build_info(request: BuildRequest) -> "BuildInfo":

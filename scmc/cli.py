@@ -559,6 +559,10 @@ def run_build(request: Any, quiet: bool = False) -> None:
 
     start = time.perf_counter()
     plan, destination = _compile_or_exit(lambda: do_build(request))
+    if plan.warnings:
+        from scmc.diagnostics import render_warnings
+
+        click.echo(render_warnings(plan.warnings), err=True)
     if not quiet:
         elapsed = time.perf_counter() - start
         how = "unchanged inputs, from the build cache" if plan.cached else f"{len(plan.files)} files"

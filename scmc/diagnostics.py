@@ -72,11 +72,17 @@ class Diagnostics:
     """An ordered, de-duplicated collection of diagnostics."""
 
     items: list[Diagnostic] = field(default_factory=list)
+    warnings: list[Diagnostic] = field(default_factory=list)  # reported, but the build goes on
 
     def error(self, code: str, message: str, span: Span | None = None, hint: str = "") -> None:
         diag = Diagnostic(code, message, span, hint)
         if diag not in self.items:
             self.items.append(diag)
+
+    def warn(self, code: str, message: str, span: Span | None = None, hint: str = "") -> None:
+        diag = Diagnostic(code, message, span, hint, severity="warning")
+        if diag not in self.warnings:
+            self.warnings.append(diag)
 
     def extend(self, other: Iterable[Diagnostic]) -> None:
         for diag in other:
@@ -109,6 +115,12 @@ class CompileError(Exception):
         body = "\n\n".join(d.render(cache) for d in self.diagnostics)
         count = len(self.diagnostics)
         return f"{body}\n\n{count} error{'s' if count != 1 else ''}; nothing was written."
+
+
+def render_warnings(warnings: Iterable[Diagnostic]) -> str:
+    """Warnings of a build that went on, each with its source line, as errors are shown."""
+    cache: dict[str, list[str]] = {}
+    return "\n\n".join(d.render(cache) for d in warnings)
 
 
 def fail(code: str, message: str, span: Span | None = None, hint: str = "") -> CompileError:

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from scmc.addresses import AddressError, AllowList, resolve
-from scmc.diagnostics import CompileError, Diagnostics, Span, did_you_mean
+from scmc.diagnostics import CompileError, Diagnostic, Diagnostics, Span, did_you_mean
 from scmc.ir import BackwardDef, ModuleDef, Node, Program, node_reads, out_names
 from scmc.load import LDict, Source
 from scmc.schema import PRESETS, TRAIN_FIELDS, CompilePreset, DatasetPreset, EmaPreset, locate, validation_diagnostics
@@ -91,6 +91,7 @@ class PackageDef:
     training: Training | None  # None: no loss or no backward, so no train.py
     build: BuildInfo
     class_labels: tuple[str, ...] | None = None  # predict.py's labels, when the data names them
+    warnings: tuple[Diagnostic, ...] = ()  # wiring that builds but deserves a look (printed by the CLI)
 
     @property
     def modules(self) -> tuple[Compiled, ...]:
@@ -349,8 +350,10 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
             shape = model.output_shapes.get(n)
             if shape is not None and len(shape) == 1 and shape[0] != num_classes:
                 part = presets["dataset"][0]
-                diags.error(
-                    "E1204",
+                # A warning, not an error: a head wider than the data still trains (the extra classes
+                # never occur), and the model template's own default build must give a package.
+                diags.warn(
+                    "W1204",
                     f"the dataset preset has {num_classes} classes, but the model's `{n}` gives {shape[0]} "
                     f"per sample",
                     _key(part, "num_classes" if dataset.num_classes else "classes"),
@@ -447,6 +450,7 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
         training=training,
         build=build,
         class_labels=labels,
+        warnings=tuple(diags.warnings),
     )
 
 

@@ -29,7 +29,7 @@ CASES_DIR = ROOT / "tests" / "errors"
 CASES = sorted(p.stem for p in CASES_DIR.glob("*.yaml"))
 
 # A diagnostic's first line: `path:line:col: error[E0123]: ...`, or `path: error[...]` without a position.
-DIAGNOSTIC = re.compile(r"^\S+?(?::\d+:\d+)?: (?:error|warning)\[E\d{4}\]: ")
+DIAGNOSTIC = re.compile(r"^\S+?(?::\d+:\d+)?: (?:error|warning)\[[EW]\d{4}\]: ")
 
 
 def case_args(case: str) -> list[str]:

@@ -57,6 +57,7 @@ LAYERS = {
     "scmc.emit.package": "emit",
     "scmc.build": "pipeline",
     "scmc.cache": "output/cache",
+    "scmc.inspection": "output/cache",  # scmc inspect/diff: runs the pipeline in memory, imports what it built
     "scmc.cli": "cli",
     "scmc.__main__": "cli",
 }
