@@ -527,7 +527,7 @@ class Lowerer:
             address = f"{module}.{name}" if name else module
             try:
                 address = check_address(address, self.options.allow)
-                resolve(address, self.options.allow)
+                resolve(address, self.options.allow, namespace=True)
             except AddressError as exc:
                 self.diags.error(exc.code, exc.message, where, exc.hint)
                 continue

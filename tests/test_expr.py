@@ -123,15 +123,27 @@ def test_dunder_names_and_private_attributes_are_refused_as_such(text: str) -> N
     assert "dunder names and private attributes are refused" in error.message
 
 
-def test_attribute_access_on_a_flow_value_is_refused_with_a_hint_to_index() -> None:
-    error = rejected("h.shape[0]")
+def test_an_attribute_of_a_flow_value_that_is_not_a_tensor_attribute_is_refused_with_a_hint_to_index() -> None:
+    error = rejected("h.grad[0]")
     assert error.code == "E0503"
-    assert "`h.shape`" in error.message
-    assert "h[...]" in error.hint
+    assert error.message == (
+        "attribute access `h.grad` on flow value `h` is outside the `eval:` grammar: "
+        "`grad` is not one of the tensor attributes a template may use"
+    )
+    assert "x[...]" in error.hint
 
 
-def test_attribute_access_on_a_call_result_is_refused() -> None:
-    assert rejected("max(1, 2).real").code == "E0503"
+def test_an_attribute_of_a_call_result_outside_the_tensor_attributes_is_refused() -> None:
+    assert rejected("max(1, 2).numerator").code == "E0503"
+
+
+def test_a_tensor_attribute_read_from_something_that_is_not_a_tensor_is_refused_when_folded() -> None:
+    with pytest.raises(X.ExprError) as exc:
+        fold("max(1, 2).real")
+    assert (exc.value.code, exc.value.message) == (
+        "E0503",
+        "`.real` is read from a value of type `int`, not from a tensor",
+    )
 
 
 def test_a_module_used_without_imports_gets_a_hint_to_import_it() -> None:

@@ -126,7 +126,9 @@ sys.addaudithook(Guard.hook)  # audit hooks cannot be removed; the guard is iner
 
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """One ordinary build and import first: loading torch's own libraries is not the template's doing."""
+    """One ordinary build and import first: loading the libraries' own native code (torch, and
+    torchvision through timm) is not the template's doing."""
+    import timm  # noqa: F401
     import torch  # noqa: F401
 
     tmp = tmp_path_factory.mktemp("warm")
