@@ -303,11 +303,17 @@ def classify(obj: Any, address: str, canonical: str, allow: AllowList, namespace
         return "trusted"
     if _is_value(obj):
         return "value"
-    widen = f"if you trust it, pass --allow-module {_defined_in(obj) or canonical}"
+    import sys
+
+    defined = _defined_in(obj)
+    widen = (
+        f"if you trust `{defined}`, pass --allow-module {defined}"
+        if defined in sys.modules and defined not in DEFAULT_ALLOWED_ROOTS
+        else "if you need it, wrap it in a layer of a module of your own and pass --allow-module with that module"
+    )
     if inspect.isclass(obj):
         import torch
 
-        defined = _defined_in(obj)
         if issubclass(obj, torch.nn.Module):
             if obj in _excluded_layers():
                 raise _refused(address, canonical, "a wrapper for multi-process training", LAYER_HINT)

@@ -132,6 +132,8 @@ def parse(text: str, ctx: Context) -> Expr:
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
+        if "too many nested" in exc.msg:  # the parser's own limit (200 brackets)
+            raise _too_deep() from None
         raise ExprError("E0501", f"`{text.strip()}` is not a Python expression: {exc.msg}") from None
     except (RecursionError, MemoryError):
         raise _too_deep() from None

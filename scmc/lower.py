@@ -936,7 +936,11 @@ class Lowerer:
         try:
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                obj(*[build_value(a, allow) for a in args], **{k: build_value(v, allow) for k, v in kwargs.items()})
+                X.call_checked(
+                    obj, [build_value(a, allow) for a in args], {k: build_value(v, allow) for k, v in kwargs.items()}
+                )
+        except (X.ExprError, AddressError) as exc:
+            raise CompileError([_diag(exc.code, exc.message, span, exc.hint)]) from None
         except Exception as exc:
             detail = (str(exc).strip().splitlines() or [""])[0]
             hint = "check the values given in `_call_` and `_bind_`"
