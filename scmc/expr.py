@@ -204,6 +204,19 @@ def parse(text: str, ctx: Context) -> Expr:
                 )
             return super().generic_visit(node)
 
+        def visit_Call(self, node: ast.Call) -> ast.AST:
+            # a named function (an address, a pure builtin) or a tensor method; not `f()()`, `y[0]()`
+            # or a flow value called as a function (checked when the flow's names are known: evaluate)
+            node = self.generic_visit(node)  # type: ignore[assignment]  # grammar errors inside come first
+            if not isinstance(node.func, (ast.Name, ast.Attribute)):
+                raise ExprError(
+                    "E0506",
+                    f"`{ast.unparse(node.func)}` is called, but only functions named by an address or a builtin, "
+                    "and tensor methods, may be called in `eval:`",
+                    "call an allow-listed function by name",
+                )
+            return node
+
         def visit_Dict(self, node: ast.Dict) -> ast.AST:
             if any(k is None for k in node.keys):
                 raise ExprError("E0502", f"`{ast.unparse(node)}`: `**` unpacking is outside the `eval:` grammar")
@@ -374,6 +387,12 @@ def evaluate(expr: Expr, env: dict[str, Any], allow: AllowList) -> Any:
         if isinstance(node, ast.Dict):
             return guard_value({go(k): go(v) for k, v in zip(node.keys, node.values)})  # type: ignore[arg-type]
         if isinstance(node, ast.Call):
+            if isinstance(node.func, ast.Name) and node.func.id in flow:
+                raise ExprError(
+                    "E0506",
+                    f"`{node.func.id}` is a flow value; calling it is outside the `eval:` grammar",
+                    "call an allow-listed function by name",
+                )
             fn = go(node.func)
             if not callable(fn):
                 raise ExprError("E0506", f"`{ast.unparse(node.func)}` is not callable")

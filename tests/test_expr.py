@@ -321,3 +321,16 @@ def test_a_huge_tensor_is_refused_whatever_device_it_names_and_a_small_one_stays
     with pytest.raises(X.ExprError) as exc:
         fold("torch.ones(400000000, device='cpu')", {"torch": "torch"})
     assert exc.value.message == f"expression builds a tensor of 400000000 elements (more than {X.MAX_NUMEL})"
+
+
+@pytest.mark.parametrize("text", ["x[0](1)", "max(1, 2)(3)", "(x if x else y)()"])
+def test_only_named_functions_and_tensor_methods_are_called(text: str) -> None:
+    assert rejected(text).code == "E0506"
+
+
+def test_a_flow_value_is_never_called() -> None:
+    import operator
+
+    with pytest.raises(X.ExprError) as exc:
+        X.evaluate(flow("f(2)", names=frozenset({"f"})), {"f": operator.attrgetter("real")}, AllowList())
+    assert exc.value.code == "E0506" and "`f` is a flow value" in exc.value.message
