@@ -56,6 +56,7 @@ STEP_KEYS = ("INPUTS", "OUTPUTS", "NAME", "LAYER")
 PACKAGE_KEY = "PACKAGE"  # scmc: default loss/metric/backward/data presets of a model template
 USER_LAYER_KEYS = ("TYPE", "CFG", "PARAM")
 PATTERN_KEYS = ("_addr_", "_file_", "_attr_", "_bind_", "_call_")
+MAX_CONSTANT_DEPTH = 64  # nesting of a `constant:` value (later stages walk it recursively)
 
 # Attribute names a layer may not take: they would shadow torch.nn.Module's own.
 MODULE_ATTRS = frozenset(n for n in dir(__import__("torch").nn.Module) if not n.startswith("__")) | {"training"}
@@ -769,7 +770,10 @@ class Lowerer:
                 from scmc.load import _parse_value
 
                 try:
-                    return Const(_parse_value(text[9:], text))
+                    value = _parse_value(text[9:], text)
+                except RecursionError:
+                    value = None
+                    depth = MAX_CONSTANT_DEPTH + 1
                 except CompileError:
                     raise CompileError(
                         [
@@ -781,6 +785,20 @@ class Lowerer:
                             )
                         ]
                     ) from None
+                else:
+                    depth = _depth(value)
+                if depth > MAX_CONSTANT_DEPTH:
+                    raise CompileError(
+                        [
+                            _diag(
+                                "E0736",
+                                f"the value after `constant:` nests more than {MAX_CONSTANT_DEPTH} levels deep",
+                                span,
+                                "flatten it, or build it in a layer",
+                            )
+                        ]
+                    )
+                return Const(value)
             parts = text.split(".")
             if not is_name(parts[0]):
                 raise CompileError(
@@ -1276,6 +1294,19 @@ def _as_value(value: Any, expr: X.Expr, span: Span) -> Any:
             )
         ]
     )
+
+
+def _depth(value: Any) -> int:
+    """Nesting of a plain value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 def _meta_device():

@@ -691,3 +691,16 @@ def test_eval_bounds_are_located_diagnostics() -> None:
     drop = "  - [x, y, d, [_obj_, {_addr_: torch.nn.Dropout}, {_call_: {p: 'eval: %s'}}]]\n"
     assert errors(head + drop % "math.factorial(10 ** 6) * 0") == [("E0505", 4)]
     assert errors(head + drop % "len([[0] * 10000] * 3000) * 0") == [("E0505", 4)]
+
+
+def test_a_constant_input_nested_too_deeply_is_refused_at_its_step() -> None:
+    deep = "[" * 65 + "]" * 65
+    with pytest.raises(CompileError) as exc:
+        lower(f"INPUTS: [x]\nFLOW:\n  - [[x, 'constant: {deep}'], y, g, [_obj_, {{_addr_: operator.getitem}}]]\n")
+    (diag,) = exc.value.diagnostics
+    assert (diag.code, diag.span.line, diag.message) == (
+        "E0736",
+        3,
+        "the value after `constant:` nests more than 64 levels deep",
+    )
+    assert flow_of("INPUTS: [x]\nFLOW:\n  - [[x, 'constant: [[1]]'], y, g, [_obj_, {_addr_: operator.getitem}]]\n")
