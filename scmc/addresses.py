@@ -131,10 +131,11 @@ MATH_FUNCTIONS = tuple("""
     tan tanh trunc ulp
     """.split())
 # Not here: attrgetter, itemgetter, methodcaller and call (they reach attributes or call
-# arbitrary objects), setitem and delitem (they mutate).
+# arbitrary objects), setitem and delitem (they mutate), countOf and indexOf (they iterate a
+# tensor element by element).
 OPERATOR_FUNCTIONS = tuple("""
-    abs add and_ concat contains countOf eq floordiv ge getitem gt index indexOf inv invert is_ is_not le
-    length_hint lshift lt matmul mod mul ne neg not_ or_ pos pow rshift sub truediv truth xor
+    abs add and_ concat contains eq floordiv ge getitem gt index inv invert is_ is_not le length_hint lshift lt
+    matmul mod mul ne neg not_ or_ pos pow rshift sub truediv truth xor
     """.split())
 # What backward templates name besides optimizer and scheduler classes.
 TRAINING_FUNCTIONS = (
