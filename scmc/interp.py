@@ -2,7 +2,10 @@
 as a live ``torch.nn.Module``.
 
 Materialization runs it on the meta device to give lazy layers their sizes; tests compare
-generated code against it. Every callable it touches was resolved through the allow-list.
+generated code against it. Every callable it touches was resolved through
+:func:`scmc.addresses.resolve` (judged by what it is) and is called through
+:func:`scmc.expr.call_checked`: sizes estimated before a tensor is made, and while the build
+runs the graph on the meta device an explicit ``device=`` stays on it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 import torch
 
 from scmc.addresses import AllowList, resolve
-from scmc.expr import evaluate
+from scmc.expr import call_checked, evaluate
 from scmc.ir import (
     Arg,
     ChildInst,
@@ -58,9 +61,10 @@ def build_value(value: Any, allow: AllowList, params: dict[str, Any] | None = No
                 **{k: build_value(v, allow, params) for k, v in value.kwargs},
             )
         fn = resolve(value.address, allow)
-        return fn(
-            *[build_value(a, allow, params) for a in value.args],
-            **{k: build_value(v, allow, params) for k, v in value.kwargs},
+        return call_checked(
+            fn,
+            [build_value(a, allow, params) for a in value.args],
+            {k: build_value(v, allow, params) for k, v in value.kwargs},
         )
     if isinstance(value, tuple):
         return tuple(build_value(v, allow, params) for v in value)
@@ -139,7 +143,7 @@ class GraphModule(torch.nn.Module):
                 if node.layer is None:
                     value = call_args[0]
                 elif node.layer in self._functions:
-                    value = self._functions[node.layer](*call_args, **call_kwargs)
+                    value = call_checked(self._functions[node.layer], call_args, call_kwargs)
                 else:
                     value = getattr(self, node.layer)(*call_args, **call_kwargs)
                 self._bind(node.out, value, env)

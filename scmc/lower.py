@@ -57,6 +57,7 @@ STEP_KEYS = ("INPUTS", "OUTPUTS", "NAME", "LAYER")
 PACKAGE_KEY = "PACKAGE"  # scmc: default loss/metric/backward/data presets of a model template
 USER_LAYER_KEYS = ("TYPE", "CFG", "PARAM")
 PATTERN_KEYS = ("_addr_", "_file_", "_attr_", "_bind_", "_call_")
+MAX_CONSTANT_DEPTH = 64  # nesting of a `constant:` value (later stages walk it recursively)
 
 # Attribute names a layer may not take: they would shadow torch.nn.Module's own.
 MODULE_ATTRS = frozenset(n for n in dir(__import__("torch").nn.Module) if not n.startswith("__")) | {"training"}
@@ -507,7 +508,7 @@ class Lowerer:
             address = f"{module}.{name}" if name else module
             try:
                 address = check_address(address, self.options.allow)
-                resolve(address, self.options.allow)
+                resolve(address, self.options.allow, namespace=True)
             except AddressError as exc:
                 self.diags.error(exc.code, exc.message, where, exc.hint)
                 continue
@@ -749,7 +750,10 @@ class Lowerer:
                 from scmc.load import _parse_value
 
                 try:
-                    return Const(_parse_value(text[9:], text))
+                    value = _parse_value(text[9:], text)
+                except RecursionError:
+                    value = None
+                    depth = MAX_CONSTANT_DEPTH + 1
                 except CompileError:
                     raise CompileError(
                         [
@@ -761,6 +765,20 @@ class Lowerer:
                             )
                         ]
                     ) from None
+                else:
+                    depth = _depth(value)
+                if depth > MAX_CONSTANT_DEPTH:
+                    raise CompileError(
+                        [
+                            _diag(
+                                "E0736",
+                                f"the value after `constant:` nests more than {MAX_CONSTANT_DEPTH} levels deep",
+                                span,
+                                "flatten it, or build it in a layer",
+                            )
+                        ]
+                    )
+                return Const(value)
             parts = text.split(".")
             if not is_name(parts[0]):
                 raise CompileError(
@@ -916,7 +934,11 @@ class Lowerer:
         try:
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                obj(*[build_value(a, allow) for a in args], **{k: build_value(v, allow) for k, v in kwargs.items()})
+                X.call_checked(
+                    obj, [build_value(a, allow) for a in args], {k: build_value(v, allow) for k, v in kwargs.items()}
+                )
+        except (X.ExprError, AddressError) as exc:
+            raise CompileError([_diag(exc.code, exc.message, span, exc.hint)]) from None
         except Exception as exc:
             detail = (str(exc).strip().splitlines() or [""])[0]
             hint = "check the values given in `_call_` and `_bind_`"
@@ -1252,6 +1274,19 @@ def _as_value(value: Any, expr: X.Expr, span: Span) -> Any:
             )
         ]
     )
+
+
+def _depth(value: Any) -> int:
+    """Nesting of a plain value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 def _meta_device():

@@ -123,15 +123,27 @@ def test_dunder_names_and_private_attributes_are_refused_as_such(text: str) -> N
     assert "dunder names and private attributes are refused" in error.message
 
 
-def test_attribute_access_on_a_flow_value_is_refused_with_a_hint_to_index() -> None:
-    error = rejected("h.shape[0]")
+def test_an_attribute_of_a_flow_value_that_is_not_a_tensor_attribute_is_refused_with_a_hint_to_index() -> None:
+    error = rejected("h.grad[0]")
     assert error.code == "E0503"
-    assert "`h.shape`" in error.message
-    assert "h[...]" in error.hint
+    assert error.message == (
+        "attribute access `h.grad` on flow value `h` is outside the `eval:` grammar: "
+        "`grad` is not one of the tensor attributes a template may use"
+    )
+    assert "x[...]" in error.hint
 
 
-def test_attribute_access_on_a_call_result_is_refused() -> None:
-    assert rejected("max(1, 2).real").code == "E0503"
+def test_an_attribute_of_a_call_result_outside_the_tensor_attributes_is_refused() -> None:
+    assert rejected("max(1, 2).numerator").code == "E0503"
+
+
+def test_a_tensor_attribute_read_from_something_that_is_not_a_tensor_is_refused_when_folded() -> None:
+    with pytest.raises(X.ExprError) as exc:
+        fold("max(1, 2).real")
+    assert (exc.value.code, exc.value.message) == (
+        "E0503",
+        "`.real` is read from a value of type `int`, not from a tensor",
+    )
 
 
 def test_a_module_used_without_imports_gets_a_hint_to_import_it() -> None:
@@ -221,3 +233,104 @@ def test_plain_literals_are_what_can_be_emitted_with_repr(value: object, plain: 
 
 def test_the_running_value_and_other_underscore_names_are_ordinary_flow_names() -> None:
     assert flow("_ + _skip").names == ("_", "_skip")
+
+
+# --------------------------------------------------------------------------- capabilities and bounds
+
+
+def test_tensor_attributes_and_allowed_methods_of_flow_values_are_in_the_grammar() -> None:
+    expr = flow("torch.arange(tokens.shape[1], device=tokens.device) + x.view(2, -1).mean(-1)", {"torch": "torch"})
+    assert expr.names == ("tokens", "x")
+    assert expr.addresses == ("torch.arange",)
+
+
+def test_tensor_methods_evaluate_on_tensors_only() -> None:
+    import torch
+
+    expr = flow("torch.arange(tokens.shape[1], device=tokens.device) + tokens.view(2, -1).size(1)", {"torch": "torch"})
+    value = X.evaluate(expr, {"tokens": torch.zeros(2, 3)}, AllowList())
+    assert value.tolist() == [3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "method", ["numpy", "tolist", "item", "storage", "untyped_storage", "data_ptr", "set_", "apply_", "cuda", "tofile"]
+)
+def test_methods_that_reach_storage_python_objects_or_devices_are_refused(method: str) -> None:
+    error = rejected(f"x.{method}()")
+    assert error.code == "E0503"
+    assert f"`{method}` is not one of the tensor methods a template may use" in error.message
+
+
+def test_an_allowed_method_name_read_as_an_attribute_without_calling_it_is_refused() -> None:
+    assert rejected("x.view").code == "E0503"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["-" * 500 + "1", "1" + "+1" * 400, "[" * 150 + "]" * 150, "(" * 300 + "1" + ")" * 300, "f(" * 120 + ")" * 120],
+)
+def test_expressions_nesting_deeper_than_the_limit_are_refused_before_any_recursive_pass(text: str) -> None:
+    error = rejected(text)
+    assert (error.code, error.message) == ("E0508", f"expression nests more than {X.MAX_DEPTH} levels deep")
+
+
+def test_an_expression_at_the_nesting_limit_still_folds() -> None:
+    assert fold("-" * 90 + "1") == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[[0] * 10000] * 3000",
+        "[['x' * 5000] * 2] * 1000",
+        "math.factorial(10 ** 6)",
+        "math.comb(10 ** 6, 5 * 10 ** 5)",
+        "math.perm(10 ** 5)",
+        "(999 ** 999) ** 999",
+        "(2 ** 40000) * (2 ** 40000)",
+        "math.prod([2 ** 30000, 2 ** 30000, 2 ** 30000])",
+        "torch.ones(400000000, device='cpu')",
+        "torch.zeros((20000, 20000))",
+        "torch.full([20000, 20000], 1.0)",
+        "torch.arange(0, 10 ** 9)",
+        "torch.eye(20000)",
+        "torch.ones(1).new_ones(20000, 20000)",
+        "torch.ones(1).repeat(20000, 20000)",
+    ],
+)
+def test_folding_estimates_sizes_before_building(text: str) -> None:
+    with pytest.raises(X.ExprError) as exc:
+        fold(text, {"math": "math", "torch": "torch"})
+    assert exc.value.code == "E0505"
+
+
+def test_the_size_estimate_counts_items_through_nesting() -> None:
+    assert X.nested_size([0] * 10000) == 10000
+    assert X.nested_size([[0] * 10] * 3) == 33
+    assert X.nested_size({"ab": "cde"}) == 5
+    assert fold("len([0] * 10000)") == 10000
+    assert fold("math.factorial(20)", {"math": "math"}) == math.factorial(20)
+
+
+def test_a_huge_tensor_is_refused_whatever_device_it_names_and_a_small_one_stays_on_meta_while_building() -> None:
+    import torch
+
+    with torch.device("meta"):
+        small = fold("torch.ones(4, device='cpu')", {"torch": "torch"})
+    assert small.device.type == "meta"
+    with pytest.raises(X.ExprError) as exc:
+        fold("torch.ones(400000000, device='cpu')", {"torch": "torch"})
+    assert exc.value.message == f"expression builds a tensor of 400000000 elements (more than {X.MAX_NUMEL})"
+
+
+@pytest.mark.parametrize("text", ["x[0](1)", "max(1, 2)(3)", "(x if x else y)()"])
+def test_only_named_functions_and_tensor_methods_are_called(text: str) -> None:
+    assert rejected(text).code == "E0506"
+
+
+def test_a_flow_value_is_never_called() -> None:
+    import operator
+
+    with pytest.raises(X.ExprError) as exc:
+        X.evaluate(flow("f(2)", names=frozenset({"f"})), {"f": operator.attrgetter("real")}, AllowList())
+    assert exc.value.code == "E0506" and "`f` is a flow value" in exc.value.message

@@ -505,3 +505,202 @@ def test_a_constant_input_that_is_not_yaml_is_an_error_at_its_step() -> None:
 
 def test_a_step_that_only_names_a_layer_is_reported_once() -> None:
     assert errors("FLOW:\n  - NAME: fc\n  - [x, y, fc]\n  - [y, z, fc]\n") == [("E0725", 2)]
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("torch.nn.Conv2d", "layer"),
+        ("timm.layers.LayerNorm", "layer"),
+        ("timm.loss.SoftTargetCrossEntropy", "layer"),
+        ("torchvision.ops.StochasticDepth", "layer"),
+        ("scmc_runtime.layers.Add", "layer"),
+        ("torch.cat", "function"),
+        ("torch.nn.functional.gelu", "function"),
+        ("torch.linalg.norm", "function"),
+        ("torch.Tensor.view", "function"),
+        ("math.isqrt", "function"),
+        ("operator.add", "function"),
+        ("scmc_runtime.layers.sparse_categorical_accuracy", "function"),
+        ("torch.ones", "factory"),
+        ("torch.arange", "factory"),
+        ("torch.optim.AdamW", "optimizer"),
+        ("torch.optim.lr_scheduler.OneCycleLR", "scheduler"),
+        ("scmc_runtime.optim.create_with_scheduler", "training"),
+        ("torch.nn.utils.clip_grad_norm_", "training"),
+        ("torch.float64", "value"),
+        ("math.pi", "value"),
+    ],
+)
+def test_what_a_template_may_name_is_decided_by_what_the_object_is(address: str, kind: str) -> None:
+    from scmc.addresses import AllowList, check_address, classify, resolve
+
+    allow = AllowList()
+    obj = resolve(address, allow)
+    assert classify(obj, check_address(address, allow), check_address(address, allow), allow) == kind
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        (
+            "torch.utils.collect_env.run",
+            "`torch.utils.collect_env.run` is refused: it is a function, not a layer class or one of the reviewed "
+            "pure tensor functions",
+        ),
+        (
+            "torch.UntypedStorage.from_file",
+            "`torch.UntypedStorage.from_file` is refused: it is a function (`StorageBase.from_file`), not a layer "
+            "class or one of the reviewed pure tensor functions",
+        ),
+        (
+            "torch.nn.functional.torch.load",
+            "`torch.nn.functional.torch.load` leads to `torch.load`, which is refused: it is a function "
+            "(`torch.serialization.load`), not a layer class or one of the reviewed pure tensor functions",
+        ),
+        (
+            "torch.Tensor",
+            "`torch.Tensor` is refused: it is the class `torch.Tensor`, which is not a torch.nn.Module",
+        ),
+        ("torch.utils", "`torch.utils` is refused: it is a module"),
+        (
+            "torch.nn.parallel.DistributedDataParallel",
+            "`torch.nn.parallel.DistributedDataParallel` is refused: it is a wrapper for multi-process training",
+        ),
+        (
+            "torch.ao.nn.quantized.Linear",
+            "`torch.ao.nn.quantized.Linear` is refused: it is a torch.nn.Module defined in "
+            "`torch.ao.nn.quantized.modules.linear`, which is not one of the layer libraries",
+        ),
+        ("torch.Tensor.numpy", None),
+        ("torch.Tensor.tolist", None),
+        ("torch.Tensor.data_ptr", None),
+        ("torch.Tensor.untyped_storage", None),
+        ("torch.Tensor.share_memory_", None),
+        ("torch.save", None),
+        ("torch.from_file", None),
+        ("torch.set_default_device", None),
+        ("torch.manual_seed", None),
+        ("torch.distributed.init_process_group", None),
+        ("torch.cuda.synchronize", None),
+        ("torch.compile", None),
+        ("operator.attrgetter", None),
+        ("operator.methodcaller", None),
+        ("torch.float32.is_floating_point", None),
+    ],
+)
+def test_everything_else_is_refused_naming_the_address_and_what_it_is(address: str, message: str | None) -> None:
+    from scmc.addresses import AddressError, AllowList, resolve
+
+    with pytest.raises(AddressError) as exc:
+        resolve(address, AllowList())
+    assert exc.value.code == "E0403"
+    assert exc.value.message == (message or exc.value.message) and f"`{address}`" in exc.value.message
+
+
+def test_a_module_is_a_namespace_only_in_imports() -> None:
+    from scmc.addresses import AllowList, resolve
+
+    assert resolve("torch.utils.collect_env", AllowList(), namespace=True).__name__ == "torch.utils.collect_env"
+
+
+def test_allow_module_widens_to_what_that_module_defines() -> None:
+    from scmc.addresses import AllowList, check_address, classify, resolve
+
+    allow = AllowList(extra=("torch.utils.collect_env",))
+    obj = resolve("torch.utils.collect_env.run", allow)
+    assert classify(obj, "torch.utils.collect_env.run", "torch.utils.collect_env.run", allow) == "trusted"
+    with pytest.raises(Exception) as exc:  # what it imports is not widened with it
+        resolve("torch.utils.collect_env.subprocess.run", allow)
+    assert getattr(exc.value, "code", None) == "E0402"
+
+
+def test_refused_addresses_are_reported_at_the_step_for_every_spelling() -> None:
+    head = "IMPORTS: [torch]\nINPUTS: [x]\nFLOW:\n"
+    spellings = [
+        "  - [x, y, r, [_obj_, {_addr_: torch.utils.collect_env.run}]]\n",
+        "  - [x, y, r, [_obj_, {_addr_: torch.utils}, {_attr_: collect_env}, {_attr_: run}]]\n",
+        "  - [x, y, r, [_obj_, {_addr_: torch.save}, {_bind_: {f: out.pt}}]]\n",
+        "  - ['eval: torch.utils.collect_env.run(x)', y]\n",
+        "  - ['eval: torch.Tensor.numpy(x)', y]\n",
+        "  - [x, y, m, [_obj_, {_addr_: timm.layers.Mlp}, {_call_: {in_features: 4, act_layer: [_obj_, {_addr_: torch.Tensor}]}}]]\n",
+        "  - [x, y, m, [_obj_, {_addr_: timm.layers.Mlp}, {_call_: {in_features: 4, act_layer: 'eval: torch.save'}}]]\n",
+    ]
+    for step in spellings:
+        assert errors(head + step) == [("E0403", 4)], step
+
+
+def test_imports_of_a_refused_function_are_refused_at_the_imports_entry() -> None:
+    assert errors("IMPORTS: {torch.utils.collect_env: [run]}\nINPUTS: [x]\nFLOW:\n  - ['eval: run(x)', y]\n") == [
+        ("E0403", 1)
+    ]
+
+
+def test_tensor_methods_and_attributes_in_eval_are_checked_at_build_time() -> None:
+    text = (
+        "IMPORTS: [torch]\nINPUTS: [tokens]\nINPUT_SHAPES: {tokens: [5, 3]}\nFLOW:\n"
+        "  - ['eval: tokens.view(tokens.shape[0], 5, -1).softmax(-1) + torch.arange(tokens.shape[2], device=tokens.device)', y]\n"
+    )
+    assert flow_of(text) == [
+        "y <- =((tokens.view(tokens.shape[0], 5, -1).softmax(-1) + torch.arange(tokens.shape[2], device=tokens.device)))"
+    ]
+
+
+def test_an_explicit_device_stays_on_the_meta_device_while_the_build_runs_the_graph() -> None:
+    """Without the override, the CPU tensor would not add to the meta input (and would take memory)."""
+    text = (
+        "IMPORTS: [torch]\nINPUTS: [x]\nINPUT_SHAPES: {x: [4]}\nFLOW:\n"
+        "  - [x, h, fc, [_obj_, {_addr_: torch.nn.Linear}, {_call_: {in_features: 4, out_features: 4, device: cpu}}]]\n"
+        "  - [\"eval: h + torch.ones(4, device='cpu')\", y]\n"
+    )
+    assert flow_of(text)[-1] == "y <- =((h + torch.ones(4, device='cpu')))"
+
+
+def test_a_layer_built_at_build_time_gets_the_meta_device_whatever_device_the_template_gives() -> None:
+    import torch
+
+    import scmc.expr as X
+
+    with torch.device("meta"):
+        linear = X.call_checked(torch.nn.Linear, [4, 4, True, "cpu"], {})
+        ones = X.call_checked(torch.ones, [3], {"device": "cpu"})
+    assert linear.weight.device.type == "meta" and ones.device.type == "meta"
+    assert X.call_checked(torch.ones, [3], {"device": "cpu"}).device.type == "cpu"  # not while building
+
+
+def test_a_function_layer_that_would_build_a_huge_value_during_shape_inference_is_refused_at_its_step() -> None:
+    text = (
+        "INPUTS: [x]\nINPUT_SHAPES: {x: [4]}\nFLOW:\n"
+        "  - [['constant: [0]', 'constant: 100000000'], big, rep, [_obj_, {_addr_: operator.mul}]]\n"
+        "  - [x, y]\n"
+    )
+    root = lower(text)
+    with pytest.raises(CompileError) as exc:
+        materialize(root, Options().allow)
+    (diag,) = exc.value.diagnostics
+    assert (diag.code, diag.span.line, diag.message) == ("E0505", 4, "expression builds a value longer than 10000")
+
+
+def test_eval_bounds_are_located_diagnostics() -> None:
+    head = "IMPORTS: [torch, math]\nINPUTS: [x]\nFLOW:\n"
+    assert errors(head + "  - ['eval: x + " + "-" * 300 + "1', y]\n") == [("E0508", 4)]
+    assert errors(head + "  - [\"eval: x + torch.ones(400000000, device='cpu')\", y]\n") == [("E0505", 4)]
+    drop = "  - [x, y, d, [_obj_, {_addr_: torch.nn.Dropout}, {_call_: {p: 'eval: %s'}}]]\n"
+    assert errors(head + drop % "math.factorial(10 ** 6) * 0") == [("E0505", 4)]
+    assert errors(head + drop % "len([[0] * 10000] * 3000) * 0") == [("E0505", 4)]
+
+
+def test_a_constant_input_nested_too_deeply_is_refused_at_its_step() -> None:
+    deep = "[" * 65 + "]" * 65
+    with pytest.raises(CompileError) as exc:
+        lower(f"INPUTS: [x]\nFLOW:\n  - [[x, 'constant: {deep}'], y, g, [_obj_, {{_addr_: operator.getitem}}]]\n")
+    (diag,) = exc.value.diagnostics
+    assert (diag.code, diag.span.line, diag.message) == (
+        "E0736",
+        3,
+        "the value after `constant:` nests more than 64 levels deep",
+    )
+    assert flow_of("INPUTS: [x]\nFLOW:\n  - [[x, 'constant: [[1]]'], y, g, [_obj_, {_addr_: operator.getitem}]]\n")

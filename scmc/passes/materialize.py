@@ -12,8 +12,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from scmc.addresses import AllowList
+from scmc.addresses import AddressError, AllowList
 from scmc.diagnostics import CompileError, Diagnostic, Span
+from scmc.expr import ExprError
 from scmc.ir import ChildInst, Ctor, Instance
 
 BATCH = 2
@@ -88,6 +89,8 @@ def materialize(root: Instance, allow: AllowList) -> None:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             live = build_instance(root, allow, record)
+    except (ExprError, AddressError) as exc:
+        raise CompileError([Diagnostic(exc.code, exc.message, root.span, exc.hint)]) from None
     except Exception as exc:
         raise CompileError(
             [Diagnostic("E0802", f"constructing the model failed: {type(exc).__name__}: {exc}", root.span)]
@@ -105,6 +108,10 @@ def materialize(root: Instance, allow: AllowList) -> None:
             if not training:
                 root.output_shapes = _output_shapes(root, result)
         except StepFailed as exc:
+            if isinstance(exc.error, (ExprError, AddressError)):  # a bound of call_checked, at the step
+                raise CompileError(
+                    [Diagnostic(exc.error.code, exc.error.message, exc.node.span, exc.error.hint)]
+                ) from None
             mode = "training" if training else "inference"
             given = ", ".join(f"{n}={shapes[n]['shape']}" for n in root.inputs)
             raise CompileError(
