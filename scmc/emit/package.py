@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import scmc
 from scmc.addresses import AllowList
-from scmc.emit.python import comment_text, format_python
+from scmc.emit.python import LINE_LENGTH, comment_text, format_python
 
 if TYPE_CHECKING:
     from scmc.build import BuildRequest, Compiled
@@ -35,6 +35,7 @@ def _env():
         autoescape=False,
     )
     env.filters["pyrepr"] = repr
+    env.filters["regex_escape_stem"] = re.escape
     return env
 
 
@@ -213,6 +214,8 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
             dependencies=deps,
             runtime_requirement=RUNTIME_REQUIREMENT,
             has_train=train is not None,
+            line_length=LINE_LENGTH,
+            verbatim_files=sorted(layer_files),
         )
         .encode()
     )
