@@ -280,6 +280,13 @@ def build_wheels(
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise fail("E1200", f"pyproject.toml is not valid TOML: {exc}", Span(_display(package_dir / "pyproject.toml")))
     extras = tuple(sorted(meta.get("project", {}).get("optional-dependencies", {})))
+    inside = output.resolve()
+    if inside == package_dir.resolve() or package_dir.resolve() in inside.parents:
+        raise fail(
+            "E1203",
+            f"{_display(output)} is inside the package folder {_display(package_dir)}; scmc never writes into its input",
+            hint="write the wheels next to the package, e.g. -o ../dist from inside it",
+        )
     _check_runtime_range()
     with tempfile.TemporaryDirectory(prefix="scmc-wheel-") as tmp:
         work, out = Path(tmp) / "package", Path(tmp) / "wheels"

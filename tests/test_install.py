@@ -84,11 +84,13 @@ def test_built_wheels_install_train_export_and_predict_in_a_fresh_venv(tmp_path:
         [
             str(bin_ / "python"),
             "-c",
-            "import importlib.metadata as m; print('\\n'.join(m.requires('convnextv2-atto')))",
+            "import importlib.metadata as m, scmc_runtime; print(scmc_runtime.__file__); "
+            "print('\\n'.join(m.requires('convnextv2-atto')))",
         ],
         work,
         env,
     )
+    assert requires.startswith(str(venv)), "scmc_runtime must come from the folder's wheel, installed in the venv"
     assert not any(n in requires.lower() for n in ("scmc==", "scmc>", "structcast", "ruamel")), requires
 
     train = [str(bin_ / "python"), "-m", "convnextv2_atto.train", "--epochs", "1", "--max-steps", "2"]
@@ -98,13 +100,13 @@ def test_built_wheels_install_train_export_and_predict_in_a_fresh_venv(tmp_path:
     checkpoint = work / "runs" / "fresh" / "last.pt"
     assert checkpoint.is_file()
 
-    # export needs the compiler again: reinstall scmc alone (the runtime stays the folder's wheel)
-    _run([*pip, "--no-deps", str(clone)], work, env)
+    # export is the compiler's job: run it from this checkout (the fresh venv has no scmc any more)
+    host = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "runtime" / "src")])}
     _run(
-        ["scmc", "export", str(clone / "artifacts" / "convnextv2_atto"), "--checkpoint", str(checkpoint)]
+        [sys.executable, "-m", "scmc", "export", str(package), "--checkpoint", str(checkpoint)]
         + ["--format", "onnx", "--latency-rounds", "0", "-q"],
         work,
-        env,
+        host,
     )
     onnx = work / "runs" / "fresh" / "export" / "model.onnx"
     assert onnx.is_file()

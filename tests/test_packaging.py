@@ -158,3 +158,14 @@ def test_scmc_wheel_refuses_a_package_holding_a_link(femto_package: Path, tmp_pa
         f"error[E1204]: {link} is a link or a special file; a wheel holds only the package's own regular files"
     )
     assert not (tmp_path / "dist").exists()
+
+
+def test_scmc_wheel_never_writes_into_the_package_folder(femto_package: Path, tmp_path: Path) -> None:
+    before = tree_bytes(femto_package)
+    result = wheel_cli(str(femto_package), "-o", str(femto_package / "dist"))
+    assert result.exit_code == 1
+    assert result.output.splitlines()[0] == (
+        f"error[E1203]: {femto_package / 'dist'} is inside the package folder {femto_package}; "
+        "scmc never writes into its input"
+    )
+    assert tree_bytes(femto_package) == before
