@@ -319,6 +319,35 @@ def export(
     sys.exit(status)
 
 
+@main.command(name="wheel")
+@click.argument("package_dir", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), default=Path("dist"), show_default=True, help="Folder of wheels."
+)
+@click.option(
+    "--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True, help="Seconds each pip run may take."
+)
+@click.option(
+    "--max-size-mib",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Largest package (MiB of files) copied into a wheel.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Print only the install command.")
+def wheel(package_dir: Path, output: Path, timeout: float, max_size_mib: int, quiet: bool) -> None:
+    """Write PACKAGE_DIR's wheel and the matching scmc-runtime wheel into one folder, and print
+    the pip command that installs both on any machine."""
+    from scmc.load import display_path
+    from scmc.wheel import build_wheels
+
+    result = _compile_or_exit(lambda: build_wheels(package_dir, output, timeout, max_size_mib * 2**20))
+    if not quiet:
+        for path in (result.package, result.runtime):
+            click.echo(f"wrote {display_path(path)}")
+    click.echo(f"install with: {result.install_command()}")
+
+
 # ----------------------------------------------------------------------------- structcast-model spellings
 
 

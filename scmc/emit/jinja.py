@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -20,6 +21,7 @@ def environment():
         autoescape=False,
     )
     env.filters["pyrepr"] = repr
+    env.filters["regex_escape_stem"] = re.escape
     return env
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import scmc
 from scmc.emit.jinja import environment as _env
 from scmc.emit.jinja import imported_roots
-from scmc.emit.python import comment_text, format_python
+from scmc.emit.python import LINE_LENGTH, comment_text, format_python
 from scmc.load import display_path
 
 if TYPE_CHECKING:
@@ -116,6 +116,59 @@ def rebuild_command(pkg: "PackageDef") -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def _short(value: Any) -> str:
+    """A hyperparameter as one readable line: JSON for containers, repr-free plain scalars."""
+    text = json.dumps(value, sort_keys=True, default=repr) if isinstance(value, (dict, list, tuple)) else str(value)
+    return text.replace("|", "\\|").replace("\n", "\\n")
+
+
+def _bound_rows(prefix: str, kwargs: tuple[tuple[str, Any], ...]) -> list[tuple[str, str]]:
+    """One row per bound argument, a mapping argument (optimizer_kwargs) one row per key."""
+    rows = []
+    for key, value in kwargs:
+        items = sorted(value.items()) if isinstance(value, dict) else [(None, value)]
+        for sub, item in items:
+            rows.append((f"{prefix}{key}" + (f".{sub}" if sub is not None else ""), f"`{_short(item)}`"))
+    return rows
+
+
+def hyperparameters(train: Any, compiled: list["Compiled"]) -> list[tuple[str, str]]:
+    """(what, value) rows of the model card: the defaults of train.py and the backward's optimizer settings."""
+    from scmc.emit.train import FIELDS
+
+    defaults = {f.name: f.default for f in FIELDS} | dict(train.defaults)
+    rows = [
+        ("epochs", _short(defaults["epochs"])),
+        ("global batch size", _short(defaults["batch_size"])),
+        ("image size", _short(defaults["image_size"])),
+        ("data", _short(defaults["timm_dataset"] or defaults["data"] or "the embedded digits")),
+        ("EMA", f"decay {defaults['ema_decay']}" if defaults["ema"] else "off"),
+        ("torch.compile", _short(defaults["compile_mode"]) if defaults["compile"] else "off"),
+    ]
+    backward = next((c.backward for c in compiled if c.backward is not None), None)
+    if backward is not None:
+        for opt in backward.optimizers:
+            rows.append((f"optimizer `{opt.name}`", f"`{opt.factory.address}`"))
+            rows += _bound_rows(f"`{opt.name}` ", opt.factory.kwargs)
+            if opt.clip is not None:
+                rows.append((f"gradient clipping (`{opt.name}`)", f"`{opt.clip.address}`"))
+                rows += _bound_rows(f"`{opt.name}` clip ", opt.clip.kwargs)
+        rows.append(("mixed precision", backward.autocast_dtype or "off"))
+        rows.append(("gradient accumulation", f"{backward.accumulate} step(s) per update"))
+    return rows
+
+
+def runtime_version() -> str:
+    import scmc_runtime
+
+    return scmc_runtime.__version__
+
+
+def wheel_file(distribution: str, version: str) -> str:
+    """The file name setuptools gives a pure-Python wheel of DISTRIBUTION (PEP 427 escaping)."""
+    return f"{re.sub(r'[-_.]+', '_', distribution).lower()}-{version}-py3-none-any.whl"
+
+
 def package_files(pkg: "PackageDef") -> dict[str, bytes]:
     """Every file of the package, by path relative to the package folder: the package definition printed."""
     env = _env()
@@ -155,6 +208,8 @@ def package_files(pkg: "PackageDef") -> dict[str, bytes]:
             dependencies=deps,
             runtime_requirement=RUNTIME_REQUIREMENT,
             has_train=train is not None,
+            line_length=LINE_LENGTH,
+            verbatim_files=sorted(layer_files),
         )
         .encode()
     )
@@ -178,6 +233,11 @@ def package_files(pkg: "PackageDef") -> dict[str, bytes]:
             model_class=root.name,
             example_call=example,
             rebuild=rebuild_command(pkg),
+            hyperparameters=hyperparameters(train, compiled) if train is not None else [],
+            has_train=train is not None,
+            package_wheel=wheel_file(name, common["version"]),
+            runtime_wheel=wheel_file("scmc-runtime", runtime_version()),
+            extras="[predict,train]" if train is not None else "",
         )
         .encode()
     )
