@@ -19,7 +19,7 @@ package folder is never written to (pip would leave ``build/`` and ``*.egg-info`
 Limits: each pip run may take ``timeout`` seconds (``--timeout``), and the package copied into
 a wheel at most ``max_bytes`` (``--max-size-mib``). In the output folder only the two wheel
 files are written; an existing file of the same name is replaced only when it is a wheel of
-the same distribution and version (an earlier `scmc wheel`), else E1203 and nothing is written.
+the same distribution and version (an earlier `scmc wheel`), else E1303 and nothing is written.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def package_name(package_dir: Path) -> str:
     """The import name of the scmc package in PACKAGE_DIR (its one src/<name>/manifest.json)."""
     if not (package_dir / "pyproject.toml").is_file():
         raise fail(
-            "E1200",
+            "E1300",
             f"{_display(package_dir)} is not a package built by scmc (no pyproject.toml)",
             hint="pass the folder `scmc build` wrote, e.g. artifacts/convnextv2_femto",
         )
@@ -80,7 +80,7 @@ def package_name(package_dir: Path) -> str:
     if len(manifests) != 1:
         what = "no src/<package>/manifest.json" if not manifests else "more than one src/<package>/manifest.json"
         raise fail(
-            "E1200",
+            "E1300",
             f"{_display(package_dir)} is not a package built by scmc ({what})",
             hint="pass the folder `scmc build` wrote, e.g. artifacts/convnextv2_femto",
         )
@@ -95,7 +95,7 @@ def _copy_tree(source: Path, target: Path, max_bytes: int, budget: list[int], to
             continue
         if entry.is_symlink() or not (entry.is_dir() or entry.is_file()):
             raise fail(
-                "E1204",
+                "E1304",
                 f"{_display(entry)} is a link or a special file; a wheel holds only the package's own regular files",
                 hint="rebuild the package with `scmc build --force`",
             )
@@ -105,7 +105,7 @@ def _copy_tree(source: Path, target: Path, max_bytes: int, budget: list[int], to
         budget[0] += entry.stat().st_size
         if budget[0] > max_bytes:
             raise fail(
-                "E1204",
+                "E1304",
                 f"{_display(source)} holds more than {max_bytes // 2**20} MiB",
                 hint="raise the limit with --max-size-mib if the package really is that large",
             )
@@ -116,7 +116,7 @@ def _pip_wheel(project: Path, out: Path, timeout: float, what: str) -> Path:
     """`pip wheel --no-deps PROJECT` into OUT; returns the one wheel it wrote."""
     if importlib.util.find_spec("pip") is None:
         raise fail(
-            "E1201", f"building the wheel of {what} needs pip, which this Python lacks", hint="python -m ensurepip"
+            "E1301", f"building the wheel of {what} needs pip, which this Python lacks", hint="python -m ensurepip"
         )
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--disable-pip-version-check", "-w", str(out)]
     try:  # build with this environment's setuptools when it is recent enough: no download
@@ -136,14 +136,14 @@ def _pip_wheel(project: Path, out: Path, timeout: float, what: str) -> Path:
         )
     except subprocess.TimeoutExpired:
         raise fail(
-            "E1205",
+            "E1305",
             f"building the wheel of {what} took longer than {timeout:g} s",
             hint="raise the limit with --timeout SECONDS",
         ) from None
     made = sorted(set(out.glob("*.whl")) - before)
     if run.returncode != 0 or len(made) != 1:
         tail = "\n".join((run.stderr or run.stdout).strip().splitlines()[-12:])
-        raise fail("E1201", f"pip could not build the wheel of {what}:\n{tail}", hint="see pip's message above")
+        raise fail("E1301", f"pip could not build the wheel of {what}:\n{tail}", hint="see pip's message above")
     return made[0]
 
 
@@ -174,7 +174,7 @@ def _repack_installed_runtime(out: Path) -> Path:
         dist = importlib.metadata.distribution("scmc-runtime")
     except importlib.metadata.PackageNotFoundError:
         raise fail(
-            "E1202",
+            "E1302",
             f"the scmc_runtime scmc imports ({_display(package)}) is neither a source checkout nor an installed "
             "distribution, so there is no runtime wheel to make",
             hint="install scmc with `pip install ./runtime ./` from the scmc repository",
@@ -182,14 +182,14 @@ def _repack_installed_runtime(out: Path) -> Path:
     version = dist.version
     if version != scmc_runtime.__version__:
         raise fail(
-            "E1202",
+            "E1302",
             f"the installed scmc-runtime distribution is {version} but the imported scmc_runtime is "
             f"{scmc_runtime.__version__} ({_display(package)})",
             hint="reinstall the runtime: `pip install --force-reinstall ./runtime`",
         )
     metadata = dist.read_text("METADATA")
     if not metadata:
-        raise fail("E1202", "the installed scmc-runtime distribution has no METADATA", hint="reinstall it")
+        raise fail("E1302", "the installed scmc-runtime distribution has no METADATA", hint="reinstall it")
     info = f"scmc_runtime-{version}.dist-info"
     entries: list[tuple[str, bytes]] = []
     for path in sorted(package.rglob("*")):
@@ -226,7 +226,7 @@ def _check_runtime_range() -> None:
 
     if scmc_runtime.__version__ not in SpecifierSet(RUNTIME_REQUIREMENT):
         raise fail(
-            "E1202",
+            "E1302",
             f"the scmc_runtime scmc imports is {scmc_runtime.__version__}, outside the range generated packages "
             f"require ({RUNTIME_REQUIREMENT})",
             hint="install the scmc-runtime of this scmc's repository: `pip install ./runtime`",
@@ -251,10 +251,10 @@ def _place(made: list[Path], output: Path) -> list[Path]:
     targets = [output / w.name for w in made]
     for wheel, target in zip(made, targets):
         if target.is_symlink() or (target.exists() and not target.is_file()):
-            raise fail("E1203", f"{_display(target)} exists and is not a file", hint="choose another -o folder")
+            raise fail("E1303", f"{_display(target)} exists and is not a file", hint="choose another -o folder")
         if target.exists() and _wheel_identity(target) != _wheel_identity(wheel):
             raise fail(
-                "E1203",
+                "E1303",
                 f"{_display(target)} exists and is not a wheel of the same distribution and version",
                 hint="scmc replaces only a wheel it could have written; move the file away or choose another -o folder",
             )
@@ -266,7 +266,7 @@ def _place(made: list[Path], output: Path) -> list[Path]:
             os.replace(staged, target)
     except OSError as exc:
         raise fail(
-            "E1203", f"cannot write to {_display(output)}: {exc.strerror or exc}", hint="choose another -o folder"
+            "E1303", f"cannot write to {_display(output)}: {exc.strerror or exc}", hint="choose another -o folder"
         ) from None
     return targets
 
@@ -278,12 +278,12 @@ def build_wheels(
     try:
         meta = tomllib.loads((package_dir / "pyproject.toml").read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise fail("E1200", f"pyproject.toml is not valid TOML: {exc}", Span(_display(package_dir / "pyproject.toml")))
+        raise fail("E1300", f"pyproject.toml is not valid TOML: {exc}", Span(_display(package_dir / "pyproject.toml")))
     extras = tuple(sorted(meta.get("project", {}).get("optional-dependencies", {})))
     inside = output.resolve()
     if inside == package_dir.resolve() or package_dir.resolve() in inside.parents:
         raise fail(
-            "E1203",
+            "E1303",
             f"{_display(output)} is inside the package folder {_display(package_dir)}; scmc never writes into its input",
             hint="write the wheels next to the package, e.g. -o ../dist from inside it",
         )

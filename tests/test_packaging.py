@@ -126,7 +126,7 @@ def test_scmc_wheel_refuses_a_folder_that_is_not_an_scmc_package(tmp_path: Path)
     result = wheel_cli(str(tmp_path), "-o", str(tmp_path / "dist"))
     assert result.exit_code == 1
     assert result.output.splitlines()[0] == (
-        f"error[E1200]: {tmp_path} is not a package built by scmc (no src/<package>/manifest.json)"
+        f"error[E1300]: {tmp_path} is not a package built by scmc (no src/<package>/manifest.json)"
     )
     assert not (tmp_path / "dist").exists()
 
@@ -139,7 +139,7 @@ def test_scmc_wheel_never_overwrites_a_file_it_did_not_write(femto_package: Path
     result = wheel_cli(str(femto_package), "-o", str(out))
     assert result.exit_code == 1
     assert result.output.splitlines()[0] == (
-        f"error[E1203]: {mine} exists and is not a wheel of the same distribution and version"
+        f"error[E1303]: {mine} exists and is not a wheel of the same distribution and version"
     )
     assert mine.read_text() == "my notes"
     assert sorted(p.name for p in out.iterdir()) == [mine.name], "nothing else was written"
@@ -155,7 +155,7 @@ def test_scmc_wheel_refuses_a_package_holding_a_link(femto_package: Path, tmp_pa
     result = wheel_cli(str(package), "-o", str(tmp_path / "dist"))
     assert result.exit_code == 1
     assert result.output.splitlines()[0] == (
-        f"error[E1204]: {link} is a link or a special file; a wheel holds only the package's own regular files"
+        f"error[E1304]: {link} is a link or a special file; a wheel holds only the package's own regular files"
     )
     assert not (tmp_path / "dist").exists()
 
@@ -165,7 +165,7 @@ def test_scmc_wheel_never_writes_into_the_package_folder(femto_package: Path, tm
     result = wheel_cli(str(femto_package), "-o", str(femto_package / "dist"))
     assert result.exit_code == 1
     assert result.output.splitlines()[0] == (
-        f"error[E1203]: {femto_package / 'dist'} is inside the package folder {femto_package}; "
+        f"error[E1303]: {femto_package / 'dist'} is inside the package folder {femto_package}; "
         "scmc never writes into its input"
     )
     assert tree_bytes(femto_package) == before
