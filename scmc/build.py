@@ -23,7 +23,7 @@ from typing import Any
 
 import scmc
 from scmc.addresses import AllowList
-from scmc.diagnostics import CompileError, Diagnostics, Span, fail
+from scmc.diagnostics import CompileError, Diagnostics, Span, fail, forget_source
 from scmc.ir import Program, dump, verify
 from scmc.load import (
     LDict,
@@ -143,6 +143,7 @@ class BuildRequest:
     sublayer: str | None = None
     allow_new_params: bool = False
     allow_modules: tuple[str, ...] = ()
+    cfg_dirs: tuple[Path, ...] = ()  # --allow-cfg-dir: folders CFG may read besides the template's
     presets: bool = True  # add the parts the model template names under PACKAGE
     cache: bool = False  # reuse and keep results in the build cache (scmc/cache.py); the CLI turns it on
 
@@ -199,6 +200,7 @@ def compile_part(
         allow=allow,
         input_shapes=request.shapes if part.role == "model" else None,
         structured=request.structured if part.role == "model" else None,
+        cfg_dirs=tuple(request.cfg_dirs),
     )
     kind = template_kind(source.data)
     expected = "layer graph" if part.role in LAYER_ROLES else "backward" if part.role == "backward" else "preset"
@@ -296,12 +298,20 @@ def compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowList
         except CompileError as exc:
             diags.extend(exc.diagnostics)
     diags.raise_if_any()
+    from scmc.lower import cfg_roots
+
+    roots = cfg_roots(sources[0], tuple(request.cfg_dirs))
     for part in preset_parts(sources[0], parts, diags) if request.presets else ():
         try:
             sources.append(read_template(part.path))
             parts.append(part)
         except CompileError as exc:
             diags.extend(exc.diagnostics)
+        finally:
+            if not any(part.path.resolve().is_relative_to(root) for root in roots):
+                # PACKAGE names files beside the model's folder (cfg/models -> ../losses); one outside
+                # its folder and --allow-cfg-dir is read, but diagnostics do not show its lines
+                forget_source(display_path(part.path))
     diags.raise_if_any()
     overrides: list[Override] = []
     for text in request.params:

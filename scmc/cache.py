@@ -150,6 +150,7 @@ def request_key(request: Any, fingerprint: str) -> str | None:
         "structured": request.structured,
         "sublayer": request.sublayer,
         "allow_new_params": request.allow_new_params,
+        "cfg_dirs": [str(Path(d).resolve()) for d in request.cfg_dirs],
         "presets": request.presets,
         "environment": fingerprint,
     }

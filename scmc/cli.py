@@ -68,6 +68,14 @@ def main() -> None:
     "--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable."
 )
 @click.option(
+    "--allow-cfg-dir",
+    "cfg_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="Let CFG and PACKAGE read templates from DIR too (default: only the template's folder). Repeatable.",
+)
+@click.option(
     "--check", is_flag=True, help="Write nothing; exit 1 with a diff summary if the package on disk is stale."
 )
 @click.option(
@@ -92,6 +100,7 @@ def build(
     sublayer: str | None,
     allow_new_params: bool,
     allow_modules: tuple[str, ...],
+    cfg_dirs: tuple[Path, ...],
     check: bool,
     no_cache: bool,
     quiet: bool,
@@ -127,6 +136,7 @@ def build(
         sublayer=sublayer,
         allow_new_params=allow_new_params,
         allow_modules=tuple(allow_modules),
+        cfg_dirs=tuple(cfg_dirs),
         cache=not (no_cache or disabled_by_env()),
     )
     if check:

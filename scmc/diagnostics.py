@@ -91,6 +91,12 @@ def note_source(display: str, text: str) -> None:
         _lines.pop(old, None)
 
 
+def forget_source(display: str) -> None:
+    """Stop showing lines of DISPLAY (a file read, but not one the user vouched for)."""
+    _sources.pop(display, None)
+    _lines.pop(display, None)
+
+
 def source_line(span: Span | None) -> str | None:
     """The line SPAN points at, from a recorded template text; None for any other file."""
     if span is None or span.line <= 0 or span.path not in _sources:

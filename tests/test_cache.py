@@ -82,7 +82,7 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-# change -> (template built first, what changes, template and arguments of the rebuild,
+# change -> (template (and arguments) built first, what changes, template and arguments of the rebuild,
 #            the file it writes (relative to the project) and a text that shows the change)
 KEY_CASES = {
     "edit the template": (
@@ -100,11 +100,12 @@ KEY_CASES = {
         "Linear(in_features=8, out_features=5",
     ),
     # CFG looks next to the template first, then in the working directory: a template one
-    # level down first takes parts/head.yaml from the cwd, then one appears next to it.
+    # level down first takes parts/head.yaml from the cwd (a folder it may read only with
+    # --allow-cfg-dir), then one appears next to it.
     "a CFG candidate appears": (
-        "sub/net.yaml",
+        "sub/net.yaml --allow-cfg-dir .",
         lambda p: _write(p / "sub" / "parts" / "head.yaml", HEAD.replace("classes: 3", "classes: 7")),
-        ["sub/net.yaml"],
+        ["sub/net.yaml", "--allow-cfg-dir", "."],
         "b/src/net/model.py",
         "Linear(in_features=8, out_features=7",
     ),
@@ -125,7 +126,8 @@ KEY_CASES = {
 def test_every_input_of_a_build_is_part_of_its_key(project: Path, change: str) -> None:
     first, prepare, (template, *args), written, shown = KEY_CASES[change]
     _write(project / "sub" / "net.yaml", MODEL)
-    build("a", template=first)
+    first_template, *first_args = first.split()
+    build("a", *first_args, template=first_template)
     if prepare is not None:
         prepare(project)
     out = os.path.relpath(project / "b")  # from the cwd of the rebuild
