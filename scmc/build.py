@@ -23,7 +23,7 @@ from typing import Any
 
 import scmc
 from scmc.addresses import AllowList
-from scmc.diagnostics import CompileError, Diagnostics, Span, fail, forget_source
+from scmc.diagnostics import CompileError, Diagnostic, Diagnostics, Span, fail, forget_source
 from scmc.ir import Program, dump, verify
 from scmc.load import (
     LDict,
@@ -170,6 +170,7 @@ class Plan:
     compiled: list[Compiled]  # empty when the plan came from the build cache
     param_count: int = 0  # the model's
     cached: bool = False
+    warnings: list[Diagnostic] = field(default_factory=list)  # e.g. a build cache that is not private (E0950)
 
 
 def package_name(model: Source, groups: Parameters) -> str:
@@ -270,7 +271,11 @@ def plan_package(request: BuildRequest) -> Plan:
     """Every generated file of the package, in memory; from the build cache when allowed and unchanged."""
     from scmc import cache
 
-    fingerprint = cache.environment_fingerprint() if request.cache else None
+    warnings = []
+    refused = cache.refusal() if request.cache else None  # checked before anything is read from it
+    if refused is not None:
+        warnings.append(Diagnostic("E0950", refused, severity="warning"))
+    fingerprint = cache.environment_fingerprint() if request.cache and refused is None else None
     key = cache.request_key(request, fingerprint) if fingerprint is not None else None
     entry = cache.load(key) if key is not None else None
     if entry is not None:
@@ -283,7 +288,7 @@ def plan_package(request: BuildRequest) -> Plan:
     count = next((c.param_count for c in compiled if c.role == "model"), 0)
     if key is not None:
         cache.store(key, reads, name, files, count)
-    return Plan(name, files, compiled, count)
+    return Plan(name, files, compiled, count, warnings=warnings)
 
 
 def compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowList]:

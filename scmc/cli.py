@@ -476,6 +476,8 @@ def run_build(request: Any, quiet: bool = False) -> None:
 
     start = time.perf_counter()
     plan, destination = _compile_or_exit(lambda: do_build(request))
+    for warning in plan.warnings:  # shown even with --quiet: they are about what the build trusted
+        click.echo(warning.render(), err=True)
     if not quiet:
         elapsed = time.perf_counter() - start
         how = "unchanged inputs, from the build cache" if plan.cached else f"{len(plan.files)} files"
