@@ -117,6 +117,14 @@ KEY_CASES = {
         "Linear(in_features=4, out_features=5",
     ),
     "another --name": ("net.yaml", None, ["net.yaml", "--name", "other"], "b/src/other/model.py", "class Model"),
+    # another folder CFG may read: the same files today, but it decides what a later build may read
+    "another --allow-cfg-dir": (
+        "net.yaml",
+        None,
+        ["net.yaml", "--allow-cfg-dir", "parts"],
+        "b/src/net/model.py",
+        "class Model",
+    ),
     # the same file, named from another directory: generated headers show paths relative to the cwd
     "another cwd": ("net.yaml", lambda p: os.chdir(p / "parts"), ["../net.yaml"], "b/src/net/model.py", "../net.yaml"),
 }
@@ -381,8 +389,9 @@ def test_a_cache_subdirectory_that_is_a_symlink_is_not_used(project: Path) -> No
     version = project / "cache" / f"v{cache.FORMAT}"
     version.rename(project / "moved")
     version.symlink_to(project / "moved")
-    output = build("b")
+    output = build("b", "-q")  # said even with --quiet
     assert "is a symbolic link" in refused_line(output, project / "cache")
+    assert output.splitlines() == [refused_line(output, project / "cache")]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
