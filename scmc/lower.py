@@ -292,13 +292,20 @@ class Lowerer:
         roots = self.cfg_roots or cfg_roots(source, self.options.cfg_dirs)
         inside = []  # the candidates inside the allowed folders (only those are looked at)
         for path in (source.directory / cfg, Path(cfg)):
-            resolved = path.resolve()
-            if not any(resolved.is_relative_to(root) for root in roots):
-                continue  # not even probed: whether it exists is none of the template's business
-            inside.append(path)
-            if resolved.is_file():
+            try:
+                resolved = path.resolve()
+                if not any(resolved.is_relative_to(root) for root in roots):
+                    continue  # not even probed: whether it exists is none of the template's business
+                inside.append(path)
+                kind = "file" if resolved.is_file() else "other" if resolved.exists() else None
+            except (OSError, ValueError) as exc:  # a NUL character, a name too long for the system
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise CompileError(
+                    [_diag("E0792", f"CFG is not a usable file path ({why})", span, "CFG names a template file")]
+                ) from None
+            if kind == "file":
                 return resolved
-            if resolved.exists():
+            if kind == "other":
                 raise CompileError(
                     [
                         _diag(
