@@ -222,10 +222,12 @@ def _touch(parts: tuple[str, ...], name: str) -> None:
 
 
 def _evict(dir_fd: int, suffix: str, keep: int) -> None:
+    """Remove the least recently used of the files scmc names `<sha256><SUFFIX>`, beyond KEEP
+    (nothing else in the directory is touched)."""
     entries = []
     with os.scandir(dir_fd) as it:
         for item in it:
-            if item.name.endswith(suffix) and not item.name.startswith("."):
+            if item.name.endswith(suffix) and _HEX.fullmatch(item.name[: -len(suffix)] if suffix else item.name):
                 with contextlib.suppress(OSError):
                     entries.append((item.stat(follow_symlinks=False).st_mtime, item.name))
     for _, name in sorted(entries)[: max(0, len(entries) - keep)]:

@@ -185,9 +185,15 @@ def test_failed_builds_and_trusted_modules_are_not_cached(project: Path, monkeyp
 
 def test_the_oldest_entries_are_evicted(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cache, "MAX_ENTRIES", 2)
+    build("a", "-p", "width=1")
+    mine = project / "cache" / f"v{cache.FORMAT}" / "notes.json"
+    mine.write_text("not scmc's")
+    os.utime(mine, (0, 0))  # the oldest file there: still not scmc's to remove
     for width in (2, 3, 4):
         build("a", "-p", f"width={width}")
-    assert len(entries(project)) == 2
+    assert mine.read_text() == "not scmc's"
+    entries_left = [p for p in entries(project) if p != mine]
+    assert len(entries_left) == 2
     assert "from the build cache" in build("a", "-p", "width=4")
     assert "from the build cache" not in build("a", "-p", "width=2")
 

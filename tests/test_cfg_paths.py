@@ -93,7 +93,9 @@ def test_a_package_preset_outside_the_folder_is_read_but_never_shown(tree: Path)
     (tree / "models" / "net.yaml").write_text("PACKAGE: {LOSS: ../shared/creds.yaml}\n" + model("parts/head.yaml"))
     result = cli(tree, "models/net.yaml", "-o", "out")
     assert result.exit_code == 1
-    assert result.output.splitlines()[0].startswith("shared/creds.yaml:1:1: error[E0914]: shared/creds.yaml is a preset template")
+    assert result.output.splitlines()[0].startswith(
+        "shared/creds.yaml:1:1: error[E0914]: shared/creds.yaml is a preset template"
+    )
     assert "secret-canary" not in result.output and "unbalanced" not in result.output
     allowed = cli(tree, "models/net.yaml", "-o", "out", "--allow-cfg-dir", "shared")
     assert allowed.exit_code == 1
