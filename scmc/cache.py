@@ -79,7 +79,7 @@ _session: str | None = None
 
 
 class Refused(Exception):
-    """The cache directory is not private to the user: it is not used (the message says why)."""
+    """The cache directory is not private to the user: it is not used. Args: why, the directory."""
 
 
 def disabled_by_env() -> bool:
@@ -112,11 +112,11 @@ def note_absent(path: Path) -> None:
 def _check_dir(fd: int, shown: Path) -> None:
     info = os.fstat(fd)
     if not stat.S_ISDIR(info.st_mode):
-        raise Refused(f"{shown} is not a directory")
+        raise Refused(f"{shown} is not a directory", shown)
     if info.st_uid != os.geteuid():
-        raise Refused(f"{shown} belongs to another user (uid {info.st_uid})")
+        raise Refused(f"{shown} belongs to another user (uid {info.st_uid})", shown)
     if info.st_mode & 0o022:
-        raise Refused(f"{shown} is writable by {'group and others' if info.st_mode & 0o002 else 'its group'}")
+        raise Refused(f"{shown} is writable by {'group and others' if info.st_mode & 0o002 else 'its group'}", shown)
 
 
 def _open_dir(*parts: str, create: bool) -> int:
@@ -140,7 +140,7 @@ def _open_dir(*parts: str, create: bool) -> int:
                 sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError:
                 if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
-                    raise Refused(f"{shown / part} is a symbolic link") from None
+                    raise Refused(f"{shown / part} is a symbolic link", shown / part) from None
                 raise
             os.close(fd)
             fd, shown = sub, shown / part
@@ -155,11 +155,11 @@ def refusal() -> str | None:
     """Why the cache directory must not be used (one line, naming it and what to do), or None
     when it is private to the user or does not exist yet (it is then created private)."""
     try:
-        os.close(_open_dir(f"v{FORMAT}", create=False))
+        os.close(_open_dir(f"v{FORMAT}", "formatted", create=False))  # each level, down to the deepest there is
     except Refused as exc:
-        where = cache_dir()
+        where = exc.args[1]  # the level that failed
         return (
-            f"not using the build cache: {exc}; make it yours and private (chmod 700 {where}), "
+            f"not using the build cache: {exc.args[0]}; make it yours and private (chmod 700 {where}), "
             "set SCMC_CACHE_DIR to a private directory, or pass --no-cache"
         )
     except OSError:

@@ -367,21 +367,26 @@ def test_a_formatted_text_is_reused_only_for_the_text_it_formats(project: Path) 
     assert len(raw["input"]) == len(raw["output"]) == 64
 
 
-def refused_line(output: str, where: Path) -> str:
+def refused_line(output: str, where: Path, says: str) -> str:
+    """The one line that says the cache is not used: the directory, why, and what to do."""
     (line,) = [l for l in output.splitlines() if "E0950" in l]
-    assert line.startswith(f"warning[E0950]: not using the build cache: {where}")
-    assert f"chmod 700 {where}" in line and "SCMC_CACHE_DIR" in line and "--no-cache" in line
+    assert line == (
+        f"warning[E0950]: not using the build cache: {where} {says}; make it yours and private (chmod 700 {where}), "
+        "set SCMC_CACHE_DIR to a private directory, or pass --no-cache"
+    )
     return line
 
 
-@pytest.mark.parametrize("mode, says", [(0o777, "writable by group and others"), (0o770, "writable by its group")])
+@pytest.mark.parametrize(
+    "mode, says", [(0o777, "is writable by group and others"), (0o770, "is writable by its group")]
+)
 def test_a_cache_directory_others_can_write_is_not_used(project: Path, mode: int, says: str) -> None:
     build("a")
     (entry,) = entries(project)
     rewrite(entry, add_file("../escaped-dotdot"))  # poisoned too: must not even be looked at
     (project / "cache").chmod(mode)
     output = build("b")
-    assert says in refused_line(output, project / "cache")
+    refused_line(output, project / "cache", says)
     assert "from the build cache" not in output
     assert tree_bytes(project / "a") == tree_bytes(project / "b")
     assert not list(project.parent.glob("escaped*"))
@@ -396,8 +401,7 @@ def test_a_cache_subdirectory_that_is_a_symlink_is_not_used(project: Path) -> No
     version.rename(project / "moved")
     version.symlink_to(project / "moved")
     output = build("b", "-q")  # said even with --quiet
-    assert "is a symbolic link" in refused_line(output, project / "cache")
-    assert output.splitlines() == [refused_line(output, project / "cache")]
+    assert output.splitlines() == [refused_line(output, version, "is a symbolic link")]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
@@ -405,9 +409,16 @@ def test_a_cache_directory_of_another_user_is_not_used(project: Path) -> None:
     build("a")
     os.chown(project / "cache", 54321, -1)
     output = build("b")
-    assert "belongs to another user (uid 54321)" in refused_line(output, project / "cache")
+    refused_line(output, project / "cache", "belongs to another user (uid 54321)")
     assert "from the build cache" not in output
     assert tree_bytes(project / "a") == tree_bytes(project / "b")
+
+
+def test_a_subdirectory_its_group_can_write_is_named(project: Path) -> None:
+    build("a")
+    version = project / "cache" / f"v{cache.FORMAT}"
+    (version / "formatted").chmod(0o770)
+    refused_line(build("b"), version / "formatted", "is writable by its group")
 
 
 def test_a_missing_cache_directory_is_created_private(project: Path) -> None:
