@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import scmc
 from scmc.addresses import AllowList
-from scmc.diagnostics import CompileError, Diagnostics, Span, fail
+from scmc.diagnostics import CompileError, Diagnostic, Diagnostics, Span, fail, forget_source
 from scmc.ir import dump, verify
 from scmc.load import (
     LDict,
@@ -135,6 +135,7 @@ class BuildRequest:
     sublayer: str | None = None
     allow_new_params: bool = False
     allow_modules: tuple[str, ...] = ()
+    cfg_dirs: tuple[Path, ...] = ()  # --allow-cfg-dir: folders CFG may read besides the template's
     presets: bool = True  # add the parts the model template names under PACKAGE
     cache: bool = False  # reuse and keep results in the build cache (scmc/cache.py); the CLI turns it on
 
@@ -146,7 +147,7 @@ class Plan:
     compiled: list[Compiled]  # empty when the plan came from the build cache
     param_count: int = 0  # the model's
     cached: bool = False
-    warnings: list[Any] = field(default_factory=list)  # Diagnostics with severity "warning" (not kept by the cache)
+    warnings: list[Diagnostic] = field(default_factory=list)  # a build cache that is not private (E0950), W1204
 
 
 def package_name(model: Source, groups: Parameters) -> str:
@@ -178,6 +179,7 @@ def compile_part(
         allow=allow,
         input_shapes=request.shapes if part.role == "model" else None,
         structured=request.structured if part.role == "model" else None,
+        cfg_dirs=tuple(request.cfg_dirs),
     )
     kind = template_kind(source.data)
     expected = "layer graph" if part.role in LAYER_ROLES else "backward" if part.role == "backward" else "preset"
@@ -248,7 +250,11 @@ def plan_package(request: BuildRequest) -> Plan:
     """Every generated file of the package, in memory; from the build cache when allowed and unchanged."""
     from scmc import cache
 
-    fingerprint = cache.environment_fingerprint() if request.cache else None
+    warnings = []
+    refused = cache.refusal() if request.cache else None  # checked before anything is read from it
+    if refused is not None:
+        warnings.append(Diagnostic("E0950", refused, severity="warning"))
+    fingerprint = cache.environment_fingerprint() if request.cache and refused is None else None
     key = cache.request_key(request, fingerprint) if fingerprint is not None else None
     entry = cache.load(key) if key is not None else None
     if entry is not None:
@@ -263,7 +269,7 @@ def plan_package(request: BuildRequest) -> Plan:
     count = next((c.param_count for c in compiled if c.role == "model"), 0)
     if key is not None:
         cache.store(key, reads, name, files, count)
-    return Plan(name, files, compiled, count, warnings=list(package.warnings))
+    return Plan(name, files, compiled, count, warnings=warnings + list(package.warnings))
 
 
 def build_info(request: BuildRequest) -> "BuildInfo":
@@ -289,12 +295,20 @@ def compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowList
         except CompileError as exc:
             diags.extend(exc.diagnostics)
     diags.raise_if_any()
+    from scmc.lower import cfg_roots
+
+    roots = cfg_roots(sources[0], tuple(request.cfg_dirs))
     for part in preset_parts(sources[0], parts, diags) if request.presets else ():
         try:
             sources.append(read_template(part.path))
             parts.append(part)
         except CompileError as exc:
             diags.extend(exc.diagnostics)
+        finally:
+            if not any(part.path.resolve().is_relative_to(root) for root in roots):
+                # PACKAGE names files beside the model's folder (cfg/models -> ../losses); one outside
+                # its folder and --allow-cfg-dir is read, but diagnostics do not show its lines
+                forget_source(display_path(part.path))
     diags.raise_if_any()
     overrides: list[Override] = []
     for text in request.params:

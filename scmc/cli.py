@@ -76,6 +76,14 @@ def main() -> None:
     "--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable."
 )
 @click.option(
+    "--allow-cfg-dir",
+    "cfg_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="Let CFG and PACKAGE read templates from DIR too (default: only the template's folder). Repeatable.",
+)
+@click.option(
     "--check", is_flag=True, help="Write nothing; exit 1 with a diff summary if the package on disk is stale."
 )
 @click.option(
@@ -100,6 +108,7 @@ def build(
     sublayer: str | None,
     allow_new_params: bool,
     allow_modules: tuple[str, ...],
+    cfg_dirs: tuple[Path, ...],
     check: bool,
     no_cache: bool,
     quiet: bool,
@@ -135,6 +144,7 @@ def build(
         sublayer=sublayer,
         allow_new_params=allow_new_params,
         allow_modules=tuple(allow_modules),
+        cfg_dirs=tuple(cfg_dirs),
         cache=not (no_cache or disabled_by_env()),
     )
     if check:
@@ -588,7 +598,7 @@ def run_build(request: Any, quiet: bool = False) -> None:
 
     start = time.perf_counter()
     plan, destination = _compile_or_exit(lambda: do_build(request))
-    if plan.warnings:
+    if plan.warnings:  # shown even with --quiet: they are about what the build trusted or how the parts fit
         from scmc.diagnostics import render_warnings
 
         click.echo(render_warnings(plan.warnings), err=True)

@@ -4,14 +4,37 @@ Every user-facing problem is a :class:`Diagnostic` with a code, a message, a sou
 and an optional hint. Stages collect them in a :class:`Diagnostics` list and raise
 :class:`CompileError` once, at the end of the stage, so a template with three mistakes
 reports all three.
+
+A rendered diagnostic shows the line it points at, but only from a file the build read as a
+template (the command line's templates, and the CFG includes that passed the confinement
+check in lower.py): :func:`note_source` records their text as read, and rendering never
+opens a file itself, so a span can never make scmc print a line of some other file (a secret
+next to a template, ``/etc/passwd``). What is shown is bounded: a source line is cut to a
+window of ``MAX_LINE_CHARS`` characters around the caret and a message or hint to
+``MAX_MESSAGE_CHARS``, with ``...`` where text was left out, and control characters (ANSI
+escapes, bidirectional overrides) are spelled out, so a hostile template cannot flood or
+repaint the terminal.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Iterator
+
+MAX_LINE_CHARS = 200  # characters of a source line shown around the caret
+MAX_MESSAGE_CHARS = 1_000  # characters of a message, a hint or a note
+MAX_SOURCES = 64  # template texts kept for rendering (the most recently read)
+
+# display path -> text of a file the build read as a template (see note_source)
+_sources: OrderedDict[str, str] = OrderedDict()
+_lines: dict[str, list[str]] = {}
+
+# C0 and C1 controls (tab and newline included: they would break the caret's alignment or the
+# one-line layout), DEL, and the bidirectional formatting characters of "Trojan source".
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass(frozen=True)
@@ -38,33 +61,85 @@ class Diagnostic:
     severity: str = "error"
 
     def render(self, source_cache: dict[str, list[str]] | None = None) -> str:
+        """``path:line:col: error[CODE]: message``, the source line with a caret (for a file read
+        as a template), and ``= help:``. SOURCE_CACHE is accepted for callers of the earlier
+        API and not needed: lines come from the texts recorded by :func:`note_source`."""
         where = f"{self.span}: " if self.span else ""
-        text = f"{where}{self.severity}[{self.code}]: {self.message}"
+        text = f"{where}{self.severity}[{self.code}]: {shorten(self.message)}"
         if self.span and self.span.note:
-            text += f" ({self.span.note})"
-        line = _source_line(self.span, source_cache)
+            text += f" ({shorten(self.span.note)})"
+        line = source_line(self.span)
         if line is not None:
+            shown, caret = _window(line, max(self.span.col, 1))
             number = str(self.span.line)
             pad = " " * len(number)
-            text += f"\n {pad} |\n {number} | {line}\n {pad} | {' ' * max(self.span.col - 1, 0)}^"
+            text += f"\n {pad} |\n {number} | {shown}\n {pad} | {' ' * caret}^"
         if self.hint:
-            text += f"\n  = help: {self.hint}"
+            text += f"\n  = help: {shorten(self.hint)}"
         return text
 
 
-def _source_line(span: Span | None, cache: dict[str, list[str]] | None) -> str | None:
-    if span is None or span.line <= 0:
+def note_source(display: str, text: str) -> None:
+    """Allow diagnostics to show lines of DISPLAY, with TEXT as the build read it. Called for the
+    templates the user gave and the CFG includes that passed their path check, never for other
+    files; the last ``MAX_SOURCES`` texts are kept."""
+    _sources[display] = text
+    _sources.move_to_end(display)
+    _lines.pop(display, None)
+    while len(_sources) > MAX_SOURCES:
+        old, _ = _sources.popitem(last=False)
+        _lines.pop(old, None)
+
+
+def forget_source(display: str) -> None:
+    """Stop showing lines of DISPLAY (a file read, but not one the user vouched for)."""
+    _sources.pop(display, None)
+    _lines.pop(display, None)
+
+
+def source_line(span: Span | None) -> str | None:
+    """The line SPAN points at, from a recorded template text; None for any other file."""
+    if span is None or span.line <= 0 or span.path not in _sources:
         return None
-    cache = {} if cache is None else cache
-    if span.path not in cache:
-        try:
-            cache[span.path] = Path(span.path).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError):
-            cache[span.path] = []
-    lines = cache[span.path]
+    lines = _lines.get(span.path)
+    if lines is None:
+        lines = _lines[span.path] = _sources[span.path].splitlines()
     if span.line > len(lines):
         return None
     return lines[span.line - 1].rstrip()
+
+
+def spell_out(text: str, keep_newlines: bool = False) -> str:
+    """TEXT with control and bidirectional formatting characters written as escapes (``\\x1b``)."""
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        if keep_newlines and char == "\n":
+            return char
+        return repr(char)[1:-1] if char != "\t" else " "
+
+    return _CONTROL.sub(escape, text)
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """TEXT spelled out and cut to LIMIT characters, saying how many were left out."""
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+    return spell_out(text, keep_newlines=True)
+
+
+def _window(line: str, col: int) -> tuple[str, int]:
+    """At most MAX_LINE_CHARS characters of LINE around column COL (1-based), spelled out,
+    and the caret's offset in what is shown."""
+    at = min(col - 1, len(line))
+    start = 0
+    if len(line) > MAX_LINE_CHARS:
+        start = max(0, min(at - MAX_LINE_CHARS // 2, len(line) - MAX_LINE_CHARS))
+    end = start + MAX_LINE_CHARS
+    head = "..." if start > 0 else ""
+    tail = "..." if end < len(line) else ""
+    before = head + spell_out(line[start:at])
+    return before + spell_out(line[at:end]) + tail, len(before)
 
 
 @dataclass

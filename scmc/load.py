@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from scmc.diagnostics import CompileError, Diagnostics, Span, did_you_mean, fail
+from scmc.diagnostics import CompileError, Diagnostics, Span, did_you_mean, fail, note_source
 
 JINJA_YAML = "_jinja_yaml_"
 JINJA_JSON = "_jinja_json_"
@@ -146,7 +146,7 @@ def read_text(path: Path, display: str) -> str:
 
     cache.note_read(path, data)
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         col = exc.start - data.rfind(b"\n", 0, exc.start)
@@ -156,6 +156,8 @@ def read_text(path: Path, display: str) -> str:
             Span(display, line, col),
             hint="save the template as UTF-8",
         ) from None
+    note_source(display, text)  # a template: its lines may be shown in diagnostics
+    return text
 
 
 def _too_deep(display: str, line_offset: int, note: str) -> CompileError:

@@ -86,6 +86,7 @@ class Options:
     input_shapes: dict[str, Any] | None = None  # -s overrides
     structured: bool | None = None  # --no-structured-output
     max_instances: int = 10_000  # user-layer instances, and layers, per build part
+    cfg_dirs: tuple[Path, ...] = ()  # --allow-cfg-dir: folders CFG may read besides the template's own
 
 
 class Lowerer:
@@ -95,6 +96,7 @@ class Lowerer:
         self.instances = 0
         self.layers = 0
         self.templates: dict[Path, Source] = {}  # CFG-included templates, by resolved path
+        self.cfg_roots: tuple[Path, ...] = ()  # where CFG may read: the root template's folder + --allow-cfg-dir
         self.function_cache: dict[str, Any] = {}
         self.files: dict[str, Path] = {}  # `_file_` modules: stem -> path
         self.current_source: Source | None = None
@@ -103,6 +105,7 @@ class Lowerer:
     # ------------------------------------------------------------------ entry points
 
     def lower_root(self, source: Source, params: Parameters, classname: str, sublayer: str | None = None) -> Instance:
+        self.cfg_roots = cfg_roots(source, self.options.cfg_dirs)
         scope = Scope(source, {k: (v, None) for k, v in user_layer_defs(source.data, self.diags, source).items()})
         for key in scope.layers:
             scope.layers[key] = (scope.layers[key][0], scope)
@@ -259,23 +262,59 @@ class Lowerer:
         )
 
     def _resolve_cfg(self, cfg: str, source: Source, span: Span) -> Path:
-        candidates = [source.directory / cfg, Path(cfg)]
+        """The file a CFG names: next to the including template, else from the working directory,
+        where that (after following symbolic links) lies inside the root template's folder or an
+        --allow-cfg-dir folder. A candidate outside them is refused before anything reads it, so
+        that a template cannot make the build read, and a diagnostic show, some other file."""
         from scmc import cache
 
-        for path in candidates:
-            if path.is_file():
-                return path
-            cache.note_absent(path)  # a file created here later changes which one is read
-        raise CompileError(
-            [
-                _diag(
-                    "E0706",
-                    f"CFG file `{cfg}` not found",
-                    span,
-                    f"looked next to {source.display} and in the working directory",
+        roots = self.cfg_roots or cfg_roots(source, self.options.cfg_dirs)
+        inside = []  # the candidates inside the allowed folders (only those are looked at)
+        for path in (source.directory / cfg, Path(cfg)):
+            try:
+                resolved = path.resolve()
+                if not any(resolved.is_relative_to(root) for root in roots):
+                    continue  # not even probed: whether it exists is none of the template's business
+                inside.append(path)
+                kind = "file" if resolved.is_file() else "other" if resolved.exists() else None
+            except (OSError, ValueError) as exc:  # a NUL character, a name too long for the system
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise CompileError(
+                    [_diag("E0792", f"CFG is not a usable file path ({why})", span, "CFG names a template file")]
+                ) from None
+            if kind == "file":
+                return resolved
+            if kind == "other":
+                raise CompileError(
+                    [
+                        _diag(
+                            "E0791",
+                            f"CFG `{cfg}` is not a regular file",
+                            span,
+                            "CFG names a template file (a .yaml file next to this template)",
+                        )
+                    ]
                 )
-            ]
-        )
+            cache.note_absent(path)  # a file created here later changes which one is read
+        if not inside:
+            raise CompileError(
+                [
+                    _diag(
+                        "E0790",
+                        f"CFG `{cfg}` is outside {folder_words(roots[0])}; it was not read",
+                        span,
+                        "CFG reads templates from the folder of the template given on the command line and its "
+                        "subfolders; move the file there, or pass --allow-cfg-dir DIR to allow another folder",
+                    )
+                ]
+            )
+        where = f"looked next to {source.display} and in the working directory"
+        if inside == [source.directory / cfg] and source.directory.resolve() != Path.cwd().resolve():
+            where = (
+                f"looked next to {source.display}, not in the working directory (outside "
+                f"{folder_words(roots[0])}; --allow-cfg-dir . lets CFG look there)"
+            )
+        raise CompileError([_diag("E0706", f"CFG file `{cfg}` not found", span, where)])
 
     def _read(self, path: Path) -> Source:
         key = path.resolve()
@@ -1299,6 +1338,18 @@ def display_dir(path: Path) -> str:
     from scmc.load import display_path
 
     return display_path(path)
+
+
+def folder_words(root: Path) -> str:
+    """`the template's folder cfg/models`, for the messages that refuse a path outside it."""
+    shown = display_dir(root)
+    return "the template's folder " + ("(the working directory)" if shown == "." else shown)
+
+
+def cfg_roots(source: Source, allowed: tuple[Path, ...] = ()) -> tuple[Path, ...]:
+    """The folders a build part may read templates from (CFG, PACKAGE): the folder of its template
+    and the --allow-cfg-dir folders, symbolic links resolved."""
+    return (source.directory.resolve(), *(Path(d).resolve() for d in allowed))
 
 
 def _diag(code: str, message: str, span: Span | None, hint: str = ""):

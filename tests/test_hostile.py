@@ -10,7 +10,9 @@ Its first lines say what it tries and what must happen::
     # args: --allow-module evil
 
 ``@MARKER@`` in a case is replaced by a path inside the test's temporary directory; every
-payload would create that file. Each build runs in-process with an audit hook and a socket
+payload would create that file. ``@OUTSIDE@`` is a folder beside the template's, holding
+``evil.py`` and ``creds.yaml`` (a secret line, ``CANARY``); the template's folder has symbolic
+links to both (``evil_link.py``, ``creds_link.yaml``). No output may ever show the secret. Each build runs in-process with an audit hook and a socket
 guard armed, so the test also sees a process started, a connection attempted, or a file
 written outside the temporary directory, even where no marker would appear.
 
@@ -191,8 +193,11 @@ def snapshot(root: Path) -> dict[str, bytes | str]:
     return out
 
 
+CANARY = "secret-canary-3b1f: do not show this line"
+
+
 def stage(case: str, tmp_path: Path) -> tuple[Path, Path]:
-    """The case file (with the marker path) in tmp/tpl, a payload outside it and a symlink to that."""
+    """The case file (with the marker path) in tmp/tpl; a payload and a secret outside it, and symlinks to those."""
     marker = tmp_path / "MARKER"
     template_dir = tmp_path / "tpl"
     outside = tmp_path / "outside"
@@ -202,6 +207,8 @@ def stage(case: str, tmp_path: Path) -> tuple[Path, Path]:
     (outside / "evil.py").write_text(payload)
     (template_dir / "payload.py").write_text(payload)
     (template_dir / "evil_link.py").symlink_to(outside / "evil.py")
+    (outside / "creds.yaml").write_text(f"{CANARY}\n  - [unbalanced\n")  # shown by any error pointing into it
+    (template_dir / "creds_link.yaml").symlink_to(outside / "creds.yaml")
     text = (CASES_DIR / f"{case}.yaml").read_text(encoding="utf-8")
     text = text.replace("@MARKER@", str(marker)).replace("@OUTSIDE@", str(outside))
     (template_dir / f"{case}.yaml").write_text(text, encoding="utf-8")
@@ -387,6 +394,7 @@ def test_a_hostile_template_is_refused_or_compiles_to_harmless_code(
     result = build_in(template_dir, [f"{case}.yaml", *args, "-o", str(out), "--name", case], monkeypatch)
     assert not marker.exists(), f"the payload ran ({what})"
     assert guard.events == [], f"side effects while building ({what}): {guard.events}"
+    assert CANARY not in result.output, f"a line of a file outside the template's folder was shown ({what})"
     after = snapshot(tmp_path)
     if expect != "built":
         assert_refused(result, f"{case}.yaml", expect)
