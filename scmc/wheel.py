@@ -222,7 +222,7 @@ def _check_runtime_range() -> None:
     import scmc_runtime
     from packaging.specifiers import SpecifierSet
 
-    from scmc.build import RUNTIME_REQUIREMENT
+    from scmc.emit.package import RUNTIME_REQUIREMENT
 
     if scmc_runtime.__version__ not in SpecifierSet(RUNTIME_REQUIREMENT):
         raise fail(

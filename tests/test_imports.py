@@ -58,6 +58,7 @@ LAYERS = {
     "scmc.build": "pipeline",
     "scmc.cache": "output/cache",
     "scmc.inspection": "output/cache",  # scmc inspect/diff: runs the pipeline in memory, imports what it built
+    "scmc.wheel": "output/cache",  # scmc wheel: a built package (and the runtime) as wheels
     "scmc.cli": "cli",
     "scmc.__main__": "cli",
 }
