@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -125,9 +127,55 @@ def _yaml():
     return yaml
 
 
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_a_file(display: str, mode: int) -> CompileError:
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return fail(
+        "E0004",
+        f"{display} is {kind}, not a template file",
+        hint="templates are read from regular files only; save the template to a file and pass that",
+    )
+
+
 def read_text(path: Path, display: str) -> str:
+    """The text of a template file. Only a regular file is read (a FIFO or a device could block or
+    never end), and only when its size, taken before reading, is within SCMC_MAX_TEMPLATE_BYTES."""
+    from scmc.limits import exceeded, limit
+
+    maximum = limit("SCMC_MAX_TEMPLATE_BYTES")
     try:
-        data = path.read_bytes()
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_a_file(display, info.st_mode)
+        if info.st_size > maximum:
+            raise _too_large(display, info.st_size, exceeded("SCMC_MAX_TEMPLATE_BYTES"))
+        # O_NONBLOCK: a FIFO put in the file's place after the stat above cannot block the open
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            opened = os.fstat(fd)
+            if not stat.S_ISREG(opened.st_mode):
+                raise _not_a_file(display, opened.st_mode)
+            chunks, size = [], 0
+            while size <= maximum:  # a file that grows while it is read stops at the limit
+                chunk = os.read(fd, min(1 << 20, maximum + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        if len(data) > maximum:
+            raise _too_large(display, len(data), exceeded("SCMC_MAX_TEMPLATE_BYTES"))
     except FileNotFoundError:
         raise fail(
             "E0001",
@@ -141,7 +189,7 @@ def read_text(path: Path, display: str) -> str:
             "E0002", f"cannot read {display}: permission denied", hint="make the file readable (chmod +r)"
         ) from None
     except OSError as exc:
-        raise fail("E0002", f"cannot read {display}: {exc.strerror}") from None
+        raise fail("E0002", f"cannot read {display}: {exc.strerror or exc}") from None
     from scmc import cache
 
     cache.note_read(path, data)
@@ -158,12 +206,22 @@ def read_text(path: Path, display: str) -> str:
         ) from None
 
 
-def _too_deep(display: str, line_offset: int, note: str) -> CompileError:
+def _too_large(display: str, size: int, how: str) -> CompileError:
+    return fail(
+        "E0005",
+        f"{display} is {size:,} bytes, too large for a template",
+        hint=f"templates describe layers in a few kilobytes; {how}",
+    )
+
+
+def _too_deep(display: str, line_offset: int, note: str, span: Span | None = None) -> CompileError:
+    from scmc.limits import exceeded, shown
+
     return fail(
         "E0106",
-        "the YAML nests too deeply",
-        Span(display, line_offset + 1, 1, note),
-        hint="templates nest a few levels; check for a runaway bracket",
+        f"the YAML nests more than {shown('SCMC_MAX_YAML_DEPTH')} levels deep",
+        span or Span(display, line_offset + 1, 1, note),
+        hint=f"templates nest a few levels; check for a runaway bracket ({exceeded('SCMC_MAX_YAML_DEPTH')})",
     )
 
 
@@ -198,20 +256,34 @@ def parse_yaml(text: str, display: str, line_offset: int = 0, note: str = "") ->
     try:
         value = _construct(node, constructor, display, line_offset, note, diags, guard)
     except _Expanded as exc:
-        raise fail("E0105", exc.message, exc.span, hint=exc.hint) from None
+        raise fail(exc.code, exc.message, exc.span, hint=exc.hint) from None
+    except _Nested as exc:
+        raise _too_deep(display, line_offset, note, exc.span) from None
     except RecursionError:
         raise _too_deep(display, line_offset, note) from None
     diags.raise_if_any()
     return value
 
 
-MAX_YAML_VALUES = 200_000  # values one YAML text may expand to (anchors and aliases multiply them)
-
-
 class _Expanded(Exception):
-    def __init__(self, message: str, span: Span, hint: str):
+    def __init__(self, message: str, span: Span, hint: str, code: str = "E0105"):
         super().__init__(message)
-        self.message, self.span, self.hint = message, span, hint
+        self.message, self.span, self.hint, self.code = message, span, hint, code
+
+
+class _Nested(Exception):
+    def __init__(self, span: Span):
+        super().__init__("too deep")
+        self.span = span
+
+
+def int_too_long(digits: int) -> str | None:
+    """The message for an integer literal of ``digits`` digits beyond SCMC_MAX_INT_DIGITS, else None."""
+    from scmc.limits import exceeded, limit
+
+    if digits <= limit("SCMC_MAX_INT_DIGITS"):
+        return None
+    return f"an integer of {digits:,} digits is too long ({exceeded('SCMC_MAX_INT_DIGITS')})"
 
 
 class _Expansion:
@@ -219,17 +291,26 @@ class _Expansion:
     anchors (the "billion laughs") could otherwise expand to billions of values."""
 
     def __init__(self) -> None:
-        self.left = MAX_YAML_VALUES
+        from scmc.limits import limit
+
+        self.maximum = limit("SCMC_MAX_YAML_VALUES")
+        self.max_depth = limit("SCMC_MAX_YAML_DEPTH")
+        self.left = self.maximum
         self.open: set[int] = set()
 
     def enter(self, node: Any, span: Span) -> None:
+        from scmc.limits import exceeded
+
         self.left -= 1
         if self.left < 0:
             raise _Expanded(
-                f"the YAML expands to more than {MAX_YAML_VALUES:,} values",
+                f"the YAML expands to more than {self.maximum:,} values",
                 span,
-                "anchors and aliases (`&a`, `*a`) repeat their value each time they are used",
+                "anchors and aliases (`&a`, `*a`) repeat their value each time they are used; "
+                + exceeded("SCMC_MAX_YAML_VALUES"),
             )
+        if len(self.open) >= self.max_depth:
+            raise _Nested(span)
         if id(node) in self.open:
             raise _Expanded(
                 "this alias refers to a collection that contains it",
@@ -275,17 +356,29 @@ def parse_rendered_yaml(text: str, display: str) -> Any:
         raise
     except MarkedYAMLError:
         return parse_yaml(text, display)  # reports the syntax error with its position
+    except ValueError:  # an integer beyond Python's int/str conversion limit
+        return parse_yaml(text, display)  # reports it with its position
     if not _plain_data(value):  # a timestamp, binary or set tag: refused, with its position
         return parse_yaml(text, display)
     _RENDERED_CACHE[text] = value
     return _copy(value)
 
 
-def _plain_data(value: Any) -> bool:
+def _plain_data(value: Any, depth: int = 0, bounds: tuple[int, int] | None = None) -> bool:
+    """Only plain values, nested within SCMC_MAX_YAML_DEPTH, integers within SCMC_MAX_INT_DIGITS
+    (anything else is parsed again by the composer path, which reports it with its position)."""
+    if bounds is None:
+        from scmc.limits import limit
+
+        bounds = (limit("SCMC_MAX_YAML_DEPTH"), limit("SCMC_MAX_INT_DIGITS"))
+    if isinstance(value, (dict, list)) and depth >= bounds[0]:
+        return False
     if isinstance(value, dict):
-        return all(_plain_data(k) and _plain_data(v) for k, v in value.items())
+        return all(_plain_data(k, depth + 1, bounds) and _plain_data(v, depth + 1, bounds) for k, v in value.items())
     if isinstance(value, list):
-        return all(_plain_data(v) for v in value)
+        return all(_plain_data(v, depth + 1, bounds) for v in value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value.bit_length() < 3 * bounds[1] or len(str(abs(value))) <= bounds[1]
     return value is None or isinstance(value, (str, int, float, bool))
 
 
@@ -342,6 +435,11 @@ def _construct_collection(
         )
         return None
     if isinstance(node, ScalarNode):
+        if node.tag == "tag:yaml.org,2002:int":
+            message = int_too_long(sum(c.isalnum() for c in node.value))
+            if message:
+                diags.error("E0107", message, span, hint="templates hold sizes and counts, not numbers this long")
+                return None
         try:
             value = constructor.construct_object(node, deep=True)
         except Exception as exc:  # a malformed scalar such as an out-of-range timestamp
@@ -528,7 +626,12 @@ class Override:
     groups: dict[str, dict[str, Any]] | None = None  # the upstream form
 
     def describe(self) -> str:
-        return f"-p {self.text}"
+        return f"-p {shorten(self.text)}"
+
+
+def shorten(text: str, width: int = 80) -> str:
+    """``text`` as a message quotes it: a long -p value or rendered line is cut, saying how long it was."""
+    return text if len(text) <= width else f"{text[: width - 20]}... ({len(text):,} characters)"
 
 
 def parse_override(text: str) -> Override:
@@ -543,7 +646,7 @@ def parse_override(text: str) -> Override:
     if not isinstance(value, dict) or not all(isinstance(v, dict) or v is None for v in value.values()):
         raise fail(
             "E0210",
-            f"cannot read `-p {text}`",
+            f"cannot read `-p {shorten(text)}`",
             hint="write `-p key=value`, `-p group.key=value` or `-p 'DEFAULT: {key: value}'`",
         )
     groups = {
@@ -554,17 +657,20 @@ def parse_override(text: str) -> Override:
 
 
 def _parse_value(raw: str, whole: str) -> Any:
-    from ruamel.yaml.error import YAMLError
-
-    if "&" in raw and "*" in raw:  # anchors and aliases: the composer path counts what they expand to
-        try:
-            return plain(parse_yaml(raw, "<-p>"))
-        except CompileError as exc:
-            raise fail("E0211", f"the value in `-p {whole}` is not usable: {exc.diagnostics[0].message}") from None
+    """A -p value, read as YAML by the same reader as templates (tags refused, aliases counted,
+    nesting and integer sizes bounded)."""
+    if not raw.strip():
+        return None
     try:
-        return plain(_yaml().load(raw)) if raw.strip() else None
-    except YAMLError as exc:
-        raise fail("E0211", f"the value in `-p {whole}` is not valid YAML: {str(exc).splitlines()[0]}") from None
+        return plain(parse_yaml(raw, "<-p>"))
+    except CompileError as exc:
+        diag = exc.diagnostics[0]
+        if diag.code == "E0100":
+            message = diag.message.removeprefix("invalid YAML: ")
+            raise fail("E0211", f"the value in `-p {shorten(whole)}` is not valid YAML: {message}") from None
+        raise fail(
+            "E0211", f"the value in `-p {shorten(whole)}` is not usable: {diag.message}", hint=diag.hint
+        ) from None
 
 
 def parameter_blocks(data: LDict) -> list[LDict]:
@@ -1047,12 +1153,7 @@ def _render_block(node: LDict, groups: Parameters, default: str) -> tuple[LDict,
             ) from None
         value = relocate(value, block_span)
     elif alias == JINJA_JSON:
-        try:
-            value = relocate(json.loads(text), block_span)
-        except json.JSONDecodeError as exc:
-            raise fail("E0309", f"the Jinja block did not render valid JSON: {exc}", span) from None
-        except RecursionError:
-            raise fail("E0106", "the JSON rendered by this Jinja block nests too deeply", span) from None
+        value = relocate(_json_block(text, span), block_span)
     else:
         value = text
     if JINJA_PIPE in node:
@@ -1066,10 +1167,37 @@ def _render_block(node: LDict, groups: Parameters, default: str) -> tuple[LDict,
     return rest, value
 
 
+class _JsonInt(ValueError):
+    pass
+
+
+def _json_block(text: str, span: Span) -> Any:
+    """The value of a `_jinja_json_` block: integers and nesting bounded like YAML's."""
+    from scmc.limits import limit
+
+    def parse_int(digits: str) -> int:
+        message = int_too_long(len(digits.lstrip("-")))
+        if message:
+            raise _JsonInt(message)
+        return int(digits)
+
+    try:
+        value = json.loads(text, parse_int=parse_int)
+    except _JsonInt as exc:
+        raise fail("E0107", f"in the JSON this Jinja block rendered: {exc}", span) from None
+    except json.JSONDecodeError as exc:
+        raise fail("E0309", f"the Jinja block did not render valid JSON: {exc}", span) from None
+    except (RecursionError, ValueError) as exc:
+        raise fail("E0309", f"the Jinja block did not render usable JSON: {exc}", span) from None
+    if not _plain_data(value):
+        raise _too_deep(span.path, 0, "", span)
+    return value
+
+
 def _excerpt(text: str, line: int) -> str:
     lines = text.splitlines()
     lo, hi = max(line - 3, 0), min(line + 2, len(lines))
-    return "\n".join(f"    {i + 1:>3} | {lines[i]}" for i in range(lo, hi))
+    return "\n".join(f"    {i + 1:>3} | {shorten(lines[i], 160)}" for i in range(lo, hi))
 
 
 def expand(data: Any, params: Parameters, default: str = "default") -> Any:
