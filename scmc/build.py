@@ -285,7 +285,16 @@ def plan_package(request: BuildRequest) -> Plan:
 
 
 def compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowList]:
-    """Every stage up to the generated module texts: (package name, compiled parts, allow-list)."""
+    """Every stage up to the generated module texts: (package name, compiled parts, allow-list).
+
+    All Jinja rendering of the build shares one budget of time and output (scmc.load.Budget)."""
+    from scmc.load import build_budget
+
+    with build_budget():
+        return _compile_parts(request)
+
+
+def _compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowList]:
     allow = AllowList(extra=tuple(request.allow_modules))
     diags = Diagnostics()
     sources: list[Source] = []

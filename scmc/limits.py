@@ -37,7 +37,7 @@ LIMITS: dict[str, Limit] = {
         Limit("SCMC_MAX_JINJA_VALUE", 1_000_000, "E0314", "characters or items one Jinja operation builds"),
         Limit("SCMC_MAX_JINJA_ARGUMENT", 100_000, "E0314", "an integer argument of a Jinja filter or method"),
         Limit("SCMC_MAX_JINJA_BITS", 65_536, "E0314", "bits of an integer `**` builds in Jinja"),
-        Limit("SCMC_MAX_JINJA_NESTING", 32, "E0315", "nested brackets or block tags in a Jinja template"),
+        Limit("SCMC_MAX_JINJA_NESTING", 16, "E0315", "nested brackets or block tags in a Jinja template"),
         Limit("SCMC_MAX_JINJA_PASSES", 64, "E0310", "nesting of values and Jinja passes (`{% raw %}`) in expand"),
         Limit("SCMC_MAX_REGEX_LENGTH", 1_000, "E1009", "characters of a regular expression in a backward template"),
     )

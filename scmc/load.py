@@ -21,9 +21,11 @@ import re
 import stat
 import sys
 import time
+import contextvars
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from scmc.diagnostics import CompileError, Diagnostics, Span, did_you_mean, fail
 
@@ -35,8 +37,65 @@ JINJA_PIPE = "_jinja_pipe_"
 JINJA_ALIASES = (JINJA_YAML, JINJA_JSON, JINJA_TEXT)
 JINJA_KEYS = (*JINJA_ALIASES, JINJA_GROUP, JINJA_PIPE)
 
-MAX_DEPTH = 64
-MAX_SECONDS = 30.0
+
+# --------------------------------------------------------------------------- the build's Jinja budget
+
+
+class Budget:
+    """What Jinja may still spend in this build: seconds (SCMC_MAX_JINJA_SECONDS) and rendered
+    characters (SCMC_MAX_JINJA_BUILD_CHARS), for all blocks and templates together; and the
+    parameter groups the blocks were rendered with (a `-p` value for a group that no block used
+    is an error, see :func:`check_group_overrides`)."""
+
+    def __init__(self) -> None:
+        from scmc.limits import limit
+
+        self.seconds = limit("SCMC_MAX_JINJA_SECONDS")
+        self.chars = limit("SCMC_MAX_JINJA_BUILD_CHARS")
+        self.block_chars = limit("SCMC_MAX_JINJA_BLOCK_CHARS")
+        self.passes = limit("SCMC_MAX_JINJA_PASSES")
+        self.nesting = limit("SCMC_MAX_JINJA_NESTING")
+        _set_value_limits()
+        self.spent = 0.0  # seconds of finished expand() calls
+        self.started: float | None = None  # when the running outermost expand() began
+        self.rendered = 0
+        self.groups_used: set[str] = set()
+
+    def remaining(self) -> float:
+        running = time.monotonic() - self.started if self.started is not None else 0.0
+        return self.seconds - self.spent - running
+
+
+_BUDGET: "contextvars.ContextVar[Budget | None]" = contextvars.ContextVar("scmc_jinja_budget", default=None)
+
+
+@contextmanager
+def build_budget() -> Iterator[Budget]:
+    """One build: every expand() inside shares the time and output budget."""
+    token = _BUDGET.set(Budget())
+    try:
+        yield _BUDGET.get()
+    finally:
+        _BUDGET.reset(token)
+
+
+def _budget() -> Budget:
+    budget = _BUDGET.get()
+    if budget is None:  # expand() outside a build: a budget of its own
+        budget = Budget()
+        _BUDGET.set(budget)
+    return budget
+
+
+def _timeout(span: Span) -> CompileError:
+    from scmc.limits import exceeded, shown
+
+    return fail(
+        "E0311",
+        f"Jinja rendering in this build took longer than {shown('SCMC_MAX_JINJA_SECONDS')} s (stopped in this block)",
+        span,
+        hint=f"a loop runs too long, or the build renders too many blocks; {exceeded('SCMC_MAX_JINJA_SECONDS')}",
+    )
 
 
 # --------------------------------------------------------------------------- located values
@@ -884,15 +943,72 @@ _TEMPLATE_CACHE: dict[str, Any] = {}
 # Size guards of the Jinja sandbox. Jinja's own sandbox stops attribute escapes and caps
 # `range`, but `'a' * 10**9`, `10 ** 10**9`, `'%0999999999d' % 1` or `'a'.ljust(10**9)` would
 # still exhaust memory or time: such operations are refused with a diagnostic.
+# The values are those of scmc.limits, read again at the start of each build (Budget()).
 MAX_JINJA_INT = 100_000  # the largest int a filter or method takes as an argument (Jinja's MAX_RANGE)
 MAX_JINJA_LENGTH = 1_000_000  # the longest string or list one operation may build
 MAX_JINJA_BITS = 65_536  # the largest integer `**` may build
-MAX_RENDERED_CHARS = 500_000  # the output of one Jinja block (ruamel parses ~20 kB/s of steps)
+
+
+def _set_value_limits() -> None:
+    from scmc.limits import limit
+
+    global MAX_JINJA_INT, MAX_JINJA_LENGTH, MAX_JINJA_BITS
+    MAX_JINJA_INT = limit("SCMC_MAX_JINJA_ARGUMENT")
+    MAX_JINJA_LENGTH = limit("SCMC_MAX_JINJA_VALUE")
+    MAX_JINJA_BITS = limit("SCMC_MAX_JINJA_BITS")
+
+
 _WIDE_FORMAT = re.compile(r"%[-#0 +]*(\*|\d{6,})|%[-#0 +]*\d*\.(\*|\d{6,})|\{[^{}]*:[^{}]*(\d{6,}|\{)")
 
 
 class JinjaTooBig(Exception):
     """An operation in a Jinja block would build a value beyond the sandbox's size guards."""
+
+    def __init__(self, message: str, how: str = ""):
+        super().__init__(message)
+        self.how = how or "the limits are SCMC_MAX_JINJA_VALUE, SCMC_MAX_JINJA_ARGUMENT and SCMC_MAX_JINJA_BITS"
+
+
+_OPENING_TAGS = {"if", "for", "macro", "call", "filter", "with", "block", "autoescape", "trans"}
+_BRACKETS = {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}
+
+
+def _check_nesting(env: Any, source: str, maximum: int, first: Span) -> None:
+    """Refuse a template whose tags or brackets nest deeper than SCMC_MAX_JINJA_NESTING before Jinja's
+    recursive parser and compiler (and Python's, which has its own limits) see it. Lexing is iterative."""
+    from jinja2 import TemplateSyntaxError
+
+    from scmc.limits import exceeded
+
+    depth = brackets = 0
+    tag_start: int | None = None  # the index of the first token of the tag being read
+    tag: list[str] = []
+    try:
+        tokens = env.lex(source)
+        for lineno, kind, value in tokens:
+            if kind == "block_begin":
+                tag, tag_start = [], lineno
+                continue
+            if kind == "block_end":
+                name = tag[0] if tag else ""
+                if name in _OPENING_TAGS or (name == "set" and "=" not in tag):
+                    depth += 1
+                elif name.startswith("end"):
+                    depth -= 1
+                tag_start = None
+            elif tag_start is not None and kind not in ("whitespace",):
+                tag.append(value)
+            if kind == "operator" and value in _BRACKETS:
+                brackets += _BRACKETS[value]
+            if max(depth, brackets) > maximum:
+                raise fail(
+                    "E0315",
+                    f"Jinja tags or brackets nest more than {maximum} levels deep",
+                    Span(first.path, first.line + lineno - 1, 1),
+                    hint=f"templates nest a few levels; check for a runaway tag or bracket ({exceeded('SCMC_MAX_JINJA_NESTING')})",
+                )
+    except TemplateSyntaxError:
+        return  # reported with its line by from_string
 
 
 def _sized(value: Any) -> int:
@@ -1010,31 +1126,43 @@ def _render(source: str, variables: Mapping[str, Any], span: Span, text_span: Sp
     from jinja2.sandbox import SecurityError
 
     env = jinja_environment()
+    budget = _budget()
     template = _TEMPLATE_CACHE.get(source)
+    first = text_span or Span(span.path, span.line + 1)  # where the template text starts
     if template is None:
+        _check_nesting(env, source, budget.nesting, first)
         try:
             template = env.from_string(source)
         except TemplateSyntaxError as exc:
-            first = text_span or Span(span.path, span.line + 1)  # where the template text starts
             line = first.line + max((exc.lineno or 1) - 1, 0)
             raise fail("E0300", f"Jinja syntax error: {exc.message}", Span(span.path, line, 1)) from None
+        except (RecursionError, MemoryError, SyntaxError) as exc:
+            # a long chain of operators or filters: Jinja's compiler or Python's recurses too deeply
+            raise fail(
+                "E0315",
+                f"this Jinja block is too deeply nested to compile ({type(exc).__name__})",
+                span,
+                hint="split long expressions and deep nesting of tags or brackets into several blocks or `set`s",
+            ) from None
         _TEMPLATE_CACHE[source] = template
     try:
-        return _render_limited(template, dict(variables))  # a mapping, so a parameter may be called `self`
+        return _render_limited(template, dict(variables), budget)  # a mapping, so a parameter may be called `self`
     except JinjaTooBig as exc:
         raise fail(
             "E0314",
             f"Jinja block too large: {exc}",
             span,
+            hint=f"templates describe layers; they do not need values this large ({exc.how})",
+        ) from None
+    except MemoryError:
+        raise fail(
+            "E0314",
+            "Jinja block too large: rendering it ran out of memory",
+            span,
             hint="templates describe layers; they do not need values this large",
         ) from None
     except RenderTimeout:
-        raise fail(
-            "E0311",
-            f"rendering this Jinja block took longer than {MAX_SECONDS:g} s",
-            span,
-            hint="a loop in the block runs too long",
-        ) from None
+        raise _timeout(span) from None
     except RecursionError:
         raise fail(
             "E0310", "Jinja rendering recursed too deeply", span, hint="a macro calls itself without end"
@@ -1064,12 +1192,18 @@ class RenderTimeout(Exception):
     pass
 
 
-def _render_limited(template: Any, variables: dict[str, Any]) -> str:
-    """Render with the output capped at MAX_RENDERED_CHARS and, in the main thread, the time at
-    MAX_SECONDS (a SIGALRM timer: a loop that prints nothing yields no chance to check)."""
+def _render_limited(template: Any, variables: dict[str, Any], budget: Budget) -> str:
+    """Render with the output capped at SCMC_MAX_JINJA_BLOCK_CHARS (and what is left of the build's
+    SCMC_MAX_JINJA_BUILD_CHARS) and, in the main thread, the time at what is left of the build's
+    SCMC_MAX_JINJA_SECONDS (a SIGALRM timer: a loop that prints nothing yields no chance to check)."""
     import signal
     import threading
 
+    from scmc.limits import exceeded
+
+    left = budget.remaining()
+    if left <= 0:
+        raise RenderTimeout()
     timer = (
         hasattr(signal, "setitimer")
         and threading.current_thread() is threading.main_thread()
@@ -1082,15 +1216,23 @@ def _render_limited(template: Any, variables: dict[str, Any]) -> str:
             raise RenderTimeout()
 
         previous = signal.signal(signal.SIGALRM, expired)
-        signal.setitimer(signal.ITIMER_REAL, MAX_SECONDS)
+        signal.setitimer(signal.ITIMER_REAL, left)
     try:
         pieces: list[str] = []
         total = 0
         for piece in template.generate(variables):
             total += len(piece)
-            if total > MAX_RENDERED_CHARS:
-                raise JinjaTooBig(f"it renders more than {MAX_RENDERED_CHARS:,} characters")
+            if total > budget.block_chars:
+                raise JinjaTooBig(
+                    f"it renders more than {budget.block_chars:,} characters", exceeded("SCMC_MAX_JINJA_BLOCK_CHARS")
+                )
+            if budget.rendered + total > budget.chars:
+                raise JinjaTooBig(
+                    f"the blocks of this build render more than {budget.chars:,} characters",
+                    exceeded("SCMC_MAX_JINJA_BUILD_CHARS"),
+                )
             pieces.append(piece)
+        budget.rendered += total
         return "".join(pieces)
     finally:
         if timer:
@@ -1101,16 +1243,37 @@ def _render_limited(template: Any, variables: dict[str, Any]) -> str:
 _SAFE_PIPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "tuple": list}
 
 
+def _pipe_step(name: str, value: Any, span: Span) -> Any:
+    """One cast of a `_jinja_pipe_`; a value it cannot cast is a diagnostic at the pipe."""
+    try:
+        if name in ("json.loads", "json"):
+            if not isinstance(value, str):
+                raise TypeError(f"it takes the rendered text, not a {type(plain(value)).__name__}")
+            return _json_block(value, span)
+        if name == "int" and isinstance(value, str):
+            message = int_too_long(sum(c.isdigit() for c in value))
+            if message:
+                raise ValueError(message)
+        return _SAFE_PIPES[name](value)
+    except CompileError:
+        raise
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise fail(
+            "E0316",
+            f"`_jinja_pipe_` step `{name}` cannot cast {shorten(repr(plain(value)), 60)}: {exc}",
+            span,
+            hint="the pipe casts what the block rendered; make the block render a value of that type",
+        ) from None
+
+
 def _apply_pipe(value: Any, pipe: Any, span: Span) -> Any:
     items = pipe if isinstance(pipe, list) and not (pipe and pipe[0] == "_obj_") else [pipe]
     for item in items:
         name = item
         if isinstance(item, list) and len(item) == 2 and item[0] == "_obj_" and isinstance(item[1], dict):
             name = item[1].get("_addr_")
-        if name in ("json.loads", "json"):
-            value = json.loads(value)
-        elif name in _SAFE_PIPES:
-            value = _SAFE_PIPES[name](value)
+        if name in ("json.loads", "json") or name in _SAFE_PIPES:
+            value = _pipe_step(name, value, span)
         else:
             raise fail(
                 "E0305",
@@ -1133,6 +1296,7 @@ def _render_block(node: LDict, groups: Parameters, default: str) -> tuple[LDict,
         raise fail("E0307", f"`{alias}` must be a string holding a Jinja template", node.value_span(alias))
     group_name = node.get(JINJA_GROUP) or default
     variables = groups.group(str(group_name))
+    _budget().groups_used.add(str(group_name))
     if variables is None:
         raise fail(
             "E0308",
@@ -1201,8 +1365,27 @@ def _excerpt(text: str, line: int) -> str:
 
 
 def expand(data: Any, params: Parameters, default: str = "default") -> Any:
-    """Resolve every Jinja block in ``data`` (structcast's ``extend_structure`` with positions)."""
-    start = time.monotonic()
+    """Resolve every Jinja block in ``data`` (structcast's ``extend_structure`` with positions).
+
+    Its time counts against the build's SCMC_MAX_JINJA_SECONDS (see :class:`Budget`)."""
+    owned = _BUDGET.get() is None
+    token = _BUDGET.set(Budget()) if owned else None
+    budget = _budget()
+    outer = budget.started is None
+    if outer:
+        budget.started = time.monotonic()
+    try:
+        return _expand(data, params, default, budget)
+    finally:
+        if outer:
+            budget.spent += time.monotonic() - budget.started
+            budget.started = None
+        if token is not None:
+            _BUDGET.reset(token)
+
+
+def _expand(data: Any, params: Parameters, default: str, budget: Budget) -> Any:
+    from scmc.limits import exceeded
 
     def merge_into(rest: LDict, part: LDict) -> LDict:
         out = LDict(span=rest.span)
@@ -1214,10 +1397,15 @@ def expand(data: Any, params: Parameters, default: str = "default") -> Any:
         return out
 
     def go(node: Any, depth: int) -> Any:
-        if depth > MAX_DEPTH:
-            raise fail("E0310", f"Jinja blocks nest deeper than {MAX_DEPTH} levels", span_of(node, Span("<template>")))
-        if time.monotonic() - start > MAX_SECONDS:
-            raise fail("E0311", f"rendering took longer than {MAX_SECONDS:.0f} s", span_of(node, Span("<template>")))
+        if depth > budget.passes:
+            raise fail(
+                "E0310",
+                f"values and Jinja passes nest deeper than {budget.passes} levels",
+                span_of(node, Span("<template>")),
+                hint=f"check for a block that renders itself again ({exceeded('SCMC_MAX_JINJA_PASSES')})",
+            )
+        if budget.remaining() <= 0:
+            raise _timeout(span_of(node, Span("<template>")))
         if isinstance(node, LDict):
             if any(a in node for a in JINJA_ALIASES):
                 rest, part = _render_block(node, params, default)
