@@ -31,11 +31,15 @@ from scmc.load import (
     Parameters,
     Source,
     apply_override,
+    check_group_overrides,
+    current_budget,
     display_path,
     parameter_blocks,
     parse_override,
     read_template,
+    plain,
     report_unused_overrides,
+    shorten,
 )
 
 RUNTIME_REQUIREMENT = ">=0.1.0,<0.2"
@@ -218,11 +222,13 @@ def compile_part(
         text = emit_backward(bdef, header, f"{source.path.stem} backward, compiled by scmc {scmc.__version__}.")
         return Compiled(part.role, source, None, text, 0, None, default_params, backward=bdef)
     if part.role in PRESET_ROLES:
-        from scmc.load import expand, plain
+        from scmc.load import expand
 
         body = LDict({k: v for k, v in source.data.items() if k != "PARAMETERS"}, span=source.data.span)
         body.key_spans = dict(source.data.key_spans)
-        config = plain(expand(body, params))
+        rendered = expand(body, params)
+        check_preset(part.role, rendered, source)
+        config = plain(rendered)
         return Compiled(part.role, source, None, "", 0, None, default_params, config=config)
     lowerer = Lowerer(options, diags)
     try:
@@ -262,6 +268,41 @@ def compile_part(
         files=dict(lowerer.files),
         includes=[t for t in lowerer.templates.values() if t.path != source.path],
     )
+
+
+def check_preset(role: str, rendered: Any, source: Source) -> None:
+    """A preset's values become defaults of the generated train.py: each must have the type of its
+    TrainConfig field (a wrongly typed value is a diagnostic here, not a crash while emitting)."""
+    from scmc.emit.package import PRESET_FIELDS
+    from scmc.emit.train import FIELDS
+
+    if not isinstance(rendered, LDict):
+        raise fail(
+            "E0920",
+            f"a {role} preset must render a mapping, not {type(plain(rendered)).__name__}",
+            Span(source.display, 1, 1),
+        )
+    types = {f.name: f.type for f in FIELDS}
+    diags = Diagnostics()
+    for key, field_name in PRESET_FIELDS.get(role, {}).items():
+        if key not in rendered:
+            continue
+        value, kind = rendered[key], types[field_name]
+        if kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, {"str": str, "bool": bool}[kind])
+        if not ok:
+            diags.error(
+                "E0921",
+                f"`{key}` of the {role} preset must be a{'n' if kind == 'int' else ''} {kind}, "
+                f"not {type(plain(value)).__name__} {shorten(repr(plain(value)), 40)}",
+                rendered.value_span(key),
+                hint=f"it becomes the default of train.py's --{field_name.replace('_', '-')}",
+            )
+    diags.raise_if_any()
 
 
 def plan_package(request: BuildRequest) -> Plan:
@@ -375,6 +416,8 @@ def _compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowLis
             compiled.append(compile_part(part, source, params, request, allow, header))
         except CompileError as exc:
             diags.extend(exc.diagnostics)
+    diags.raise_if_any()
+    check_group_overrides(overrides, current_budget().groups_used, sources, diags)  # a group value never goes unused
     diags.raise_if_any()
     return name, compiled, allow
 

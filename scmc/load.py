@@ -79,6 +79,11 @@ def build_budget() -> Iterator[Budget]:
         _BUDGET.reset(token)
 
 
+def current_budget() -> Budget:
+    """The budget of the build in progress (a fresh one outside a build)."""
+    return _budget()
+
+
 def _budget() -> Budget:
     budget = _BUDGET.get()
     if budget is None:  # expand() outside a build: a budget of its own
@@ -779,56 +784,124 @@ def defined_keys(blocks: list[LDict]) -> set[str]:
 def apply_override(
     blocks: list[LDict], override: Override, diags: Diagnostics, allow_new: bool, source_display: str
 ) -> bool:
-    """Apply one override to a template's PARAMETERS blocks. Returns whether it applied."""
-    applied = False
+    """Apply one override to a template's PARAMETERS blocks. Returns whether it applied.
+
+    The rule (docs/template-language.md, "Parameters and -p precedence"): a value given on the
+    command line is never ignored. A bare key (or SHARED) sets the key wherever the block defines
+    it; a group's value (`group.key=value`, `'group: {key: value}'`, `'DEFAULT: {...}'`) wins over
+    SHARED for that group, as in structcast-model (the command line's groups are merged over the
+    template's, SHARED already applied): the key is moved out of SHARED into every group, with
+    SHARED's value, before the given group gets its own."""
     if override.groups is not None:
-        for group_key, values in override.groups.items():
-            yaml_key = "DEFAULT" if group_key == "default" else "SHARED" if group_key == "_shared_" else group_key
-            for key, value in values.items():
-                for block in blocks:
-                    group = block.get(yaml_key)
-                    known = any(isinstance(g, dict) and key in g for g in block.values())
-                    if known or (allow_new and block is blocks[0]):
-                        if not isinstance(group, dict):
-                            group = LDict(span=block.span)
-                            block[yaml_key] = group
-                        group[key] = value
-                        applied = True
-        return applied
-    key = override.key
+        items = [(group, key, value) for group, values in override.groups.items() for key, value in values.items()]
+    else:
+        items = [(override.group, override.key, override.value)]
+    applied = False
+    for group, key, value in items:
+        group = (
+            None if group in (None, "_shared_", "SHARED") else "default" if group in ("default", "DEFAULT") else group
+        )
+        applied |= _apply_one(blocks, group, str(key), value, allow_new)
+    return applied
+
+
+def _apply_one(blocks: list[LDict], group: str | None, key: str, value: Any, allow_new: bool) -> bool:
+    import copy
+
+    applied = False
     for block in blocks:
-        if override.group is None:
-            for group in block.values():
-                if isinstance(group, dict) and key in group:
-                    group[key] = override.value
+        if not any(isinstance(g, dict) and key in g for g in block.values()):
+            continue
+        if group is None:
+            for target in block.values():
+                if isinstance(target, dict) and key in target:
+                    target[key] = copy.deepcopy(value)
                     applied = True
-        else:
-            yaml_group = "DEFAULT" if override.group == "default" else override.group
-            group = block.get(yaml_group)
-            shared = block.get("SHARED")
-            if isinstance(shared, dict) and key in shared and yaml_group != "SHARED":
-                diags.error(
-                    "E0212",
-                    f"`{override.describe()}` would have no effect: `{key}` is in SHARED, which overrides every group",
-                    block.key_span("SHARED"),
-                    hint=f"use `-p {key}=...` to change it everywhere",
-                )
-                return True
-            if isinstance(group, dict) and (
-                key in group or any(isinstance(g, dict) and key in g for g in block.values())
-            ):
-                group[key] = override.value
-                applied = True
+            continue
+        yaml_group = "DEFAULT" if group == "default" else group
+        target = block.get(yaml_group)
+        if not isinstance(target, dict):
+            if yaml_group != "DEFAULT":
+                continue  # this block has no such group (another may; an unknown group is E0214)
+            target = LDict(span=block.span)
+            block["DEFAULT"] = target
+        _unshare(block, key)
+        target[key] = copy.deepcopy(value)
+        applied = True
     if not applied and allow_new and blocks:
-        target = blocks[0]
-        group_name = "DEFAULT" if override.group is None else override.group
-        group = target.get(group_name)
-        if not isinstance(group, dict):
-            group = LDict(span=target.span)
-            target[group_name] = group
-        group[key] = override.value
+        first = blocks[0]
+        name = "DEFAULT" if group in (None, "default") else group
+        target = first.get(name)
+        if not isinstance(target, dict):
+            target = LDict(span=first.span)
+            first[name] = target
+        target[key] = copy.deepcopy(value)
         applied = True
     return applied
+
+
+def _unshare(block: LDict, key: str) -> None:
+    """Move ``key`` out of SHARED into DEFAULT and every named group of ``block``, each with SHARED's
+    value: what every group sees is unchanged, and one group can now be given a value of its own."""
+    import copy
+
+    shared, default = block.get("SHARED"), block.get("DEFAULT")
+    if not isinstance(shared, dict) or key not in shared:
+        return
+    if isinstance(default, dict) and key in default:
+        return  # the template sets it in both: E0202 says so
+    value = shared.pop(key)
+    span = shared.key_span(key) if isinstance(shared, LDict) else block.span
+    if not isinstance(block.get("DEFAULT"), dict):
+        block["DEFAULT"] = LDict(span=span)
+    for name, group in list(block.items()):
+        if name == "SHARED":
+            continue
+        if group is None:
+            group = block[name] = LDict(span=span)
+        if isinstance(group, dict):
+            group[key] = copy.deepcopy(value)
+            if isinstance(group, LDict):
+                group.key_spans.setdefault(key, span)
+
+
+def check_group_overrides(overrides: list[Override], used: set[str], sources: list[Source], diags: Diagnostics) -> None:
+    """A `-p` value for a named group that no Jinja block of the build rendered with would be lost:
+    it is an error naming the groups that were used (issue 13: `-p femto.depths=...` with atto selected)."""
+    for override in overrides:
+        if override.groups is not None:
+            names = [g for g in override.groups if g not in ("default", "_shared_", "DEFAULT", "SHARED")]
+        elif override.group not in (None, "default", "DEFAULT", "SHARED"):
+            names = [override.group]
+        else:
+            names = []
+        for name in names:
+            if name in used:
+                continue
+            chosen = sorted(used - {"default"})
+            span, hint = None, ""
+            for source in sources:
+                for block in parameter_blocks(source.data):
+                    if name in block and span is None:
+                        span = block.key_span(name)
+                    selector = block.get("DEFAULT")
+                    if isinstance(selector, dict) and not hint:
+                        for key, value in selector.items():
+                            if isinstance(value, str) and value in chosen and name in block:
+                                hint = f"select it with `-p {key}={name}`, or leave out `{override.describe()}`"
+            if chosen:
+                what = f"the blocks of this build render with group{'s' if len(chosen) > 1 else ''} " + ", ".join(
+                    f"`{g}`" for g in chosen
+                )
+            else:
+                what = "no block of this build renders with a named group (only DEFAULT)"
+            diags.error(
+                "E0217",
+                f"`{override.describe()}` sets group `{name}`, which this build does not use: {what}",
+                span,
+                hint=hint
+                or f"a value for a group that is not used would be ignored; leave out `{override.describe()}`",
+            )
 
 
 def report_unused_overrides(

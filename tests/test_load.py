@@ -239,13 +239,29 @@ def test_later_p_flags_win_over_earlier_ones() -> None:
     assert overridden("backbone=femto", "DEFAULT: {backbone: pico}")["default"]["backbone"] == "pico"
 
 
-def test_a_group_dot_key_that_lives_in_shared_is_an_error_because_shared_would_win() -> None:
+def test_a_group_value_for_a_key_in_shared_wins_over_shared_for_that_group_only() -> None:
+    groups = overridden("femto.num_classes=10")  # structcast-model: command-line group over SHARED
+    assert {name: g["num_classes"] for name, g in groups.items()} == {"default": 1000, "atto": 1000, "femto": 10}
+    upstream = overridden("femto: {num_classes: 7}")
+    assert {name: g["num_classes"] for name, g in upstream.items()} == {"default": 1000, "atto": 1000, "femto": 7}
+
+
+def test_a_default_value_for_a_key_in_shared_applies_to_default_instead_of_stopping_with_e0202() -> None:
+    groups = overridden("DEFAULT: {num_classes: 8}")
+    assert {name: g["num_classes"] for name, g in groups.items()} == {"default": 8, "atto": 1000, "femto": 1000}
+    assert overridden("default.num_classes=9")["default"]["num_classes"] == 9
+
+
+def test_a_bare_key_and_shared_form_still_set_a_shared_key_everywhere() -> None:
+    for spelling in ("num_classes=5", "SHARED: {num_classes: 5}"):
+        assert {g["num_classes"] for g in overridden(spelling).values()} == {5}
+
+
+def test_a_key_the_template_sets_in_both_shared_and_default_is_still_the_templates_error() -> None:
+    text = "PARAMETERS:\n  DEFAULT: {a: 1}\n  SHARED: {a: 2}\nFLOW: []\n"
     with pytest.raises(CompileError) as exc:
-        overridden("femto.num_classes=10")
-    (diag,) = exc.value.diagnostics
-    assert diag.code == "E0212"
-    assert diag.span.line == 4  # SHARED
-    assert "-p num_classes=" in diag.hint
+        overridden("DEFAULT: {a: 3}", text=text)
+    assert codes(exc) == ["E0202"]
 
 
 def test_an_unknown_p_key_is_an_error_with_a_did_you_mean() -> None:
