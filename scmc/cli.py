@@ -422,7 +422,7 @@ def run_create(request: Any, output: Path | None, quiet: bool) -> None:
     from scmc.build import create_module
     from scmc.load import display_path
 
-    part, destination = _compile_or_exit(lambda: create_module(request, output))
+    part, destination = _compile_or_exit(lambda: create_module(request, output), request.parts[0].path)
     if not quiet:
         click.echo(
             f"wrote {part.program.root if part.program is not None else part.backward.classname} "
@@ -430,7 +430,7 @@ def run_create(request: Any, output: Path | None, quiet: bool) -> None:
         )
 
 
-def _compile_or_exit(stage: Any) -> Any:
+def _compile_or_exit(stage: Any, template: Path | None = None) -> Any:
     """Run a compiler stage; user errors exit 1, bugs in scmc exit 70 with the IR and traceback."""
     from scmc.build import InternalError
 
@@ -438,6 +438,19 @@ def _compile_or_exit(stage: Any) -> Any:
         return stage()
     except CompileError as exc:
         click.echo(exc.render(), err=True)
+        sys.exit(1)
+    except (RecursionError, MemoryError) as exc:  # last resort: a stage without its own bound met a huge input
+        from scmc.diagnostics import fail
+        from scmc.load import display_path
+
+        what = "recursed too deeply" if isinstance(exc, RecursionError) else "ran out of memory"
+        where = display_path(template) if template is not None else "the templates"
+        error = fail(
+            "E0008",
+            f"compiling {where} {what}",
+            hint="the template (or a -p value) is nested too deeply or builds values too large; simplify it",
+        )
+        click.echo(error.render(), err=True)
         sys.exit(1)
     except InternalError as exc:
         click.echo(
@@ -465,7 +478,7 @@ def run_build(request: Any, quiet: bool = False) -> None:
     from scmc.load import display_path
 
     start = time.perf_counter()
-    plan, destination = _compile_or_exit(lambda: do_build(request))
+    plan, destination = _compile_or_exit(lambda: do_build(request), request.parts[0].path)
     if not quiet:
         elapsed = time.perf_counter() - start
         how = "unchanged inputs, from the build cache" if plan.cached else f"{len(plan.files)} files"

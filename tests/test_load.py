@@ -8,6 +8,7 @@ import pytest
 
 from scmc.diagnostics import CompileError, Diagnostics, Span
 from scmc.load import (
+    display_path,
     LDict,
     LList,
     Parameters,
@@ -485,3 +486,205 @@ def test_a_block_scalar_value_starts_on_the_line_after_its_indicator() -> None:
     data = parse_yaml("a: 1\nv: |-\n  text\nw: inline\n", "t.yaml")
     assert data.value_span("v").line == 3
     assert data.value_span("w") == Span("t.yaml", 4, 4)
+
+
+# --------------------------------------------------------------------------- bounds (scmc/limits.py)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_fails(path: Path) -> tuple[str, str, str]:
+    with pytest.raises(CompileError) as exc:
+        read_template(path)
+    (diag,) = exc.value.diagnostics
+    return diag.code, diag.message, diag.hint
+
+
+def test_a_fifo_given_as_the_template_is_refused_without_opening_it(tmp_path: Path) -> None:
+    import os
+    import time
+
+    fifo = tmp_path / "t.yaml"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came
+    start = time.monotonic()
+    code, message, hint = read_fails(fifo)
+    assert time.monotonic() - start < 5
+    assert (code, message) == ("E0004", f"{display_path(fifo)} is a named pipe (FIFO), not a template file")
+    assert hint.startswith("templates are read from regular files only")
+
+
+def test_a_device_given_as_the_template_is_refused() -> None:
+    assert read_fails(Path("/dev/zero"))[:2] == ("E0004", "/dev/zero is a character device, not a template file")
+
+
+def test_a_huge_sparse_file_is_refused_by_its_size_before_reading(tmp_path: Path) -> None:
+    sparse = tmp_path / "big.yaml"
+    with open(sparse, "wb") as handle:
+        handle.truncate(100 * 2**30)  # 100 GiB of holes: reading it would never finish
+    code, message, hint = read_fails(sparse)
+    assert (code, message) == ("E0005", f"{display_path(sparse)} is 107,374,182,400 bytes, too large for a template")
+    assert hint.endswith("the limit is 1,000,000; set SCMC_MAX_TEMPLATE_BYTES to raise it")
+
+
+def three_mb_flow(path: Path) -> Path:
+    step = "  - [x, x, l{}, [_obj_, {{_addr_: torch.nn.Identity}}, _call_]]\n"
+    lines = ["INPUTS: [x]\nFLOW:\n"]
+    size, i = 0, 0
+    while size < 3_000_000:
+        lines.append(step.format(i))
+        size += len(lines[-1])
+        i += 1
+    path.write_text("".join(lines))
+    return path
+
+
+def test_a_3_mb_flow_list_is_refused_at_once_and_the_limit_can_be_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    path = three_mb_flow(tmp_path / "flow.yaml")
+    start = time.monotonic()
+    assert read_fails(path)[0] == "E0005"
+    assert time.monotonic() - start < 2  # ruamel would take ~16 s to compose it on a slow machine
+    monkeypatch.setenv("SCMC_MAX_TEMPLATE_BYTES", "10_000")
+    small = tmp_path / "small.yaml"
+    small.write_text("FLOW: []\n" + "#" * 20_000 + "\n")
+    assert read_fails(small)[0] == "E0005"
+    monkeypatch.setenv("SCMC_MAX_TEMPLATE_BYTES", "100000")
+    assert read_template(small).data == {"FLOW": []}
+
+
+@pytest.mark.parametrize("setting", ["lots", "-1", "0", "1.5", "inf"])
+def test_a_limit_setting_that_is_not_a_positive_number_is_an_error(setting: str, monkeypatch) -> None:
+    from scmc.limits import limit
+
+    monkeypatch.setenv("SCMC_MAX_YAML_DEPTH", setting)
+    with pytest.raises(CompileError) as exc:
+        limit("SCMC_MAX_YAML_DEPTH")
+    (diag,) = exc.value.diagnostics
+    assert diag.code == "E0009"
+    assert diag.message == f"SCMC_MAX_YAML_DEPTH={setting!r} is not a positive integer (the default is 64)"
+
+
+def test_the_limits_table_in_docs_security_md_matches_scmc_limits() -> None:
+    import re
+
+    from scmc.limits import LIMITS
+
+    text = (ROOT / "docs" / "security.md").read_text(encoding="utf-8")
+    section = text[text.index("## Limits") :]
+    rows = dict(re.findall(r"^\| `(SCMC_MAX_\w+)` \| ([^|]+?) \|", section, re.M))
+    assert set(rows) == set(LIMITS)
+    for env, spec in LIMITS.items():
+        shown = f"{spec.default:,}" if spec.integer else f"{spec.default:g}"
+        assert rows[env] == shown, env
+        assert re.search(rf"^\| `{env}` \| [^|]+ \| {spec.code} \|", section, re.M), env
+
+
+def test_yaml_nesting_beyond_the_limit_is_e0106_with_the_number() -> None:
+    text = "a: " + "[" * 65 + "]" * 65 + "\n"
+    with pytest.raises(CompileError) as exc:
+        parse_yaml(text, "t.yaml")
+    (diag,) = exc.value.diagnostics
+    assert (diag.code, diag.message) == ("E0106", "the YAML nests more than 64 levels deep")
+    assert parse_yaml("a: " + "[" * 60 + "]" * 60 + "\n", "t.yaml")  # within the limit
+
+
+def test_a_p_value_with_a_5000_digit_integer_is_refused() -> None:
+    with pytest.raises(CompileError) as exc:
+        parse_override("width=" + "9" * 5000)
+    (diag,) = exc.value.diagnostics
+    assert diag.code == "E0211"
+    assert diag.message == (
+        "the value in `-p width=" + "9" * 54 + "... (5,006 characters)` "
+        "is not usable: an integer of 5,000 digits is too long (the limit is 1,000; set SCMC_MAX_INT_DIGITS to raise it)"
+    )
+
+
+def test_the_jinja_time_limit_is_one_budget_for_the_whole_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from scmc.load import build_budget
+
+    monkeypatch.setenv("SCMC_MAX_JINJA_SECONDS", "1")
+    slow = "v:\n  _jinja_: '{% for i in range(300) %}{% for j in range(1000) %}{% endfor %}{% endfor %}x'\n"
+    data = parse_yaml(slow, "t.yaml")
+    start = time.monotonic()
+    with build_budget():
+        with pytest.raises(CompileError) as exc:
+            for _ in range(200):  # each call is well under a second; together they are not
+                expand(data, Parameters())
+    assert time.monotonic() - start < 30
+    (diag,) = exc.value.diagnostics
+    assert diag.code == "E0311"
+    assert diag.message == "Jinja rendering in this build took longer than 1 s (stopped in this block)"
+    assert diag.hint.endswith("the limit is 1; set SCMC_MAX_JINJA_SECONDS to raise it")
+
+
+def test_the_rendered_output_of_a_build_is_bounded_across_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scmc.load import build_budget
+
+    monkeypatch.setenv("SCMC_MAX_JINJA_BUILD_CHARS", "100000")
+    data = parse_yaml("v:\n  _jinja_: \"{{ 'a' * 40000 }}\"\n", "t.yaml")
+    with build_budget():
+        expand(data, Parameters())
+        expand(data, Parameters())
+        with pytest.raises(CompileError) as exc:
+            expand(data, Parameters())
+    assert exc.value.diagnostics[0].message == (
+        "Jinja block too large: the blocks of this build render more than 100,000 characters"
+    )
+
+
+JINJA_MEMORY = """\
+import resource, sys, time
+from scmc.diagnostics import CompileError
+from scmc.load import Parameters, expand, parse_yaml
+
+start = time.monotonic()
+try:
+    expand(parse_yaml(sys.argv[1], "t.yaml"), Parameters())
+    print("rendered")
+except CompileError as exc:
+    print(exc.diagnostics[0].code, exc.diagnostics[0].message)
+print(time.monotonic() - start)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.parametrize(
+    "expression, message",
+    [
+        (
+            "range(8000) | map('center', 100000) | list | length",
+            "Jinja block too large: a lazy sequence (map, select, ...) makes items of more than 1,000,000 "
+            "characters and items (at least 1,000,010)",
+        ),
+        (
+            "('a\\n' * 400000) | indent(100000) | length",
+            "Jinja block too large: `indent` would build a string longer than 1,000,000",
+        ),
+        (
+            "range(100000) | join('a' * 999999) | length",
+            "Jinja block too large: `join` would build a string longer than 1,000,000",
+        ),
+    ],
+)
+def test_jinja_size_guards_fire_before_allocating(expression: str, message: str) -> None:
+    """Issue 19: these built 1.3 GB (or ran out of memory) before a guard looked at the result."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    text = "v:\n  _jinja_: " + json.dumps("{{ " + expression + " }}") + "\n"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "runtime" / "src")])}
+    run = subprocess.run(
+        [sys.executable, "-c", JINJA_MEMORY, text], capture_output=True, text=True, timeout=120, env=env
+    )
+    lines = run.stdout.splitlines()
+    assert run.returncode == 0, run.stderr
+    assert lines[0] == f"E0314 {message}"
+    assert float(lines[1]) < 30
+    assert int(lines[2]) < 300  # MB of peak resident memory, the interpreter and ruamel included
