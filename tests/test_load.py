@@ -688,3 +688,100 @@ def test_jinja_size_guards_fire_before_allocating(expression: str, message: str)
     assert lines[0] == f"E0314 {message}"
     assert float(lines[1]) < 30
     assert int(lines[2]) < 300  # MB of peak resident memory, the interpreter and ruamel included
+
+
+# --------------------------------------------------------------------------- -p precedence, whole builds
+
+WIDTH_MULT = """\
+PARAMETERS:
+  DEFAULT: {backbone: atto}
+  SHARED: {width_mult: 1.0, num_classes: 10}
+  atto: {width: 8}
+  small: {width: 16}
+INPUTS: [x]
+INPUT_SHAPES: {x: [4]}
+FLOW:
+  - _jinja_yaml_: |-
+      - _jinja_group_: {{ backbone }}
+      {% raw %}
+        _jinja_yaml_: |-
+          - [x, h, fc, [_obj_, {_addr_: torch.nn.LazyLinear}, {_call_: {out_features: {{ (width * width_mult) | int }}}}]]
+      {% endraw %}
+      - [h, y, head, [_obj_, {_addr_: torch.nn.LazyLinear}, {_call_: {out_features: {{ num_classes }}}}]]
+"""
+
+
+def build_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str):
+    from click.testing import CliRunner
+
+    from scmc.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    return CliRunner().invoke(main, ["build", *args, "-o", "out", "--no-cache", "-q"])
+
+
+@pytest.mark.parametrize("spelling", ["small: {width_mult: 0.75}", "small.width_mult=0.75"])
+def test_a_group_value_given_on_the_command_line_wins_over_shared(spelling: str, tmp_path: Path, monkeypatch) -> None:
+    """Issue 16: this built the unscaled network (or stopped with E0212) while the header claimed the value."""
+    (tmp_path / "net.yaml").write_text(WIDTH_MULT)
+    result = build_in(tmp_path, monkeypatch, "net.yaml", "-p", "backbone=small", "-p", spelling)
+    assert result.exit_code == 0, result.output
+    model = (tmp_path / "out" / "src" / "net_small" / "model.py").read_text()
+    assert "torch.nn.Linear(in_features=4, out_features=12, bias=True)" in model  # 16 * 0.75
+
+
+def test_a_default_value_for_a_shared_key_applies_to_the_default_group(tmp_path: Path, monkeypatch) -> None:
+    """Issue 18: `-p 'DEFAULT: {num_classes: 8}'` stopped with E0202; structcast-model applies it."""
+    import json
+
+    (tmp_path / "net.yaml").write_text(WIDTH_MULT)
+    result = build_in(tmp_path, monkeypatch, "net.yaml", "-p", "DEFAULT: {num_classes: 8}")
+    assert result.exit_code == 0, result.output
+    src = tmp_path / "out" / "src" / "net_atto"
+    assert "torch.nn.Linear(in_features=8, out_features=8, bias=True)" in (src / "model.py").read_text()
+    assert json.loads((src / "manifest.json").read_text())["resolved_parameters"]["num_classes"] == 8
+
+
+def test_a_value_for_a_group_the_build_does_not_use_is_an_error_naming_the_used_group(tmp_path, monkeypatch) -> None:
+    """Issue 13: `-p small.width=4` built atto without a word."""
+    (tmp_path / "net.yaml").write_text(WIDTH_MULT)
+    result = build_in(tmp_path, monkeypatch, "net.yaml", "-p", "small.width=4")
+    assert result.exit_code == 1
+    assert result.output.splitlines()[0] == (
+        "net.yaml:5:3: error[E0217]: `-p small.width=4` sets group `small`, which this build does not use: "
+        "the blocks of this build render with group `atto`"
+    )
+    assert "= help: select it with `-p backbone=small`, or leave out `-p small.width=4`" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_preset_with_a_wrongly_typed_value_is_a_diagnostic(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "net.yaml").write_text(WIDTH_MULT)
+    (tmp_path / "data.yaml").write_text(
+        "PARAMETERS:\n  DEFAULT: {batch_size: big}\n_jinja_yaml_: |-\n  kind: digits\n  batch_size: {{ batch_size }}\n"
+    )
+    result = build_in(tmp_path, monkeypatch, "net.yaml", "--dataset", "data.yaml")
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[0] == (
+        "data.yaml:3:1: error[E0921]: `batch_size` of the dataset preset must be an int, not str 'big' "
+        "(in the output of this Jinja block)"
+    )
+    assert "internal compiler error" not in result.output
+
+
+def test_a_recursion_error_anywhere_is_a_diagnostic_naming_the_template_not_exit_70(tmp_path: Path) -> None:
+    """The command line's last resort: a stage without a bound of its own overflows the stack."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "net.yaml").write_text(WIDTH_MULT)
+    code = "import sys; sys.setrecursionlimit(150); from scmc.cli import run; run(['build', 'net.yaml', '-o', 'out', '--no-cache'])"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "runtime" / "src")])}
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr and "internal compiler error" not in run.stderr
+    assert run.stderr.splitlines()[0] == "error[E0008]: compiling net.yaml recursed too deeply"
+    assert not (tmp_path / "out").exists()
