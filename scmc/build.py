@@ -164,6 +164,7 @@ class Compiled:
     config: Any = None  # a rendered preset
     files: dict[str, Path] = field(default_factory=dict)  # `_file_` modules: stem -> path
     includes: list[Source] = field(default_factory=list)  # templates read through CFG
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)  # named groups Jinja rendered with, as resolved
 
 
 @dataclass
@@ -417,8 +418,11 @@ def _compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowLis
         except CompileError as exc:
             diags.extend(exc.diagnostics)
     diags.raise_if_any()
-    check_group_overrides(overrides, current_budget().groups_used, sources, diags)  # a group value never goes unused
+    used = current_budget().groups_used
+    check_group_overrides(overrides, used, sources, diags)  # a group value never goes unused
     diags.raise_if_any()
+    for c, params in zip(compiled, param_sets):  # the manifest records the groups really used
+        c.groups = {g: dict(params.group(g)) for g in sorted(used) if g != "default" and params.group(g) is not None}
     return name, compiled, allow
 
 
@@ -727,6 +731,7 @@ def manifest(name: str, request: BuildRequest, compiled: list[Compiled], depende
         "torch_version": torch.__version__.split("+")[0],
         "parameters": list(request.params),
         "resolved_parameters": _jsonable(model.params),
+        "rendered_groups": _jsonable(model.groups),
         "inputs": inputs,
         "classes": {c.role: c.program.root for c in compiled if c.program is not None}
         | {c.role: c.backward.classname for c in compiled if c.backward is not None},

@@ -172,6 +172,8 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
         LDict,
         Parameters,
         apply_override,
+        build_budget,
+        check_group_overrides,
         expand,
         parameter_blocks,
         parse_override,
@@ -192,7 +194,10 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
         diags.raise_if_any()
         body = LDict({k: v for k, v in source.data.items() if k != "PARAMETERS"}, span=source.data.span)
         body.key_spans = dict(source.data.key_spans)
-        rendered = plain(expand(body, parameters))
+        with build_budget() as budget:
+            rendered = plain(expand(body, parameters))
+        check_group_overrides(overrides, budget.groups_used, [source], diags)
+        diags.raise_if_any()
     except CompileError as exc:
         click.echo(exc.render().replace("nothing was written", "nothing was rendered"), err=True)
         sys.exit(1)
