@@ -726,8 +726,12 @@ def test_a_group_value_given_on_the_command_line_wins_over_shared(spelling: str,
     (tmp_path / "net.yaml").write_text(WIDTH_MULT)
     result = build_in(tmp_path, monkeypatch, "net.yaml", "-p", "backbone=small", "-p", spelling)
     assert result.exit_code == 0, result.output
-    model = (tmp_path / "out" / "src" / "net_small" / "model.py").read_text()
-    assert "torch.nn.Linear(in_features=4, out_features=12, bias=True)" in model  # 16 * 0.75
+    import json
+
+    src = tmp_path / "out" / "src" / "net_small"
+    assert "torch.nn.Linear(in_features=4, out_features=12, bias=True)" in (src / "model.py").read_text()  # 16 * 0.75
+    manifest = json.loads((src / "manifest.json").read_text())
+    assert manifest["rendered_groups"] == {"small": {"width": 16, "width_mult": 0.75, "num_classes": 10}}
 
 
 def test_a_default_value_for_a_shared_key_applies_to_the_default_group(tmp_path: Path, monkeypatch) -> None:
