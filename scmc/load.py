@@ -86,10 +86,7 @@ def current_budget() -> Budget:
 
 def _budget() -> Budget:
     budget = _BUDGET.get()
-    if budget is None:  # expand() outside a build: a budget of its own
-        budget = Budget()
-        _BUDGET.set(budget)
-    return budget
+    return Budget() if budget is None else budget  # outside a build and expand(): a budget of its own
 
 
 def _timeout(span: Span) -> CompileError:
