@@ -1051,13 +1051,13 @@ def _check_nesting(env: Any, source: str, maximum: int, first: Span) -> None:
     from scmc.limits import exceeded
 
     depth = brackets = 0
-    tag_start: int | None = None  # the index of the first token of the tag being read
-    tag: list[str] = []
+    in_tag = False
+    tag: list[str] = []  # the tokens of the `{% ... %}` tag being read
     try:
         tokens = env.lex(source)
         for lineno, kind, value in tokens:
             if kind == "block_begin":
-                tag, tag_start = [], lineno
+                tag, in_tag = [], True
                 continue
             if kind == "block_end":
                 name = tag[0] if tag else ""
@@ -1065,8 +1065,8 @@ def _check_nesting(env: Any, source: str, maximum: int, first: Span) -> None:
                     depth += 1
                 elif name.startswith("end"):
                     depth -= 1
-                tag_start = None
-            elif tag_start is not None and kind not in ("whitespace",):
+                in_tag = False
+            elif in_tag and kind != "whitespace":
                 tag.append(value)
             if kind == "operator" and value in _BRACKETS:
                 brackets += _BRACKETS[value]

@@ -789,3 +789,17 @@ def test_a_recursion_error_anywhere_is_a_diagnostic_naming_the_template_not_exit
     assert "Traceback" not in run.stderr and "internal compiler error" not in run.stderr
     assert run.stderr.splitlines()[0] == "error[E0008]: compiling net.yaml recursed too deeply"
     assert not (tmp_path / "out").exists()
+
+
+def test_jinja_nesting_is_refused_beyond_the_limit_and_rendered_within_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    def nested(levels: int) -> str:
+        return "v:\n  _jinja_: '" + "{% if 1 %}" * levels + "ok" + "{% endif %}" * levels + "'\n"
+
+    assert render(nested(16)) == {"v": "ok"}
+    with pytest.raises(CompileError) as exc:
+        render(nested(17))
+    (diag,) = exc.value.diagnostics
+    assert (diag.code, diag.message) == ("E0315", "Jinja tags or brackets nest more than 16 levels deep")
+    assert diag.hint.endswith("(the limit is 16; set SCMC_MAX_JINJA_NESTING to raise it)")
+    monkeypatch.setenv("SCMC_MAX_JINJA_NESTING", "18")
+    assert render(nested(17)) == {"v": "ok"}
