@@ -685,6 +685,7 @@ class Override:
     key: str | None = None
     value: Any = None
     groups: dict[str, dict[str, Any]] | None = None  # the upstream form
+    applied: set[tuple[str, str]] = field(default_factory=set)  # (group, key) of the upstream form that applied
 
     def describe(self) -> str:
         return f"-p {shorten(self.text)}"
@@ -794,11 +795,13 @@ def apply_override(
     else:
         items = [(override.group, override.key, override.value)]
     applied = False
-    for group, key, value in items:
+    for given, key, value in items:
         group = (
-            None if group in (None, "_shared_", "SHARED") else "default" if group in ("default", "DEFAULT") else group
+            None if given in (None, "_shared_", "SHARED") else "default" if given in ("default", "DEFAULT") else given
         )
-        applied |= _apply_one(blocks, group, str(key), value, allow_new)
+        if _apply_one(blocks, group, str(key), value, allow_new):
+            applied = True
+            override.applied.add((str(given), str(key)))
     return applied
 
 
@@ -912,15 +915,29 @@ def report_unused_overrides(
         for block in blocks:
             groups.update(str(k) for k in block)
     for override, was_used in zip(overrides, used):
-        if was_used:
-            continue
         first = sources[0] if sources else None
         span = None
         if first is not None:
             params = first.data.get("PARAMETERS")
             span = first.data.key_span("PARAMETERS") if params is not None else Span(first.display, 1, 1)
-        if override.groups is not None:
-            names = [k for g in override.groups.values() for k in g if k not in known]
+        if override.groups is not None:  # each (group, key) must apply: one that did not is never silently dropped
+            missed = [
+                (g, str(k))
+                for g, values in override.groups.items()
+                for k in values
+                if (g, str(k)) not in override.applied
+            ]
+            for group in dict.fromkeys(g for g, _ in missed if g not in ("default", "_shared_") and g not in groups):
+                diags.error(
+                    "E0214",
+                    f"`{override.describe()}` names group `{group}`, which no template defines",
+                    span,
+                    hint=did_you_mean(group, groups) or f"groups: {', '.join(sorted(groups))}",
+                )
+            names = [k for g, k in missed if g in ("default", "_shared_") or g in groups]
+            if not names:
+                continue
+            names = [k for k in names if k not in known] or names
             what = ", ".join(f"`{n}`" for n in names) or "its keys"
             hint = " ".join(filter(None, (did_you_mean(n, known) for n in names)))
             diags.error(
@@ -929,6 +946,8 @@ def report_unused_overrides(
                 span,
                 hint=(hint + " " if hint else "") + "or pass --allow-new-params to add it to DEFAULT",
             )
+            continue
+        if was_used:
             continue
         if override.group is not None and override.group not in groups and override.group != "default":
             diags.error(

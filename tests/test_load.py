@@ -649,7 +649,11 @@ try:
 except CompileError as exc:
     print(exc.diagnostics[0].code, exc.diagnostics[0].message)
 print(time.monotonic() - start)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+try:  # VmHWM: the peak of this process image (ru_maxrss would carry over the parent's peak across exec)
+    status = open("/proc/self/status").read()
+    print(int(status.split("VmHWM:")[1].split()[0]) // 1024)
+except (OSError, IndexError):
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 
 
@@ -803,3 +807,25 @@ def test_jinja_nesting_is_refused_beyond_the_limit_and_rendered_within_it(monkey
     assert diag.hint.endswith("(the limit is 16; set SCMC_MAX_JINJA_NESTING to raise it)")
     monkeypatch.setenv("SCMC_MAX_JINJA_NESTING", "18")
     assert render(nested(17)) == {"v": "ok"}
+
+
+def test_every_key_of_an_upstream_p_mapping_must_apply_not_only_one_of_them() -> None:
+    with pytest.raises(CompileError) as exc:
+        overridden("DEFAULT: {backbone: femto, num_clases: 3}")
+    (diag,) = exc.value.diagnostics
+    assert (diag.code, diag.message) == (
+        "E0213",
+        "`-p DEFAULT: {backbone: femto, num_clases: 3}` sets `num_clases`, which no template of this build defines",
+    )
+    assert diag.hint.startswith("did you mean `num_classes`?")
+
+
+def test_an_unknown_group_in_an_upstream_p_mapping_is_an_error_naming_it() -> None:
+    with pytest.raises(CompileError) as exc:
+        overridden("femtoo: {depths: [1]}")
+    (diag,) = exc.value.diagnostics
+    assert (diag.code, diag.message) == (
+        "E0214",
+        "`-p femtoo: {depths: [1]}` names group `femtoo`, which no template defines",
+    )
+    assert diag.hint == "did you mean `femto`?"
