@@ -126,7 +126,9 @@ def lower_backward(source: Source, params: Parameters, classname: str, options: 
                         locate(o_tree, ("LAYERS",), o_span),
                     )
             try:
-                factory, takes_schedule = _factory(lowerer, opt.OPTIMIZER, locate(o_tree, ("OPTIMIZER",), o_span))
+                factory, takes_schedule = _factory(
+                    lowerer, opt.OPTIMIZER, locate(o_tree, ("OPTIMIZER",), o_span), o_tree.get("OPTIMIZER")
+                )
                 clip = _clip(lowerer, opt.CLIP, locate(o_tree, ("CLIP",), o_span)) if opt.CLIP is not None else None
             except CompileError as exc:
                 diags.extend(exc.diagnostics)
@@ -204,7 +206,7 @@ def lower_backward(source: Source, params: Parameters, classname: str, options: 
     )
 
 
-def _factory(lowerer: Lowerer, raw: list, span: Span) -> tuple[Ctor, bool]:
+def _factory(lowerer: Lowerer, raw: list, span: Span, tree: Any = None) -> tuple[Ctor, bool]:
     if not raw or raw[0] != "_obj_":
         raise CompileError([Diagnostic("E1006", "OPTIMIZER must be an `_obj_` pattern", span)])
     address, obj, call, bind_args, bind_kwargs, call_args, call_kwargs = lowerer._pattern_parts(raw, span)
@@ -227,7 +229,68 @@ def _factory(lowerer: Lowerer, raw: list, span: Span) -> tuple[Ctor, bool]:
     except (TypeError, ValueError):
         takes_schedule = False
     lowerer._check_signature(obj, address, (None, *bind_args), bind_kwargs, span, partial=True)
+    _check_regexes(obj, bind_args, bind_kwargs, tree, span)
     return Ctor(address, tuple(bind_args), tuple(bind_kwargs.items())), takes_schedule
+
+
+def _regex_takers() -> tuple:
+    from scmc_runtime import optim
+
+    return (optim.create_with_scheduler, optim.create, optim.param_groups)
+
+
+def _check_regexes(obj: Any, bind_args: list, bind_kwargs: dict, tree: Any, span: Span) -> None:
+    """The parameter-name regexes a runtime optimizer factory will match (layer_group_regexes,
+    weight_decay_regexes, no_weight_decay_regexes) are checked now: a pattern that can backtrack
+    exponentially would hang training in C, where nothing can stop it (E1009)."""
+    from scmc_runtime.optim import REGEX_FIELDS, regex_problem
+
+    from scmc.limits import limit
+
+    if not any(obj is taker for taker in _regex_takers()):
+        return
+    try:
+        bound = inspect.signature(obj).bind_partial(None, *bind_args, **bind_kwargs).arguments
+    except TypeError:
+        return  # reported by _check_signature
+    places = [bound, bound.get("optimizer_kwargs")]
+    maximum = limit("SCMC_MAX_REGEX_LENGTH")
+    diags = Diagnostics()
+    for place in places:
+        if not isinstance(place, dict):
+            continue
+        for field in REGEX_FIELDS:
+            value = place.get(field)
+            patterns = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else []
+            for index, pattern in enumerate(patterns):
+                problem = regex_problem(pattern, maximum)
+                if problem:
+                    where = _key_span(tree, field, index) or span
+                    diags.error(
+                        "E1009",
+                        f"`{field}` pattern {str(pattern)[:60]!r} is refused: {problem}",
+                        where,
+                        hint="write it without nested or ambiguous repetition, e.g. `^(?:\\w+\\.)*bias$`; "
+                        f"the length limit is {maximum:,}, set SCMC_MAX_REGEX_LENGTH to raise it",
+                    )
+    diags.raise_if_any()
+
+
+def _key_span(tree: Any, key: str, index: int) -> Span | None:
+    """Where ``key`` (its item ``index`` when it is a list) is written in ``tree``, searched breadth-first."""
+    queue = [tree]
+    while queue:
+        node = queue.pop(0)
+        if isinstance(node, LDict):
+            if key in node:
+                value = node[key]
+                if isinstance(value, LList):
+                    return value.item_span(index)
+                return node.value_span(key)
+            queue.extend(node.values())
+        elif isinstance(node, LList):
+            queue.extend(node)
+    return None
 
 
 def _clip(lowerer: Lowerer, raw: list, span: Span) -> Ctor:

@@ -29,11 +29,15 @@ from scmc.load import (
     Parameters,
     Source,
     apply_override,
+    check_group_overrides,
+    current_budget,
     display_path,
     parameter_blocks,
     parse_override,
     read_template,
+    plain,
     report_unused_overrides,
+    shorten,
 )
 
 if TYPE_CHECKING:
@@ -199,11 +203,12 @@ def compile_part(
         text = emit_backward(bdef, header, f"{source.path.stem} backward, compiled by scmc {scmc.__version__}.")
         return Compiled(part.role, source, None, text, 0, None, default_params, backward=bdef)
     if part.role in PRESET_ROLES:
-        from scmc.load import expand, plain
+        from scmc.load import expand
 
         body = LDict({k: v for k, v in source.data.items() if k != "PARAMETERS"}, span=source.data.span)
         body.key_spans = dict(source.data.key_spans)
         tree = expand(body, params)
+        check_preset(part.role, tree, source)
         return Compiled(part.role, source, None, "", 0, None, default_params, config=plain(tree), tree=tree)
     lowerer = Lowerer(options, diags)
     try:
@@ -246,6 +251,41 @@ def compile_part(
     )
 
 
+def check_preset(role: str, rendered: Any, source: Source) -> None:
+    """A preset's values become defaults of the generated train.py: each must have the type of its
+    TrainConfig field (a wrongly typed value is a diagnostic here, not a crash while emitting)."""
+    from scmc.emit.package import PRESET_FIELDS
+    from scmc.emit.train import FIELDS
+
+    if not isinstance(rendered, LDict):
+        raise fail(
+            "E0920",
+            f"a {role} preset must render a mapping, not {type(plain(rendered)).__name__}",
+            Span(source.display, 1, 1),
+        )
+    types = {f.name: f.type for f in FIELDS}
+    diags = Diagnostics()
+    for key, field_name in PRESET_FIELDS.get(role, {}).items():
+        if key not in rendered:
+            continue
+        value, kind = rendered[key], types[field_name]
+        if kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, {"str": str, "bool": bool}[kind])
+        if not ok:
+            diags.error(
+                "E0921",
+                f"`{key}` of the {role} preset must be a{'n' if kind == 'int' else ''} {kind}, "
+                f"not {type(plain(value)).__name__} {shorten(repr(plain(value)), 40)}",
+                rendered.value_span(key),
+                hint=f"it becomes the default of train.py's --{field_name.replace('_', '-')}",
+            )
+    diags.raise_if_any()
+
+
 def plan_package(request: BuildRequest) -> Plan:
     """Every generated file of the package, in memory; from the build cache when allowed and unchanged."""
     from scmc import cache
@@ -284,7 +324,16 @@ def build_info(request: BuildRequest) -> "BuildInfo":
 
 
 def compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowList]:
-    """Every stage up to the generated module texts: (package name, compiled parts, allow-list)."""
+    """Every stage up to the generated module texts: (package name, compiled parts, allow-list).
+
+    All Jinja rendering of the build shares one budget of time and output (scmc.load.Budget)."""
+    from scmc.load import build_budget
+
+    with build_budget():
+        return _compile_parts(request)
+
+
+def _compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowList]:
     allow = AllowList(extra=tuple(request.allow_modules))
     diags = Diagnostics()
     sources: list[Source] = []
@@ -374,6 +423,11 @@ def compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowList
         except CompileError as exc:
             diags.extend(exc.diagnostics)
     diags.raise_if_any()
+    used = current_budget().groups_used
+    check_group_overrides(overrides, used, sources, diags)  # a group value never goes unused
+    diags.raise_if_any()
+    for c, params in zip(compiled, param_sets):  # the manifest records the groups really used
+        c.groups = {g: dict(params.group(g)) for g in sorted(used) if g != "default" and params.group(g) is not None}
     return name, compiled, allow
 
 

@@ -190,6 +190,8 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
         LDict,
         Parameters,
         apply_override,
+        build_budget,
+        check_group_overrides,
         expand,
         parameter_blocks,
         parse_override,
@@ -210,7 +212,10 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
         diags.raise_if_any()
         body = LDict({k: v for k, v in source.data.items() if k != "PARAMETERS"}, span=source.data.span)
         body.key_spans = dict(source.data.key_spans)
-        rendered = plain(expand(body, parameters))
+        with build_budget() as budget:
+            rendered = plain(expand(body, parameters))
+        check_group_overrides(overrides, budget.groups_used, [source], diags)
+        diags.raise_if_any()
     except CompileError as exc:
         click.echo(exc.render().replace("nothing was written", "nothing was rendered"), err=True)
         sys.exit(1)
@@ -469,7 +474,7 @@ def run_create(request: Any, output: Path | None, quiet: bool) -> None:
     from scmc.build import create_module
     from scmc.load import display_path
 
-    part, destination = _compile_or_exit(lambda: create_module(request, output))
+    part, destination = _compile_or_exit(lambda: create_module(request, output), request.parts[0].path)
     if not quiet:
         click.echo(
             f"wrote {part.program.root if part.program is not None else part.backward.classname} "
@@ -562,7 +567,7 @@ def diff_(
     click.echo(json.dumps(result.to_json(), indent=2) if as_json else render_diff(result))
 
 
-def _compile_or_exit(stage: Any) -> Any:
+def _compile_or_exit(stage: Any, template: Path | None = None) -> Any:
     """Run a compiler stage; user errors exit 1, bugs in scmc exit 70 with the IR and traceback."""
     from scmc.build import InternalError
 
@@ -570,6 +575,19 @@ def _compile_or_exit(stage: Any) -> Any:
         return stage()
     except CompileError as exc:
         click.echo(exc.render(), err=True)
+        sys.exit(1)
+    except (RecursionError, MemoryError) as exc:  # last resort: a stage without its own bound met a huge input
+        from scmc.diagnostics import fail
+        from scmc.load import display_path
+
+        what = "recursed too deeply" if isinstance(exc, RecursionError) else "ran out of memory"
+        where = display_path(template) if template is not None else "the templates"
+        error = fail(
+            "E0008",
+            f"compiling {where} {what}",
+            hint="the template (or a -p value) is nested too deeply or builds values too large; simplify it",
+        )
+        click.echo(error.render(), err=True)
         sys.exit(1)
     except InternalError as exc:
         click.echo(
@@ -597,7 +615,7 @@ def run_build(request: Any, quiet: bool = False) -> None:
     from scmc.load import display_path
 
     start = time.perf_counter()
-    plan, destination = _compile_or_exit(lambda: do_build(request))
+    plan, destination = _compile_or_exit(lambda: do_build(request), request.parts[0].path)
     if plan.warnings:  # shown even with --quiet: they are about what the build trusted or how the parts fit
         from scmc.diagnostics import render_warnings
 

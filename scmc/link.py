@@ -46,6 +46,7 @@ class Compiled:
     config: Any = None  # a rendered preset, plain values
     files: dict[str, Path] = field(default_factory=dict)  # `_file_` modules: stem -> path
     includes: list[Source] = field(default_factory=list)  # templates read through CFG
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)  # named groups Jinja rendered with, as resolved
     output_shapes: dict[str, tuple[int, ...]] | None = None  # the model's, without the batch
     tree: Any = None  # a rendered preset with positions (LDict), for diagnostics
 

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 import sys
 import time
+import contextvars
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from scmc.diagnostics import CompileError, Diagnostics, Span, did_you_mean, fail, note_source
 
@@ -33,8 +37,67 @@ JINJA_PIPE = "_jinja_pipe_"
 JINJA_ALIASES = (JINJA_YAML, JINJA_JSON, JINJA_TEXT)
 JINJA_KEYS = (*JINJA_ALIASES, JINJA_GROUP, JINJA_PIPE)
 
-MAX_DEPTH = 64
-MAX_SECONDS = 30.0
+
+# --------------------------------------------------------------------------- the build's Jinja budget
+
+
+class Budget:
+    """What Jinja may still spend in this build: seconds (SCMC_MAX_JINJA_SECONDS) and rendered
+    characters (SCMC_MAX_JINJA_BUILD_CHARS), for all blocks and templates together; and the
+    parameter groups the blocks were rendered with (a `-p` value for a group that no block used
+    is an error, see :func:`check_group_overrides`)."""
+
+    def __init__(self) -> None:
+        from scmc.limits import limit
+
+        self.seconds = limit("SCMC_MAX_JINJA_SECONDS")
+        self.chars = limit("SCMC_MAX_JINJA_BUILD_CHARS")
+        self.block_chars = limit("SCMC_MAX_JINJA_BLOCK_CHARS")
+        self.passes = limit("SCMC_MAX_JINJA_PASSES")
+        self.nesting = limit("SCMC_MAX_JINJA_NESTING")
+        _set_value_limits()
+        self.spent = 0.0  # seconds of finished expand() calls
+        self.started: float | None = None  # when the running outermost expand() began
+        self.rendered = 0
+        self.groups_used: set[str] = set()
+
+    def remaining(self) -> float:
+        running = time.monotonic() - self.started if self.started is not None else 0.0
+        return self.seconds - self.spent - running
+
+
+_BUDGET: "contextvars.ContextVar[Budget | None]" = contextvars.ContextVar("scmc_jinja_budget", default=None)
+
+
+@contextmanager
+def build_budget() -> Iterator[Budget]:
+    """One build: every expand() inside shares the time and output budget."""
+    token = _BUDGET.set(Budget())
+    try:
+        yield _BUDGET.get()
+    finally:
+        _BUDGET.reset(token)
+
+
+def current_budget() -> Budget:
+    """The budget of the build in progress (a fresh one outside a build)."""
+    return _budget()
+
+
+def _budget() -> Budget:
+    budget = _BUDGET.get()
+    return Budget() if budget is None else budget  # outside a build and expand(): a budget of its own
+
+
+def _timeout(span: Span) -> CompileError:
+    from scmc.limits import exceeded, shown
+
+    return fail(
+        "E0311",
+        f"Jinja rendering in this build took longer than {shown('SCMC_MAX_JINJA_SECONDS')} s (stopped in this block)",
+        span,
+        hint=f"a loop runs too long, or the build renders too many blocks; {exceeded('SCMC_MAX_JINJA_SECONDS')}",
+    )
 
 
 # --------------------------------------------------------------------------- located values
@@ -125,9 +188,55 @@ def _yaml():
     return yaml
 
 
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_a_file(display: str, mode: int) -> CompileError:
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return fail(
+        "E0004",
+        f"{display} is {kind}, not a template file",
+        hint="templates are read from regular files only; save the template to a file and pass that",
+    )
+
+
 def read_text(path: Path, display: str) -> str:
+    """The text of a template file. Only a regular file is read (a FIFO or a device could block or
+    never end), and only when its size, taken before reading, is within SCMC_MAX_TEMPLATE_BYTES."""
+    from scmc.limits import exceeded, limit
+
+    maximum = limit("SCMC_MAX_TEMPLATE_BYTES")
     try:
-        data = path.read_bytes()
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_a_file(display, info.st_mode)
+        if info.st_size > maximum:
+            raise _too_large(display, info.st_size, exceeded("SCMC_MAX_TEMPLATE_BYTES"))
+        # O_NONBLOCK: a FIFO put in the file's place after the stat above cannot block the open
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            opened = os.fstat(fd)
+            if not stat.S_ISREG(opened.st_mode):
+                raise _not_a_file(display, opened.st_mode)
+            chunks, size = [], 0
+            while size <= maximum:  # a file that grows while it is read stops at the limit
+                chunk = os.read(fd, min(1 << 20, maximum + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        if len(data) > maximum:
+            raise _too_large(display, len(data), exceeded("SCMC_MAX_TEMPLATE_BYTES"))
     except FileNotFoundError:
         raise fail(
             "E0001",
@@ -141,7 +250,7 @@ def read_text(path: Path, display: str) -> str:
             "E0002", f"cannot read {display}: permission denied", hint="make the file readable (chmod +r)"
         ) from None
     except OSError as exc:
-        raise fail("E0002", f"cannot read {display}: {exc.strerror}") from None
+        raise fail("E0002", f"cannot read {display}: {exc.strerror or exc}") from None
     from scmc import cache
 
     cache.note_read(path, data)
@@ -160,12 +269,22 @@ def read_text(path: Path, display: str) -> str:
     return text
 
 
-def _too_deep(display: str, line_offset: int, note: str) -> CompileError:
+def _too_large(display: str, size: int, how: str) -> CompileError:
+    return fail(
+        "E0005",
+        f"{display} is {size:,} bytes, too large for a template",
+        hint=f"templates describe layers in a few kilobytes; {how}",
+    )
+
+
+def _too_deep(display: str, line_offset: int, note: str, span: Span | None = None) -> CompileError:
+    from scmc.limits import exceeded, shown
+
     return fail(
         "E0106",
-        "the YAML nests too deeply",
-        Span(display, line_offset + 1, 1, note),
-        hint="templates nest a few levels; check for a runaway bracket",
+        f"the YAML nests more than {shown('SCMC_MAX_YAML_DEPTH')} levels deep",
+        span or Span(display, line_offset + 1, 1, note),
+        hint=f"templates nest a few levels; check for a runaway bracket ({exceeded('SCMC_MAX_YAML_DEPTH')})",
     )
 
 
@@ -200,20 +319,34 @@ def parse_yaml(text: str, display: str, line_offset: int = 0, note: str = "") ->
     try:
         value = _construct(node, constructor, display, line_offset, note, diags, guard)
     except _Expanded as exc:
-        raise fail("E0105", exc.message, exc.span, hint=exc.hint) from None
+        raise fail(exc.code, exc.message, exc.span, hint=exc.hint) from None
+    except _Nested as exc:
+        raise _too_deep(display, line_offset, note, exc.span) from None
     except RecursionError:
         raise _too_deep(display, line_offset, note) from None
     diags.raise_if_any()
     return value
 
 
-MAX_YAML_VALUES = 200_000  # values one YAML text may expand to (anchors and aliases multiply them)
-
-
 class _Expanded(Exception):
-    def __init__(self, message: str, span: Span, hint: str):
+    def __init__(self, message: str, span: Span, hint: str, code: str = "E0105"):
         super().__init__(message)
-        self.message, self.span, self.hint = message, span, hint
+        self.message, self.span, self.hint, self.code = message, span, hint, code
+
+
+class _Nested(Exception):
+    def __init__(self, span: Span):
+        super().__init__("too deep")
+        self.span = span
+
+
+def int_too_long(digits: int) -> str | None:
+    """The message for an integer literal of ``digits`` digits beyond SCMC_MAX_INT_DIGITS, else None."""
+    from scmc.limits import exceeded, limit
+
+    if digits <= limit("SCMC_MAX_INT_DIGITS"):
+        return None
+    return f"an integer of {digits:,} digits is too long ({exceeded('SCMC_MAX_INT_DIGITS')})"
 
 
 class _Expansion:
@@ -221,17 +354,26 @@ class _Expansion:
     anchors (the "billion laughs") could otherwise expand to billions of values."""
 
     def __init__(self) -> None:
-        self.left = MAX_YAML_VALUES
+        from scmc.limits import limit
+
+        self.maximum = limit("SCMC_MAX_YAML_VALUES")
+        self.max_depth = limit("SCMC_MAX_YAML_DEPTH")
+        self.left = self.maximum
         self.open: set[int] = set()
 
     def enter(self, node: Any, span: Span) -> None:
+        from scmc.limits import exceeded
+
         self.left -= 1
         if self.left < 0:
             raise _Expanded(
-                f"the YAML expands to more than {MAX_YAML_VALUES:,} values",
+                f"the YAML expands to more than {self.maximum:,} values",
                 span,
-                "anchors and aliases (`&a`, `*a`) repeat their value each time they are used",
+                "anchors and aliases (`&a`, `*a`) repeat their value each time they are used; "
+                + exceeded("SCMC_MAX_YAML_VALUES"),
             )
+        if len(self.open) >= self.max_depth:
+            raise _Nested(span)
         if id(node) in self.open:
             raise _Expanded(
                 "this alias refers to a collection that contains it",
@@ -277,17 +419,29 @@ def parse_rendered_yaml(text: str, display: str) -> Any:
         raise
     except MarkedYAMLError:
         return parse_yaml(text, display)  # reports the syntax error with its position
+    except ValueError:  # an integer beyond Python's int/str conversion limit
+        return parse_yaml(text, display)  # reports it with its position
     if not _plain_data(value):  # a timestamp, binary or set tag: refused, with its position
         return parse_yaml(text, display)
     _RENDERED_CACHE[text] = value
     return _copy(value)
 
 
-def _plain_data(value: Any) -> bool:
+def _plain_data(value: Any, depth: int = 0, bounds: tuple[int, int] | None = None) -> bool:
+    """Only plain values, nested within SCMC_MAX_YAML_DEPTH, integers within SCMC_MAX_INT_DIGITS
+    (anything else is parsed again by the composer path, which reports it with its position)."""
+    if bounds is None:
+        from scmc.limits import limit
+
+        bounds = (limit("SCMC_MAX_YAML_DEPTH"), limit("SCMC_MAX_INT_DIGITS"))
+    if isinstance(value, (dict, list)) and depth >= bounds[0]:
+        return False
     if isinstance(value, dict):
-        return all(_plain_data(k) and _plain_data(v) for k, v in value.items())
+        return all(_plain_data(k, depth + 1, bounds) and _plain_data(v, depth + 1, bounds) for k, v in value.items())
     if isinstance(value, list):
-        return all(_plain_data(v) for v in value)
+        return all(_plain_data(v, depth + 1, bounds) for v in value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value.bit_length() < 3 * bounds[1] or len(str(abs(value))) <= bounds[1]
     return value is None or isinstance(value, (str, int, float, bool))
 
 
@@ -344,6 +498,11 @@ def _construct_collection(
         )
         return None
     if isinstance(node, ScalarNode):
+        if node.tag == "tag:yaml.org,2002:int":
+            message = int_too_long(sum(c.isalnum() for c in node.value))
+            if message:
+                diags.error("E0107", message, span, hint="templates hold sizes and counts, not numbers this long")
+                return None
         try:
             value = constructor.construct_object(node, deep=True)
         except Exception as exc:  # a malformed scalar such as an out-of-range timestamp
@@ -528,9 +687,15 @@ class Override:
     key: str | None = None
     value: Any = None
     groups: dict[str, dict[str, Any]] | None = None  # the upstream form
+    applied: set[tuple[str, str]] = field(default_factory=set)  # (group, key) of the upstream form that applied
 
     def describe(self) -> str:
-        return f"-p {self.text}"
+        return f"-p {shorten(self.text)}"
+
+
+def shorten(text: str, width: int = 80) -> str:
+    """``text`` as a message quotes it: a long -p value or rendered line is cut, saying how long it was."""
+    return text if len(text) <= width else f"{text[: width - 20]}... ({len(text):,} characters)"
 
 
 def parse_override(text: str) -> Override:
@@ -545,7 +710,7 @@ def parse_override(text: str) -> Override:
     if not isinstance(value, dict) or not all(isinstance(v, dict) or v is None for v in value.values()):
         raise fail(
             "E0210",
-            f"cannot read `-p {text}`",
+            f"cannot read `-p {shorten(text)}`",
             hint="write `-p key=value`, `-p group.key=value` or `-p 'DEFAULT: {key: value}'`",
         )
     groups = {
@@ -556,17 +721,20 @@ def parse_override(text: str) -> Override:
 
 
 def _parse_value(raw: str, whole: str) -> Any:
-    from ruamel.yaml.error import YAMLError
-
-    if "&" in raw and "*" in raw:  # anchors and aliases: the composer path counts what they expand to
-        try:
-            return plain(parse_yaml(raw, "<-p>"))
-        except CompileError as exc:
-            raise fail("E0211", f"the value in `-p {whole}` is not usable: {exc.diagnostics[0].message}") from None
+    """A -p value, read as YAML by the same reader as templates (tags refused, aliases counted,
+    nesting and integer sizes bounded)."""
+    if not raw.strip():
+        return None
     try:
-        return plain(_yaml().load(raw)) if raw.strip() else None
-    except YAMLError as exc:
-        raise fail("E0211", f"the value in `-p {whole}` is not valid YAML: {str(exc).splitlines()[0]}") from None
+        return plain(parse_yaml(raw, "<-p>"))
+    except CompileError as exc:
+        diag = exc.diagnostics[0]
+        if diag.code == "E0100":
+            message = diag.message.removeprefix("invalid YAML: ")
+            raise fail("E0211", f"the value in `-p {shorten(whole)}` is not valid YAML: {message}") from None
+        raise fail(
+            "E0211", f"the value in `-p {shorten(whole)}` is not usable: {diag.message}", hint=diag.hint
+        ) from None
 
 
 def parameter_blocks(data: LDict) -> list[LDict]:
@@ -616,56 +784,126 @@ def defined_keys(blocks: list[LDict]) -> set[str]:
 def apply_override(
     blocks: list[LDict], override: Override, diags: Diagnostics, allow_new: bool, source_display: str
 ) -> bool:
-    """Apply one override to a template's PARAMETERS blocks. Returns whether it applied."""
-    applied = False
+    """Apply one override to a template's PARAMETERS blocks. Returns whether it applied.
+
+    The rule (docs/template-language.md, "Parameters and -p precedence"): a value given on the
+    command line is never ignored. A bare key (or SHARED) sets the key wherever the block defines
+    it; a group's value (`group.key=value`, `'group: {key: value}'`, `'DEFAULT: {...}'`) wins over
+    SHARED for that group, as in structcast-model (the command line's groups are merged over the
+    template's, SHARED already applied): the key is moved out of SHARED into every group, with
+    SHARED's value, before the given group gets its own."""
     if override.groups is not None:
-        for group_key, values in override.groups.items():
-            yaml_key = "DEFAULT" if group_key == "default" else "SHARED" if group_key == "_shared_" else group_key
-            for key, value in values.items():
-                for block in blocks:
-                    group = block.get(yaml_key)
-                    known = any(isinstance(g, dict) and key in g for g in block.values())
-                    if known or (allow_new and block is blocks[0]):
-                        if not isinstance(group, dict):
-                            group = LDict(span=block.span)
-                            block[yaml_key] = group
-                        group[key] = value
-                        applied = True
-        return applied
-    key = override.key
+        items = [(group, key, value) for group, values in override.groups.items() for key, value in values.items()]
+    else:
+        items = [(override.group, override.key, override.value)]
+    applied = False
+    for given, key, value in items:
+        group = (
+            None if given in (None, "_shared_", "SHARED") else "default" if given in ("default", "DEFAULT") else given
+        )
+        if _apply_one(blocks, group, str(key), value, allow_new):
+            applied = True
+            override.applied.add((str(given), str(key)))
+    return applied
+
+
+def _apply_one(blocks: list[LDict], group: str | None, key: str, value: Any, allow_new: bool) -> bool:
+    import copy
+
+    applied = False
     for block in blocks:
-        if override.group is None:
-            for group in block.values():
-                if isinstance(group, dict) and key in group:
-                    group[key] = override.value
+        if not any(isinstance(g, dict) and key in g for g in block.values()):
+            continue
+        if group is None:
+            for target in block.values():
+                if isinstance(target, dict) and key in target:
+                    target[key] = copy.deepcopy(value)
                     applied = True
-        else:
-            yaml_group = "DEFAULT" if override.group == "default" else override.group
-            group = block.get(yaml_group)
-            shared = block.get("SHARED")
-            if isinstance(shared, dict) and key in shared and yaml_group != "SHARED":
-                diags.error(
-                    "E0212",
-                    f"`{override.describe()}` would have no effect: `{key}` is in SHARED, which overrides every group",
-                    block.key_span("SHARED"),
-                    hint=f"use `-p {key}=...` to change it everywhere",
-                )
-                return True
-            if isinstance(group, dict) and (
-                key in group or any(isinstance(g, dict) and key in g for g in block.values())
-            ):
-                group[key] = override.value
-                applied = True
+            continue
+        yaml_group = "DEFAULT" if group == "default" else group
+        target = block.get(yaml_group)
+        if not isinstance(target, dict):
+            if yaml_group != "DEFAULT":
+                continue  # this block has no such group (another may; an unknown group is E0214)
+            target = LDict(span=block.span)
+            block["DEFAULT"] = target
+        _unshare(block, key)
+        target[key] = copy.deepcopy(value)
+        applied = True
     if not applied and allow_new and blocks:
-        target = blocks[0]
-        group_name = "DEFAULT" if override.group is None else override.group
-        group = target.get(group_name)
-        if not isinstance(group, dict):
-            group = LDict(span=target.span)
-            target[group_name] = group
-        group[key] = override.value
+        first = blocks[0]
+        name = "DEFAULT" if group in (None, "default") else group
+        target = first.get(name)
+        if not isinstance(target, dict):
+            target = LDict(span=first.span)
+            first[name] = target
+        target[key] = copy.deepcopy(value)
         applied = True
     return applied
+
+
+def _unshare(block: LDict, key: str) -> None:
+    """Move ``key`` out of SHARED into DEFAULT and every named group of ``block``, each with SHARED's
+    value: what every group sees is unchanged, and one group can now be given a value of its own."""
+    import copy
+
+    shared, default = block.get("SHARED"), block.get("DEFAULT")
+    if not isinstance(shared, dict) or key not in shared:
+        return
+    if isinstance(default, dict) and key in default:
+        return  # the template sets it in both: E0202 says so
+    value = shared.pop(key)
+    span = shared.key_span(key) if isinstance(shared, LDict) else block.span
+    if not isinstance(block.get("DEFAULT"), dict):
+        block["DEFAULT"] = LDict(span=span)
+    for name, group in list(block.items()):
+        if name == "SHARED":
+            continue
+        if group is None:
+            group = block[name] = LDict(span=span)
+        if isinstance(group, dict):
+            group[key] = copy.deepcopy(value)
+            if isinstance(group, LDict):
+                group.key_spans.setdefault(key, span)
+
+
+def check_group_overrides(overrides: list[Override], used: set[str], sources: list[Source], diags: Diagnostics) -> None:
+    """A `-p` value for a named group that no Jinja block of the build rendered with would be lost:
+    it is an error naming the groups that were used (issue 13: `-p femto.depths=...` with atto selected)."""
+    for override in overrides:
+        if override.groups is not None:
+            names = [g for g in override.groups if g not in ("default", "_shared_", "DEFAULT", "SHARED")]
+        elif override.group not in (None, "default", "DEFAULT", "SHARED"):
+            names = [override.group]
+        else:
+            names = []
+        for name in names:
+            if name in used:
+                continue
+            chosen = sorted(used - {"default"})
+            span, hint = None, ""
+            for source in sources:
+                for block in parameter_blocks(source.data):
+                    if name in block and span is None:
+                        span = block.key_span(name)
+                    selector = block.get("DEFAULT")
+                    if isinstance(selector, dict) and not hint:
+                        for key, value in selector.items():
+                            if isinstance(value, str) and value in chosen and name in block:
+                                hint = f"select it with `-p {key}={name}`, or leave out `{override.describe()}`"
+            if chosen:
+                what = f"the blocks of this build render with group{'s' if len(chosen) > 1 else ''} " + ", ".join(
+                    f"`{g}`" for g in chosen
+                )
+            else:
+                what = "no block of this build renders with a named group (only DEFAULT)"
+            diags.error(
+                "E0217",
+                f"`{override.describe()}` sets group `{name}`, which this build does not use: {what}",
+                span,
+                hint=hint
+                or f"a value for a group that is not used would be ignored; leave out `{override.describe()}`",
+            )
 
 
 def report_unused_overrides(
@@ -679,15 +917,29 @@ def report_unused_overrides(
         for block in blocks:
             groups.update(str(k) for k in block)
     for override, was_used in zip(overrides, used):
-        if was_used:
-            continue
         first = sources[0] if sources else None
         span = None
         if first is not None:
             params = first.data.get("PARAMETERS")
             span = first.data.key_span("PARAMETERS") if params is not None else Span(first.display, 1, 1)
-        if override.groups is not None:
-            names = [k for g in override.groups.values() for k in g if k not in known]
+        if override.groups is not None:  # each (group, key) must apply: one that did not is never silently dropped
+            missed = [
+                (g, str(k))
+                for g, values in override.groups.items()
+                for k in values
+                if (g, str(k)) not in override.applied
+            ]
+            for group in dict.fromkeys(g for g, _ in missed if g not in ("default", "_shared_") and g not in groups):
+                diags.error(
+                    "E0214",
+                    f"`{override.describe()}` names group `{group}`, which no template defines",
+                    span,
+                    hint=did_you_mean(group, groups) or f"groups: {', '.join(sorted(groups))}",
+                )
+            names = [k for g, k in missed if g in ("default", "_shared_") or g in groups]
+            if not names:
+                continue
+            names = [k for k in names if k not in known] or names
             what = ", ".join(f"`{n}`" for n in names) or "its keys"
             hint = " ".join(filter(None, (did_you_mean(n, known) for n in names)))
             diags.error(
@@ -696,6 +948,8 @@ def report_unused_overrides(
                 span,
                 hint=(hint + " " if hint else "") + "or pass --allow-new-params to add it to DEFAULT",
             )
+            continue
+        if was_used:
             continue
         if override.group is not None and override.group not in groups and override.group != "default":
             diags.error(
@@ -780,25 +1034,154 @@ _TEMPLATE_CACHE: dict[str, Any] = {}
 # Size guards of the Jinja sandbox. Jinja's own sandbox stops attribute escapes and caps
 # `range`, but `'a' * 10**9`, `10 ** 10**9`, `'%0999999999d' % 1` or `'a'.ljust(10**9)` would
 # still exhaust memory or time: such operations are refused with a diagnostic.
+# The values are those of scmc.limits, read again at the start of each build (Budget()).
 MAX_JINJA_INT = 100_000  # the largest int a filter or method takes as an argument (Jinja's MAX_RANGE)
 MAX_JINJA_LENGTH = 1_000_000  # the longest string or list one operation may build
 MAX_JINJA_BITS = 65_536  # the largest integer `**` may build
-MAX_RENDERED_CHARS = 500_000  # the output of one Jinja block (ruamel parses ~20 kB/s of steps)
+
+
+def _set_value_limits() -> None:
+    from scmc.limits import limit
+
+    global MAX_JINJA_INT, MAX_JINJA_LENGTH, MAX_JINJA_BITS
+    MAX_JINJA_INT = limit("SCMC_MAX_JINJA_ARGUMENT")
+    MAX_JINJA_LENGTH = limit("SCMC_MAX_JINJA_VALUE")
+    MAX_JINJA_BITS = limit("SCMC_MAX_JINJA_BITS")
+
+
 _WIDE_FORMAT = re.compile(r"%[-#0 +]*(\*|\d{6,})|%[-#0 +]*\d*\.(\*|\d{6,})|\{[^{}]*:[^{}]*(\d{6,}|\{)")
 
 
 class JinjaTooBig(Exception):
     """An operation in a Jinja block would build a value beyond the sandbox's size guards."""
 
+    def __init__(self, message: str, how: str = ""):
+        super().__init__(message)
+        self.how = how or "the limits are SCMC_MAX_JINJA_VALUE, SCMC_MAX_JINJA_ARGUMENT and SCMC_MAX_JINJA_BITS"
 
-def _sized(value: Any) -> int:
-    return len(value) if isinstance(value, (str, list, tuple)) else 0
+
+_OPENING_TAGS = {"if", "for", "macro", "call", "filter", "with", "block", "autoescape", "trans"}
+_BRACKETS = {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}
+
+
+def _check_nesting(env: Any, source: str, maximum: int, first: Span) -> None:
+    """Refuse a template whose tags or brackets nest deeper than SCMC_MAX_JINJA_NESTING before Jinja's
+    recursive parser and compiler (and Python's, which has its own limits) see it. Lexing is iterative."""
+    from jinja2 import TemplateSyntaxError
+
+    from scmc.limits import exceeded
+
+    depth = brackets = 0
+    in_tag = False
+    tag: list[str] = []  # the tokens of the `{% ... %}` tag being read
+    try:
+        tokens = env.lex(source)
+        for lineno, kind, value in tokens:
+            if kind == "block_begin":
+                tag, in_tag = [], True
+                continue
+            if kind == "block_end":
+                name = tag[0] if tag else ""
+                if name in _OPENING_TAGS or (name == "set" and "=" not in tag):
+                    depth += 1
+                elif name.startswith("end"):
+                    depth -= 1
+                in_tag = False
+            elif in_tag and kind != "whitespace":
+                tag.append(value)
+            if kind == "operator" and value in _BRACKETS:
+                brackets += _BRACKETS[value]
+            if max(depth, brackets) > maximum:
+                raise fail(
+                    "E0315",
+                    f"Jinja tags or brackets nest more than {maximum} levels deep",
+                    Span(first.path, first.line + lineno - 1, 1),
+                    hint=f"templates nest a few levels; check for a runaway tag or bracket ({exceeded('SCMC_MAX_JINJA_NESTING')})",
+                )
+    except TemplateSyntaxError:
+        return  # reported with its line by from_string
+
+
+def _sized(value: Any, cap: int | None = None) -> int:
+    """The size of a value as memory sees it: characters of strings, plus one per item, through
+    nested lists, tuples and dicts (so a list of 8,000 strings of 100,000 characters is 800 million,
+    not 8,000). An iterative walk that stops once it passes ``cap`` (default: MAX_JINJA_LENGTH)."""
+    cap = MAX_JINJA_LENGTH if cap is None else cap
+    total, stack = 0, [value]
+    while stack and total <= cap:
+        item = stack.pop()
+        if isinstance(item, (str, bytes)):
+            total += len(item)
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            total += len(item)
+            stack.extend(item)
+        elif isinstance(item, dict):
+            total += len(item)
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, int) and not isinstance(item, bool):
+            total += item.bit_length() // 3
+    return total
+
+
+def _too_big(size: int, what: str = "the block builds a value") -> JinjaTooBig:
+    return JinjaTooBig(f"{what} of more than {MAX_JINJA_LENGTH:,} characters and items (at least {size:,})")
 
 
 def _guard_result(value: Any) -> Any:
-    if _sized(value) > MAX_JINJA_LENGTH:
-        raise JinjaTooBig(f"the block builds a value of {_sized(value):,} items (the limit is {MAX_JINJA_LENGTH:,})")
+    size = _sized(value)
+    if size > MAX_JINJA_LENGTH:
+        raise _too_big(size)
     return value
+
+
+def _counted(iterator: Iterator[Any]) -> Iterator[Any]:
+    """A lazy sequence (`range(8000)|map('center', 100000)`) whose items are counted as they are
+    made, so `|list` or `|join` stops at the limit instead of after building all of it."""
+    total = 0
+    for item in iterator:
+        total += _sized(item) + 1
+        if total > MAX_JINJA_LENGTH:
+            raise _too_big(total, "a lazy sequence (map, select, ...) makes items")
+        yield item
+
+
+def _lazy(value: Any) -> bool:
+    import collections.abc
+
+    return isinstance(value, collections.abc.Iterator) and not isinstance(value, (str, bytes, list, tuple, dict))
+
+
+def _estimate(name: str, text: Any, args: tuple, kwargs: dict) -> int:
+    """The size a string filter or method would build, computed before it runs (0: nothing to estimate)."""
+    if not isinstance(text, str):
+        if name == "join" and isinstance(text, (list, tuple, range)):  # the join filter: value|join(sep)
+            sep = args[0] if args else kwargs.get("d", "")
+            items = len(text) * 7 if isinstance(text, range) else _sized(text)
+            return items + (len(sep) if isinstance(sep, str) else 0) * len(text)
+        return 0
+    width = next((a for a in (*args, *kwargs.values()) if isinstance(a, int) and not isinstance(a, bool)), 0)
+    if name == "indent":
+        return (
+            len(text)
+            + max(width, 0) * (text.count("\n") + 1)
+            + sum(len(a) * (text.count("\n") + 1) for a in (*args, *kwargs.values()) if isinstance(a, str))
+        )
+    if name == "expandtabs":
+        return len(text) + max(width, 8 if not args else 0) * text.count("\t")
+    if name == "wordwrap":
+        wrap = kwargs.get("wrapstring", args[3] if len(args) > 3 else "\n")
+        return len(text) * (1 + len(wrap) if isinstance(wrap, str) else 2)
+    if name in ("center", "ljust", "rjust", "zfill"):
+        return max(len(text), width)
+    if name == "join":  # str.join(iterable): the separator is the string
+        items = args[0] if args else ()
+        if isinstance(items, (list, tuple)):
+            return _sized(items) + len(text) * len(items)
+    if name in ("format", "format_map") or name == "%":
+        fields = text.count("{") + text.count("%")
+        return len(text) + fields * max([_sized(a) for a in (*args, *kwargs.values())] or [0])
+    return 0
 
 
 def _guard_arguments(args: tuple, kwargs: dict) -> None:
@@ -822,10 +1205,13 @@ def _guard_replace(text: Any, old: Any, new: Any) -> None:
 def _call_binop(context: Any, operator: str, left: Any, right: Any) -> Any:
     if operator == "*":
         for seq, times in ((left, right), (right, left)):
-            if _sized(seq) and isinstance(times, int) and _sized(seq) * times > MAX_JINJA_LENGTH:
-                raise JinjaTooBig(
-                    f"`*` would build a value of {_sized(seq) * times:,} items (the limit is {MAX_JINJA_LENGTH:,})"
-                )
+            if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and not isinstance(times, bool):
+                size = _sized(seq)
+                if size * times > MAX_JINJA_LENGTH:
+                    raise JinjaTooBig(
+                        f"`*` would build a value of {size * times:,} characters and items "
+                        f"(the limit is {MAX_JINJA_LENGTH:,})"
+                    )
         return _guard_result(left * right)
     if operator == "**":
         if (
@@ -839,6 +1225,8 @@ def _call_binop(context: Any, operator: str, left: Any, right: Any) -> Any:
         return left**right
     if operator == "%":
         _guard_format(left)
+        if _estimate("%", left, right if isinstance(right, tuple) else (right,), {}) > MAX_JINJA_LENGTH:
+            raise JinjaTooBig(f"`%` would build a string longer than {MAX_JINJA_LENGTH:,}")
         return _guard_result(left % right)
     if operator == "+":
         if _sized(left) + _sized(right) > MAX_JINJA_LENGTH:
@@ -855,12 +1243,17 @@ def _guarded_filter(name: str, function: Any) -> Any:
         from jinja2.nodes import EvalContext
         from jinja2.runtime import Context
 
-        plain_args = args[1:] if args and isinstance(args[0], (Context, EvalContext)) else args  # pass_context filters
+        offset = 1 if args and isinstance(args[0], (Context, EvalContext)) else 0  # pass_context filters
+        args = args[:offset] + tuple(_counted(a) if _lazy(a) else a for a in args[offset:])
+        kwargs = {k: _counted(v) if _lazy(v) else v for k, v in kwargs.items()}
+        plain_args = args[offset:]
         _guard_arguments(plain_args[1:], kwargs)
         if name == "format" and plain_args:
             _guard_format(plain_args[0])
         if name == "replace" and len(plain_args) >= 3:
             _guard_replace(*plain_args[:3])
+        if plain_args and _estimate(name, plain_args[0], plain_args[1:], kwargs) > MAX_JINJA_LENGTH:
+            raise JinjaTooBig(f"`{name}` would build a string longer than {MAX_JINJA_LENGTH:,}")
         return _guard_result(function(*args, **kwargs))
 
     return guarded
@@ -875,9 +1268,16 @@ def _install_guards(env: Any) -> None:
     unguarded_call = env.call
 
     def call(context: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(_counted(a) if _lazy(a) else a for a in args)
+        kwargs = {k: _counted(v) if _lazy(v) else v for k, v in kwargs.items()}
         _guard_arguments(args, kwargs)
         method = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
         owner = getattr(method, "__self__", None)
+        if (
+            isinstance(owner, str)
+            and _estimate(getattr(method, "__name__", ""), owner, args, kwargs) > MAX_JINJA_LENGTH
+        ):
+            raise JinjaTooBig(f"`{method.__name__}` would build a string longer than {MAX_JINJA_LENGTH:,}")
         if isinstance(owner, str) and getattr(method, "__name__", "") in ("format", "format_map"):
             _guard_format(owner)
         if isinstance(owner, str) and getattr(method, "__name__", "") == "replace" and len(args) >= 2:
@@ -885,6 +1285,40 @@ def _install_guards(env: Any) -> None:
         return _guard_result(unguarded_call(context, obj, *args, **kwargs))
 
     env.call = call
+    env.finalize = _finalize  # what `{{ ... }}` prints: sized before it becomes text
+    env.scmc_concat = _concat
+    env.code_generator_class = _guarded_code_generator()
+
+
+def _finalize(value: Any) -> Any:
+    return _guard_result(value)
+
+
+def _concat(values: tuple) -> str:
+    """`a ~ b`: the sizes of the pieces are added up before they are joined."""
+    size = sum(_sized(v) for v in values)
+    if size > MAX_JINJA_LENGTH:
+        raise _too_big(size, "`~` would build a string")
+    return "".join(str(v) for v in values)
+
+
+def _guarded_code_generator() -> type:
+    from jinja2.compiler import CodeGenerator
+
+    class GuardedCodeGenerator(CodeGenerator):
+        """Jinja's code generator, with `~` (which Jinja compiles to a plain join) sent through
+        :func:`_concat`, so it is size-checked like the intercepted operators."""
+
+        def visit_Concat(self, node: Any, frame: Any) -> None:
+            if frame.eval_ctx.volatile or frame.eval_ctx.autoescape:  # pragma: no cover - autoescape is off
+                return super().visit_Concat(node, frame)
+            self.write("environment.scmc_concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
+    return GuardedCodeGenerator
 
 
 def jinja_environment():
@@ -906,31 +1340,43 @@ def _render(source: str, variables: Mapping[str, Any], span: Span, text_span: Sp
     from jinja2.sandbox import SecurityError
 
     env = jinja_environment()
+    budget = _budget()
     template = _TEMPLATE_CACHE.get(source)
+    first = text_span or Span(span.path, span.line + 1)  # where the template text starts
     if template is None:
+        _check_nesting(env, source, budget.nesting, first)
         try:
             template = env.from_string(source)
         except TemplateSyntaxError as exc:
-            first = text_span or Span(span.path, span.line + 1)  # where the template text starts
             line = first.line + max((exc.lineno or 1) - 1, 0)
             raise fail("E0300", f"Jinja syntax error: {exc.message}", Span(span.path, line, 1)) from None
+        except (RecursionError, MemoryError, SyntaxError) as exc:
+            # a long chain of operators or filters: Jinja's compiler or Python's recurses too deeply
+            raise fail(
+                "E0315",
+                f"this Jinja block is too deeply nested to compile ({type(exc).__name__})",
+                span,
+                hint="split long expressions and deep nesting of tags or brackets into several blocks or `set`s",
+            ) from None
         _TEMPLATE_CACHE[source] = template
     try:
-        return _render_limited(template, dict(variables))  # a mapping, so a parameter may be called `self`
+        return _render_limited(template, dict(variables), budget)  # a mapping, so a parameter may be called `self`
     except JinjaTooBig as exc:
         raise fail(
             "E0314",
             f"Jinja block too large: {exc}",
             span,
+            hint=f"templates describe layers; they do not need values this large ({exc.how})",
+        ) from None
+    except MemoryError:
+        raise fail(
+            "E0314",
+            "Jinja block too large: rendering it ran out of memory",
+            span,
             hint="templates describe layers; they do not need values this large",
         ) from None
     except RenderTimeout:
-        raise fail(
-            "E0311",
-            f"rendering this Jinja block took longer than {MAX_SECONDS:g} s",
-            span,
-            hint="a loop in the block runs too long",
-        ) from None
+        raise _timeout(span) from None
     except RecursionError:
         raise fail(
             "E0310", "Jinja rendering recursed too deeply", span, hint="a macro calls itself without end"
@@ -960,12 +1406,18 @@ class RenderTimeout(Exception):
     pass
 
 
-def _render_limited(template: Any, variables: dict[str, Any]) -> str:
-    """Render with the output capped at MAX_RENDERED_CHARS and, in the main thread, the time at
-    MAX_SECONDS (a SIGALRM timer: a loop that prints nothing yields no chance to check)."""
+def _render_limited(template: Any, variables: dict[str, Any], budget: Budget) -> str:
+    """Render with the output capped at SCMC_MAX_JINJA_BLOCK_CHARS (and what is left of the build's
+    SCMC_MAX_JINJA_BUILD_CHARS) and, in the main thread, the time at what is left of the build's
+    SCMC_MAX_JINJA_SECONDS (a SIGALRM timer: a loop that prints nothing yields no chance to check)."""
     import signal
     import threading
 
+    from scmc.limits import exceeded
+
+    left = budget.remaining()
+    if left <= 0:
+        raise RenderTimeout()
     timer = (
         hasattr(signal, "setitimer")
         and threading.current_thread() is threading.main_thread()
@@ -978,15 +1430,23 @@ def _render_limited(template: Any, variables: dict[str, Any]) -> str:
             raise RenderTimeout()
 
         previous = signal.signal(signal.SIGALRM, expired)
-        signal.setitimer(signal.ITIMER_REAL, MAX_SECONDS)
+        signal.setitimer(signal.ITIMER_REAL, left)
     try:
         pieces: list[str] = []
         total = 0
         for piece in template.generate(variables):
             total += len(piece)
-            if total > MAX_RENDERED_CHARS:
-                raise JinjaTooBig(f"it renders more than {MAX_RENDERED_CHARS:,} characters")
+            if total > budget.block_chars:
+                raise JinjaTooBig(
+                    f"it renders more than {budget.block_chars:,} characters", exceeded("SCMC_MAX_JINJA_BLOCK_CHARS")
+                )
+            if budget.rendered + total > budget.chars:
+                raise JinjaTooBig(
+                    f"the blocks of this build render more than {budget.chars:,} characters",
+                    exceeded("SCMC_MAX_JINJA_BUILD_CHARS"),
+                )
             pieces.append(piece)
+        budget.rendered += total
         return "".join(pieces)
     finally:
         if timer:
@@ -997,16 +1457,37 @@ def _render_limited(template: Any, variables: dict[str, Any]) -> str:
 _SAFE_PIPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "tuple": list}
 
 
+def _pipe_step(name: str, value: Any, span: Span) -> Any:
+    """One cast of a `_jinja_pipe_`; a value it cannot cast is a diagnostic at the pipe."""
+    try:
+        if name in ("json.loads", "json"):
+            if not isinstance(value, str):
+                raise TypeError(f"it takes the rendered text, not a {type(plain(value)).__name__}")
+            return _json_block(value, span)
+        if name == "int" and isinstance(value, str):
+            message = int_too_long(sum(c.isdigit() for c in value))
+            if message:
+                raise ValueError(message)
+        return _SAFE_PIPES[name](value)
+    except CompileError:
+        raise
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise fail(
+            "E0316",
+            f"`_jinja_pipe_` step `{name}` cannot cast {shorten(repr(plain(value)), 60)}: {exc}",
+            span,
+            hint="the pipe casts what the block rendered; make the block render a value of that type",
+        ) from None
+
+
 def _apply_pipe(value: Any, pipe: Any, span: Span) -> Any:
     items = pipe if isinstance(pipe, list) and not (pipe and pipe[0] == "_obj_") else [pipe]
     for item in items:
         name = item
         if isinstance(item, list) and len(item) == 2 and item[0] == "_obj_" and isinstance(item[1], dict):
             name = item[1].get("_addr_")
-        if name in ("json.loads", "json"):
-            value = json.loads(value)
-        elif name in _SAFE_PIPES:
-            value = _SAFE_PIPES[name](value)
+        if name in ("json.loads", "json") or name in _SAFE_PIPES:
+            value = _pipe_step(name, value, span)
         else:
             raise fail(
                 "E0305",
@@ -1029,6 +1510,7 @@ def _render_block(node: LDict, groups: Parameters, default: str) -> tuple[LDict,
         raise fail("E0307", f"`{alias}` must be a string holding a Jinja template", node.value_span(alias))
     group_name = node.get(JINJA_GROUP) or default
     variables = groups.group(str(group_name))
+    _budget().groups_used.add(str(group_name))
     if variables is None:
         raise fail(
             "E0308",
@@ -1049,12 +1531,7 @@ def _render_block(node: LDict, groups: Parameters, default: str) -> tuple[LDict,
             ) from None
         value = relocate(value, block_span)
     elif alias == JINJA_JSON:
-        try:
-            value = relocate(json.loads(text), block_span)
-        except json.JSONDecodeError as exc:
-            raise fail("E0309", f"the Jinja block did not render valid JSON: {exc}", span) from None
-        except RecursionError:
-            raise fail("E0106", "the JSON rendered by this Jinja block nests too deeply", span) from None
+        value = relocate(_json_block(text, span), block_span)
     else:
         value = text
     if JINJA_PIPE in node:
@@ -1068,15 +1545,61 @@ def _render_block(node: LDict, groups: Parameters, default: str) -> tuple[LDict,
     return rest, value
 
 
+class _JsonInt(ValueError):
+    pass
+
+
+def _json_block(text: str, span: Span) -> Any:
+    """The value of a `_jinja_json_` block: integers and nesting bounded like YAML's."""
+    from scmc.limits import limit
+
+    def parse_int(digits: str) -> int:
+        message = int_too_long(len(digits.lstrip("-")))
+        if message:
+            raise _JsonInt(message)
+        return int(digits)
+
+    try:
+        value = json.loads(text, parse_int=parse_int)
+    except _JsonInt as exc:
+        raise fail("E0107", f"in the JSON this Jinja block rendered: {exc}", span) from None
+    except json.JSONDecodeError as exc:
+        raise fail("E0309", f"the Jinja block did not render valid JSON: {exc}", span) from None
+    except (RecursionError, ValueError) as exc:
+        raise fail("E0309", f"the Jinja block did not render usable JSON: {exc}", span) from None
+    if not _plain_data(value):
+        raise _too_deep(span.path, 0, "", span)
+    return value
+
+
 def _excerpt(text: str, line: int) -> str:
     lines = text.splitlines()
     lo, hi = max(line - 3, 0), min(line + 2, len(lines))
-    return "\n".join(f"    {i + 1:>3} | {lines[i]}" for i in range(lo, hi))
+    return "\n".join(f"    {i + 1:>3} | {shorten(lines[i], 160)}" for i in range(lo, hi))
 
 
 def expand(data: Any, params: Parameters, default: str = "default") -> Any:
-    """Resolve every Jinja block in ``data`` (structcast's ``extend_structure`` with positions)."""
-    start = time.monotonic()
+    """Resolve every Jinja block in ``data`` (structcast's ``extend_structure`` with positions).
+
+    Its time counts against the build's SCMC_MAX_JINJA_SECONDS (see :class:`Budget`)."""
+    owned = _BUDGET.get() is None
+    token = _BUDGET.set(Budget()) if owned else None
+    budget = _budget()
+    outer = budget.started is None
+    if outer:
+        budget.started = time.monotonic()
+    try:
+        return _expand(data, params, default, budget)
+    finally:
+        if outer:
+            budget.spent += time.monotonic() - budget.started
+            budget.started = None
+        if token is not None:
+            _BUDGET.reset(token)
+
+
+def _expand(data: Any, params: Parameters, default: str, budget: Budget) -> Any:
+    from scmc.limits import exceeded
 
     def merge_into(rest: LDict, part: LDict) -> LDict:
         out = LDict(span=rest.span)
@@ -1088,10 +1611,15 @@ def expand(data: Any, params: Parameters, default: str = "default") -> Any:
         return out
 
     def go(node: Any, depth: int) -> Any:
-        if depth > MAX_DEPTH:
-            raise fail("E0310", f"Jinja blocks nest deeper than {MAX_DEPTH} levels", span_of(node, Span("<template>")))
-        if time.monotonic() - start > MAX_SECONDS:
-            raise fail("E0311", f"rendering took longer than {MAX_SECONDS:.0f} s", span_of(node, Span("<template>")))
+        if depth > budget.passes:
+            raise fail(
+                "E0310",
+                f"values and Jinja passes nest deeper than {budget.passes} levels",
+                span_of(node, Span("<template>")),
+                hint=f"check for a block that renders itself again ({exceeded('SCMC_MAX_JINJA_PASSES')})",
+            )
+        if budget.remaining() <= 0:
+            raise _timeout(span_of(node, Span("<template>")))
         if isinstance(node, LDict):
             if any(a in node for a in JINJA_ALIASES):
                 rest, part = _render_block(node, params, default)

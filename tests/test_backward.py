@@ -247,3 +247,26 @@ def test_cosine_schedule_warms_up_per_update_then_decays(convnext_backward) -> N
     assert max(lrs) == pytest.approx(2e-3 * (1 + math.cos(math.pi * 5 / 20)) / 2, rel=0.02)
     assert decay == sorted(decay, reverse=True) and decay[-1] < 2e-4
     assert not math.isnan(sum(lrs))
+
+
+def test_a_catastrophic_no_weight_decay_regex_is_refused_at_build_time(tmp_path: Path, monkeypatch) -> None:
+    """`^(\\w+)*bias$` would hang training in re's backtracking; the build refuses it at its line."""
+    from click.testing import CliRunner
+
+    from scmc.cli import main
+
+    (tmp_path / "bw.yaml").write_text(
+        "BACKWARDS:\n  - LOSS: loss\n    OPTIMIZERS:\n      - LAYERS: model\n        OPTIMIZER:\n"
+        "          - _obj_\n          - _addr_: structcast_model.torch.optimizers.create_with_scheduler\n"
+        "          - _bind_:\n              optimizer_kwargs:\n                opt: adamw\n"
+        "                no_weight_decay_regexes: ['^(?:\\w+\\.)*norm$', '^(\\w+)*bias$']\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["torch", "create", "backward", "bw.yaml", "-o", "bw.py"])
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[0] == (
+        "bw.yaml:11:63: error[E1009]: `no_weight_decay_regexes` pattern '^(\\\\w+)*bias$' is refused: "
+        "it repeats a repetition (like `(a+)+`), which can take exponential time"
+    )
+    assert "set SCMC_MAX_REGEX_LENGTH to raise it" in result.output
+    assert not (tmp_path / "bw.py").exists()

@@ -278,6 +278,7 @@ def manifest(pkg: "PackageDef", dependencies: list[str]) -> dict[str, Any]:
         "torch_version": torch.__version__.split("+")[0],
         "parameters": list(pkg.build.params),
         "resolved_parameters": _jsonable(model.params),
+        "rendered_groups": _jsonable(model.groups),
         "inputs": inputs,
         "classes": {c.role: c.program.root for c in compiled if c.program is not None}
         | {c.role: c.backward.classname for c in compiled if c.backward is not None},

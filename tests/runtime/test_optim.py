@@ -394,3 +394,30 @@ def test_state_dict_survives_torch_save_and_weights_only_load_and_resumes_the_sc
     for name, value in straight_model.state_dict().items():
         assert torch.equal(value, resumed_model.state_dict()[name]), name
     assert _round_trip(resumed.state_dict())["scheduler"] == _round_trip(straight.state_dict())["scheduler"]
+
+
+@pytest.mark.parametrize(
+    "pattern, problem",
+    [
+        (r"^(?:\w+\.)*bias$", None),
+        (r"^(?:\w+\.)*(?:downsample1|block3|block4)(?:\.\w+)*$", None),
+        (r"norm|bias", None),
+        (r"(a+)+$", "it repeats a repetition (like `(a+)+`), which can take exponential time"),
+        (r"^(\w+)*bias$", "it repeats a repetition (like `(a+)+`), which can take exponential time"),
+        (r"(.*)*x", "it repeats a repetition (like `(a+)+`), which can take exponential time"),
+        (r"(a|ab)*c", "it repeats alternatives that can match the same text (like `(a|ab)*`)"),
+        (r"(a)\1", "it uses a backreference, which can take exponential time"),
+        ("(", "it does not compile: missing ), unterminated subpattern at position 0"),
+        ("a" * 1001, "it is 1,001 characters long (the limit is 1,000)"),
+    ],
+)
+def test_regexes_that_could_backtrack_exponentially_are_refused(pattern, problem):
+    from scmc_runtime.optim import regex_problem
+
+    assert regex_problem(pattern) == problem
+
+
+def test_param_groups_refuses_a_catastrophic_regex_before_matching_any_name():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"regular expression '\^\(\\\\w\+\)\*bias\$' is refused: it repeats"):
+        param_groups(model, weight_decay=0.05, no_weight_decay_regexes=[r"^(\w+)*bias$"])
