@@ -28,6 +28,12 @@ The steps, in order:
 
 User mistakes (not a built package, a checkpoint of another model, a corrupt file, a missing
 runtime) are :class:`~scmc.diagnostics.CompileError` diagnostics with codes ``E11xx``.
+
+Everything read is treated as possibly hostile (docs/security.md, "Artifacts"): the manifest
+and the checkpoint's ``config`` are checked against typed schemas (:class:`Manifest`,
+:class:`TrainingConfig`), files must be regular files within size limits (a FIFO is refused,
+never waited on), input shapes are bounded (:data:`MAX_INPUT_ELEMENTS`), and an exported file
+is checked by :mod:`scmc.artifacts` before torch loads it (``--trust-artifact`` skips that).
 """
 
 from __future__ import annotations
