@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import functools
 import io
 import json
 import math
@@ -244,7 +245,8 @@ _SYM_FUNCTIONS = ("sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_
 _OP_NAMESPACES = ("aten", "prims", "prim", "higher_order")
 
 
-def file_operators() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def file_operators() -> frozenset[str]:
     """Registered operators that take a file name (``aten::save``, ``aten::from_file``, ...), by their schemas."""
     import torch
 
@@ -254,10 +256,10 @@ def file_operators() -> set[str]:
             if "str" in str(arg.type) and re.search(r"file|path|dir", arg.name, re.IGNORECASE):
                 names.add(schema.name)
     names.add("debugprims::load_tensor")
-    return names
+    return frozenset(names)
 
 
-def _graph_target(target: str, file_ops: set[str]) -> str:
+def _graph_target(target: str, file_ops: frozenset[str]) -> str:
     """Why the graph target ``target`` is refused, or an empty string. Resolved the way torch's deserializer does."""
     import torch
 

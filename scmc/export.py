@@ -654,6 +654,19 @@ def load_weights(model: Any, state: dict[str, Any], checkpoint: Path, package: s
 # Labels and preprocessing (recorded in the report and the ONNX metadata; used by predict.py)
 
 
+def read_labels(labels_file: Path) -> list[str]:
+    """The non-blank lines of a ``--labels`` file (a regular UTF-8 file of at most MAX_LABELS_BYTES)."""
+    hint = "--labels takes a UTF-8 text file, one class label per line"
+    data = read_bounded(Path(labels_file), MAX_LABELS_BYTES, "E1110", "the labels file", hint)
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise _err(
+            "E1110", f"the labels file `{labels_file}` is not UTF-8 text: {_short(exc)}", labels_file, hint
+        ) from None
+    return [line.strip() for line in lines if line.strip()]
+
+
 def class_labels(
     info: PackageInfo, ckpt: Any, labels_file: Path | None, num_outputs: int | None
 ) -> tuple[list[str] | None, str]:
@@ -661,13 +674,7 @@ def class_labels(
     labels: list[str] | None = None
     source = ""
     if labels_file is not None:
-        hint = "--labels takes a UTF-8 text file, one class label per line"
-        data = read_bounded(Path(labels_file), MAX_LABELS_BYTES, "E1110", "the labels file", hint)
-        try:
-            lines = data.decode("utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise _err("E1110", f"the labels file `{labels_file}` is not UTF-8 text: {_short(exc)}", labels_file, hint)
-        labels, source = [line.strip() for line in lines if line.strip()], str(labels_file)
+        labels, source = read_labels(labels_file), str(labels_file)
     elif isinstance(ckpt, dict) and _is_str_list(ckpt.get("classes")):
         labels, source = list(ckpt["classes"]), "checkpoint `classes`"
     else:
@@ -1633,6 +1640,8 @@ def export_package(request: ExportRequest, progress: Callable[[str], None] = lam
         if import_ok and not MIN_OPSET <= request.opset <= max_opset:
             raise _err("E1110", f"--opset {request.opset}: the exporter supports opsets {MIN_OPSET} to {max_opset}")
     info = read_package(request.package_dir)
+    if request.labels is not None:
+        read_labels(request.labels)  # a bad labels file fails now, not after the model is built and run
     check_runtimes(formats)
     checkpoint = Path(request.checkpoint)
     raw = read_checkpoint(checkpoint)
@@ -1811,11 +1820,10 @@ def _export_and_verify(
         path = Path(entry["path"])
         entry["bytes"] = sum((path.parent / f).stat().st_size for f in entry.get("files", [path.name]))
         progress(f"verify {entry['format']} ...")
-        # Checked unless --trust-artifact; an AOTInductor library this run compiled is loaded as is
-        # (checking it would refuse it: it is native code), one found by --verify-only is refused.
-        fresh_aoti = entry["format"] == "aoti" and not request.verify_only
+        # What --verify-only finds was not written by this run: it is checked (scmc.artifacts)
+        # unless --trust-artifact. Files this run just wrote are loaded as they are.
         runner = load_runner(
-            entry["format"], path, inputs.names, output_names, check=not (request.trust_artifact or fresh_aoti)
+            entry["format"], path, inputs.names, output_names, check=request.verify_only and not request.trust_artifact
         )
         entry["dynamic_batch"] = runner.dynamic_batch
         entry["dynamic_spatial"] = runner.dynamic_spatial

@@ -766,6 +766,7 @@ def test_pt2_code_paths_beyond_pickles_are_refused(small_exports: Path, tmp_path
 
     marker = tmp_path / "canary"
     check_artifact("pt2", small_exports / "model.pt2")  # what scmc wrote passes
+    check_artifact("torchscript", small_exports / "model.pt")
 
     def guards(name: str, data: bytes) -> bytes:
         if "/models/" in name and name.endswith(".json"):
@@ -1031,3 +1032,19 @@ def test_predict_refuses_an_image_over_the_pixel_limit_before_decoding_it(tmp_pa
     _one_line_error(_predict(tmp_path, "--onnx", str(model), "--max-pixels", "1000000", str(medium)), "over the limit")
     raised = _predict(tmp_path, "--onnx", str(model), "--max-pixels", "2000000", "--json", str(medium))
     assert raised.returncode == 0, raised.stderr
+
+
+def test_trust_artifact_loads_a_file_the_check_refuses(
+    package: Path, checkpoint: Path, small_exports: Path, tmp_path: Path
+) -> None:
+    """A harmless extra member that looks like a native library: refused by default, loaded on request."""
+    import zipfile
+
+    path = tmp_path / "model.pt"
+    path.write_bytes((small_exports / "model.pt").read_bytes())
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("model/extra/helper.so", b"\x7fELF not really")
+    _assert_error(_verify_only(package, checkpoint, tmp_path, "torchscript"), "E1113", "helper.so", "native library")
+    trusted = _verify_only(package, checkpoint, tmp_path, "torchscript", "--trust-artifact")
+    assert trusted.exit_code == 0, trusted.output
+    assert "parity: ok" in trusted.output
