@@ -1048,3 +1048,65 @@ def test_trust_artifact_loads_a_file_the_check_refuses(
     trusted = _verify_only(package, checkpoint, tmp_path, "torchscript", "--trust-artifact")
     assert trusted.exit_code == 0, trusted.output
     assert "parity: ok" in trusted.output
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+def test_the_pickle_scan_finds_imports_in_every_protocol(protocol: int, tmp_path: Path) -> None:
+    import collections
+    import pickle
+
+    from scmc.artifacts import pickle_imports
+
+    payload = pickle.dumps([_Canary(tmp_path / "m"), collections.OrderedDict(a=1)], protocol=protocol)
+    found = list(pickle_imports(payload))
+    assert ("io", "open") in found and ("collections", "OrderedDict") in found
+    assert list(pickle_imports(pickle.dumps({"a": [1, 2.0, "x", None]}, protocol=protocol))) == []
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_pickle_scan_refuses_what_it_cannot_read_off_the_bytes() -> None:
+    import pickle
+
+    from scmc.artifacts import ArtifactRefused, _Policy, _tensor_format_objects, pickle_imports, scan_pickle
+
+    # STACK_GLOBAL whose module comes from a computed value, and an import by extension code.
+    computed = b"\x80\x04" + b"\x8c\x02os" + b"\x8c\x06system" + b"\x86" + b"0" + b"\x8c\x02os\x8c\x06system\x93."
+    assert list(pickle_imports(computed)) == [("os", "system")]  # plain strings are read
+    dup = b"\x80\x04\x8c\x02os\x8c\x06system2\x93."  # DUP: the name is a copy, not a push the scan saw
+    with pytest.raises(ValueError):
+        list(pickle_imports(dup))
+    with pytest.raises(ValueError):
+        list(pickle_imports(b"\x80\x02\x82\x01."))  # EXT1
+    exact, by_kind = _tensor_format_objects()
+    import torch
+
+    scan_pickle(pickle.dumps(torch.float32), "dtype", _Policy(exact, by_kind))  # torch's format passes
+    with pytest.raises(ArtifactRefused, match="`torch.load`"):
+        scan_pickle(b"ctorch\nload\n.", "m", _Policy(exact, by_kind))  # torch.* is judged by what it is
+    with pytest.raises(ArtifactRefused, match="not a pickle"):
+        scan_pickle(b"\x80\x04\x95garbage", "m", _Policy(exact, by_kind))
+
+
+def test_onnx_external_data_outside_the_model_folder_is_refused(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from scmc.artifacts import ArtifactRefused, check_artifact
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
+    weight.data_location = TensorProto.EXTERNAL
+    del weight.float_data[:]
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", "../../etc/passwd"
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [weight],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(ArtifactRefused, match="outside the model's folder"):
+        check_artifact("onnx", path)
+    check_artifact("onnx", _tiny_onnx(tmp_path / "tiny.onnx"))
