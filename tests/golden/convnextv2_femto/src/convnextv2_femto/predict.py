@@ -158,6 +158,25 @@ def preprocess(
     return (x - m) / s
 
 
+def _prepared(
+    path: str, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float], max_pixels: int
+) -> np.ndarray:
+    """preprocess(), with any failure reported as a PredictError naming the image."""
+    try:
+        return preprocess(path, size, mean, std, max_pixels)
+    except PredictError:
+        raise
+    except MemoryError:
+        raise PredictError(
+            f"{path}: out of memory while preparing the image (lower --max-pixels)"
+        ) from None
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise PredictError(
+            f"{path}: cannot prepare the image: {type(exc).__name__}: {reason}"
+        ) from None
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
     z = z - z.max(axis=-1, keepdims=True)
@@ -268,10 +287,14 @@ def predict(
     results = []
     for start in range(0, len(images), batch):
         chunk = list(images[start : start + batch])
-        x = np.stack([preprocess(p, size, mean, std, max_pixels) for p in chunk])
+        x = np.stack([_prepared(p, size, mean, std, max_pixels) for p in chunk])
         if len(chunk) < batch:  # a fixed batch size: pad with copies, ignore their results
             x = np.concatenate([x, np.repeat(x[-1:], batch - len(chunk), axis=0)])
-        (logits,) = session.run([output], {input_name: x})
+        try:
+            (logits,) = session.run([output], {input_name: x})
+        except Exception as exc:  # e.g. a model that wants other channels than RGB
+            reason = " ".join(str(exc).split())[:300]
+            raise PredictError(f"{onnx_path}: running the model failed: {reason}") from None
         probs = softmax(logits[: len(chunk)].reshape(len(chunk), -1))
         for path, p in zip(chunk, probs):
             order = np.argsort(-p, kind="stable")[: max(1, topk)]
