@@ -281,6 +281,18 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
     show_default=True,
     help="Interleaved timing rounds per batch size (0: no latency figures).",
 )
+@click.option(
+    "--trust-artifact",
+    is_flag=True,
+    help="Load exported .pt2/TorchScript/AOTInductor files without checking that they hold only data "
+    "(only for files you made: loading one can run code it carries).",
+)
+@click.option(
+    "--max-input-elements",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Values one input sample may hold (default 33554432, e.g. 3x3344x3344).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 def export(
     package_dir: Path,
@@ -298,6 +310,8 @@ def export(
     no_aoti: bool,
     aoti_timeout: float,
     latency_rounds: int,
+    trust_artifact: bool,
+    max_input_elements: int | None,
     quiet: bool,
 ) -> None:
     """Export PACKAGE_DIR (built by scmc build) with CHECKPOINT's weights, verified against eager PyTorch."""
@@ -319,6 +333,8 @@ def export(
         labels=labels,
         verify_only=verify_only,
         latency_rounds=latency_rounds,
+        trust_artifact=trust_artifact,
+        max_input_elements=max_input_elements or 0,
     )
     try:
         status = run_export(request, echo=click.echo, echo_err=lambda text: click.echo(text, err=True), quiet=quiet)

@@ -28,6 +28,12 @@ The steps, in order:
 
 User mistakes (not a built package, a checkpoint of another model, a corrupt file, a missing
 runtime) are :class:`~scmc.diagnostics.CompileError` diagnostics with codes ``E11xx``.
+
+Everything read is treated as possibly hostile (docs/security.md, "Artifacts"): the manifest
+and the checkpoint's ``config`` are checked against typed schemas (:class:`Manifest`,
+:class:`TrainingConfig`), files must be regular files within size limits (a FIFO is refused,
+never waited on), input shapes are bounded (:data:`MAX_INPUT_ELEMENTS`), and an exported file
+is checked by :mod:`scmc.artifacts` before torch loads it (``--trust-artifact`` skips that).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -50,7 +57,9 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Annotated, Any, Callable, Iterator, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, StringConstraints, ValidationError
 
 import scmc
 from scmc.diagnostics import CompileError, Diagnostic, Span
@@ -89,6 +98,18 @@ EXACT_KINDS = ("int", "uint", "bool")  # integer and boolean outputs must match 
 
 INSTALL_HINT = "pip install 'scmc[export]'"
 
+# Bounds on what export reads (docs/security.md). Files: the manifest and the labels file are
+# read whole, so they are capped; a package holds at most MAX_PACKAGE_FILES entries. Inputs: the
+# model is run at batch 7 and at 1.25x the spatial size during verification, so one sample may
+# hold at most MAX_INPUT_ELEMENTS values (3x3344x3344 float32 is 128 MiB), unless
+# --max-input-elements raises it.
+MAX_MANIFEST_BYTES = 4 * 2**20
+MAX_LABELS_BYTES = 16 * 2**20
+MAX_SOURCE_BYTES = 64 * 2**20  # one .py file of the package
+MAX_PACKAGE_FILES = 10_000
+MAX_INPUT_ELEMENTS = 2**25
+MAX_INPUT_DIMS = 8
+
 
 # ------------------------------------------------------------------------------------------
 # Requests and results
@@ -111,6 +132,8 @@ class ExportRequest:
     labels: Path | None = None  # a text file, one class label per line
     verify_only: bool = False  # re-verify artifacts already in the output folder
     latency_rounds: int = 15
+    trust_artifact: bool = False  # load .pt2/TorchScript/AOTInductor files without checking them (scmc.artifacts)
+    max_input_elements: int = 0  # per-sample input size limit; 0: MAX_INPUT_ELEMENTS
 
 
 @dataclass
@@ -173,13 +196,148 @@ class PackageInfo:
 
 
 def _require_path(path: Path, code: str, what: str, directory: bool, hint: str) -> Path:
-    """PATH as a Path if it exists and is a directory (or a file); else the error CODE."""
+    """PATH as a Path if it exists and is a directory (or a regular file); else the error CODE.
+
+    A FIFO, a socket or a device is refused: reading one blocks or never ends.
+    """
     path = Path(path)
-    if not path.exists():
-        raise _err(code, f"{what} `{path}` does not exist", path, hint)
-    if path.is_dir() != directory:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise _err(code, f"{what} `{path}` does not exist", path, hint) from None
+    except OSError as exc:
+        raise _err(code, f"{what} `{path}` cannot be read: {_short(exc)}", path, hint) from None
+    if stat.S_ISDIR(mode) != directory:
         raise _err(code, f"{what} `{path}` is not a {'directory' if directory else 'file'}", path, hint)
+    if not directory and not stat.S_ISREG(mode):
+        raise _err(code, f"{what} `{path}` is not a regular file ({_file_kind(mode)})", path, hint)
     return path
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device")]
+    kinds += [(stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")]
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
+def read_bounded(path: Path, limit: int, code: str, what: str, hint: str = "") -> bytes:
+    """The bytes of the regular file PATH, at most LIMIT of them; else the error CODE naming PATH.
+
+    The file is opened without blocking and checked after opening (no race between a check and
+    the read): a FIFO named as a labels file or a manifest is refused at once, never waited on.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise _err(code, f"{what} `{path}` does not exist", path, hint) from None
+    except OSError as exc:
+        raise _err(code, f"cannot read {what} `{path}`: {_short(exc)}", path, hint) from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _err(code, f"{what} `{path}` is not a regular file ({_file_kind(info.st_mode)})", path, hint)
+        if info.st_size > limit:
+            raise _err(code, f"{what} `{path}` is {info.st_size:,} bytes, over the limit of {limit:,}", path, hint)
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise _err(code, f"{what} `{path}` is over the limit of {limit:,} bytes", path, hint)
+    return data
+
+
+# The manifest as export reads it: the keys export uses are typed; the rest is the build's business.
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=200)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class InputSpec(_Open):
+    shape: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1, max_length=MAX_INPUT_DIMS)]
+    dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]
+
+
+class DatasetPreset(_Open):
+    image_size: Annotated[int, Field(gt=0)] | None = None
+    mean: Annotated[list[Finite], Field(min_length=1, max_length=64)] | None = None
+    std: (
+        Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1, max_length=64)] | None
+    ) = None
+    classes: (
+        Annotated[list[Annotated[str, Field(max_length=1000)]], Field(min_length=1, max_length=1_000_000)] | None
+    ) = None
+    kind: str | None = None
+
+
+class Presets(_Open):
+    dataset: DatasetPreset | None = None
+
+
+class TemplateHash(_Open):
+    path: str
+    role: str
+    sha256: str
+
+
+class Manifest(_Open):
+    package: Identifier
+    scmc_version: str | None = None
+    input_shapes: Annotated[dict[Identifier, InputSpec], Field(min_length=1, max_length=64)]
+    outputs: dict[str, list[str]] = {}
+    classes: dict[str, Identifier] = {}
+    inputs: list[TemplateHash] = []
+    presets: Presets | None = None
+
+
+class TrainingConfig(BaseModel):
+    """The keys export reads from a checkpoint's ``config`` (the generated train.py's TrainConfig).
+
+    Lax about containers (a checkpoint may hold tuples), strict about what is in them.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    image_size: Annotated[StrictInt, Field(gt=0)] | None = None
+    mean: (
+        Annotated[list[Annotated[StrictFloat, Field(allow_inf_nan=False)]], Field(min_length=1, max_length=64)] | None
+    ) = None
+    std: (
+        Annotated[list[Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1, max_length=64)]
+        | None
+    ) = None
+    data: StrictStr | None = None
+    timm_dataset: StrictStr | None = None
+
+
+def _key(loc: Sequence[Any]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+
+
+def _problems(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """(key, message) per pydantic error, with the value shown shortly."""
+    out = []
+    for error in exc.errors(include_url=False):
+        key = prefix + _key(error["loc"]) if error["loc"] else prefix.rstrip(".") or "(top level)"
+        value = error.get("input")
+        shown = json.dumps(value, default=str)[:60] if error["type"] != "missing" else ""
+        message = error["msg"][0].lower() + error["msg"][1:] if error["msg"] else error["type"]
+        out.append((key, f"{message}{f', not {shown}' if shown else ''}"))
+    return out
+
+
+def _json_line(text: str, key: str) -> int:
+    """The line of the last part of KEY in the JSON TEXT (0 when it is not found): a pointer for the reader."""
+    leaf = key.replace("]", "").replace("[", ".").split(".")[-1]
+    if not leaf or leaf.isdigit():
+        leaf = key.split("[")[0].split(".")[-1]
+    needle = f'"{leaf}"'
+    for number, line in enumerate(text.splitlines(), 1):
+        if needle in line:
+            return number
+    return 0
 
 
 def read_package(path: Path) -> PackageInfo:
@@ -191,7 +349,7 @@ def read_package(path: Path) -> PackageInfo:
         directory=True,
         hint="pass the folder `scmc build -o` wrote (it holds pyproject.toml and src/<package>/)",
     )
-    if (path / "manifest.json").is_file():
+    if (path / "manifest.json").exists():
         manifests = [path / "manifest.json"]
     else:
         manifests = sorted((path / "src").glob("*/manifest.json")) if (path / "src").is_dir() else []
@@ -207,8 +365,11 @@ def read_package(path: Path) -> PackageInfo:
         names = ", ".join(m.parent.name for m in manifests)
         raise _err("E1100", f"`{path}/src` holds more than one package ({names}); pass one of them", path)
     manifest_path = manifests[0]
+    rebuild = "rebuild the package with scmc build --force"
+    data = read_bounded(manifest_path, MAX_MANIFEST_BYTES, "E1100", "the manifest", rebuild)
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+        raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CompileError(
             [
@@ -216,46 +377,69 @@ def read_package(path: Path) -> PackageInfo:
                     "E1100",
                     f"manifest.json is not valid JSON: {exc.msg}",
                     Span(str(manifest_path), exc.lineno, exc.colno),
-                    "rebuild the package with scmc build --force",
+                    rebuild,
                 )
             ]
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _err("E1100", f"cannot read the manifest: {_short(exc)}", manifest_path) from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise _err("E1100", f"cannot read the manifest: {_short(exc)}", manifest_path, rebuild) from None
     package_dir = manifest_path.parent
-    problems = []
-    if not isinstance(manifest, dict):
-        problems.append("it is not a JSON object")
-        manifest = {}
-    name = manifest.get("package")
-    if not isinstance(name, str) or not name.isidentifier():
-        problems.append("`package` is missing or not a Python identifier")
-    elif name != package_dir.name:
-        problems.append(f"`package` is `{name}` but the folder is `{package_dir.name}`")
-    shapes = manifest.get("input_shapes")
-    if not isinstance(shapes, dict) or not shapes:
-        problems.append("`input_shapes` is missing or empty (rebuild with -s NAME=C,H,W)")
+    problems: list[tuple[str, str]] = []
+    manifest: dict[str, Any] = {}
+    if not isinstance(raw, dict):
+        problems.append(("(top level)", "not a JSON object"))
     else:
-        for key, spec in shapes.items():
-            shape = spec.get("shape") if isinstance(spec, dict) else None
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape):
-                problems.append(f"`input_shapes.{key}.shape` is not a list of positive integers")
-    if not (package_dir / "model.py").is_file() or not (package_dir / "__init__.py").is_file():
-        problems.append(f"{package_dir.name}/model.py or __init__.py is missing")
+        try:
+            manifest = Manifest.model_validate(raw).model_dump()
+        except ValidationError as exc:
+            problems += _problems(exc)
+    name = manifest.get("package")
+    if name and name != package_dir.name:
+        problems.append(("package", f"`{name}`, but the folder is `{package_dir.name}`"))
+    if not problems:
+        problems += [(f"{package_dir.name}/{p}", m) for p, m in _package_file_problems(package_dir)]
     if problems:
         raise CompileError(
             [
                 Diagnostic(
                     "E1100",
-                    f"`{manifest_path}` does not describe a complete scmc package: {p}",
-                    Span(str(manifest_path)),
-                    "rebuild the package with scmc build --force",
+                    f"`{manifest_path}` does not describe a complete scmc package: `{key}`: {message}",
+                    Span(str(manifest_path), _json_line(text, key) if isinstance(raw, dict) else 0),
+                    rebuild,
                 )
-                for p in problems
+                for key, message in problems
             ]
         )
     root = package_dir.parent.parent if package_dir.parent.name == "src" else package_dir.parent
     return PackageInfo(root=root, src=package_dir.parent, name=name, manifest_path=manifest_path, manifest=manifest)
+
+
+def _package_file_problems(package_dir: Path) -> list[tuple[str, str]]:
+    """Files of the package that importing it could hang on, read outside it, or choke on."""
+    problems = []
+    for required in ("model.py", "__init__.py"):
+        if not (package_dir / required).exists():
+            problems.append((required, "missing"))
+    base = package_dir.resolve()
+    count = 0
+    for entry in sorted(package_dir.rglob("*")):
+        count += 1
+        if count > MAX_PACKAGE_FILES:
+            problems.append((".", f"more than {MAX_PACKAGE_FILES:,} files"))
+            break
+        rel = entry.relative_to(package_dir).as_posix()
+        try:
+            mode = entry.stat().st_mode
+        except OSError as exc:
+            problems.append((rel, f"cannot be read: {_short(exc)}"))
+            continue
+        if entry.is_symlink() and not entry.resolve().is_relative_to(base):
+            problems.append((rel, f"a link to {entry.resolve()}, outside the package"))
+        elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            problems.append((rel, f"not a regular file ({_file_kind(mode)})"))
+        elif stat.S_ISREG(mode) and entry.suffix == ".py" and entry.stat().st_size > MAX_SOURCE_BYTES:
+            problems.append((rel, f"over the limit of {MAX_SOURCE_BYTES:,} bytes for a source file"))
+    return problems
 
 
 @contextlib.contextmanager
@@ -470,6 +654,19 @@ def load_weights(model: Any, state: dict[str, Any], checkpoint: Path, package: s
 # Labels and preprocessing (recorded in the report and the ONNX metadata; used by predict.py)
 
 
+def read_labels(labels_file: Path) -> list[str]:
+    """The non-blank lines of a ``--labels`` file (a regular UTF-8 file of at most MAX_LABELS_BYTES)."""
+    hint = "--labels takes a UTF-8 text file, one class label per line"
+    data = read_bounded(Path(labels_file), MAX_LABELS_BYTES, "E1110", "the labels file", hint)
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise _err(
+            "E1110", f"the labels file `{labels_file}` is not UTF-8 text: {_short(exc)}", labels_file, hint
+        ) from None
+    return [line.strip() for line in lines if line.strip()]
+
+
 def class_labels(
     info: PackageInfo, ckpt: Any, labels_file: Path | None, num_outputs: int | None
 ) -> tuple[list[str] | None, str]:
@@ -477,11 +674,7 @@ def class_labels(
     labels: list[str] | None = None
     source = ""
     if labels_file is not None:
-        try:
-            lines = Path(labels_file).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise _err("E1110", f"cannot read the labels file: {_short(exc)}", labels_file) from None
-        labels, source = [line.strip() for line in lines if line.strip()], str(labels_file)
+        labels, source = read_labels(labels_file), str(labels_file)
     elif isinstance(ckpt, dict) and _is_str_list(ckpt.get("classes")):
         labels, source = list(ckpt["classes"]), "checkpoint `classes`"
     else:
@@ -504,8 +697,40 @@ def _is_str_list(value: Any) -> bool:
 
 
 def _config(ckpt: Any) -> dict[str, Any]:
-    """The training configuration a checkpoint of the generated train.py carries (``config``)."""
+    """The training configuration a checkpoint of the generated train.py carries (``config``), as checked
+    by :func:`check_checkpoint_config`."""
     return ckpt["config"] if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) else {}
+
+
+def check_checkpoint_config(ckpt: Any, path: Path) -> None:
+    """The checkpoint's ``config`` and ``classes``, where present, have the types export relies on; else E1115."""
+    if not isinstance(ckpt, dict) or _is_state_dict(ckpt):
+        return
+    problems: list[tuple[str, str]] = []
+    config = ckpt.get("config")
+    if config is not None and not isinstance(config, dict):
+        problems.append(("config", f"should be a mapping, not a {type(config).__name__}"))
+    elif isinstance(config, dict):
+        try:
+            TrainingConfig.model_validate(config)
+        except ValidationError as exc:
+            problems += _problems(exc, "config.")
+    classes = ckpt.get("classes")
+    if classes is not None and not (_is_str_list(classes) and all(len(c) <= 1000 for c in classes)):
+        problems.append(("classes", "should be a list of class names (strings)"))
+    if problems:
+        raise CompileError(
+            [
+                Diagnostic(
+                    "E1115",
+                    f"checkpoint `{path}`: `{key}`: {message}",
+                    Span(str(path)),
+                    "the generated train.py writes these keys; re-save the checkpoint with the right types, "
+                    "or save {'model': state_dict} alone",
+                )
+                for key, message in problems
+            ]
+        )
 
 
 def preprocessing(info: PackageInfo, ckpt: Any, input_shape: list[int]) -> dict[str, Any]:
@@ -774,10 +999,34 @@ def _exported_dynamic_dims(ep: Any) -> tuple[bool, bool, int | None]:
     return False, False, None
 
 
-def load_runner(fmt: str, path: Path, input_names: list[str], output_names: list[str]) -> Runner:
-    """Read an artifact back from disk (what a user would load) as a Runner."""
+def check_before_loading(fmt: str, path: Path) -> None:
+    """E1113 unless loading the artifact at PATH reads data only (see :mod:`scmc.artifacts`)."""
+    from scmc.artifacts import ArtifactRefused, check_artifact
+
+    try:
+        check_artifact(fmt, path)
+    except ArtifactRefused as exc:
+        where = f" (member `{exc.member}`)" if exc.member else ""
+        raise _err(
+            "E1113",
+            f"refusing to load `{path}`{where}: {exc.reason}",
+            path,
+            "scmc loads exported files only when they hold nothing but data; export again to rewrite it, "
+            "or pass --trust-artifact if you made this file yourself and mean to run what it holds",
+        ) from None
+
+
+def load_runner(fmt: str, path: Path, input_names: list[str], output_names: list[str], check: bool = True) -> Runner:
+    """Read an artifact back from disk (what a user would load) as a Runner.
+
+    With ``check`` (the default) the file is first checked by :func:`check_before_loading`:
+    ``--verify-only`` may be pointed at files someone else wrote.
+    """
     import torch
 
+    _require_path(path, "E1112", f"the exported {fmt} file", directory=False, hint="export again to rewrite it")
+    if check:
+        check_before_loading(fmt, path)
     try:
         if fmt == "onnx":
             return onnx_runner(path, input_names)
@@ -854,7 +1103,12 @@ class Inputs:
 
 
 def model_inputs(
-    model: Any, info: PackageInfo, overrides: dict[str, list[int]], trained_size: Any = None
+    model: Any,
+    info: PackageInfo,
+    overrides: dict[str, list[int]],
+    trained_size: Any = None,
+    limit: int = MAX_INPUT_ELEMENTS,
+    checkpoint: Path | None = None,
 ) -> tuple[Inputs, str]:
     """The inputs to trace and verify at, and a note on where their shapes came from.
 
@@ -898,10 +1152,34 @@ def model_inputs(
                 f"(checkpoint config), not the manifest's {'x'.join(map(str, shape))}; -s {name}=C,H,W overrides"
             )
             shape = [shape[0], trained_size, trained_size]
+        if name in overrides:
+            source, where = f"-s {name}=...", None
+        elif shape != list(declared[name]["shape"]):
+            source, where = "`config.image_size` of the checkpoint", checkpoint
+        else:
+            source, where = f"`input_shapes.{name}.shape`", info.manifest_path
+        _check_input_size(name, shape, limit, source, where)
         shapes[name] = shape
         dtype = getattr(torch, str(declared[name].get("dtype", "float32")), None)
         dtypes[name] = dtype if isinstance(dtype, torch.dtype) else torch.float32
     return Inputs(names, shapes, dtypes), note
+
+
+def _check_input_size(name: str, shape: list[Any], limit: int, source: str, where: Path | None) -> None:
+    """E1114 unless SHAPE is a few positive ints whose product (one sample) is at most LIMIT."""
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape) or not shape:
+        raise _err("E1110", f"{source}: the shape of `{name}` must be positive integers, not {shape!r}", where)
+    if len(shape) > MAX_INPUT_DIMS:
+        raise _err("E1114", f"{source}: `{name}` has {len(shape)} dimensions, more than {MAX_INPUT_DIMS}", where)
+    elements = math.prod(shape)
+    if elements > limit:
+        raise _err(
+            "E1114",
+            f"{source}: input `{name}` of shape {'x'.join(map(str, shape))} is {elements:,} values per sample, "
+            f"over the limit of {limit:,} (verification runs it at batch 7 and at 1.25x the spatial size)",
+            where,
+            "pass a smaller -s NAME=C,H,W, or raise the limit with --max-input-elements N",
+        )
 
 
 @contextlib.contextmanager
@@ -1362,9 +1640,12 @@ def export_package(request: ExportRequest, progress: Callable[[str], None] = lam
         if import_ok and not MIN_OPSET <= request.opset <= max_opset:
             raise _err("E1110", f"--opset {request.opset}: the exporter supports opsets {MIN_OPSET} to {max_opset}")
     info = read_package(request.package_dir)
+    if request.labels is not None:
+        read_labels(request.labels)  # a bad labels file fails now, not after the model is built and run
     check_runtimes(formats)
     checkpoint = Path(request.checkpoint)
     raw = read_checkpoint(checkpoint)
+    check_checkpoint_config(raw, checkpoint)
     state, ckpt_info = select_weights(raw, request.weights, checkpoint)
     ckpt_sha = _sha256(checkpoint)
     ckpt_info["sha256"] = ckpt_sha
@@ -1398,7 +1679,14 @@ def export_package(request: ExportRequest, progress: Callable[[str], None] = lam
             load_weights(model, state, checkpoint, info.name, ckpt_info)
             model.eval()
             model.requires_grad_(False)
-            inputs, shape_note = model_inputs(model, info, request.shapes, _config(raw).get("image_size"))
+            inputs, shape_note = model_inputs(
+                model,
+                info,
+                request.shapes,
+                _config(raw).get("image_size"),
+                request.max_input_elements or MAX_INPUT_ELEMENTS,
+                checkpoint,
+            )
             notes = [shape_note] if shape_note else []
             with torch.no_grad():
                 # The batch-2 verification case: its eager outputs name the outputs and are reused.
@@ -1466,7 +1754,7 @@ def _export_and_verify(
     if request.verify_only:
         for fmt in list(plan):
             path = out_dir / FILE_NAMES[fmt]
-            if not path.is_file():
+            if not (path.exists() or path.is_symlink()):
                 if fmt == "aoti":
                     plan.remove(fmt)
                     skipped.append({"format": fmt, "reason": f"--verify-only: {path.name} is not there"})
@@ -1532,7 +1820,11 @@ def _export_and_verify(
         path = Path(entry["path"])
         entry["bytes"] = sum((path.parent / f).stat().st_size for f in entry.get("files", [path.name]))
         progress(f"verify {entry['format']} ...")
-        runner = load_runner(entry["format"], path, inputs.names, output_names)
+        # What --verify-only finds was not written by this run: it is checked (scmc.artifacts)
+        # unless --trust-artifact. Files this run just wrote are loaded as they are.
+        runner = load_runner(
+            entry["format"], path, inputs.names, output_names, check=request.verify_only and not request.trust_artifact
+        )
         entry["dynamic_batch"] = runner.dynamic_batch
         entry["dynamic_spatial"] = runner.dynamic_spatial
         if not runner.dynamic_batch:

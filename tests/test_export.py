@@ -509,7 +509,7 @@ def test_render_predict_is_formatted_deterministic_and_torch_free() -> None:
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
-    assert imported <= {"argparse", "json", "sys", "typing", "numpy", "onnxruntime", "PIL"}
+    assert imported <= {"argparse", "json", "os", "stat", "sys", "typing", "warnings", "numpy", "onnxruntime", "PIL"}
     assert "IMAGE_SIZE = 32" in source and 'CLASS_LABELS: Optional[List[str]] = ["0", "1"' in source
 
 
@@ -616,3 +616,497 @@ def test_predict_without_torch_gives_eager_top1(
         text=True,
     )
     assert text.returncode == 0 and text.stdout.startswith(str(picks[0])) and "  1. " in text.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# Untrusted files: exported archives, package metadata, labels (issues 17 and 19)
+
+
+class _Canary:
+    """A real pickle payload: unpickling it creates the file MARKER."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _rewrite_zip(src: Path, dst: Path, change) -> None:
+    """Copy the zip SRC to DST, member by member, with ``change(name, data)`` deciding each member's bytes."""
+    import zipfile
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, change(info.filename, zin.read(info)))
+
+
+@pytest.fixture(scope="session")
+def small_exports(package: Path, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real model.pt2 and model.pt of the femto package (no AOTInductor, no timing)."""
+    out = tmp_path_factory.mktemp("small_exports")
+    result = run_cli(
+        str(package),
+        "--checkpoint",
+        str(checkpoint),
+        "--format",
+        "pt2,torchscript",
+        "--no-aoti",
+        "--latency-rounds",
+        "0",
+        "-o",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _verify_only(package: Path, checkpoint: Path, folder: Path, fmt: str, *extra: str):
+    return run_cli(
+        str(package),
+        "--checkpoint",
+        str(checkpoint),
+        "--format",
+        fmt,
+        "--no-aoti",
+        "--verify-only",
+        "--latency-rounds",
+        "0",
+        "-o",
+        str(folder),
+        *extra,
+    )
+
+
+def _pickled_weight(marker: Path):
+    """A .pt2 member change: the first weight becomes `use_pickle` and its bytes a payload pickle."""
+    import pickle
+
+    state = {}
+
+    def change(name: str, data: bytes) -> bytes:
+        if name.endswith("/weights/model_weights_config.json"):
+            config = json.loads(data)
+            fqn, entry = next(iter(config["config"].items()))
+            entry["use_pickle"] = True
+            state["member"] = entry["path_name"]
+            return json.dumps(config).encode()
+        return data
+
+    def payload(name: str, data: bytes) -> bytes:
+        if name.endswith(f"/weights/{state['member']}"):
+            return pickle.dumps(_Canary(marker))
+        return data
+
+    return change, payload
+
+
+def test_a_pt2_whose_weight_is_a_pickle_is_refused_by_verify_only_without_running_it(
+    package: Path, checkpoint: Path, small_exports: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "canary"
+    change, payload = _pickled_weight(marker)
+    _rewrite_zip(small_exports / "model.pt2", tmp_path / "step.pt2", change)
+    _rewrite_zip(tmp_path / "step.pt2", tmp_path / "bad" / "model.pt2", payload)
+
+    result = _verify_only(package, checkpoint, tmp_path / "bad", "pt2")
+    _assert_error(result, "E1113", str(tmp_path / "bad" / "model.pt2"), "refusing to load", "`io.open`", "--trust")
+    assert not marker.exists()
+
+    from scmc.diagnostics import CompileError
+    from scmc.export import load_runner
+
+    with pytest.raises(CompileError) as caught:  # the loader itself, as any caller of scmc.export uses it
+        load_runner("pt2", tmp_path / "bad" / "model.pt2", ["image"], ["cls"])
+    assert caught.value.diagnostics[0].code == "E1113" and not marker.exists()
+
+    # The payload is real: torch.export.load itself runs it (in a child process, to keep this one clean).
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, torch\ntry: torch.export.load(sys.argv[1])\nexcept Exception: pass"]
+        + [str(tmp_path / "bad" / "model.pt2")],
+        capture_output=True,
+        text=True,
+        env=_env(ROOT),
+        timeout=300,
+    )
+    assert marker.exists(), proc.stderr[-2000:]
+
+
+def test_a_torchscript_file_whose_data_pkl_is_a_payload_is_refused_without_running_it(
+    package: Path, checkpoint: Path, small_exports: Path, tmp_path: Path
+) -> None:
+    import pickle
+
+    marker = tmp_path / "canary"
+    bad = tmp_path / "bad" / "model.pt"
+    _rewrite_zip(
+        small_exports / "model.pt",
+        bad,
+        lambda name, data: pickle.dumps(_Canary(marker), protocol=2) if name.endswith("/data.pkl") else data,
+    )
+    _assert_error(_verify_only(package, checkpoint, bad.parent, "torchscript"), "E1113", str(bad), "data.pkl")
+    assert not marker.exists()
+
+    # A class the archive's TorchScript code does not define is refused too (it would be looked up, not compiled).
+    other = tmp_path / "other" / "model.pt"
+
+    def rename(name: str, data: bytes) -> bytes:
+        return data.replace(b"__torch__.", b"__torch__.elsewhere.", 1) if name.endswith("/data.pkl") else data
+
+    _rewrite_zip(small_exports / "model.pt", other, rename)
+    _assert_error(_verify_only(package, checkpoint, other.parent, "torchscript"), "E1113", "__torch__.elsewhere")
+
+
+def test_pt2_code_paths_beyond_pickles_are_refused(small_exports: Path, tmp_path: Path) -> None:
+    """guards_code is exec'd, graph targets resolve through `torch.` attributes, sample inputs fall back to pickle."""
+    import pickle
+
+    from scmc.artifacts import ArtifactRefused, check_artifact
+
+    marker = tmp_path / "canary"
+    check_artifact("pt2", small_exports / "model.pt2")  # what scmc wrote passes
+    check_artifact("torchscript", small_exports / "model.pt")
+
+    def guards(name: str, data: bytes) -> bytes:
+        if "/models/" in name and name.endswith(".json"):
+            program = json.loads(data)
+            program["guards_code"] = [f"__import__('os').system('touch {marker}')"]
+            return json.dumps(program).encode()
+        return data
+
+    def target(name: str, data: bytes) -> bytes:
+        if "/models/" in name and name.endswith(".json"):
+            return data.replace(b'"torch.ops.aten.conv2d.default"', b'"torch.os.system"', 1)
+        return data
+
+    def sample_inputs(name: str, data: bytes) -> bytes:
+        return pickle.dumps(_Canary(marker), protocol=0) if "/sample_inputs/" in name else data
+
+    expected = {
+        "guards": (guards, "guards_code"),
+        "target": (target, "`torch.os.system`"),
+        "sample_inputs": (sample_inputs, "sample_inputs"),
+    }
+    for case, (change, fragment) in expected.items():
+        path = tmp_path / f"{case}.pt2"
+        _rewrite_zip(small_exports / "model.pt2", path, change)
+        with pytest.raises(ArtifactRefused) as caught:
+            check_artifact("pt2", path)
+        assert fragment in str(caught.value), (case, str(caught.value))
+    assert not marker.exists()
+
+
+def test_an_aoti_package_found_by_verify_only_is_refused(
+    package: Path, checkpoint: Path, small_exports: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    shutil.copy(small_exports / "model.pt2", tmp_path / "model.pt2")
+    (tmp_path / "model.aoti.pt2").write_bytes((small_exports / "model.pt2").read_bytes())
+    result = run_cli(
+        str(package),
+        "--checkpoint",
+        str(checkpoint),
+        "--format",
+        "pt2",
+        "--verify-only",
+        "--latency-rounds",
+        "0",
+        "-o",
+        str(tmp_path),
+    )
+    _assert_error(result, "E1113", "model.aoti.pt2", "native code")
+
+
+def _copy_package(package: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(package, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+@pytest.mark.parametrize(
+    "key, value, shown",
+    [
+        (("presets", "dataset", "image_size"), "32", "`presets.dataset.image_size`: input should be a valid integer"),
+        (("presets", "dataset", "mean"), "0.5", "`presets.dataset.mean`: input should be a valid list"),
+        (("input_shapes", "image", "shape"), [3, "224", 224], "`input_shapes.image.shape[1]`"),
+        (("package",), 7, "`package`: input should be a valid string"),
+    ],
+)
+def test_a_manifest_with_a_wrong_typed_value_names_the_file_and_key(
+    package: Path, checkpoint: Path, tmp_path: Path, key, value, shown
+) -> None:
+    copy = _copy_package(package, tmp_path / PKG)
+    path = copy / "src" / PKG / "manifest.json"
+    manifest = json.loads(path.read_text())
+    target = manifest
+    for part in key[:-1]:
+        target = target[part]
+    target[key[-1]] = value
+    path.write_text(json.dumps(manifest, indent=2))
+    _assert_error(run_cli(str(copy), "--checkpoint", str(checkpoint)), "E1100", str(path), shown)
+
+
+def test_a_checkpoint_config_with_wrong_types_names_the_file_and_key(
+    package: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"] = dict(state["config"], image_size="32", mean="imagenet")
+    path = tmp_path / "typed.pt"
+    torch.save(state, path)
+    result = run_cli(str(package), "--checkpoint", str(path), "-o", str(tmp_path / "out"))
+    _assert_error(result, "E1115", str(path), "`config.image_size`: input should be a valid integer", "`config.mean`")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_absurd_shape_is_refused_with_the_limit(package: Path, checkpoint: Path, tmp_path: Path) -> None:
+    import time
+
+    start = time.perf_counter()
+    result = run_cli(str(package), "--checkpoint", str(checkpoint), "-s", "image=3,100000,100000", "-o", str(tmp_path))
+    _assert_error(result, "E1114", "-s image=...", "30,000,000,000 values per sample", "--max-input-elements")
+    assert time.perf_counter() - start < 60
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def _fifo(path: Path) -> Path:
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    os.mkfifo(path)
+    return path
+
+
+def test_a_fifo_as_labels_checkpoint_or_package_file_is_refused_at_once(
+    package: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    """Each would block the export forever if it were opened for reading; run as a command with a deadline."""
+
+    def scmc_export(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "scmc", "export", *args, "--latency-rounds", "0"],
+            cwd=ROOT,
+            env=_env(ROOT, RUNTIME_SRC),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+
+    labels = _fifo(tmp_path / "labels.txt")
+    proc = scmc_export(str(package), "--checkpoint", str(checkpoint), "--labels", str(labels), "-o", str(tmp_path))
+    assert proc.returncode == 1, proc.stderr
+    assert f"error[E1110]: the labels file `{labels}` is not a regular file (a FIFO)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "model.onnx").exists()
+
+    fifo_ckpt = _fifo(tmp_path / "last.pt")
+    proc = scmc_export(str(package), "--checkpoint", str(fifo_ckpt))
+    assert proc.returncode == 1 and "error[E1102]" in proc.stderr and "not a regular file (a FIFO)" in proc.stderr
+
+    copy = _copy_package(package, tmp_path / PKG)
+    _fifo(copy / "src" / PKG / "extra.py")
+    proc = scmc_export(str(copy), "--checkpoint", str(checkpoint))
+    assert proc.returncode == 1, proc.stderr
+    assert f"`{PKG}/extra.py`: not a regular file (a FIFO)" in proc.stderr
+
+
+def test_an_oversized_manifest_is_refused(package: Path, checkpoint: Path, tmp_path: Path) -> None:
+    copy = _copy_package(package, tmp_path / PKG)
+    path = copy / "src" / PKG / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["padding"] = "x" * (5 * 2**20)
+    path.write_text(json.dumps(manifest))
+    _assert_error(
+        run_cli(str(copy), "--checkpoint", str(checkpoint)), "E1100", str(path), "over the limit of 4,194,304"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# predict.py: user mistakes are one line naming the file; a pixel limit on inputs
+
+
+def _tiny_onnx(path: Path, preprocess: dict | None = None) -> Path:
+    """A real 3-class ONNX classifier (global average pool of the image), with scmc's metadata keys."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["cls"], axis=1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+        [helper.make_tensor_value_info("cls", TensorProto.FLOAT, ["batch", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    if preprocess is not None:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "scmc.preprocess", json.dumps(preprocess)
+    onnx.save(model, str(path))
+    return path
+
+
+def _predict(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "predict_cli.py"
+    if not script.exists():
+        script.write_text(_render())
+    return subprocess.run(
+        [sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_predict_errors_are_one_line_naming_the_file(tmp_path: Path) -> None:
+    from PIL import Image
+
+    model = _tiny_onnx(tmp_path / "model.onnx")
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(image)
+    ok = _predict(tmp_path, "--onnx", str(model), "--json", str(image))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)[0]["image"] == str(image)
+
+    missing = tmp_path / "labels.txt"
+    _one_line_error(_predict(tmp_path, "--onnx", str(model), "--labels", str(missing), str(image)), str(missing))
+    not_onnx = tmp_path / "notes.onnx"
+    not_onnx.write_text("not a model\n")
+    _one_line_error(_predict(tmp_path, "--onnx", str(not_onnx), str(image)), str(not_onnx), "not an ONNX model")
+    text = tmp_path / "photo.png"
+    text.write_text("hello")
+    _one_line_error(_predict(tmp_path, "--onnx", str(model), str(text)), str(text), "not an image")
+    _one_line_error(_predict(tmp_path, "--onnx", str(model), str(tmp_path / "nope.png")), "nope.png", "cannot open")
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "pipe.png"
+        os.mkfifo(fifo)
+        _one_line_error(_predict(tmp_path, "--onnx", str(model), str(fifo)), str(fifo), "not a regular file")
+        labels_fifo = tmp_path / "labels.fifo"
+        os.mkfifo(labels_fifo)
+        _one_line_error(
+            _predict(tmp_path, "--onnx", str(model), "--labels", str(labels_fifo), str(image)), str(labels_fifo)
+        )
+
+
+def test_predict_refuses_wrong_typed_metadata_naming_the_key(tmp_path: Path) -> None:
+    from PIL import Image
+
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (8, 8)).save(image)
+    bad_size = _tiny_onnx(tmp_path / "size.onnx", {"image_size": "big", "mean": [0.5] * 3, "std": [0.5] * 3})
+    _one_line_error(
+        _predict(tmp_path, "--onnx", str(bad_size), str(image)), str(bad_size), "scmc.preprocess.image_size"
+    )
+    bad_mean = _tiny_onnx(tmp_path / "mean.onnx", {"image_size": 8, "mean": "imagenet"})
+    _one_line_error(_predict(tmp_path, "--onnx", str(bad_mean), str(image)), str(bad_mean), "scmc.preprocess.mean")
+    huge = _tiny_onnx(tmp_path / "huge.onnx", {"image_size": 100_000})
+    _one_line_error(_predict(tmp_path, "--onnx", str(huge), str(image)), str(huge), "over the limit")
+
+
+def test_predict_refuses_an_image_over_the_pixel_limit_before_decoding_it(tmp_path: Path) -> None:
+    """121 megapixels (under Pillow's own bomb limit of 179) is refused from the header, in well under a second."""
+    import time
+
+    from PIL import Image
+
+    model = _tiny_onnx(tmp_path / "model.onnx")
+    big = tmp_path / "big.png"
+    Image.new("1", (11_000, 11_000)).save(big)  # 1 bit per pixel: small to write, 121 MP to decode
+    start = time.perf_counter()
+    line = _one_line_error(_predict(tmp_path, "--onnx", str(model), str(big)), str(big), "11000x11000")
+    assert "over the limit of 50,000,000" in line and "--max-pixels" in line
+    assert time.perf_counter() - start < 30  # the interpreter, numpy and onnxruntime start; nothing is decoded
+
+    medium = tmp_path / "medium.png"
+    Image.new("RGB", (1200, 1000)).save(medium)
+    _one_line_error(_predict(tmp_path, "--onnx", str(model), "--max-pixels", "1000000", str(medium)), "over the limit")
+    raised = _predict(tmp_path, "--onnx", str(model), "--max-pixels", "2000000", "--json", str(medium))
+    assert raised.returncode == 0, raised.stderr
+
+
+def test_trust_artifact_loads_a_file_the_check_refuses(
+    package: Path, checkpoint: Path, small_exports: Path, tmp_path: Path
+) -> None:
+    """A harmless extra member that looks like a native library: refused by default, loaded on request."""
+    import zipfile
+
+    path = tmp_path / "model.pt"
+    path.write_bytes((small_exports / "model.pt").read_bytes())
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("model/extra/helper.so", b"\x7fELF not really")
+    _assert_error(_verify_only(package, checkpoint, tmp_path, "torchscript"), "E1113", "helper.so", "native library")
+    trusted = _verify_only(package, checkpoint, tmp_path, "torchscript", "--trust-artifact")
+    assert trusted.exit_code == 0, trusted.output
+    assert "parity: ok" in trusted.output
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+def test_the_pickle_scan_finds_imports_in_every_protocol(protocol: int, tmp_path: Path) -> None:
+    import collections
+    import pickle
+
+    from scmc.artifacts import pickle_imports
+
+    payload = pickle.dumps([_Canary(tmp_path / "m"), collections.OrderedDict(a=1)], protocol=protocol)
+    found = list(pickle_imports(payload))
+    assert ("io", "open") in found and ("collections", "OrderedDict") in found
+    assert list(pickle_imports(pickle.dumps({"a": [1, 2.0, "x", None]}, protocol=protocol))) == []
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_pickle_scan_refuses_what_it_cannot_read_off_the_bytes() -> None:
+    import pickle
+
+    from scmc.artifacts import ArtifactRefused, _Policy, _tensor_format_objects, pickle_imports, scan_pickle
+
+    # STACK_GLOBAL whose module comes from a computed value, and an import by extension code.
+    computed = b"\x80\x04" + b"\x8c\x02os" + b"\x8c\x06system" + b"\x86" + b"0" + b"\x8c\x02os\x8c\x06system\x93."
+    assert list(pickle_imports(computed)) == [("os", "system")]  # plain strings are read
+    dup = b"\x80\x04\x8c\x02os\x8c\x06system2\x93."  # DUP: the name is a copy, not a push the scan saw
+    with pytest.raises(ValueError):
+        list(pickle_imports(dup))
+    with pytest.raises(ValueError):
+        list(pickle_imports(b"\x80\x02\x82\x01."))  # EXT1
+    exact, by_kind = _tensor_format_objects()
+    import torch
+
+    scan_pickle(pickle.dumps(torch.float32), "dtype", _Policy(exact, by_kind))  # torch's format passes
+    with pytest.raises(ArtifactRefused, match="`torch.load`"):
+        scan_pickle(b"ctorch\nload\n.", "m", _Policy(exact, by_kind))  # torch.* is judged by what it is
+    with pytest.raises(ArtifactRefused, match="not a pickle"):
+        scan_pickle(b"\x80\x04\x95garbage", "m", _Policy(exact, by_kind))
+
+
+def test_onnx_external_data_outside_the_model_folder_is_refused(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from scmc.artifacts import ArtifactRefused, check_artifact
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
+    weight.data_location = TensorProto.EXTERNAL
+    del weight.float_data[:]
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", "../../etc/passwd"
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [weight],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(ArtifactRefused, match="outside the model's folder"):
+        check_artifact("onnx", path)
+    check_artifact("onnx", _tiny_onnx(tmp_path / "tiny.onnx"))

@@ -14,7 +14,7 @@ from typing import Sequence
 import scmc
 
 TEMPLATE = "predict.py.j2"
-ALLOWED_IMPORTS = ("argparse", "json", "sys", "typing", "numpy", "onnxruntime", "PIL")
+ALLOWED_IMPORTS = ("argparse", "json", "os", "stat", "sys", "typing", "warnings", "numpy", "onnxruntime", "PIL")
 
 
 def render_predict(

@@ -12,11 +12,19 @@ antialias=True), reproduced in NumPy below), then normalized with MEAN and STD.
 What `scmc export` recorded in the ONNX metadata (scmc.preprocess, scmc.class_labels) wins over
 the build-time defaults below, and --image-size/--labels win over both; a model with a fixed
 input height and width is always fed that size.
+
+Limits: an image may have at most MAX_PIXELS pixels (width x height, checked from its header
+before it is decoded; --max-pixels raises it): decoding and resizing cost time and memory in
+proportion to it. Files must be regular files (a FIFO is refused, not waited on); a labels file
+is at most MAX_LABELS_BYTES. Every mistake is one line on stderr naming the file, exit status 1.
 """
 
 import argparse
 import json
+import os
+import stat
 import sys
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -28,6 +36,38 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 CLASS_LABELS: Optional[List[str]] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 TOPK = 5
+MAX_PIXELS = 50_000_000  # a 50-megapixel photo; larger ones take tens of seconds and gigabytes
+MAX_LABELS_BYTES = 16 * 2**20
+
+
+class PredictError(Exception):
+    """A user mistake: printed as one line, `error: FILE: what is wrong`."""
+
+
+def _open_regular(path: str, what: str):
+    """PATH opened for reading if it is a regular file; a FIFO or a device is refused without blocking."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise PredictError(f"{path}: cannot open the {what}: {exc.strerror or exc}") from None
+    handle = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        handle.close()
+        raise PredictError(f"{path}: the {what} is not a regular file")
+    return handle
+
+
+def read_labels(path: str) -> List[str]:
+    """Class labels, one per line (blank lines skipped)."""
+    with _open_regular(path, "labels file") as handle:
+        data = handle.read(MAX_LABELS_BYTES + 1)
+    if len(data) > MAX_LABELS_BYTES:
+        raise PredictError(f"{path}: the labels file is over {MAX_LABELS_BYTES:,} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PredictError(f"{path}: the labels file is not UTF-8 text") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def resize_weights(in_size: int, out_size: int) -> np.ndarray:
@@ -60,14 +100,44 @@ def resize_weights(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
+def load_rgb(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The image file PATH as an HxWx3 uint8 array; PredictError for anything that is not a small enough image."""
+    from PIL import Image, UnidentifiedImageError
+
+    # The size check below replaces Pillow's own decompression-bomb check (the same test on the
+    # header's width x height, at a limit of its own), so that --max-pixels decides both ways.
+    Image.MAX_IMAGE_PIXELS = None
+    with _open_regular(path, "image") as handle:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(handle)
+        except UnidentifiedImageError:
+            raise PredictError(f"{path}: not an image Pillow can read") from None
+        except Image.DecompressionBombError as exc:
+            raise PredictError(f"{path}: {exc} (--max-pixels N raises the limit)") from None
+        with image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise PredictError(
+                    f"{path}: {width}x{height} is {width * height:,} pixels, over the limit of "
+                    f"{max_pixels:,} (--max-pixels N raises it)"
+                )
+            try:
+                return np.asarray(image.convert("RGB"), dtype=np.uint8)
+            except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt image data
+                raise PredictError(f"{path}: cannot decode the image: {exc}") from None
+
+
 def preprocess(
-    path: str, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float]
+    path: str,
+    size: Tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
     """One image file -> a float32 CHW array, exactly as validation in training prepared it."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    rgb = load_rgb(path, max_pixels)
     x = rgb.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
     if x.shape[1:] != tuple(size):
         rows = resize_weights(x.shape[1], size[0])
@@ -88,6 +158,25 @@ def preprocess(
     return (x - m) / s
 
 
+def _prepared(
+    path: str, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float], max_pixels: int
+) -> np.ndarray:
+    """preprocess(), with any failure reported as a PredictError naming the image."""
+    try:
+        return preprocess(path, size, mean, std, max_pixels)
+    except PredictError:
+        raise
+    except MemoryError:
+        raise PredictError(
+            f"{path}: out of memory while preparing the image (lower --max-pixels)"
+        ) from None
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise PredictError(
+            f"{path}: cannot prepare the image: {type(exc).__name__}: {reason}"
+        ) from None
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
     z = z - z.max(axis=-1, keepdims=True)
@@ -95,15 +184,51 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _metadata(session) -> dict:
+def _number_list(value) -> bool:
+    return (
+        isinstance(value, list)
+        and 0 < len(value) <= 64
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+            for v in value
+        )
+    )
+
+
+def _metadata(session, onnx_path: str) -> dict:
+    """scmc.preprocess and scmc.class_labels from the ONNX metadata, checked: a wrong type is a PredictError."""
     props = session.get_modelmeta().custom_metadata_map
     out = {}
     for key in ("scmc.preprocess", "scmc.class_labels"):
-        if key in props:
-            try:
-                out[key] = json.loads(props[key])
-            except ValueError:
-                pass
+        if key not in props:
+            continue
+        try:
+            out[key] = json.loads(props[key])
+        except (ValueError, RecursionError):
+            raise PredictError(f"{onnx_path}: metadata `{key}` is not valid JSON") from None
+    prep = out.get("scmc.preprocess", {})
+    if not isinstance(prep, dict):
+        raise PredictError(f"{onnx_path}: metadata `scmc.preprocess` is not a JSON object")
+    side = prep.get("image_size")
+    sides = [side] if isinstance(side, int) else side
+    if side is not None and not (
+        isinstance(sides, list)
+        and len(sides) == (1 if isinstance(side, int) else 2)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in sides)
+    ):
+        raise PredictError(
+            f"{onnx_path}: metadata `scmc.preprocess.image_size` is not a positive integer or [height, width]"
+        )
+    for key in ("mean", "std"):
+        if prep.get(key) is not None and not _number_list(prep[key]):
+            raise PredictError(
+                f"{onnx_path}: metadata `scmc.preprocess.{key}` is not a list of numbers"
+            )
+    labels = out.get("scmc.class_labels")
+    if labels is not None and not (
+        isinstance(labels, list) and all(isinstance(v, str) for v in labels)
+    ):
+        raise PredictError(f"{onnx_path}: metadata `scmc.class_labels` is not a list of strings")
     return out
 
 
@@ -115,6 +240,7 @@ def predict(
     labels: Optional[List[str]] = None,
     output: Optional[str] = None,
     threads: int = 0,
+    max_pixels: int = MAX_PIXELS,
 ) -> List[dict]:
     """Top-k classes of each image: [{"image", "topk": [{"index", "label", "probability"}]}]."""
     import onnxruntime as ort
@@ -122,8 +248,15 @@ def predict(
     options = ort.SessionOptions()
     if threads > 0:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-    meta = _metadata(session)
+    _open_regular(onnx_path, "model file").close()
+    try:
+        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime's own message says what it could not parse
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+        raise PredictError(
+            f"{onnx_path}: not an ONNX model ONNX Runtime can load ({reason})"
+        ) from None
+    meta = _metadata(session, onnx_path)
     prep = meta.get("scmc.preprocess") or {}
     inputs = {i.name: i for i in session.get_inputs()}
     input_name = INPUT_NAME if INPUT_NAME in inputs else next(iter(inputs))
@@ -133,26 +266,35 @@ def predict(
     fixed = tuple(shape[2:4]) if all(isinstance(d, int) for d in shape[2:4]) else None
     if fixed is not None and fixed != size:
         if image_size:
-            raise SystemExit(
-                f"{onnx_path} takes {fixed[0]}x{fixed[1]} images; --image-size {image_size} does not fit"
+            raise PredictError(
+                f"{onnx_path}: takes {fixed[0]}x{fixed[1]} images; --image-size {image_size} does not fit"
             )
         size = fixed
+    if size[0] * size[1] > max_pixels:
+        raise PredictError(
+            f"{onnx_path}: an input size of {size[0]}x{size[1]} is over the limit of {max_pixels:,} pixels "
+            "(--max-pixels N raises it)"
+        )
     mean = prep.get("mean") or MEAN
     std = prep.get("std") or STD
     names = labels or meta.get("scmc.class_labels") or CLASS_LABELS
     outputs = [o.name for o in session.get_outputs()]
     if output is not None and output not in outputs:
-        raise SystemExit(f"{onnx_path} has no output {output!r} (outputs: {', '.join(outputs)})")
+        raise PredictError(f"{onnx_path}: has no output {output!r} (outputs: {', '.join(outputs)})")
     output = output or outputs[0]
     batch = shape[0] if isinstance(shape[0], int) else max(1, len(images))
 
     results = []
     for start in range(0, len(images), batch):
         chunk = list(images[start : start + batch])
-        x = np.stack([preprocess(p, size, mean, std) for p in chunk])
+        x = np.stack([_prepared(p, size, mean, std, max_pixels) for p in chunk])
         if len(chunk) < batch:  # a fixed batch size: pad with copies, ignore their results
             x = np.concatenate([x, np.repeat(x[-1:], batch - len(chunk), axis=0)])
-        (logits,) = session.run([output], {input_name: x})
+        try:
+            (logits,) = session.run([output], {input_name: x})
+        except Exception as exc:  # e.g. a model that wants other channels than RGB
+            reason = " ".join(str(exc).split())[:300]
+            raise PredictError(f"{onnx_path}: running the model failed: {reason}") from None
         probs = softmax(logits[: len(chunk)].reshape(len(chunk), -1))
         for path, p in zip(chunk, probs):
             order = np.argsort(-p, kind="stable")[: max(1, topk)]
@@ -184,13 +326,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)"
     )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"largest image (width x height) to read (default {MAX_PIXELS:,})",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
-    labels = None
-    if args.labels:
-        with open(args.labels, encoding="utf-8") as handle:
-            labels = [line.strip() for line in handle if line.strip()]
+    if args.max_pixels < 1:
+        parser.error("--max-pixels must be at least 1")
+    if args.image_size is not None and args.image_size < 1:
+        parser.error("--image-size must be at least 1")
+    if args.topk < 1:
+        parser.error("--topk must be at least 1")
     try:
+        labels = read_labels(args.labels) if args.labels else None
         results = predict(
             args.onnx,
             args.images,
@@ -199,9 +350,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             labels=labels,
             output=args.output,
             threads=args.threads,
+            max_pixels=args.max_pixels,
         )
-    except Exception as exc:  # a missing or unreadable image or model file
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except PredictError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of memory (try smaller images or a lower --max-pixels)", file=sys.stderr)
+        return 1
+    except Exception as exc:  # anything else still gets one line, never a traceback
+        message = " ".join(str(exc).split())[:500]
+        print(f"error: {type(exc).__name__}: {message}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(results, indent=2))
