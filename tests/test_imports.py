@@ -59,12 +59,13 @@ LAYERS = {
     "scmc.cache": "output/cache",
     "scmc.inspection": "output/cache",  # scmc inspect/diff: runs the pipeline in memory, imports what it built
     "scmc.wheel": "output/cache",  # scmc wheel: a built package (and the runtime) as wheels
+    "scmc.artifacts": "diagnostics",  # export's scan of untrusted artifacts: standard library (torch/onnx lazily)
     "scmc.cli": "cli",
     "scmc.__main__": "cli",
 }
 # export reads a built package and a checkpoint, never the compiler's stages
 EXPORT = "scmc.export"
-EXPORT_MAY_IMPORT = {"scmc", "scmc.diagnostics"}
+EXPORT_MAY_IMPORT = {"scmc", "scmc.diagnostics", "scmc.artifacts"}
 
 # (importer, imported): upward imports that remain, each with why and what would remove it.
 ALLOWED_UPWARD = {
