@@ -37,7 +37,6 @@ from scmc.load import (
     read_template,
     plain,
     report_unused_overrides,
-    shorten,
 )
 
 if TYPE_CHECKING:
@@ -208,7 +207,6 @@ def compile_part(
         body = LDict({k: v for k, v in source.data.items() if k != "PARAMETERS"}, span=source.data.span)
         body.key_spans = dict(source.data.key_spans)
         tree = expand(body, params)
-        check_preset(part.role, tree, source)
         return Compiled(part.role, source, None, "", 0, None, default_params, config=plain(tree), tree=tree)
     lowerer = Lowerer(options, diags)
     try:
@@ -249,41 +247,6 @@ def compile_part(
         includes=[t for t in lowerer.templates.values() if t.path != source.path],
         output_shapes=root.output_shapes,
     )
-
-
-def check_preset(role: str, rendered: Any, source: Source) -> None:
-    """A preset's values become defaults of the generated train.py: each must have the type of its
-    TrainConfig field (a wrongly typed value is a diagnostic here, not a crash while emitting)."""
-    from scmc.emit.package import PRESET_FIELDS
-    from scmc.emit.train import FIELDS
-
-    if not isinstance(rendered, LDict):
-        raise fail(
-            "E0920",
-            f"a {role} preset must render a mapping, not {type(plain(rendered)).__name__}",
-            Span(source.display, 1, 1),
-        )
-    types = {f.name: f.type for f in FIELDS}
-    diags = Diagnostics()
-    for key, field_name in PRESET_FIELDS.get(role, {}).items():
-        if key not in rendered:
-            continue
-        value, kind = rendered[key], types[field_name]
-        if kind == "float":
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif kind == "int":
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, {"str": str, "bool": bool}[kind])
-        if not ok:
-            diags.error(
-                "E0921",
-                f"`{key}` of the {role} preset must be a{'n' if kind == 'int' else ''} {kind}, "
-                f"not {type(plain(value)).__name__} {shorten(repr(plain(value)), 40)}",
-                rendered.value_span(key),
-                hint=f"it becomes the default of train.py's --{field_name.replace('_', '-')}",
-            )
-    diags.raise_if_any()
 
 
 def plan_package(request: BuildRequest) -> Plan:

@@ -771,8 +771,8 @@ def test_a_dataset_preset_with_a_wrongly_typed_value_is_a_diagnostic(tmp_path: P
     result = build_in(tmp_path, monkeypatch, "net.yaml", "--dataset", "data.yaml")
     assert result.exit_code == 1, result.output
     assert result.output.splitlines()[0] == (
-        "data.yaml:3:1: error[E0921]: `batch_size` of the dataset preset must be an int, not str 'big' "
-        "(in the output of this Jinja block)"
+        "data.yaml:3:1: error[E1203]: `batch_size`: Input should be a valid integer, unable to parse string as an "
+        "integer (in the output of this Jinja block)"
     )
     assert "internal compiler error" not in result.output
 

@@ -141,7 +141,7 @@ def test_docs_link_only_to_files_in_the_repository(page: Path) -> None:
 
 def documented_codes() -> set[str]:
     text = (DOCS / "errors.md").read_text(encoding="utf-8")
-    return set(re.findall(r"^\| (E\d{4}) \|", text, re.M))
+    return set(re.findall(r"^\| ([EW]\d{4}) \|", text, re.M))
 
 
 def test_every_error_code_in_the_error_cases_is_documented() -> None:
@@ -153,7 +153,7 @@ def test_every_error_code_in_the_error_cases_is_documented() -> None:
 
 
 def test_docs_errors_lists_exactly_the_codes_scmc_defines() -> None:
-    defined = {c for p in (ROOT / "scmc").rglob("*.py") for c in re.findall(r"\"(E\d{4})\"", p.read_text())}
+    defined = {c for p in (ROOT / "scmc").rglob("*.py") for c in re.findall(r"\"([EW]\d{4})\"", p.read_text())}
     documented = documented_codes()
     assert defined - documented == set(), f"add to docs/errors.md: {sorted(defined - documented)}"
     assert (
