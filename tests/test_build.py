@@ -78,8 +78,14 @@ def test_an_existing_output_is_kept_unless_force(tmp_path: Path) -> None:
     assert "already exists" in result.output and "--force" in result.output
     assert (out / "keep.txt").read_text() == "mine"
     result = CliRunner().invoke(main, ["build", "cfg/losses/cls.yaml", "-o", str(out), "--force"])
+    assert result.exit_code == 1, "--force replaces only a package scmc wrote"
+    assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert CliRunner().invoke(main, ["build", "cfg/losses/cls.yaml", "-o", str(out)]).exit_code == 0
+    result = CliRunner().invoke(main, ["build", "cfg/losses/cls.yaml", "-o", str(out), "--force"])
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "pyproject.toml").exists()
+    assert (out / "pyproject.toml").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"], "no staging or backup directory is left behind"
 
 

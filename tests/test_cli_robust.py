@@ -144,11 +144,17 @@ def test_a_build_killed_between_its_two_renames_gets_its_old_package_back(workdi
 
 
 def test_replacing_a_package_swaps_the_whole_directory(workdir: Path) -> None:
+    """What an older build wrote (a layer module it no longer has) and what pip left (build/,
+    *.egg-info, __pycache__) go with the old package."""
     assert cli(workdir, "net.yaml", "-o", "out", "-q").exit_code == 0
-    (workdir / "out" / "stale.txt").write_text("from the old package")
+    stale = ["src/net/old_layer.py", "build/lib/net/model.py", "src/net.egg-info/PKG-INFO", "src/net/__pycache__/x.pyc"]
+    for rel in stale:
+        (workdir / "out" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / "out" / rel).write_text("from the old package")
     inode = (workdir / "out").stat().st_ino
     assert cli(workdir, "net.yaml", "-o", "out", "-q", "--force", "-p", "width=5").exit_code == 0
-    assert not (workdir / "out" / "stale.txt").exists()
+    assert not any((workdir / "out" / rel).exists() for rel in stale)
+    assert not (workdir / "out" / "build").exists()
     assert (workdir / "out").stat().st_ino != inode
     assert "out_features=5" in (workdir / "out" / "src" / "net" / "model.py").read_text()
     assert siblings(workdir) == ["out"]

@@ -92,6 +92,7 @@ PRESET_FIELDS = {
 def train_context(name: str, compiled: list["Compiled"]):
     """The context of the generated train.py, or None when the package cannot train (no
     backward or no loss)."""
+    from scmc.build import recorded_path
     from scmc.emit.train import TrainContext
 
     by_role = {c.role: c for c in compiled}
@@ -120,7 +121,7 @@ def train_context(name: str, compiled: list["Compiled"]):
     return TrainContext(
         package=name,
         scmc_version=scmc.__version__,
-        template=model.source.display.replace("\\", "/"),
+        template=recorded_path(model.source.path),
         model_inputs=list(root.inputs),
         model_outputs=list(root.outputs),
         model_structured=root.structured,
@@ -162,9 +163,11 @@ def class_name(c: "Compiled") -> str:
 
 
 def rebuild_command(request: "BuildRequest", name: str) -> str:
-    parts = ["scmc", "build", str(request.parts[0].path)]
+    from scmc.build import recorded_path
+
+    parts = ["scmc", "build", recorded_path(request.parts[0].path)]
     for part in request.parts[1:]:
-        parts += [f"--{part.role}", str(part.path)]
+        parts += [f"--{part.role}", recorded_path(part.path)]
     for p in request.params:
         parts += ["-p", p]
     for k, v in request.shapes.items():
@@ -174,7 +177,7 @@ def rebuild_command(request: "BuildRequest", name: str) -> str:
 
 
 def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"], allow: AllowList) -> dict[str, bytes]:
-    from scmc.build import RUNTIME_REQUIREMENT, manifest
+    from scmc.build import RUNTIME_REQUIREMENT, manifest, recorded_path
 
     env = _env()
     model = next(c for c in compiled if c.role == "model")
@@ -198,7 +201,7 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
         "scmc_version": scmc.__version__,
         "version": "0.1.0",
         "description": description,
-        "template": comment_text(model.source.display.replace("\\", "/")),  # shown in a `#` comment line
+        "template": comment_text(recorded_path(model.source.path)),  # shown in a `#` comment line
     }
     init = env.get_template("__init__.py.j2").render(
         **common, runtime_requirement=RUNTIME_REQUIREMENT, imports=imports, classes=[cls for _, cls in imports]
