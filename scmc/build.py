@@ -380,10 +380,12 @@ def create_module(request: BuildRequest, output: Path | None, force: bool = Fals
     The first part of the request is compiled alone (no PACKAGE presets); its module text is
     written atomically to `output` (default: snake_case(classname).py). An existing file is
     replaced only with `force`, and never when it is one of the build's inputs."""
-    from scmc.lower import to_snake
-
     request.presets = False
-    destination = output or Path(f"{to_snake(request.parts[0].classname)}.py")
+    if output is None:
+        from scmc.lower import to_snake  # (scmc.lower imports torch)
+
+        output = Path(f"{to_snake(request.parts[0].classname)}.py")
+    destination = output
     guard_file(destination, force, [p.path for p in request.parts])  # before compiling: no torch import yet
     _, compiled, _ = compile_parts(request)
     part = compiled[0]
@@ -576,13 +578,15 @@ def _is_within(path: Path, directory: Path) -> bool:
 
 def _through_link(destination: Path) -> Path:
     """-o naming a symbolic link writes where the link points (the link itself stays as it is)."""
+    given = destination
     destination = Path(os.path.abspath(destination))
     if destination.is_symlink():
         target = destination.resolve()
         if not target.is_dir():
             raise fail(
                 "E0925",
-                f"{display_path(destination)} is a symbolic link to {display_path(target)}, which is not a directory",
+                f"-o {_printable(str(given))} is a symbolic link to {_printable(os.readlink(destination))}, "
+                "which is not a directory",
                 hint="point -o at a directory, or remove the link",
             )
         return target
