@@ -185,6 +185,78 @@ def package_name(model: Source, groups: Parameters) -> str:
     return name
 
 
+# Modules a generated package imports besides its own: a package of the same name would hide them.
+IMPORTED_BY_PACKAGES = ("torch", "torchvision", "timm", "numpy", "PIL", "onnxruntime", "onnx", "scmc", "scmc_runtime")
+
+
+def package_name_problem(name: str) -> str:
+    """Why `name` cannot be the import name of a generated package ('' when it can)."""
+    import keyword
+
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        return "it is not a lowercase Python identifier"
+    if keyword.iskeyword(name):
+        return "it is a Python keyword"
+    if name.startswith("__"):
+        return "Python treats names starting with `__` specially"
+    if name in ("test", "tests") or name in sys.stdlib_module_names:
+        return "a module of Python's standard library has that name"
+    if name.lower() in {m.lower() for m in IMPORTED_BY_PACKAGES} or name in sys.builtin_module_names:
+        return "the generated code imports a module of that name"
+    return ""
+
+
+def class_name_problem(name: str) -> str:
+    """Why `name` cannot be the class of a generated module ('' when it can)."""
+    import keyword
+    import unicodedata
+
+    from scmc.emit.python import RESERVED
+
+    if not name.isidentifier():
+        return "it is not a Python identifier"
+    if unicodedata.normalize("NFKC", name) != name:
+        return f"Python reads it as `{unicodedata.normalize('NFKC', name)}`"
+    if keyword.iskeyword(name) or name == "__debug__":
+        return "it is a Python keyword"
+    if name.startswith("_"):
+        return "names starting with `_` are private to the generated modules"
+    if name in RESERVED:
+        return "the generated code uses that name (a builtin, typing or module name)"
+    return ""
+
+
+def check_backward_losses(bdef: Any, source: Source) -> None:
+    """The generated `Backward.__call__(self, <losses>, *, last_in_epoch)` takes each loss by its
+    name: a name Python treats specially, or one its body uses (self, update, last_in_epoch, the
+    modules it imports), would break backward.py or train.py's keyword call."""
+    import keyword
+
+    from scmc.emit.python import RESERVED, addresses_in
+
+    taken = set(RESERVED) | {"self", "update", "last_in_epoch", "scmc_runtime", "contextlib"}
+    for opt in bdef.optimizers:
+        for ctor in (opt.factory, opt.clip):
+            if ctor is not None:
+                taken |= {a.split(".")[0] for a in addresses_in(ctor)}
+    diags = Diagnostics()
+    where = source.data.key_span("BACKWARDS") if "BACKWARDS" in source.data else Span(source.display, 1, 1)
+    for name in bdef.losses:
+        if name.startswith("__") or keyword.iskeyword(name) or name in taken:
+            diags.error(
+                "E0931",
+                f"loss `{name}` cannot be an argument of the generated `{bdef.classname}.__call__`: "
+                + (
+                    "Python treats names starting with `__` specially"
+                    if name.startswith("__")
+                    else "the generated code uses that name"
+                ),
+                where,
+                f"rename the loss output `{name}` (in the loss template and in LOSS here), e.g. to `{name.strip('_')}_loss`",
+            )
+    diags.raise_if_any()
+
+
 def compile_part(
     part: Part, source: Source, params: Parameters, request: BuildRequest, allow: AllowList, header: list[str]
 ) -> Compiled:
@@ -218,6 +290,7 @@ def compile_part(
 
         bdef = lower_backward(source, params, part.classname, options)
         bdef = dataclasses.replace(bdef, template=recorded_path(source.path))
+        check_backward_losses(bdef, source)
         text = emit_backward(bdef, header, f"{source.path.stem} backward, compiled by scmc {scmc.__version__}.")
         return Compiled(part.role, source, None, text, 0, None, default_params, backward=bdef)
     if part.role in PRESET_ROLES:
@@ -338,28 +411,32 @@ def compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowList
     diags.raise_if_any()
 
     name = request.name or package_name(sources[0], param_sets[0])
-    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name) or name in {
-        "torch",
-        "timm",
-        "scmc",
-        "scmc_runtime",
-        "test",
-        "tests",
-    }:
+    problem = package_name_problem(name)
+    if problem:
         raise fail(
             "E0900",
-            f"package name `{name}` is not usable",
-            hint="--name takes a lowercase Python identifier, e.g. convnextv2_femto",
+            f"package name `{name}` is not usable: {problem}",
+            hint="--name takes a lowercase Python identifier of its own, e.g. convnextv2_femto",
         )
-    from scmc.emit.python import RESERVED, comment_text
-
     for part in parts:
-        if part.classname and (not part.classname.isidentifier() or part.classname in RESERVED):
+        problem = class_name_problem(part.classname) if part.classname else ""
+        if problem:
             raise fail(
                 "E0906",
-                f"class name `{part.classname}` is not usable",
+                f"class name `{part.classname}` is not usable: {problem}",
                 hint="-c/--classname takes a Python identifier that is not a keyword, builtin or module name, e.g. Model",
             )
+    taken = [p.classname for p in parts if p.classname]
+    clash = next((c for i, c in enumerate(taken) if c in taken[:i]), None)
+    if clash is not None:
+        raise fail(
+            "E0906",
+            f"class name `{clash}` is not usable: the package already has a class `{clash}` (the "
+            f"{[p.role for p in parts if p.classname == clash][1]})",
+            hint="-c/--classname takes a name the loss, metric and backward classes do not use, e.g. Model",
+        )
+    from scmc.emit.python import comment_text
+
     compiled: list[Compiled] = []
     for part, source, params in zip(parts, sources, param_sets):
         header = [  # each entry is one comment line: newlines in -p values or file names are spelled out

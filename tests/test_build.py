@@ -219,3 +219,136 @@ def test_no_path_of_the_build_machine_appears_in_a_package(tmp_path: Path) -> No
     manifest = json.loads(normal["src/convnextv2_atto/manifest.json"])
     assert manifest["inputs"][0]["path"] == "cfg/models/ConvNeXtV2.yaml"
     assert manifest["inputs"][3]["path"] == "cfg/backwards/ConvNeXtV2.yaml"
+
+
+# --------------------------------------------------------------------------- names in generated code
+
+TRAINABLE_MODEL = """\
+PACKAGE:
+  LOSS: loss.yaml
+  BACKWARD: {root}/cfg/backwards/ConvNeXtV2.yaml
+  DATASET: {root}/cfg/datasets/digits.yaml
+INPUTS: [{input}]
+OUTPUTS: [logits]
+STRUCTURED_OUTPUT: true
+INPUT_SHAPES: {{{input}: [3, 32, 32]}}
+FLOW:
+  - [{input}, h, flat, [_obj_, {{_addr_: torch.nn.Flatten}}, _call_]]
+  - [h, logits, fc, [_obj_, {{_addr_: torch.nn.LazyLinear}}, {{_call_: {{out_features: 10}}}}]]
+"""
+TRAINABLE_LOSS = """\
+INPUTS: [label, {name}]
+FLOW:
+  - [{{target: label, input: {name}}}, {loss}, criterion, [_obj_, {{_addr_: torch.nn.CrossEntropyLoss}}, _call_]]
+"""
+
+
+def trainable(tmp_path: Path, model_input: str = "image", loss_input: str = "logits", loss: str = "ce_loss") -> Path:
+    """A small package that trains on the digits; the names of its inputs and loss are given."""
+    model = TRAINABLE_MODEL.format(root=ROOT, input=model_input)
+    if loss_input != "logits":
+        model = model.replace("logits", loss_input)
+    (tmp_path / "net.yaml").write_text(model)
+    (tmp_path / "loss.yaml").write_text(TRAINABLE_LOSS.format(name=loss_input, loss=loss))
+    return tmp_path
+
+
+def diagnostics_of(result) -> list[str]:
+    return [line for line in result.output.splitlines() if "error[" in line]
+
+
+def test_a_loss_input_that_train_py_cannot_pass_by_name_is_an_error_at_its_line(tmp_path: Path) -> None:
+    """train.py calls the loss with keyword arguments named after its INPUTS; `input` would be
+    renamed `input_` in the generated forward (it is a builtin): a TypeError at the first step."""
+    trainable(tmp_path, loss_input="input")
+    result = build_in(tmp_path, "net.yaml", "--name", "tpk", "-o", "out")
+    assert result.exit_code == 1
+    assert diagnostics_of(result) == [
+        "loss.yaml:1:17: error[E0930]: loss input `input` cannot be a keyword argument of the generated "
+        "`Loss.forward` (it would be `input_`: the name is taken by Python or by the generated code), and "
+        "train.py passes each input by name"
+    ]
+    assert "= help: rename `input` here and where the loss reads it, e.g. to `input_in`" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.yaml", "net.yaml"]
+
+
+def test_a_loss_named_like_what_backward_py_uses_is_an_error(tmp_path: Path) -> None:
+    trainable(tmp_path, loss="update")
+    result = build_in(tmp_path, "net.yaml", "--name", "tpk", "-o", "out", "-p", "target_loss=update")
+    assert result.exit_code == 1
+    assert diagnostics_of(result) == [
+        f"{ROOT}/cfg/backwards/ConvNeXtV2.yaml:45:1: error[E0931]: loss `update` cannot be an argument of the "
+        "generated `Backward.__call__`: the generated code uses that name"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "classname, message",
+    [
+        ("Loss", "the package already has a class `Loss` (the loss)"),
+        ("TrainConfig", "the generated train.py uses `TrainConfig` for something else"),
+        ("net", "the generated train.py uses `net` for a local variable"),
+        ("importlib", "the generated __init__.py uses `importlib` for something else"),
+        ("ℳodel", "Python reads it as `Model`"),
+        ("_Model", "names starting with `_` are private to the generated modules"),
+        ("print", "the generated code uses that name (a builtin, typing or module name)"),
+    ],
+)
+def test_a_class_name_the_package_itself_uses_is_refused(tmp_path: Path, classname: str, message: str) -> None:
+    trainable(tmp_path)
+    result = build_in(tmp_path, "net.yaml", "--name", "tpk", "-o", "out", "-c", classname)
+    assert result.exit_code == 1
+    assert diagnostics_of(result) == [f"error[E0906]: class name `{classname}` is not usable: {message}"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("class", "it is a Python keyword"),
+        ("json", "a module of Python's standard library has that name"),
+        ("numpy", "the generated code imports a module of that name"),
+        ("scmc_runtime", "the generated code imports a module of that name"),
+        ("__main__", "Python treats names starting with `__` specially"),
+        ("Net", "it is not a lowercase Python identifier"),
+    ],
+)
+def test_a_package_name_that_would_not_import_as_itself_is_refused(tmp_path: Path, name: str, message: str) -> None:
+    trainable(tmp_path)
+    result = build_in(tmp_path, "net.yaml", "--name", name, "-o", "out")
+    assert result.exit_code == 1
+    assert diagnostics_of(result) == [f"error[E0900]: package name `{name}` is not usable: {message}"]
+
+
+def test_a_template_stem_that_is_a_keyword_is_refused_as_the_package_name(tmp_path: Path) -> None:
+    trainable(tmp_path)
+    (tmp_path / "net.yaml").rename(tmp_path / "import.yaml")
+    result = build_in(tmp_path, "import.yaml", "-o", "out")
+    assert diagnostics_of(result) == ["error[E0900]: package name `import` is not usable: it is a Python keyword"]
+
+
+def test_names_the_emitter_renames_give_a_package_that_imports_and_trains(tmp_path: Path) -> None:
+    """A model input named like a builtin (`input`) and a class name given with -c build a
+    package whose train.py runs a step: renames stay inside the generated modules."""
+    import json
+
+    from tests.train_support import python_env
+
+    trainable(tmp_path, model_input="input")
+    result = build_in(tmp_path, "net.yaml", "--name", "renamed_net", "-o", "out", "-c", "Classifier")
+    assert result.exit_code == 0, result.output
+    package = tmp_path / "out"
+    assert "def forward(self, input_: torch.Tensor)" in (package / "src" / "renamed_net" / "model.py").read_text()
+    command = [
+        sys.executable,
+        "-m",
+        "renamed_net.train",
+        *("--epochs", "1", "--max-steps", "1", "--max-val-steps", "1", "--batch-size", "8", "--image-size", "32"),
+        *("--workers", "0", "--threads", "1", "--ci", "--no-mlflow", "--no-ema", "--out", str(tmp_path / "runs")),
+        *("--cache-dir", str(tmp_path / "data")),
+    ]
+    done = subprocess.run(command, env=python_env(package), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = list((tmp_path / "runs").glob("*/metrics.jsonl"))
+    assert runs and any(json.loads(line).get("event") == "start" for line in runs[0].read_text().splitlines())

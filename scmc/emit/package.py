@@ -245,9 +245,114 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
     if train is not None:
         from scmc.emit.train import render_train
 
+        check_keyword_inputs(compiled)
         files[f"{src}/train.py"] = render_train(train).encode()
         files[f"{src}/predict.py"] = predict_source(name, train, compiled).encode()
+    check_class_names(files, src, [cls for _, cls in imports])
     files[f"{src}/manifest.json"] = (
         json.dumps(manifest(name, request, compiled, deps), indent=2, sort_keys=True) + "\n"
     ).encode()
     return files
+
+
+# --------------------------------------------------------------------------- names the package relies on
+
+
+def _input_span(c: "Compiled", name: str):
+    """Where the template names the graph input `name` (its INPUTS entry, else the file)."""
+    from scmc.diagnostics import Span
+    from scmc.load import LList
+
+    inputs = c.source.data.get("INPUTS")
+    if isinstance(inputs, LList) and name in inputs:
+        return inputs.item_span(inputs.index(name))
+    if "INPUTS" in c.source.data:
+        return c.source.data.value_span("INPUTS")
+    return Span(c.source.display, 1, 1)
+
+
+def forward_parameters(text: str, classname: str) -> list[str]:
+    """The parameter names (after self) of `classname.forward` in a generated module."""
+    import ast
+
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.ClassDef) and node.name == classname:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "forward":
+                    return [a.arg for a in item.args.args[1:]]
+    return []
+
+
+def check_keyword_inputs(compiled: list["Compiled"]) -> None:
+    """train.py calls the loss and the metric with keyword arguments named after their INPUTS:
+    an input the emitter had to rename (it would shadow a name the generated code reads, or
+    Python treats it specially) would be a TypeError at the first training step."""
+    from scmc.diagnostics import Diagnostics
+
+    diags = Diagnostics()
+    for c in compiled:
+        if c.role not in ("loss", "metric") or c.program is None:
+            continue
+        root = c.program.module(c.program.root)
+        emitted = forward_parameters(c.text, root.name)
+        for name, param in zip(root.inputs, emitted):
+            if name != param:
+                diags.error(
+                    "E0930",
+                    f"{c.role} input `{name}` cannot be a keyword argument of the generated `{root.name}.forward` "
+                    f"(it would be `{param}`: the name is taken by Python or by the generated code), and train.py "
+                    "passes each input by name",
+                    _input_span(c, name),
+                    f"rename `{name}` here and where the {c.role} reads it, e.g. to `{param.rstrip('_')}_in`",
+                )
+    diags.raise_if_any()
+
+
+def check_class_names(files: dict[str, bytes], src: str, classes: list[str]) -> None:
+    """The generated __init__.py and train.py must see each class they import as that class: not
+    bound again at module level (`-c TrainConfig`), nor shadowed by a local of one of their
+    functions (`-c net` in train.py's `main`)."""
+    import ast
+    import symtable
+
+    from scmc.diagnostics import fail
+
+    for filename in ("__init__.py", "train.py"):
+        data = files.get(f"{src}/{filename}")
+        if data is None:
+            continue
+        source = data.decode()
+        bound: dict[str, int] = {}
+        for node in ast.parse(source).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.asname or a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.Try):
+                names = [
+                    a.asname or a.name.split(".")[0] for n in node.body if isinstance(n, ast.Import) for a in n.names
+                ]
+            else:
+                names = []
+            for n in names:
+                bound[n] = bound.get(n, 0) + 1
+        imports_classes = filename == "train.py"  # __init__.py loads them lazily, by name
+        locals_: set[str] = set()
+        stack = [symtable.symtable(source, filename, "exec")]
+        while stack:
+            table = stack.pop()
+            stack.extend(table.get_children())
+            if table.get_type() == "function":
+                locals_ |= {sym.get_name() for sym in table.get_symbols() if sym.is_assigned() or sym.is_parameter()}
+        for cls in classes:
+            clash = bound.get(cls, 0) > (1 if imports_classes else 0)
+            if clash or cls in locals_:
+                raise fail(
+                    "E0906",
+                    f"class name `{cls}` is not usable: the generated {filename} uses `{cls}` for "
+                    + ("something else" if clash else "a local variable"),
+                    hint="-c/--classname takes another name, e.g. Model",
+                )
