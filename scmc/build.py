@@ -675,7 +675,11 @@ def package_in(directory: Path) -> str | None:
     src = directory / "src"
     if src.is_symlink() or not src.is_dir():
         return None
-    for candidate in sorted(src.iterdir()):
+    try:
+        candidates = sorted(src.iterdir())
+    except OSError:
+        return None
+    for candidate in candidates:
         manifest_path = candidate / "manifest.json"
         if candidate.is_symlink() or manifest_path.is_symlink() or not manifest_path.is_file():
             continue
@@ -692,8 +696,12 @@ def foreign_files(directory: Path, name: str) -> list[str]:
     """Paths in a package folder that scmc does not write (packaging leftovers aside); links count."""
     own_dirs = {"src", f"src/{name}"}
     own_files = {"pyproject.toml", "README.md", f"src/{name}/manifest.json"}
-    foreign = []
-    for root, dirs, files in os.walk(directory):
+    foreign: list[str] = []
+
+    def unreadable(error: OSError) -> None:  # what cannot be listed cannot be shown to be scmc's
+        foreign.append(Path(error.filename).relative_to(directory).as_posix() + "/ (unreadable)")
+
+    for root, dirs, files in os.walk(directory, onerror=unreadable):
         base = Path(root)
         for entry in sorted(dirs) + sorted(files):
             path = base / entry
@@ -731,11 +739,14 @@ def guard_destination(destination: Path, force: bool, inputs: list[Path] = ()) -
         )
     for path in inputs:
         if _is_within(path, destination):
-            what = "is" if _same(path, destination) else "holds"
+            if not _same(path, destination):
+                what = f"holds {display_path(path)}, an input of this build"
+            elif display_path(path) == shown:
+                what = "is an input of this build"
+            else:
+                what = f"is the same file as {display_path(path)}, an input of this build"
             raise fail(
-                "E0921",
-                f"{shown} {what} {display_path(path)}, an input of this build; scmc never writes over its inputs",
-                hint="choose another -o directory",
+                "E0921", f"{shown} {what}; scmc never writes over its inputs", hint="choose another -o directory"
             )
     if not destination.is_dir():
         raise fail("E0902", f"{shown} exists and is not a directory")

@@ -330,7 +330,7 @@ REFUSED_BUILDS = {
     "the template itself": (
         ".",
         ["net.yaml", "-o", "net.yaml", "--force"],
-        "error[E0921]: net.yaml is net.yaml, an input of this build; scmc never writes over its inputs",
+        "error[E0921]: net.yaml is an input of this build; scmc never writes over its inputs",
     ),
     "a folder scmc did not write": (
         ".",
