@@ -243,11 +243,23 @@ FLOW:
 """
 
 
-def trainable(tmp_path: Path, model_input: str = "image", loss_input: str = "logits", loss: str = "ce_loss") -> Path:
-    """A small package that trains on the digits; the names of its inputs and loss are given."""
+TRAINABLE_METRIC = """\
+INPUTS: [label, logits]
+FLOW:
+  - [{{y_true: label, y_pred: logits}}, {metric}, [_obj_, {{_addr_: structcast_model.torch.layers.sparse_categorical_accuracy}}]]
+"""
+
+
+def trainable(
+    tmp_path: Path, model_input: str = "image", loss_input: str = "logits", loss: str = "ce_loss", metric: str = ""
+) -> Path:
+    """A small package that trains on the digits; the names of its inputs, loss and metric are given."""
     model = TRAINABLE_MODEL.format(root=ROOT, input=model_input)
     if loss_input != "logits":
         model = model.replace("logits", loss_input)
+    if metric:
+        model = model.replace("  LOSS: loss.yaml\n", "  LOSS: loss.yaml\n  METRIC: metric.yaml\n")
+        (tmp_path / "metric.yaml").write_text(TRAINABLE_METRIC.format(metric=metric))
     (tmp_path / "net.yaml").write_text(model)
     (tmp_path / "loss.yaml").write_text(TRAINABLE_LOSS.format(name=loss_input, loss=loss))
     return tmp_path
@@ -281,6 +293,25 @@ def test_a_loss_named_like_what_backward_py_uses_is_an_error(tmp_path: Path) -> 
         "generated `Backward.__call__`: the generated code uses that name"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_metric_output_python_cannot_bind_is_an_error_at_its_line(tmp_path: Path) -> None:
+    trainable(tmp_path, metric="__debug__")
+    result = build_in(tmp_path, "net.yaml", "--name", "tpk", "-o", "out")
+    assert result.exit_code == 1
+    assert diagnostics_of(result) == [
+        "metric.yaml:3:39: error[E0932]: metric output `__debug__` cannot be a variable of the generated train.py: "
+        "Python refuses to bind it"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_generated_python_must_compile_not_only_parse() -> None:
+    from scmc.emit.python import format_python
+
+    assert format_python("x = 1\n") == "x = 1\n"
+    with pytest.raises(SyntaxError, match="__debug__"):
+        format_python("__debug__ = 1\n")
 
 
 @pytest.mark.parametrize(
@@ -329,14 +360,17 @@ def test_a_template_stem_that_is_a_keyword_is_refused_as_the_package_name(tmp_pa
 
 
 def test_names_the_emitter_renames_give_a_package_that_imports_and_trains(tmp_path: Path) -> None:
-    """A model input named like a builtin (`input`) and a class name given with -c build a
-    package whose train.py runs a step: renames stay inside the generated modules."""
+    """A model input named like a builtin (`input`), a loss and a metric named like the classes
+    train.py imports (`Loss`, `Backward`: locals of functions that never use the classes) and a
+    class name given with -c build a package whose train.py runs a step."""
     import json
 
     from tests.train_support import python_env
 
-    trainable(tmp_path, model_input="input")
-    result = build_in(tmp_path, "net.yaml", "--name", "renamed_net", "-o", "out", "-c", "Classifier")
+    trainable(tmp_path, model_input="input", loss="Loss", metric="Backward")
+    result = build_in(
+        tmp_path, "net.yaml", "--name", "renamed_net", "-o", "out", "-c", "Classifier", "-p", "target_loss=Loss"
+    )
     assert result.exit_code == 0, result.output
     package = tmp_path / "out"
     assert "def forward(self, input_: torch.Tensor)" in (package / "src" / "renamed_net" / "model.py").read_text()
@@ -351,4 +385,6 @@ def test_names_the_emitter_renames_give_a_package_that_imports_and_trains(tmp_pa
     done = subprocess.run(command, env=python_env(package), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     runs = list((tmp_path / "runs").glob("*/metrics.jsonl"))
-    assert runs and any(json.loads(line).get("event") == "start" for line in runs[0].read_text().splitlines())
+    records = [json.loads(line) for line in runs[0].read_text().splitlines()]
+    assert any(r.get("event") == "start" for r in records)
+    assert any("val_Backward" in r and "val_Loss" in r for r in records), records

@@ -258,16 +258,20 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
 # --------------------------------------------------------------------------- names the package relies on
 
 
-def _input_span(c: "Compiled", name: str):
-    """Where the template names the graph input `name` (its INPUTS entry, else the file)."""
+def _name_span(c: "Compiled", name: str, key: str):
+    """Where the template names `name`: its entry under KEY (INPUTS, OUTPUTS), else the first line
+    that spells it (a FLOW step, perhaps inside a Jinja block), else the file."""
     from scmc.diagnostics import Span
     from scmc.load import LList
 
-    inputs = c.source.data.get("INPUTS")
-    if isinstance(inputs, LList) and name in inputs:
-        return inputs.item_span(inputs.index(name))
-    if "INPUTS" in c.source.data:
-        return c.source.data.value_span("INPUTS")
+    listed = c.source.data.get(key)
+    if isinstance(listed, LList) and name in listed:
+        return listed.item_span(listed.index(name))
+    word = re.compile(rf"(?<!\w){re.escape(name)}(?!\w)")
+    for number, line in enumerate(c.source.text.splitlines(), 1):
+        match = word.search(line)
+        if match and not line.lstrip().startswith("#"):
+            return Span(c.source.display, number, match.start() + 1)
     return Span(c.source.display, 1, 1)
 
 
@@ -294,6 +298,13 @@ def check_keyword_inputs(compiled: list["Compiled"]) -> None:
         if c.role not in ("loss", "metric") or c.program is None:
             continue
         root = c.program.module(c.program.root)
+        if "__debug__" in root.outputs:  # train.py assigns each output to a variable of its name
+            diags.error(
+                "E0932",
+                f"{c.role} output `__debug__` cannot be a variable of the generated train.py: Python refuses to bind it",
+                _name_span(c, "__debug__", "OUTPUTS"),
+                "rename the output, e.g. to `debug`",
+            )
         emitted = forward_parameters(c.text, root.name)
         for name, param in zip(root.inputs, emitted):
             if name != param:
@@ -302,7 +313,7 @@ def check_keyword_inputs(compiled: list["Compiled"]) -> None:
                     f"{c.role} input `{name}` cannot be a keyword argument of the generated `{root.name}.forward` "
                     f"(it would be `{param}`: the name is taken by Python or by the generated code), and train.py "
                     "passes each input by name",
-                    _input_span(c, name),
+                    _name_span(c, name, "INPUTS"),
                     f"rename `{name}` here and where the {c.role} reads it, e.g. to `{param.rstrip('_')}_in`",
                 )
     diags.raise_if_any()
@@ -310,8 +321,9 @@ def check_keyword_inputs(compiled: list["Compiled"]) -> None:
 
 def check_class_names(files: dict[str, bytes], src: str, classes: list[str]) -> None:
     """The generated __init__.py and train.py must see each class they import as that class: not
-    bound again at module level (`-c TrainConfig`), nor shadowed by a local of one of their
-    functions (`-c net` in train.py's `main`)."""
+    bound again at module level (`-c TrainConfig`), nor shadowed in a function that constructs it
+    or reads its attributes (`-c net` in train.py's `main`, which runs `net = net()`). A local of
+    the same name in a function that never uses the class (a loss output `Loss`) is harmless."""
     import ast
     import symtable
 
@@ -322,8 +334,9 @@ def check_class_names(files: dict[str, bytes], src: str, classes: list[str]) -> 
         if data is None:
             continue
         source = data.decode()
+        tree = ast.parse(source)
         bound: dict[str, int] = {}
-        for node in ast.parse(source).body:
+        for node in tree.body:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.asname or a.name.split(".")[0] for a in node.names]
             elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
@@ -339,17 +352,28 @@ def check_class_names(files: dict[str, bytes], src: str, classes: list[str]) -> 
                 names = []
             for n in names:
                 bound[n] = bound.get(n, 0) + 1
-        imports_classes = filename == "train.py"  # __init__.py loads them lazily, by name
-        locals_: set[str] = set()
+        functions = {
+            (n.name, n.lineno): n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+        }
+        shadowed: set[str] = set()
         stack = [symtable.symtable(source, filename, "exec")]
         while stack:
             table = stack.pop()
             stack.extend(table.get_children())
-            if table.get_type() == "function":
-                locals_ |= {sym.get_name() for sym in table.get_symbols() if sym.is_assigned() or sym.is_parameter()}
+            node = functions.get((table.get_name(), table.get_lineno()))
+            if table.get_type() != "function" or node is None:
+                continue
+            local = {sym.get_name() for sym in table.get_symbols() if sym.is_assigned() or sym.is_parameter()}
+            for use in ast.walk(node):
+                target = (
+                    use.func if isinstance(use, ast.Call) else use.value if isinstance(use, ast.Attribute) else None
+                )
+                if isinstance(target, ast.Name) and target.id in local:
+                    shadowed.add(target.id)
+        imports_classes = filename == "train.py"  # __init__.py loads them lazily, by name
         for cls in classes:
             clash = bound.get(cls, 0) > (1 if imports_classes else 0)
-            if clash or cls in locals_:
+            if clash or cls in shadowed:
                 raise fail(
                     "E0906",
                     f"class name `{cls}` is not usable: the generated {filename} uses `{cls}` for "
