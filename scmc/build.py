@@ -628,6 +628,24 @@ def is_leftover(parts: tuple[str, ...]) -> bool:
     )
 
 
+def _output_errors(function: Any) -> Any:
+    """An -o path the system cannot even look at (a name too long, a loop of links) is an E0903
+    naming it, not an internal error."""
+    import functools
+
+    @functools.wraps(function)
+    def checked(path: Path, *args: Any) -> Any:
+        try:
+            return function(path, *args)
+        except (OSError, RuntimeError) as exc:  # RuntimeError: Path.resolve() in a loop of links
+            reason = getattr(exc, "strerror", None) or ("a loop of symbolic links" if "loop" in str(exc) else exc)
+            raise fail(
+                "E0903", f"cannot use -o {_printable(str(path))[:200]}: {reason}", hint="choose another -o path"
+            ) from None
+
+    return checked
+
+
 def _same(a: Path, b: Path) -> bool:
     """The same file or directory (by device and inode: symlinks, `..` and hard links included)."""
     try:
@@ -653,6 +671,7 @@ def _is_within(path: Path, directory: Path) -> bool:
     return False
 
 
+@_output_errors
 def _through_link(destination: Path) -> Path:
     """-o naming a symbolic link writes where the link points (the link itself stays as it is)."""
     given = destination
@@ -720,6 +739,7 @@ def foreign_files(directory: Path, name: str) -> list[str]:
     return foreign
 
 
+@_output_errors
 def guard_destination(destination: Path, force: bool, inputs: list[Path] = ()) -> None:
     """Refuse, before anything is compiled or written, an -o directory that is not scmc's to replace.
 
@@ -773,6 +793,7 @@ def guard_destination(destination: Path, force: bool, inputs: list[Path] = ()) -
         )
 
 
+@_output_errors
 def guard_file(path: Path, force: bool, inputs: list[Path]) -> None:
     """Refuse a single-file output (-o of `scmc torch create`, `scmc format`) that is an input, a
     directory, or (without --force) an existing file."""
@@ -1007,6 +1028,7 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+@_output_errors
 def _check_exists(destination: Path) -> None:
     if not destination.is_dir():
         raise fail(

@@ -486,3 +486,26 @@ def test_check_ignores_packaging_leftovers_and_reports_links_without_following_t
     assert result.exit_code == 1
     assert f"  link      README.md -> {secret} (not followed; scmc writes no links)" in result.output
     assert "SECRET" not in result.output and "missing   README.md" not in result.output
+
+
+def test_an_output_path_the_system_cannot_look_at_is_a_clear_error(project: Path) -> None:
+    (project / "loop").symlink_to("loop")
+    long = "a" * 300
+    before = everything(project)
+    cases = {
+        ("build", "net.yaml", "-o", "loop", "--force"): "error[E0903]: cannot use -o loop: a loop of symbolic links",
+        ("build", "net.yaml", "-o", long): f"error[E0903]: cannot use -o {long[:200]}: File name too long",
+        ("build", "net.yaml", "-o", f"{long}/x", "--check"): (
+            f"error[E0903]: cannot use -o {long[:200]}: File name too long"
+        ),
+        ("torch", "create", "model", "net.yaml", "-o", f"{long}.py"): (
+            f"error[E0903]: cannot use -o {long[:200]}: File name too long"
+        ),
+        ("format", "net.yaml", "-o", f"{long}.yaml"): f"error[E0903]: cannot use -o {long[:200]}: File name too long",
+    }
+    for args, expected in cases.items():
+        result = run_scmc(project, *args)
+        assert result.exit_code == 1, (args, result.output)
+        assert first_error(result.output) == expected, args
+        assert "internal" not in result.output and "Traceback" not in result.output
+    assert everything(project) == before
