@@ -932,10 +932,10 @@ def _early_output(request: BuildRequest) -> Path | None:
         return default_output(request.name)
     try:
         source = read_template(request.parts[0].path)
-        diags = Diagnostics()
         blocks = parameter_blocks(source.data)
-        for text in request.params:
-            apply_override(blocks, parse_override(text), diags, request.allow_new_params, source.display)
+        for text in request.params:  # one for another template (-p target_loss=...) leaves the name as it is
+            apply_override(blocks, parse_override(text), Diagnostics(), request.allow_new_params, source.display)
+        diags = Diagnostics()
         raw = source.data.get("PARAMETERS")
         params = Parameters.from_raw(raw, source.data.span, diags)
     except CompileError:

@@ -453,6 +453,8 @@ def test_refusing_an_existing_output_does_not_import_torch(project: Path) -> Non
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(scmc.build.__file__).parents[1]), *sys.path])}
     for args in (
         ["build", "net.yaml"],
+        ["build", "net.yaml", "-p", "width=4"],
+        ["build", "net.yaml", "-p", "width=4", "-p", "not_a_key=1"],  # reported once compiled, as ever
         ["build", "net.yaml", "-o", "pkg"],
         ["torch", "create", "model", "net.yaml", "-o", "net.yaml"],
     ):
