@@ -827,6 +827,8 @@ def _recover_stale(parent: Path, destination: Path) -> None:
         pid = int(match["pid"])
         if pid == os.getpid() or _alive(pid):
             continue  # another build of the same destination is running: leave its files alone
+        if not _laid_out_as_package(entry):
+            continue  # named like a staging directory, but holds what scmc does not write: not ours
         try:
             if match["kind"] == "old" and not destination.exists():
                 os.replace(entry, destination)
@@ -834,6 +836,18 @@ def _recover_stale(parent: Path, destination: Path) -> None:
                 shutil.rmtree(entry)
         except OSError:
             pass  # not ours to fix (permissions); the build goes on and may report its own error
+
+
+def _laid_out_as_package(directory: Path) -> bool:
+    """Whether everything in `directory` is what a (partly written) scmc package holds."""
+    src = directory / "src"
+    try:
+        names = [d.name for d in src.iterdir() if not is_leftover((d.name,))] if src.is_dir() else []
+    except OSError:
+        return False
+    if len(names) > 1:
+        return False
+    return not foreign_files(directory, names[0] if names else "")
 
 
 def _alive(pid: int) -> bool:

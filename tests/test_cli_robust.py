@@ -100,16 +100,25 @@ def test_an_interrupted_build_leaves_the_old_package_or_the_complete_new_one(wor
 def test_a_build_cleans_the_staging_directories_of_dead_builds_only(workdir: Path) -> None:
     assert cli(workdir, "net.yaml", "-o", "out", "-q").exit_code == 0
     dead = workdir / f".out.tmp-{DEAD_PID}-abcd1234"
-    (dead / "src").mkdir(parents=True)
-    (dead / "src" / "half.py").write_text("# half written")
+    (dead / "src" / "net").mkdir(parents=True)
+    (dead / "src" / "net" / "half.py").write_text("# half written")
     dead_old = workdir / f".out.old-{DEAD_PID}"
     dead_old.mkdir()
     running = workdir / ".out.tmp-1-live0000"  # pid 1 is always running: another build's files are left alone
     running.mkdir()
     other = workdir / f".other.tmp-{DEAD_PID}-x"  # another destination's: not ours to touch
     other.mkdir()
+    users = workdir / f".out.tmp-{DEAD_PID}-mine"  # named like ours, but holds what scmc does not write
+    (users / "notes.txt").parent.mkdir()
+    (users / "notes.txt").write_text("mine")
     assert cli(workdir, "net.yaml", "-o", "out", "-q", "--force").exit_code == 0
-    assert siblings(workdir) == [".other.tmp-" + f"{DEAD_PID}-x", ".out.tmp-1-live0000", "out"]
+    assert siblings(workdir) == [
+        ".other.tmp-" + f"{DEAD_PID}-x",
+        ".out.tmp-1-live0000",
+        f".out.tmp-{DEAD_PID}-mine",
+        "out",
+    ]
+    assert (users / "notes.txt").read_text() == "mine"
 
 
 def test_a_build_killed_between_its_two_renames_gets_its_old_package_back(workdir: Path, monkeypatch) -> None:
