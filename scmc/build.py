@@ -9,6 +9,7 @@ partial package where a good one was.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -36,10 +37,13 @@ from scmc.load import (
     parse_override,
     read_template,
     plain,
+    printable,
+    recorded_path,
     report_unused_overrides,
 )
 
 if TYPE_CHECKING:
+    from scmc.ir import Program
     from scmc.link import BuildInfo, Compiled
 
 LAYER_ROLES = ("model", "loss", "metric")
@@ -167,6 +171,78 @@ def package_name(model: Source, groups: Parameters) -> str:
     return name
 
 
+# Modules a generated package imports besides its own: a package of the same name would hide them.
+IMPORTED_BY_PACKAGES = ("torch", "torchvision", "timm", "numpy", "PIL", "onnxruntime", "onnx", "scmc", "scmc_runtime")
+
+
+def package_name_problem(name: str) -> str:
+    """Why `name` cannot be the import name of a generated package ('' when it can)."""
+    import keyword
+
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        return "it is not a lowercase Python identifier"
+    if keyword.iskeyword(name):
+        return "it is a Python keyword"
+    if name.startswith("__"):
+        return "Python treats names starting with `__` specially"
+    if name in ("test", "tests") or name in sys.stdlib_module_names:
+        return "a module of Python's standard library has that name"
+    if name.lower() in {m.lower() for m in IMPORTED_BY_PACKAGES} or name in sys.builtin_module_names:
+        return "the generated code imports a module of that name"
+    return ""
+
+
+def class_name_problem(name: str) -> str:
+    """Why `name` cannot be the class of a generated module ('' when it can)."""
+    import keyword
+    import unicodedata
+
+    from scmc.emit.python import RESERVED
+
+    if not name.isidentifier():
+        return "it is not a Python identifier"
+    if unicodedata.normalize("NFKC", name) != name:
+        return f"Python reads it as `{unicodedata.normalize('NFKC', name)}`"
+    if keyword.iskeyword(name) or name == "__debug__":
+        return "it is a Python keyword"
+    if name.startswith("_"):
+        return "names starting with `_` are private to the generated modules"
+    if name in RESERVED:
+        return "the generated code uses that name (a builtin, typing or module name)"
+    return ""
+
+
+def check_backward_losses(bdef: Any, source: Source) -> None:
+    """The generated `Backward.__call__(self, <losses>, *, last_in_epoch)` takes each loss by its
+    name: a name Python treats specially, or one its body uses (self, update, last_in_epoch, the
+    modules it imports), would break backward.py or train.py's keyword call."""
+    import keyword
+
+    from scmc.emit.python import RESERVED, addresses_in
+
+    taken = set(RESERVED) | {"self", "update", "last_in_epoch", "scmc_runtime", "contextlib"}
+    for opt in bdef.optimizers:
+        for ctor in (opt.factory, opt.clip):
+            if ctor is not None:
+                taken |= {a.split(".")[0] for a in addresses_in(ctor)}
+    diags = Diagnostics()
+    where = source.data.key_span("BACKWARDS") if "BACKWARDS" in source.data else Span(source.display, 1, 1)
+    for name in bdef.losses:
+        if name.startswith("__") or keyword.iskeyword(name) or name in taken:
+            diags.error(
+                "E0931",
+                f"loss `{name}` cannot be an argument of the generated `{bdef.classname}.__call__`: "
+                + (
+                    "Python treats names starting with `__` specially"
+                    if name.startswith("__")
+                    else "the generated code uses that name"
+                ),
+                where,
+                f"rename the loss output `{name}` (in the loss template and in LOSS here), e.g. to `{name.strip('_')}_loss`",
+            )
+    diags.raise_if_any()
+
+
 def compile_part(
     part: Part, source: Source, params: Parameters, request: BuildRequest, allow: AllowList, header: list[str]
 ) -> Compiled:
@@ -198,7 +274,11 @@ def compile_part(
         from scmc.backward import lower_backward
         from scmc.emit.backward import emit_backward
 
+        import dataclasses
+
         bdef = lower_backward(source, params, part.classname, options)
+        bdef = dataclasses.replace(bdef, template=recorded_path(source.path))
+        check_backward_losses(bdef, source)
         text = emit_backward(bdef, header, f"{source.path.stem} backward, compiled by scmc {scmc.__version__}.")
         return Compiled(part.role, source, None, text, 0, None, default_params, backward=bdef)
     if part.role in PRESET_ROLES:
@@ -234,7 +314,8 @@ def compile_part(
             f"the compiled program does not construct: {type(exc).__name__}: {exc}", dump(program)
         ) from exc
     doc = f"{source.path.stem} {part.role}, compiled by scmc {scmc.__version__}."
-    text = emit_module_file(program, header, doc)
+    includes = [t for t in lowerer.templates.values() if t.path != source.path]
+    text = emit_module_file(_recorded_templates(program, [source, *includes]), header, doc)
     return Compiled(
         part.role,
         source,
@@ -244,7 +325,7 @@ def compile_part(
         root.input_shapes,
         default_params,
         files=dict(lowerer.files),
-        includes=[t for t in lowerer.templates.values() if t.path != source.path],
+        includes=includes,
         output_shapes=root.output_shapes,
     )
 
@@ -353,32 +434,36 @@ def _compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowLis
     diags.raise_if_any()
 
     name = request.name or package_name(sources[0], param_sets[0])
-    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name) or name in {
-        "torch",
-        "timm",
-        "scmc",
-        "scmc_runtime",
-        "test",
-        "tests",
-    }:
+    problem = package_name_problem(name)
+    if problem:
         raise fail(
             "E0900",
-            f"package name `{name}` is not usable",
-            hint="--name takes a lowercase Python identifier, e.g. convnextv2_femto",
+            f"package name `{name}` is not usable: {problem}",
+            hint="--name takes a lowercase Python identifier of its own, e.g. convnextv2_femto",
         )
-    from scmc.emit.python import RESERVED, comment_text
-
     for part in parts:
-        if part.classname and (not part.classname.isidentifier() or part.classname in RESERVED):
+        problem = class_name_problem(part.classname) if part.classname else ""
+        if problem:
             raise fail(
                 "E0906",
-                f"class name `{part.classname}` is not usable",
+                f"class name `{part.classname}` is not usable: {problem}",
                 hint="-c/--classname takes a Python identifier that is not a keyword, builtin or module name, e.g. Model",
             )
+    taken = [p.classname for p in parts if p.classname]
+    clash = next((c for i, c in enumerate(taken) if c in taken[:i]), None)
+    if clash is not None:
+        raise fail(
+            "E0906",
+            f"class name `{clash}` is not usable: the package already has a class `{clash}` (the "
+            f"{[p.role for p in parts if p.classname == clash][1]})",
+            hint="-c/--classname takes a name the loss, metric and backward classes do not use, e.g. Model",
+        )
+    from scmc.emit.python import comment_text
+
     compiled: list[Compiled] = []
     for part, source, params in zip(parts, sources, param_sets):
         header = [  # each entry is one comment line: newlines in -p values or file names are spelled out
-            comment_text(f"Generated by scmc {scmc.__version__} from {source.display} -- do not edit."),
+            comment_text(f"Generated by scmc {scmc.__version__} from {recorded_path(source.path)} -- do not edit."),
             comment_text(f"Parameters: {' '.join(request.params) if request.params else '(template defaults)'}"),
         ]
         try:
@@ -394,14 +479,19 @@ def _compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowLis
     return name, compiled, allow
 
 
-def create_module(request: BuildRequest, output: Path | None, force: bool = True) -> tuple[Compiled, Path]:
+def create_module(request: BuildRequest, output: Path | None, force: bool = False) -> tuple[Compiled, Path]:
     """`scmc torch create model|backward`: one generated Python file, as structcast-model wrote it.
 
     The first part of the request is compiled alone (no PACKAGE presets); its module text is
-    written atomically to `output` (default: snake_case(classname).py)."""
-    from scmc.names import to_snake
-
+    written atomically to `output` (default: snake_case(classname).py). An existing file is
+    replaced only with `force`, and never when it is one of the build's inputs."""
     request.presets = False
+    if output is None:
+        from scmc.names import to_snake
+
+        output = Path(f"{to_snake(request.parts[0].classname)}.py")
+    destination = output
+    guard_file(destination, force, [p.path for p in request.parts])  # before compiling: no torch import yet
     _, compiled, _ = compile_parts(request)
     part = compiled[0]
     if part.files:
@@ -411,13 +501,42 @@ def create_module(request: BuildRequest, output: Path | None, force: bool = True
             f"`_file_` layer {display_path(path)} needs a package around the generated module",
             hint="use `scmc build`, which copies layer files into the package",
         )
-    destination = output or Path(f"{to_snake(request.parts[0].classname)}.py")
-    if destination.is_dir():
-        raise fail("E0902", f"{display_path(destination)} is a directory; -o names the Python file to write")
-    if destination.exists() and not force:
-        raise fail("E0901", f"{display_path(destination)} already exists", hint="pass --force to replace it")
+    guard_file(destination, force, compiled_inputs(request, compiled))
     write_text_atomic(destination, part.text)
     return part, destination
+
+
+def compiled_inputs(request: BuildRequest, compiled: list[Compiled]) -> list[Path]:
+    """Every file a build read: the templates named on the command line, PACKAGE presets, CFG
+    includes and `_file_` layer modules."""
+    paths = [p.path for p in request.parts]
+    for c in compiled:
+        paths.append(c.source.path)
+        paths.extend(t.path for t in c.includes)
+        paths.extend(c.files.values())
+    return paths
+
+
+def _recorded_templates(program: Program, sources: list[Source]) -> Program:
+    """The program with each class's `template` (a file's display path, `path:Layer` for a layer
+    of a CFG file) and docstring spelling the files as `recorded_path` does."""
+    import dataclasses
+
+    spelled = {s.display: recorded_path(s.path) for s in sources}
+
+    def spell(template: str) -> str:
+        for display, recorded in spelled.items():
+            if template == display or template.startswith(display + ":"):
+                return recorded + template[len(display) :]
+        return template
+
+    def spell_doc(doc: str) -> str:  # docstrings quote the file as `path`
+        for display, recorded in spelled.items():
+            doc = doc.replace(f"`{display}`", f"`{recorded}`")
+        return doc
+
+    modules = tuple(dataclasses.replace(m, template=spell(m.template), doc=spell_doc(m.doc)) for m in program.modules)
+    return dataclasses.replace(program, modules=modules)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -427,27 +546,22 @@ def default_output(name: str) -> Path:
     return Path("artifacts") / name
 
 
-def write_package(plan: Plan, destination: Path, force: bool) -> None:
+def write_package(plan: Plan, destination: Path, force: bool, inputs: list[Path] = ()) -> None:
     """Write all files into a temporary sibling directory, then swap it into place.
 
-    The swap is one atomic exchange of the two directories where the system has it (Linux
-    renameat2), else two renames. SIGINT/SIGTERM are held while files are written and swapped;
-    after SIGKILL, what is left is a `.<name>.tmp-<pid>-*` (or, between the two renames,
-    `.<name>.old-<pid>`) sibling, which the next build of the same destination removes (or puts
-    back in place) once that process is gone.
+    What may be replaced is decided by `guard_destination` first (with `force`: only a package
+    scmc wrote, never the working directory or a folder holding one of `inputs`). The swap is
+    one atomic exchange of the two directories where the system has it (Linux renameat2), else
+    two renames. SIGINT/SIGTERM are held while files are written and swapped; after SIGKILL,
+    what is left is a `.<name>.tmp-<pid>-*` (or, between the two renames, `.<name>.old-<pid>`)
+    sibling, which the next build of the same destination removes (or puts back in place) once
+    that process is gone.
     """
-    destination = destination.absolute()
+    destination = _through_link(destination)
     parent = destination.parent
     if parent.is_dir():
         _recover_stale(parent, destination)
-    if destination.exists() and not force:
-        raise fail(
-            "E0901",
-            f"{display_path(destination)} already exists",
-            hint="pass --force to replace it (the old package is kept until the new one is complete)",
-        )
-    if destination.exists() and not destination.is_dir():
-        raise fail("E0902", f"{display_path(destination)} exists and is not a directory")
+    guard_destination(destination, force, inputs)
     blocking = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise fail(
@@ -471,6 +585,9 @@ def write_package(plan: Plan, destination: Path, force: bool) -> None:
         raise fail(
             "E0903", f"cannot write to {display_path(parent)}: {exc.strerror}", hint="choose another -o directory"
         ) from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the package is an ordinary folder
     old = parent / f".{destination.name}.old-{os.getpid()}"
     blocked = _block_signals()
     written = False
@@ -502,6 +619,208 @@ def write_package(plan: Plan, destination: Path, force: bool) -> None:
         _restore_signals(blocked)  # a Ctrl-C that came while writing is dropped: the package is complete
 
 
+# ----------------------------------------------------------------------------- what may be replaced
+
+# What packaging tools leave in a package folder (`pip install <dir>`, `python -m build`):
+# replaced along with the package by --force, ignored by --check.
+LEFTOVER_DIRS = ("build", "dist")
+
+
+def is_leftover(parts: tuple[str, ...]) -> bool:
+    """A path inside a package folder (its parts) that a packaging tool or Python wrote."""
+    return bool(parts) and (
+        parts[0] in LEFTOVER_DIRS
+        or any(p == "__pycache__" or p.endswith(".egg-info") for p in parts)
+        or parts[-1].endswith(".pyc")
+    )
+
+
+def _output_errors(function: Any) -> Any:
+    """An -o path the system cannot even look at (a name too long, a loop of links) is an E0903
+    naming it, not an internal error."""
+    import functools
+
+    @functools.wraps(function)
+    def checked(path: Path, *args: Any) -> Any:
+        try:
+            return function(path, *args)
+        except (OSError, RuntimeError) as exc:  # RuntimeError: Path.resolve() in a loop of links
+            reason = getattr(exc, "strerror", None) or ("a loop of symbolic links" if "loop" in str(exc) else exc)
+            raise fail(
+                "E0903", f"cannot use -o {printable(str(path))[:200]}: {reason}", hint="choose another -o path"
+            ) from None
+
+    return checked
+
+
+def _same(a: Path, b: Path) -> bool:
+    """The same file or directory (by device and inode: symlinks, `..` and hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    """`path` is `directory` or lies below it, however either is spelled."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return False
+    for spelling in {Path(os.path.abspath(path)), path.resolve()}:
+        for candidate in (spelling, *spelling.parents):
+            try:
+                other = os.stat(candidate)
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return True
+    return False
+
+
+@_output_errors
+def _through_link(destination: Path) -> Path:
+    """-o naming a symbolic link writes where the link points (the link itself stays as it is)."""
+    given = destination
+    destination = Path(os.path.abspath(destination))
+    if destination.is_symlink():
+        target = destination.resolve()
+        if not target.is_dir():
+            raise fail(
+                "E0925",
+                f"-o {printable(str(given))} is a symbolic link to {printable(os.readlink(destination))}, "
+                "which is not a directory",
+                hint="point -o at a directory, or remove the link",
+            )
+        return target
+    return destination
+
+
+def package_in(directory: Path) -> str | None:
+    """The name of the package scmc wrote in `directory` (its src/<name>/manifest.json), or None."""
+    src = directory / "src"
+    if src.is_symlink() or not src.is_dir():
+        return None
+    try:
+        candidates = sorted(src.iterdir())
+    except OSError:
+        return None
+    for candidate in candidates:
+        manifest_path = candidate / "manifest.json"
+        if candidate.is_symlink() or manifest_path.is_symlink() or not manifest_path.is_file():
+            continue
+        try:
+            data = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "scmc_version" in data and data.get("package") == candidate.name:
+            return candidate.name
+    return None
+
+
+def foreign_files(directory: Path, name: str) -> list[str]:
+    """Paths in a package folder that scmc does not write (packaging leftovers aside); links count."""
+    own_dirs = {"src", f"src/{name}"}
+    own_files = {"pyproject.toml", "README.md", f"src/{name}/manifest.json"}
+    foreign: list[str] = []
+
+    def unreadable(error: OSError) -> None:  # what cannot be listed cannot be shown to be scmc's
+        foreign.append(Path(error.filename).relative_to(directory).as_posix() + "/ (unreadable)")
+
+    for root, dirs, files in os.walk(directory, onerror=unreadable):
+        base = Path(root)
+        for entry in sorted(dirs) + sorted(files):
+            path = base / entry
+            rel = path.relative_to(directory)
+            text = rel.as_posix()
+            if is_leftover(rel.parts) and not path.is_symlink():
+                continue
+            if path.is_symlink():
+                foreign.append(text)
+            elif entry in dirs:
+                if text not in own_dirs:
+                    foreign.append(text + "/")
+            elif not (text in own_files or (rel.parent.as_posix() == f"src/{name}" and entry.endswith(".py"))):
+                foreign.append(text)
+        dirs[:] = [d for d in dirs if (base / d).relative_to(directory).as_posix() in own_dirs]
+    return foreign
+
+
+@_output_errors
+def guard_destination(destination: Path, force: bool, inputs: list[Path] = ()) -> None:
+    """Refuse, before anything is compiled or written, an -o directory that is not scmc's to replace.
+
+    Never replaced: the working directory or a parent of it, a directory that is or holds one
+    of the build's inputs, a file. Replaced with --force only: a package scmc wrote (its
+    manifest), holding nothing but what scmc writes and what packaging tools leave."""
+    shown = display_path(destination)
+    if not os.path.lexists(destination):
+        return
+    cwd = Path.cwd()
+    if _is_within(cwd, destination):
+        what = "the working directory" if _same(cwd, destination) else "a parent of the working directory"
+        raise fail(
+            "E0920",
+            f"{shown} is {what}; scmc never replaces it, not even with --force",
+            hint="give -o a folder of its own, e.g. artifacts/<name>",
+        )
+    for path in inputs:
+        if _is_within(path, destination):
+            if not _same(path, destination):
+                what = f"holds {display_path(path)}, an input of this build"
+            elif display_path(path) == shown:
+                what = "is an input of this build"
+            else:
+                what = f"is the same file as {display_path(path)}, an input of this build"
+            raise fail(
+                "E0921", f"{shown} {what}; scmc never writes over its inputs", hint="choose another -o directory"
+            )
+    if not destination.is_dir():
+        raise fail("E0902", f"{shown} exists and is not a directory")
+    if not force:
+        raise fail(
+            "E0901",
+            f"{shown} already exists",
+            hint="pass --force to replace it (the old package is kept until the new one is complete)",
+        )
+    name = package_in(destination)
+    if name is None:
+        raise fail(
+            "E0922",
+            f"{shown} is not a package scmc wrote (it has no src/<name>/manifest.json), so --force does not replace it",
+            hint="choose another -o directory, or remove it yourself if it is no longer needed",
+        )
+    foreign = foreign_files(destination, name)
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise fail(
+            "E0923",
+            f"{shown} holds what scmc did not write ({listed}), so --force does not replace it",
+            hint="move those out of the package folder, or choose another -o directory",
+        )
+
+
+@_output_errors
+def guard_file(path: Path, force: bool, inputs: list[Path]) -> None:
+    """Refuse a single-file output (-o of `scmc torch create`, `scmc format`) that is an input, a
+    directory, or (without --force) an existing file."""
+    shown = printable(str(path))  # as given: display_path would follow a link to the input
+    for given in inputs:
+        if _same(path, given):
+            other = display_path(given)
+            same = other == display_path(path) and not path.is_symlink()
+            what = "an input of this command" if same else f"the same file as {other}, an input of this command"
+            raise fail(
+                "E0924",
+                f"-o {shown} is {what}; scmc never writes over its inputs",
+                hint="choose another -o file",
+            )
+    if path.is_dir():
+        raise fail("E0902", f"{shown} is a directory; -o names the file to write")
+    if os.path.lexists(path) and not force:
+        raise fail("E0901", f"{shown} already exists", hint="pass --force to replace it")
+
+
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-.*)?$")
 
 
@@ -515,6 +834,8 @@ def _recover_stale(parent: Path, destination: Path) -> None:
         pid = int(match["pid"])
         if pid == os.getpid() or _alive(pid):
             continue  # another build of the same destination is running: leave its files alone
+        if not _laid_out_as_package(entry):
+            continue  # named like a staging directory, but holds what scmc does not write: not ours
         try:
             if match["kind"] == "old" and not destination.exists():
                 os.replace(entry, destination)
@@ -522,6 +843,18 @@ def _recover_stale(parent: Path, destination: Path) -> None:
                 shutil.rmtree(entry)
         except OSError:
             pass  # not ours to fix (permissions); the build goes on and may report its own error
+
+
+def _laid_out_as_package(directory: Path) -> bool:
+    """Whether everything in `directory` is what a (partly written) scmc package holds."""
+    src = directory / "src"
+    try:
+        names = [d.name for d in src.iterdir() if not is_leftover((d.name,))] if src.is_dir() else []
+    except OSError:
+        return False
+    if len(names) > 1:
+        return False
+    return not foreign_files(directory, names[0] if names else "")
 
 
 def _alive(pid: int) -> bool:
@@ -604,10 +937,31 @@ def _restore_signals(previous: Any) -> None:
 
 
 def build(request: BuildRequest) -> tuple[Plan, Path]:
+    early = request.output or _early_output(request)
+    if early is not None:  # refusals that need no compiling come before torch is imported
+        guard_destination(_through_link(early), request.force, [p.path for p in request.parts])
     plan = plan_package(request)
     destination = request.output or default_output(plan.name)
-    write_package(plan, destination, request.force)
+    write_package(plan, destination, request.force, compiled_inputs(request, plan.compiled))
     return plan, destination
+
+
+def _early_output(request: BuildRequest) -> Path | None:
+    """The default output directory, from the package name, read cheaply (no torch): the model
+    template's DEFAULT group after -p. None where that needs more (errors are reported later)."""
+    if request.name:
+        return default_output(request.name)
+    try:
+        source = read_template(request.parts[0].path)
+        blocks = parameter_blocks(source.data)
+        for text in request.params:  # one for another template (-p target_loss=...) leaves the name as it is
+            apply_override(blocks, parse_override(text), Diagnostics(), request.allow_new_params, source.display)
+        diags = Diagnostics()
+        raw = source.data.get("PARAMETERS")
+        params = Parameters.from_raw(raw, source.data.span, diags)
+    except CompileError:
+        return None
+    return None if diags else default_output(package_name(source, params))
 
 
 @dataclass
@@ -616,10 +970,11 @@ class CheckResult:
     missing: list[str]  # files the templates produce that are not on disk
     extra: list[str]  # files on disk the templates do not produce
     changed: dict[str, str]  # file -> unified diff (truncated)
+    links: dict[str, str] = field(default_factory=dict)  # symbolic links in the package -> where they point
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.extra or self.changed)
+        return not (self.missing or self.extra or self.changed or self.links)
 
     def summary(self, limit: int = 40) -> str:
         lines = []
@@ -627,6 +982,8 @@ class CheckResult:
             lines.append(f"  missing   {rel}")
         for rel in self.extra:
             lines.append(f"  extra     {rel}")
+        for rel, target in self.links.items():
+            lines.append(f"  link      {rel} -> {printable(target)} (not followed; scmc writes no links)")
         for rel, diff in self.changed.items():
             added = sum(1 for l in diff.splitlines() if l.startswith("+") and not l.startswith("+++"))
             removed = sum(1 for l in diff.splitlines() if l.startswith("-") and not l.startswith("---"))
@@ -640,23 +997,39 @@ class CheckResult:
 
 
 def check(request: BuildRequest) -> CheckResult:
-    """Compare the package on disk with what the templates produce now (`scmc build --check`)."""
+    """Compare the package on disk with what the templates produce now (`scmc build --check`).
+
+    The files on disk are read without following symbolic links: a link is reported as a link
+    (with where it points), never by the content of what it points to. What packaging tools
+    leave in the folder (build/, dist/, *.egg-info, __pycache__) is not compared."""
     import difflib
 
+    early = request.output or _early_output(request)
+    if early is not None:
+        _check_exists(early)  # before compiling: no torch import for a missing package
     plan = plan_package(request)
     destination = request.output or default_output(plan.name)
-    if not destination.is_dir():
-        raise fail(
-            "E0905",
-            f"{display_path(destination)} does not exist, so there is nothing to check",
-            hint="build it first, or pass -o to point at the package",
-        )
-    on_disk = {
-        str(p.relative_to(destination)).replace(os.sep, "/"): p
-        for p in destination.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc") and ".egg-info" not in str(p)
-    }
-    missing = sorted(set(plan.files) - set(on_disk))
+    _check_exists(destination)
+    destination = _through_link(destination)
+    on_disk: dict[str, Path] = {}
+    links: dict[str, str] = {}
+    for root, dirs, files in os.walk(destination):
+        base = Path(root)
+        for entry in [*dirs, *files]:
+            path = base / entry
+            rel = path.relative_to(destination)
+            if is_leftover(rel.parts) and not path.is_symlink():
+                continue
+            if path.is_symlink():
+                links[rel.as_posix()] = os.readlink(path)
+            elif entry in files:
+                on_disk[rel.as_posix()] = path
+        dirs[:] = [
+            d
+            for d in dirs
+            if not (base / d).is_symlink() and not is_leftover((base / d).relative_to(destination).parts)
+        ]
+    missing = sorted(set(plan.files) - set(on_disk) - set(links))
     extra = sorted(set(on_disk) - set(plan.files))
     changed: dict[str, str] = {}
     for rel in sorted(set(plan.files) & set(on_disk)):
@@ -669,4 +1042,14 @@ def check(request: BuildRequest) -> CheckResult:
                 f"from templates: {rel}",
             )
             changed[rel] = "".join(diff)
-    return CheckResult(destination, missing, extra, changed)
+    return CheckResult(destination, missing, extra, changed, dict(sorted(links.items())))
+
+
+@_output_errors
+def _check_exists(destination: Path) -> None:
+    if not destination.is_dir():
+        raise fail(
+            "E0905",
+            f"{display_path(destination)} does not exist, so there is nothing to check",
+            hint="build it first, or pass -o to point at the package",
+        )

@@ -59,7 +59,12 @@ def main() -> None:
 @click.option("--dataset", type=click.Path(path_type=Path), help="Dataset preset: defaults of the generated train.py.")
 @click.option("--name", help="Package name (default: template stem + selected group, e.g. convnextv2_femto).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output directory (default: artifacts/<name>).")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing package that scmc wrote (never the working directory, a folder holding an input, "
+    "or one with files scmc did not write).",
+)
 @click.option(
     "-s",
     "--shape",
@@ -179,12 +184,14 @@ def run_check(request: Any) -> None:
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Override a parameter (as in build).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the rendered YAML here (default: stdout).")
 @click.option("--allow-new-params", is_flag=True, help="Let -p add keys the template does not define (to DEFAULT).")
-def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_new_params: bool) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing -o file (never the template itself).")
+def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_new_params: bool, force: bool) -> None:
     """Render TEMPLATE's Jinja blocks with its parameters and print the resulting YAML."""
     import io
 
     from ruamel.yaml import YAML
 
+    from scmc.build import guard_file, write_text_atomic
     from scmc.diagnostics import Diagnostics
     from scmc.load import (
         LDict,
@@ -201,6 +208,8 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
     )
 
     try:
+        if output is not None:
+            guard_file(output, force, [template])
         source = read_template(template)
         diags = Diagnostics()
         overrides = [parse_override(p) for p in params]
@@ -225,10 +234,13 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
     yaml.dump(rendered, buffer)
     if output is None:
         click.echo(buffer.getvalue(), nl=False)
-    else:
-        from scmc.build import write_text_atomic
-
+        return
+    try:
+        guard_file(output, force, [template])  # again: it may have appeared while rendering
         write_text_atomic(output, buffer.getvalue())
+    except CompileError as exc:
+        click.echo(exc.render(), err=True)
+        sys.exit(1)
 
 
 @main.command(name="export")
@@ -418,6 +430,7 @@ def torch_create() -> None:
     type=click.Path(path_type=Path),
     help="The Python file to write (default: <classname>.py in snake_case).",
 )
+@click.option("--force", is_flag=True, help="Replace an existing output file (never the template itself).")
 @click.option("--allow-new-params", is_flag=True, help="Let -p add keys the template does not define (to DEFAULT).")
 @click.option(
     "--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable."
@@ -431,6 +444,7 @@ def torch_create_model(
     sublayer: str | None,
     shapes: tuple[str, ...],
     output: Path | None,
+    force: bool,
     allow_new_params: bool,
     allow_modules: tuple[str, ...],
     quiet: bool,
@@ -447,7 +461,7 @@ def torch_create_model(
         allow_new_params=allow_new_params,
         allow_modules=tuple(allow_modules),
     )
-    run_create(request, output, quiet)
+    run_create(request, output, force, quiet)
 
 
 @torch_create.command(name="backward")
@@ -460,6 +474,7 @@ def torch_create_model(
     type=click.Path(path_type=Path),
     help="The Python file to write (default: <classname>.py in snake_case).",
 )
+@click.option("--force", is_flag=True, help="Replace an existing output file (never the template itself).")
 @click.option("--allow-new-params", is_flag=True, help="Let -p add keys the template does not define (to DEFAULT).")
 @click.option(
     "--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable."
@@ -470,6 +485,7 @@ def torch_create_backward(
     params: tuple[str, ...],
     classname: str,
     output: Path | None,
+    force: bool,
     allow_new_params: bool,
     allow_modules: tuple[str, ...],
     quiet: bool,
@@ -483,14 +499,14 @@ def torch_create_backward(
         allow_new_params=allow_new_params,
         allow_modules=tuple(allow_modules),
     )
-    run_create(request, output, quiet)
+    run_create(request, output, force, quiet)
 
 
-def run_create(request: Any, output: Path | None, quiet: bool) -> None:
+def run_create(request: Any, output: Path | None, force: bool, quiet: bool) -> None:
     from scmc.build import create_module
     from scmc.load import display_path
 
-    part, destination = _compile_or_exit(lambda: create_module(request, output), request.parts[0].path)
+    part, destination = _compile_or_exit(lambda: create_module(request, output, force), request.parts[0].path)
     if not quiet:
         click.echo(
             f"wrote {part.program.root if part.program is not None else part.backward.classname} "

@@ -579,7 +579,31 @@ def display_path(path: Path) -> str:
         text = str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         text = str(path)
+    return printable(text)
+
+
+def printable(text: str) -> str:
+    """Control characters spelled out, so a path cannot break a generated comment or a terminal line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def recorded_path(path: Path | str) -> str:
+    """How a generated file names an input: relative to the working directory when it lies inside
+    it (normalized: no `..`, `/` separators), else by its file name alone, so that no path of the
+    build machine ends up in a package. Control characters are spelled out."""
+    import os
+
+    path = Path(path)
+    cwd = Path.cwd()
+    for spelling, base in ((Path(os.path.abspath(path)), Path(os.path.abspath(cwd))), (path.resolve(), cwd.resolve())):
+        try:
+            text = spelling.relative_to(base).as_posix()
+            break
+        except ValueError:
+            continue
+    else:
+        text = path.name
+    return printable(text)
 
 
 def read_template(path: Path) -> Source:

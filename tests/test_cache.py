@@ -125,8 +125,15 @@ KEY_CASES = {
         "b/src/net/model.py",
         "class Model",
     ),
-    # the same file, named from another directory: generated headers show paths relative to the cwd
-    "another cwd": ("net.yaml", lambda p: os.chdir(p / "parts"), ["../net.yaml"], "b/src/net/model.py", "../net.yaml"),
+    # the same file, named from another directory: generated files show paths relative to the cwd
+    # (and only the file name of one outside it)
+    "another cwd": (
+        "net.yaml",
+        lambda p: os.chdir(p / "parts"),
+        ["../net.yaml"],
+        "b/src/net/manifest.json",
+        '"path": "head.yaml"',
+    ),
 }
 
 

@@ -100,16 +100,25 @@ def test_an_interrupted_build_leaves_the_old_package_or_the_complete_new_one(wor
 def test_a_build_cleans_the_staging_directories_of_dead_builds_only(workdir: Path) -> None:
     assert cli(workdir, "net.yaml", "-o", "out", "-q").exit_code == 0
     dead = workdir / f".out.tmp-{DEAD_PID}-abcd1234"
-    (dead / "src").mkdir(parents=True)
-    (dead / "src" / "half.py").write_text("# half written")
+    (dead / "src" / "net").mkdir(parents=True)
+    (dead / "src" / "net" / "half.py").write_text("# half written")
     dead_old = workdir / f".out.old-{DEAD_PID}"
     dead_old.mkdir()
     running = workdir / ".out.tmp-1-live0000"  # pid 1 is always running: another build's files are left alone
     running.mkdir()
     other = workdir / f".other.tmp-{DEAD_PID}-x"  # another destination's: not ours to touch
     other.mkdir()
+    users = workdir / f".out.tmp-{DEAD_PID}-mine"  # named like ours, but holds what scmc does not write
+    (users / "notes.txt").parent.mkdir()
+    (users / "notes.txt").write_text("mine")
     assert cli(workdir, "net.yaml", "-o", "out", "-q", "--force").exit_code == 0
-    assert siblings(workdir) == [".other.tmp-" + f"{DEAD_PID}-x", ".out.tmp-1-live0000", "out"]
+    assert siblings(workdir) == [
+        ".other.tmp-" + f"{DEAD_PID}-x",
+        ".out.tmp-1-live0000",
+        f".out.tmp-{DEAD_PID}-mine",
+        "out",
+    ]
+    assert (users / "notes.txt").read_text() == "mine"
 
 
 def test_a_build_killed_between_its_two_renames_gets_its_old_package_back(workdir: Path, monkeypatch) -> None:
@@ -144,11 +153,17 @@ def test_a_build_killed_between_its_two_renames_gets_its_old_package_back(workdi
 
 
 def test_replacing_a_package_swaps_the_whole_directory(workdir: Path) -> None:
+    """What an older build wrote (a layer module it no longer has) and what pip left (build/,
+    *.egg-info, __pycache__) go with the old package."""
     assert cli(workdir, "net.yaml", "-o", "out", "-q").exit_code == 0
-    (workdir / "out" / "stale.txt").write_text("from the old package")
+    stale = ["src/net/old_layer.py", "build/lib/net/model.py", "src/net.egg-info/PKG-INFO", "src/net/__pycache__/x.pyc"]
+    for rel in stale:
+        (workdir / "out" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / "out" / rel).write_text("from the old package")
     inode = (workdir / "out").stat().st_ino
     assert cli(workdir, "net.yaml", "-o", "out", "-q", "--force", "-p", "width=5").exit_code == 0
-    assert not (workdir / "out" / "stale.txt").exists()
+    assert not any((workdir / "out" / rel).exists() for rel in stale)
+    assert not (workdir / "out" / "build").exists()
     assert (workdir / "out").stat().st_ino != inode
     assert "out_features=5" in (workdir / "out" / "src" / "net" / "model.py").read_text()
     assert siblings(workdir) == ["out"]
@@ -235,3 +250,273 @@ def test_a_directory_given_as_the_template_is_a_clear_error(workdir: Path) -> No
     assert result.exit_code == 1
     assert result.output.startswith("error[E0001]: models is a directory, not a template file")
     assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- what may be overwritten
+
+HEAD = """\
+INPUTS: [x]
+FLOW:
+  - [x, y, fc, [_obj_, {_addr_: torch.nn.LazyLinear}, {_call_: {out_features: 2}}]]
+"""
+WITH_INCLUDE = NET.replace(
+    "      - [h, y, act, [_obj_, {_addr_: torch.nn.ReLU}, _call_]]\n",
+    "      - [h, y, act, [_obj_, {_addr_: torch.nn.ReLU}, _call_]]\n  - [y, y, {CFG: parts/head.yaml}]\n",
+)
+
+
+def everything(root: Path) -> dict[str, bytes | str]:
+    """Every entry under ROOT, links as links (never followed), files by their bytes."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = "-> " + os.readlink(path)
+        elif path.is_file():
+            out[rel] = path.read_bytes()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+def run_scmc(cwd: Path, *args: str):
+    """Any `scmc` command in-process from the directory CWD."""
+    from click.testing import CliRunner
+
+    from scmc.cli import main
+
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(main, list(args))
+    finally:
+        os.chdir(previous)
+
+
+def first_error(output: str) -> str:
+    return next(line for line in output.splitlines() if "error[" in line)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """net.yaml with a CFG include in parts/, a user's folder of notes, and a built package."""
+    (tmp_path / "net.yaml").write_text(WITH_INCLUDE)
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "head.yaml").write_text(HEAD)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("my notes")
+    (tmp_path / "sub").mkdir()
+    assert cli(tmp_path, "net.yaml", "--name", "net", "-o", "pkg", "-q").exit_code == 0
+    return tmp_path
+
+
+REFUSED_BUILDS = {
+    "the working directory": (
+        ".",
+        ["net.yaml", "-o", ".", "--force"],
+        "error[E0920]: . is the working directory; scmc never replaces it, not even with --force",
+    ),
+    "a parent of the working directory": (
+        "sub",
+        ["../net.yaml", "-o", "..", "--force"],
+        "error[E0920]: {tmp} is a parent of the working directory; scmc never replaces it, not even with --force",
+    ),
+    "a parent of the working directory, spelled with ..": (
+        "sub",
+        ["../net.yaml", "-o", "../parts/..", "--force"],
+        "error[E0920]: {tmp} is a parent of the working directory; scmc never replaces it, not even with --force",
+    ),
+    "the folder of the template": (
+        ".",
+        ["parts/head.yaml", "-o", "parts", "--force"],
+        "error[E0921]: parts holds parts/head.yaml, an input of this build; scmc never writes over its inputs",
+    ),
+    "the folder of a CFG include": (  # known only once compiled: refused as a folder scmc did not write
+        ".",
+        ["net.yaml", "-o", "parts", "--force"],
+        "error[E0922]: parts is not a package scmc wrote (it has no src/<name>/manifest.json), so --force does not replace it",
+    ),
+    "the template itself": (
+        ".",
+        ["net.yaml", "-o", "net.yaml", "--force"],
+        "error[E0921]: net.yaml is an input of this build; scmc never writes over its inputs",
+    ),
+    "a folder scmc did not write": (
+        ".",
+        ["net.yaml", "-o", "notes", "--force"],
+        "error[E0922]: notes is not a package scmc wrote (it has no src/<name>/manifest.json), so --force does not replace it",
+    ),
+    "an existing package without --force": (".", ["net.yaml", "-o", "pkg"], "error[E0901]: pkg already exists"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_BUILDS))
+def test_force_never_replaces_what_scmc_did_not_write(project: Path, case: str) -> None:
+    cwd, args, expected = REFUSED_BUILDS[case]
+    before = everything(project)
+    result = cli(project / cwd, *args)
+    assert result.exit_code == 1, result.output
+    assert first_error(result.output) == expected.format(tmp=project), result.output
+    assert "nothing was written" in result.output and "Traceback" not in result.output
+    assert everything(project) == before
+
+
+def test_force_refuses_a_package_that_holds_files_of_the_user(project: Path, tmp_path_factory) -> None:
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "data.txt").write_text("the user's data")
+    (project / "pkg" / "runs").mkdir()
+    (project / "pkg" / "runs" / "last.pt").write_bytes(b"checkpoint")
+    (project / "pkg" / "src" / "net" / "data").symlink_to(outside)
+    before, outside_before = everything(project), everything(outside)
+    result = cli(project, "net.yaml", "-o", "pkg", "--force")
+    assert result.exit_code == 1
+    assert first_error(result.output) == (
+        "error[E0923]: pkg holds what scmc did not write (runs/, src/net/data), " "so --force does not replace it"
+    )
+    assert "= help: move those out of the package folder, or choose another -o directory" in result.output
+    assert everything(project) == before and everything(outside) == outside_before
+
+
+def test_force_through_a_link_replaces_the_package_it_points_to_and_keeps_the_link(project: Path) -> None:
+    (project / "current").symlink_to("pkg")
+    result = cli(project, "net.yaml", "-o", "current", "--force", "-q", "-p", "width=5")
+    assert result.exit_code == 0, result.output
+    assert os.readlink(project / "current") == "pkg"
+    assert "out_features=5" in (project / "pkg" / "src" / "net" / "model.py").read_text()
+    assert sorted(p.name for p in project.iterdir()) == ["current", "net.yaml", "notes", "parts", "pkg", "sub"]
+    (project / "dangling").symlink_to("nowhere")
+    result = cli(project, "net.yaml", "-o", "dangling", "--force")
+    assert result.exit_code == 1
+    assert first_error(result.output) == (
+        "error[E0925]: -o dangling is a symbolic link to nowhere, which is not a directory"
+    )
+
+
+def test_no_command_writes_over_its_own_template(project: Path) -> None:
+    (project / "alias.yaml").symlink_to("net.yaml")
+    os.link(project / "net.yaml", project / "hard.yaml")
+    before = everything(project)
+    commands = {
+        (
+            "torch",
+            "create",
+            "model",
+            "net.yaml",
+            "-o",
+            "net.yaml",
+        ): "error[E0924]: -o net.yaml is an input of this command",
+        ("torch", "create", "model", "net.yaml", "-o", "alias.yaml", "--force"): (
+            "error[E0924]: -o alias.yaml is the same file as net.yaml, an input of this command"
+        ),
+        ("torch", "create", "model", "net.yaml", "-o", "hard.yaml", "--force"): (
+            "error[E0924]: -o hard.yaml is the same file as net.yaml, an input of this command"
+        ),
+        ("torch", "create", "model", "parts/head.yaml", "-o", "parts/head.yaml", "--force", "--shape", "x=3"): (
+            "error[E0924]: -o parts/head.yaml is an input of this command"
+        ),
+        ("torch", "create", "backward", "net.yaml", "-o", "hard.yaml", "--force"): (
+            "error[E0924]: -o hard.yaml is the same file as net.yaml, an input of this command"
+        ),
+        ("format", "net.yaml", "-o", "net.yaml", "--force"): "error[E0924]: -o net.yaml is an input of this command",
+        ("format", "alias.yaml", "-o", "hard.yaml", "--force"): (
+            "error[E0924]: -o hard.yaml is the same file as net.yaml, an input of this command"
+        ),
+        ("format", "net.yaml", "-o", "notes/todo.txt"): "error[E0901]: notes/todo.txt already exists",
+        ("torch", "create", "model", "net.yaml", "-o", "notes/todo.txt"): "error[E0901]: notes/todo.txt already exists",
+        ("torch", "create", "model", "net.yaml", "-o", "notes"): (
+            "error[E0902]: notes is a directory; -o names the file to write"
+        ),
+    }
+    for args, expected in commands.items():
+        result = run_scmc(project, *args)
+        assert result.exit_code == 1, (args, result.output)
+        assert first_error(result.output).split(";")[0] == expected.split(";")[0], (args, result.output)
+        assert "Traceback" not in result.output
+        assert everything(project) == before, args
+
+
+def test_torch_create_and_format_replace_an_existing_file_only_with_force(project: Path) -> None:
+    (project / "model.py").write_text("mine")
+    result = run_scmc(project, "torch", "create", "model", "net.yaml")
+    assert result.exit_code == 1 and first_error(result.output) == "error[E0901]: model.py already exists"
+    assert "= help: pass --force to replace it" in result.output
+    assert (project / "model.py").read_text() == "mine"
+    assert run_scmc(project, "torch", "create", "model", "net.yaml", "--force", "-q").exit_code == 0
+    assert (project / "model.py").read_text().startswith("# Generated by scmc")
+    (project / "net.rendered.yaml").write_text("mine")
+    assert run_scmc(project, "format", "net.yaml", "-o", "net.rendered.yaml").exit_code == 1
+    assert (project / "net.rendered.yaml").read_text() == "mine"
+    assert run_scmc(project, "format", "net.yaml", "-o", "net.rendered.yaml", "--force").exit_code == 0
+    assert (project / "net.rendered.yaml").read_text().startswith("FLOW:")
+
+
+def test_refusing_an_existing_output_does_not_import_torch(project: Path) -> None:
+    """The default output (artifacts/<name>) is known from the template alone: an existing
+    package is refused before the compiler imports torch (it took 27 s with ConvNeXtV2)."""
+    assert cli(project, "net.yaml", "-q").exit_code == 0  # artifacts/net
+    probe = (
+        "import sys\nfrom click.testing import CliRunner\nfrom scmc.cli import main\n"
+        "r = CliRunner().invoke(main, sys.argv[1:])\n"
+        "print(r.exit_code, 'torch' in sys.modules, r.output.splitlines()[0])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(scmc.build.__file__).parents[1]), *sys.path])}
+    for args in (
+        ["build", "net.yaml"],
+        ["build", "net.yaml", "-p", "width=4"],
+        ["build", "net.yaml", "-p", "width=4", "-p", "not_a_key=1"],  # reported once compiled, as ever
+        ["build", "net.yaml", "-o", "pkg"],
+        ["torch", "create", "model", "net.yaml", "-o", "net.yaml"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *args], cwd=project, capture_output=True, text=True, env=env
+        )
+        code, imported, line = done.stdout.strip().split(" ", 2)
+        assert (code, imported) == ("1", "False"), (args, done.stdout, done.stderr)
+        assert "error[E0901]" in line or "error[E0924]" in line, line
+
+
+def test_check_ignores_packaging_leftovers_and_reports_links_without_following_them(
+    project: Path, tmp_path_factory
+) -> None:
+    for rel in [
+        "build/lib/net/model.py",
+        "dist/net-0.1.0.tar.gz",
+        "src/net.egg-info/PKG-INFO",
+        "src/net/__pycache__/model.cpython-311.pyc",
+    ]:
+        (project / "pkg" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / "pkg" / rel).write_text("left by pip")
+    result = cli(project, "net.yaml", "--name", "net", "-o", "pkg", "--check")
+    assert result.exit_code == 0, result.output
+    assert result.output == "pkg is up to date with its templates\n"
+    secret = tmp_path_factory.mktemp("outside") / "secret.txt"
+    secret.write_text("SECRET CONTENT\n")
+    (project / "pkg" / "README.md").unlink()
+    (project / "pkg" / "README.md").symlink_to(secret)
+    result = cli(project, "net.yaml", "--name", "net", "-o", "pkg", "--check")
+    assert result.exit_code == 1
+    assert f"  link      README.md -> {secret} (not followed; scmc writes no links)" in result.output
+    assert "SECRET" not in result.output and "missing   README.md" not in result.output
+
+
+def test_an_output_path_the_system_cannot_look_at_is_a_clear_error(project: Path) -> None:
+    (project / "loop").symlink_to("loop")
+    long = "a" * 300
+    before = everything(project)
+    cases = {
+        ("build", "net.yaml", "-o", "loop", "--force"): "error[E0903]: cannot use -o loop: a loop of symbolic links",
+        ("build", "net.yaml", "-o", long): f"error[E0903]: cannot use -o {long[:200]}: File name too long",
+        ("build", "net.yaml", "-o", f"{long}/x", "--check"): (
+            f"error[E0903]: cannot use -o {long[:200]}: File name too long"
+        ),
+        ("torch", "create", "model", "net.yaml", "-o", f"{long}.py"): (
+            f"error[E0903]: cannot use -o {long[:200]}: File name too long"
+        ),
+        ("format", "net.yaml", "-o", f"{long}.yaml"): f"error[E0903]: cannot use -o {long[:200]}: File name too long",
+    }
+    for args, expected in cases.items():
+        result = run_scmc(project, *args)
+        assert result.exit_code == 1, (args, result.output)
+        assert first_error(result.output) == expected, args
+        assert "internal" not in result.output and "Traceback" not in result.output
+    assert everything(project) == before

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shlex
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ import scmc
 from scmc.emit.jinja import environment as _env
 from scmc.emit.jinja import imported_roots
 from scmc.emit.python import LINE_LENGTH, comment_text, format_python
-from scmc.load import display_path
+from scmc.load import recorded_path
 
 if TYPE_CHECKING:
     from scmc.link import Compiled, PackageDef
@@ -63,7 +62,7 @@ def train_context(pkg: "PackageDef"):
     return TrainContext(
         package=pkg.name,
         scmc_version=scmc.__version__,
-        template=pkg.model.source.display.replace("\\", "/"),
+        template=recorded_path(pkg.model.source.path),
         model_inputs=list(root.inputs),
         model_outputs=list(root.outputs),
         model_structured=root.structured,
@@ -105,9 +104,9 @@ def class_name(c: "Compiled") -> str:
 
 def rebuild_command(pkg: "PackageDef") -> str:
     build, name = pkg.build, pkg.name
-    parts = ["scmc", "build", str(build.parts[0][1])]
+    parts = ["scmc", "build", recorded_path(build.parts[0][1])]
     for role, path in build.parts[1:]:
-        parts += [f"--{role}", str(path)]
+        parts += [f"--{role}", recorded_path(path)]
     for p in build.params:
         parts += ["-p", p]
     for k, v in build.shapes:
@@ -193,7 +192,7 @@ def package_files(pkg: "PackageDef") -> dict[str, bytes]:
         "scmc_version": scmc.__version__,
         "version": "0.1.0",
         "description": description,
-        "template": comment_text(model.source.display.replace("\\", "/")),  # shown in a `#` comment line
+        "template": comment_text(recorded_path(model.source.path)),  # shown in a `#` comment line
     }
     init = env.get_template("__init__.py.j2").render(
         **common, runtime_requirement=RUNTIME_REQUIREMENT, imports=imports, classes=[cls for _, cls in imports]
@@ -244,8 +243,10 @@ def package_files(pkg: "PackageDef") -> dict[str, bytes]:
     if train is not None:
         from scmc.emit.train import render_train
 
+        check_keyword_inputs(compiled)
         files[f"{src}/train.py"] = render_train(train).encode()
         files[f"{src}/predict.py"] = predict_source(pkg, train).encode()
+    check_class_names(files, src, [cls for _, cls in imports])
     files[f"{src}/manifest.json"] = (json.dumps(manifest(pkg, deps), indent=2, sort_keys=True) + "\n").encode()
     return files
 
@@ -266,11 +267,9 @@ def manifest(pkg: "PackageDef", dependencies: list[str]) -> dict[str, Any]:
             if source.display not in seen:
                 seen.add(source.display)
                 digest = hashlib.sha256(source.text.encode()).hexdigest()
-                inputs.append({"role": role, "path": source.display.replace(os.sep, "/"), "sha256": digest})
+                inputs.append({"role": role, "path": recorded_path(source.path), "sha256": digest})
         for stem, path in sorted(c.files.items()):
-            inputs.append(
-                {"role": "layer file", "path": display_path(path).replace(os.sep, "/"), "sha256": _sha256(path)}
-            )
+            inputs.append({"role": "layer file", "path": recorded_path(path), "sha256": _sha256(path)})
     model = pkg.model
     return {
         "package": name,
@@ -306,3 +305,130 @@ def _backward_summary(bdef: Any) -> dict[str, Any] | None:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=repr, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- names the package relies on
+
+
+def _name_span(c: "Compiled", name: str, key: str):
+    """Where the template names `name`: its entry under KEY (INPUTS, OUTPUTS), else the first line
+    that spells it (a FLOW step, perhaps inside a Jinja block), else the file."""
+    from scmc.diagnostics import Span
+    from scmc.load import LList
+
+    listed = c.source.data.get(key)
+    if isinstance(listed, LList) and name in listed:
+        return listed.item_span(listed.index(name))
+    word = re.compile(rf"(?<!\w){re.escape(name)}(?!\w)")
+    for number, line in enumerate(c.source.text.splitlines(), 1):
+        match = word.search(line)
+        if match and not line.lstrip().startswith("#"):
+            return Span(c.source.display, number, match.start() + 1)
+    return Span(c.source.display, 1, 1)
+
+
+def forward_parameters(text: str, classname: str) -> list[str]:
+    """The parameter names (after self) of `classname.forward` in a generated module."""
+    import ast
+
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.ClassDef) and node.name == classname:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "forward":
+                    return [a.arg for a in item.args.args[1:]]
+    return []
+
+
+def check_keyword_inputs(compiled: list["Compiled"]) -> None:
+    """train.py calls the loss and the metric with keyword arguments named after their INPUTS:
+    an input the emitter had to rename (it would shadow a name the generated code reads, or
+    Python treats it specially) would be a TypeError at the first training step."""
+    from scmc.diagnostics import Diagnostics
+
+    diags = Diagnostics()
+    for c in compiled:
+        if c.role not in ("loss", "metric") or c.program is None:
+            continue
+        root = c.program.module(c.program.root)
+        if "__debug__" in root.outputs:  # train.py assigns each output to a variable of its name
+            diags.error(
+                "E0932",
+                f"{c.role} output `__debug__` cannot be a variable of the generated train.py: Python refuses to bind it",
+                _name_span(c, "__debug__", "OUTPUTS"),
+                "rename the output, e.g. to `debug`",
+            )
+        emitted = forward_parameters(c.text, root.name)
+        for name, param in zip(root.inputs, emitted):
+            if name != param:
+                diags.error(
+                    "E0930",
+                    f"{c.role} input `{name}` cannot be a keyword argument of the generated `{root.name}.forward` "
+                    f"(it would be `{param}`: the name is taken by Python or by the generated code), and train.py "
+                    "passes each input by name",
+                    _name_span(c, name, "INPUTS"),
+                    f"rename `{name}` here and where the {c.role} reads it, e.g. to `{param.rstrip('_')}_in`",
+                )
+    diags.raise_if_any()
+
+
+def check_class_names(files: dict[str, bytes], src: str, classes: list[str]) -> None:
+    """The generated __init__.py and train.py must see each class they import as that class: not
+    bound again at module level (`-c TrainConfig`), nor shadowed in a function that constructs it
+    or reads its attributes (`-c net` in train.py's `main`, which runs `net = net()`). A local of
+    the same name in a function that never uses the class (a loss output `Loss`) is harmless."""
+    import ast
+    import symtable
+
+    from scmc.diagnostics import fail
+
+    for filename in ("__init__.py", "train.py"):
+        data = files.get(f"{src}/{filename}")
+        if data is None:
+            continue
+        source = data.decode()
+        tree = ast.parse(source)
+        bound: dict[str, int] = {}
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.asname or a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.Try):
+                names = [
+                    a.asname or a.name.split(".")[0] for n in node.body if isinstance(n, ast.Import) for a in n.names
+                ]
+            else:
+                names = []
+            for n in names:
+                bound[n] = bound.get(n, 0) + 1
+        functions = {
+            (n.name, n.lineno): n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+        }
+        shadowed: set[str] = set()
+        stack = [symtable.symtable(source, filename, "exec")]
+        while stack:
+            table = stack.pop()
+            stack.extend(table.get_children())
+            node = functions.get((table.get_name(), table.get_lineno()))
+            if table.get_type() != "function" or node is None:
+                continue
+            local = {sym.get_name() for sym in table.get_symbols() if sym.is_assigned() or sym.is_parameter()}
+            for use in ast.walk(node):
+                target = (
+                    use.func if isinstance(use, ast.Call) else use.value if isinstance(use, ast.Attribute) else None
+                )
+                if isinstance(target, ast.Name) and target.id in local:
+                    shadowed.add(target.id)
+        imports_classes = filename == "train.py"  # __init__.py loads them lazily, by name
+        for cls in classes:
+            clash = bound.get(cls, 0) > (1 if imports_classes else 0)
+            if clash or cls in shadowed:
+                raise fail(
+                    "E0906",
+                    f"class name `{cls}` is not usable: the generated {filename} uses `{cls}` for "
+                    + ("something else" if clash else "a local variable"),
+                    hint="-c/--classname takes another name, e.g. Model",
+                )

@@ -422,7 +422,7 @@ def emit_module_file(program: Program, header: list[str], docstring: str) -> str
 
 
 def format_python(source: str) -> str:
-    """Black at LINE_LENGTH, checked to parse; remembered in the build cache while one is in use
+    """Black at LINE_LENGTH, checked to compile; remembered in the build cache while one is in use
     (formatting is a third of a build's own work, and most files of a rebuild are unchanged)."""
     from scmc import cache
 
@@ -430,7 +430,8 @@ def format_python(source: str) -> str:
         import black
 
         formatted = black.format_str(text, mode=black.Mode(line_length=LINE_LENGTH))
-        ast.parse(formatted)
+        # compile, not only parse: the compiler also refuses `__debug__ = ...`, a repeated argument, ...
+        compile(formatted, "<generated>", "exec", dont_inherit=True)
         return formatted
 
     return cache.formatted(source, LINE_LENGTH, black_format)
