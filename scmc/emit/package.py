@@ -201,7 +201,11 @@ def package_files(name: str, request: "BuildRequest", compiled: list["Compiled"]
         "template": comment_text(model.source.display.replace("\\", "/")),  # shown in a `#` comment line
     }
     init = env.get_template("__init__.py.j2").render(
-        **common, runtime_requirement=RUNTIME_REQUIREMENT, imports=imports, classes=[cls for _, cls in imports]
+        **common,
+        runtime_requirement=RUNTIME_REQUIREMENT,
+        imports=imports,
+        classes=[cls for _, cls in imports],
+        model_class=class_name(model),
     )
     files[f"{src}/__init__.py"] = format_python(init).encode()
     train = train_context(name, compiled)
