@@ -24,7 +24,7 @@ import torch
 
 from scmc.emit.train import FIELDS, TrainContext, render_train
 from tests.conftest import build_package
-from tests.train_support import complete_package, python_env
+from tests.train_support import complete_package, python_env, run_many
 
 pytest.importorskip("PIL")
 pytest.importorskip("sklearn")
@@ -427,3 +427,152 @@ def test_mlflow_records_params_metrics_and_artifacts_in_the_sqlite_store(
     assert len(client.get_metric_history(run.info.run_id, "train_ce_loss")) == 3  # 2 steps + the epoch
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"manifest.json", "config.json", "best.pt"} <= artifacts
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: checked before anything is created, one message, never a traceback
+
+PROG = f"python -m {PACKAGE}.train"
+NO_CUDA = not torch.cuda.is_available()
+# (flags, the exact message after "<prog>: error: "); each exits 2 and creates nothing.
+FLAG_CASES = [
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--epochs", "-1"], "--epochs -1: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--image-size", "0"], "--image-size 0: must be at least 1"),
+    (["--log-every", "0"], "--log-every 0: must be at least 1"),
+    (["--workers", "-1"], "--workers -1: must be at least 0"),
+    (["--max-steps", "-3"], "--max-steps -3: must be at least 0 (0: all)"),
+    (["--device", "tpu"], "--device tpu: must be auto, cpu, cuda or cuda:N"),
+    (["--mean", "0.5", "0.5"], "--mean 0.5 0.5: give 3 values, one per RGB channel"),
+    (["--std", "0.2", "0", "0.2"], "--std 0.2 0.0 0.2: every value must be positive"),
+    (["--ema-decay", "2"], "--ema-decay 2.0: must be in [0, 1), e.g. 0.9998"),
+    (["--best-mode", "maximum"], "--best-mode maximum: must be max or min"),
+    (
+        ["--compile-mode", "fastest"],
+        "--compile-mode fastest: must be one of default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs",
+    ),
+    (
+        ["--best-metric", "val_top1"],
+        "--best-metric val_top1: must be one of val_ce_loss, val_acc1, val_acc5, ema_val_ce_loss, ema_val_acc1, "
+        "ema_val_acc5, train_ce_loss, train_acc1, train_acc5",
+    ),
+    (["--data", "nowhere"], "--data nowhere: no such folder"),
+    (
+        ["--data", "nowhere", "--timm-dataset", "torch/cifar10"],
+        "2 problems with the flags:\n"
+        "  --data and --timm-dataset: pass one data source, not both\n  --data nowhere: no such folder",
+    ),
+    (
+        ["--resume", "missing.pt"],
+        "--resume missing.pt: no such checkpoint file (or pass auto: the newest last.pt of the run)",
+    ),
+    (["--resume", "auto", "--fresh"], "--fresh and --resume auto: --fresh starts a new run, --resume continues one"),
+    (["--run-name", "../elsewhere"], "--run-name ../elsewhere: must be a folder name inside --out, without / or .."),
+    (
+        ["--epochs", "0", "--log-every", "0", "--best-mode", "up"],
+        "3 problems with the flags:\n  --epochs 0: must be at least 1\n  --log-every 0: must be at least 1\n"
+        "  --best-mode up: must be max or min",
+    ),
+]
+if NO_CUDA:
+    FLAG_CASES.append(
+        (["--device", "cuda"], "--device cuda: no CUDA device is available here; use --device cpu (or auto)")
+    )
+
+
+@pytest.fixture(scope="session")
+def flag_results(package: Path, digits_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    work = tmp_path_factory.mktemp("flags")
+    common = [*COMMON, "--out", str(work / "runs"), "--cache-dir", str(digits_cache)]
+    return work, run_many(package, [[*common, *flags] for flags, _ in FLAG_CASES], cwd=work)
+
+
+@pytest.mark.parametrize("index", range(len(FLAG_CASES)), ids=[" ".join(f) for f, _ in FLAG_CASES])
+def test_a_bad_flag_is_reported_with_the_allowed_values_and_exit_2_before_anything_is_created(flag_results, index):
+    work, results = flag_results
+    assert results[index] == {"code": 2, "stderr": f"{PROG}: error: {FLAG_CASES[index][1]}\n"}
+    assert not (work / "runs").exists()  # no run folder, no mlflow.db
+
+
+def test_a_bad_flag_from_the_command_line_exits_2_with_one_message(package: Path, tmp_path: Path):
+    command = train_command(package, "--epochs", "0", "--device", "tpu", "--out", str(tmp_path / "runs"))
+    result = subprocess.run(command, env=python_env(package), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"{PROG}: error: 2 problems with the flags:\n  --epochs 0: must be at least 1\n"
+        "  --device tpu: must be auto, cpu, cuda or cuda:N\n"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_image_size_the_model_cannot_take_is_a_usage_error(flag_results, package: Path, digits_cache: Path):
+    work, _ = flag_results
+    [result] = run_many(package, [[*COMMON, "--image-size", "8", "--out", str(work / "runs8")]], cwd=work)
+    assert result["code"] == 2
+    assert result["stderr"].startswith(f"{PROG}: error: --image-size 8: the model cannot take 8x8 images (")
+    assert result["stderr"].endswith("); try a larger size\n") and result["stderr"].count("\n") == 1
+    assert not (work / "runs8").exists()
+
+
+def _write_images(folder: Path, count: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        Image.new("RGB", (8, 8), (index * 20 % 255, 0, 0)).save(folder / f"{index}.png")
+
+
+def test_bad_data_folders_are_reported_before_a_run_folder_is_created(package: Path, tmp_path: Path):
+    empty, no_images, three = tmp_path / "empty", tmp_path / "no_images", tmp_path / "three"
+    empty.mkdir()
+    (no_images / "train" / "a").mkdir(parents=True)
+    (no_images / "val" / "a").mkdir(parents=True)
+    for split in ("train", "val"):
+        for name in ("a", "b", "c"):
+            _write_images(three / split / name, 4)
+    mismatch = tmp_path / "mismatch"
+    _write_images(mismatch / "train" / "a", 2)
+    _write_images(mismatch / "val" / "b", 2)
+    out = tmp_path / "runs"
+    cases = {
+        str(empty): f"--data {empty}: no train/ and no val/ folder; it must hold train/ and val/ (or validation/), "
+        "each with one sub-folder of images per class (ImageFolder layout)",
+        str(no_images): f"--data {no_images}: train/ holds no images (.png, .jpg, .jpeg, .bmp, .gif, .tif, .tiff, "
+        ".webp, .ppm, .pgm)",
+        str(mismatch): f"--data {mismatch}: train/ and val/ have different class folders (only in train/: a; "
+        "only in val/: b)",
+        str(three): "the data has 3 classes but the model's head has 10 outputs; rebuild the package for 3 classes "
+        "(e.g. scmc build ... -p num_classes=3), or pass --allow-class-mismatch to train it anyway",
+    }
+    results = run_many(package, [[*COMMON, "--out", str(out), "--data", data] for data in cases], cwd=tmp_path)
+    for result, message in zip(results, cases.values()):
+        assert result == {"code": 1, "stderr": f"{PROG}: error: {message}\n"}
+    assert not out.exists()
+
+
+def test_an_unreadable_image_stops_with_its_path_after_saving_or_is_skipped_and_counted(package: Path, tmp_path: Path):
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for name in ("a", "b", "c"):
+            _write_images(data / split / name, 12)
+    bad = data / "train" / "c" / "zz-broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    out = tmp_path / "runs"
+    small = ["--batch-size", "4", "--data", str(data), "--allow-class-mismatch", "--out", str(out), "--epochs", "1"]
+    stopped, skipped = run_many(
+        package,
+        [[*COMMON, *small, "--run-name", "stops"], [*COMMON, *small, "--run-name", "skips", "--skip-bad-images"]],
+        cwd=tmp_path,
+    )
+    assert stopped["code"] == 1 and stopped["stderr"].count("\n") == 1, stopped
+    assert stopped["stderr"].startswith(f"{PROG}: error: {bad}: cannot read the image (")
+    saved = load(out / "stops" / "last.pt")
+    assert stopped["stderr"].endswith(
+        f"; last.pt holds step {saved['global_step']}. Replace or remove the file (or pass --skip-bad-images), "
+        "then continue with --resume auto\n"
+    )
+    assert saved["global_step"] > 0 and saved["step_in_epoch"] == saved["global_step"]
+    assert skipped == {"code": 0, "stderr": ""}
+    [start] = records(out / "skips", "start")
+    assert start["train_images"] == 36 and records(out / "skips", "end")
