@@ -576,3 +576,128 @@ def test_an_unreadable_image_stops_with_its_path_after_saving_or_is_skipped_and_
     assert skipped == {"code": 0, "stderr": ""}
     [start] = records(out / "skips", "start")
     assert start["train_images"] == 36 and records(out / "skips", "end")
+
+
+@pytest.fixture(scope="session")
+def finished_run(package: Path, digits_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of one epoch of 2 steps: its last.pt and best.pt."""
+    out = tmp_path_factory.mktemp("finished") / "runs"
+    train(package, out, digits_cache, "--epochs", "1", "--max-steps", "2", "--run-name", "done")
+    return out / "done"
+
+
+def test_checkpoints_are_checked_before_use_and_a_broken_one_is_never_silently_replaced(
+    package: Path, digits_cache: Path, finished_run: Path, tmp_path: Path
+):
+    import shutil
+
+    from scmc_runtime.checkpoint import model_signature
+
+    out = tmp_path / "runs"
+    for name in ("cut", "done"):
+        shutil.copytree(finished_run, out / name)
+    cut = out / "cut"
+    (cut / "last.pt").write_bytes((finished_run / "last.pt").read_bytes()[:4000])
+    before = {p.name: p.read_bytes() for p in cut.iterdir()}
+    alone = tmp_path / "alone"  # the same broken run found by --resume auto without --run-name
+    shutil.copytree(cut, alone / "cut")
+
+    state = load(finished_run / "last.pt")
+    other_package = tmp_path / "other_package.pt"
+    torch.save({**state, "package": "convnextv2_femto"}, other_package)
+    other_model = tmp_path / "other_model.pt"
+    weights = dict(state["model"])
+    head = next(key for key in weights if key.endswith("weight") and weights[key].ndim == 2 and "head" in key)
+    weights[head] = torch.zeros(1000, weights[head].shape[1])
+    torch.save({**state, "model": weights}, other_model)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({**state, "best": torch.nn.Identity()}, pickled)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+
+    fix = (
+        ". Nothing was changed; to continue from another checkpoint pass --resume PATH, or pass --fresh to start a "
+        "new run in a new folder next to it (nothing is overwritten)"
+    )
+    truncated = "the checkpoint is truncated (an interrupted write or copy)"
+    cases = [
+        (["--resume", "auto", "--run-name", "cut"], f"{cut / 'last.pt'}: {truncated}{fix}"),
+        (["--resume", "auto", "--out", str(alone)], f"{alone / 'cut' / 'last.pt'}: {truncated}{fix}"),
+        (
+            ["--resume", str(finished_run / "best.pt"), "--run-name", "b"],
+            f"{finished_run / 'best.pt'}: the checkpoint has no backward, step_in_epoch, global_step, best, rng "
+            f"(best.pt holds weights only: resume from last.pt){fix}",
+        ),
+        (["--resume", str(text), "--run-name", "t"], f"{text}: not a checkpoint (not a torch.save archive){fix}"),
+        (
+            ["--resume", str(pickled), "--run-name", "p"],
+            f"{pickled}: the checkpoint holds Python objects (torch.nn.modules.linear.Identity); only tensors and "
+            f"plain values are loaded (weights_only), so it is refused{fix}",
+        ),
+        (
+            ["--resume", str(other_package), "--run-name", "o"],
+            f"{other_package}: a checkpoint of package convnextv2_femto, not of {PACKAGE}{fix}",
+        ),
+        (
+            ["--resume", str(other_model), "--run-name", "m"],
+            f"{other_model}: the checkpoint's model does not fit this package's model (signature "
+            f"{model_signature(weights)}, expected {model_signature(state['model'])}: {head} is "
+            f"[1000, {weights[head].shape[1]}] there, {list(state['model'][head].shape)} here){fix}",
+        ),
+        (
+            ["--resume", "auto", "--run-name", "done", "--epochs", "3", "--batch-size", "16"],
+            f"{out / 'done' / 'last.pt'} was trained with --epochs 1 --batch-size 32, not --epochs 3 --batch-size 16: "
+            "the learning-rate schedule and the position in the data depend on them, so the run is not re-planned; "
+            "resume with --epochs 1 --batch-size 32, or pass --fresh to start a new run in a new folder next to it "
+            "(nothing is overwritten)",
+        ),
+        (
+            ["--run-name", "done"],
+            f"{out / 'done'} already holds a run (best.pt, last.pt); pass --resume auto to continue it, --fresh to "
+            "start a new run next to it, or choose another --run-name",
+        ),
+        (
+            ["--resume", str(finished_run / "last.pt"), "--run-name", "done"],
+            f"--run-name done: {out / 'done'} already holds another run's checkpoints (best.pt, last.pt); "
+            "choose another --run-name",
+        ),
+    ]
+    argvs = [[*COMMON, "--out", str(out), "--cache-dir", str(digits_cache), "--max-steps", "2", *a] for a, _ in cases]
+    results = run_many(package, argvs, cwd=tmp_path)
+    for (args, message), result in zip(cases, results):
+        assert result == {"code": 1, "stderr": f"{PROG}: error: {message}\n"}, args
+    assert {p.name: p.read_bytes() for p in cut.iterdir()} == before  # best.pt byte-identical, nothing added
+    assert sorted(p.name for p in out.iterdir()) == ["cut", "done"]  # no folder for the refused runs
+
+
+def test_fresh_starts_a_new_run_next_to_an_existing_one(package: Path, digits_cache: Path, finished_run: Path):
+    out = finished_run.parent
+    before = (finished_run / "best.pt").read_bytes()
+    train(package, out, digits_cache, "--epochs", "1", "--max-steps", "1", "--run-name", "done", "--fresh")
+    assert (out / "done-2" / "best.pt").is_file() and (finished_run / "best.pt").read_bytes() == before
+
+
+def test_the_package_loads_a_best_pt_with_its_ema_weights(package: Path, finished_run: Path):
+    code = (
+        f"import torch, {PACKAGE} as p; m = p.load_checkpoint({str(finished_run / 'best.pt')!r}); "
+        f"ema = torch.load({str(finished_run / 'best.pt')!r}, weights_only=True)['ema']; "
+        "print(type(m).__name__, m.training, all(torch.equal(v, ema[k]) for k, v in m.state_dict().items()))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=python_env(package), capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout == "Model False True\n", result.stderr
+
+
+def test_an_internal_error_says_so_and_points_to_the_traceback_log(package: Path, tmp_path: Path):
+    # Not a user mistake: a cache folder that is a file breaks unpacking the digits.
+    (tmp_path / "cache").write_text("")
+    [result] = run_many(
+        package, [[*COMMON, "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]], cwd=tmp_path
+    )
+    assert result["code"] == 1 and result["stderr"].count("\n") == 1
+    assert result["stderr"].startswith(f"{PROG}: internal error (")
+    assert "this is not a mistake in your flags. The traceback is in " in result["stderr"]
+    log = Path(result["stderr"].rsplit("The traceback is in ", 1)[1].strip())
+    assert "Traceback (most recent call last)" in log.read_text()
+    log.unlink()
