@@ -264,8 +264,11 @@ def test_help_lists_every_config_field(package: Path):
         assert flag in result.stdout, flag
         if field.type == "bool":
             assert f"--no-{field.name.replace('_', '-')}" in result.stdout
-    for documented in ("--resume", "--no-mlflow", "--timm-dataset", "--batch-size", "--ci"):
+    for documented in ("--resume", "--no-mlflow", "--timm-dataset", "--batch-size", "--ci", "--fresh"):
         assert documented in result.stdout
+    text = " ".join(result.stdout.split())
+    assert "MLflow experiment (default: the package name)" in text and f"(default: {PACKAGE})" not in text
+    assert "(default: )" not in text
 
 
 def test_a_short_run_writes_last_best_and_metrics_that_load_weights_only_without_prefixes(
@@ -320,8 +323,8 @@ def test_two_ranks_under_torchrun_each_read_half_the_data_and_follow_the_single_
     assert (one["world_size"], one["batch_per_rank"], one["images_per_rank_per_epoch"]) == (1, 32, 128)
     assert (two["world_size"], two["batch_per_rank"], two["images_per_rank_per_epoch"]) == (2, 16, 64)
 
-    curve_one = [r["train_ce_loss"] for r in records(out / "one", "step")]
-    curve_two = [r["train_ce_loss"] for r in records(out / "two", "step")]
+    curve_one = [r["train_step_ce_loss"] for r in records(out / "one", "step")]
+    curve_two = [r["train_step_ce_loss"] for r in records(out / "two", "step")]
     assert len(curve_one) == len(curve_two) == 8
     assert curve_two == pytest.approx(curve_one, rel=DDP_RELATIVE_TOLERANCE)
     # The weights moved identically too: the last validation of both runs agrees.
@@ -422,9 +425,14 @@ def test_mlflow_records_params_metrics_and_artifacts_in_the_sqlite_store(
     [run] = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
     assert run.data.params["epochs"] == "1" and run.data.params["package"] == PACKAGE
-    assert {"val_acc1", "ema_val_acc1", "train_ce_loss"} <= run.data.metrics.keys()
+    assert run.data.params["template.backbone"] == "atto" and run.data.params["template.num_classes"] == "10"
+    assert {"val_acc1", "ema_val_acc1", "train_ce_loss", "train_step_ce_loss"} <= run.data.metrics.keys()
     assert any(key.startswith("lr_") for key in run.data.metrics)
-    assert len(client.get_metric_history(run.info.run_id, "train_ce_loss")) == 3  # 2 steps + the epoch
+    # One series per meaning: means over log_every steps, and the epoch's mean, under different keys.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_step_ce_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_ce_loss")] == [2]
+    lr_key = next(key for key in run.data.metrics if key.startswith("lr_"))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, lr_key)] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"manifest.json", "config.json", "best.pt"} <= artifacts
 
