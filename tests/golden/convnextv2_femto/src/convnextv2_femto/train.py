@@ -64,7 +64,7 @@ from convnextv2_femto.metric import Metric
 from convnextv2_femto.model import Model
 
 PACKAGE = "convnextv2_femto"
-PROG = f"python -m {PACKAGE}.train"
+PROG = "python -m convnextv2_femto.train"
 LOSSES = ["ce_loss"]  # the names validation reports as val_<name>
 METRICS = ["acc1", "acc5"]
 

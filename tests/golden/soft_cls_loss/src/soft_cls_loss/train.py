@@ -64,7 +64,7 @@ from soft_cls_loss.metric import Metric
 from soft_cls_loss.model import Model
 
 PACKAGE = "soft_cls_loss"
-PROG = f"python -m {PACKAGE}.train"
+PROG = "python -m soft_cls_loss.train"
 LOSSES = ["ce_loss"]  # the names validation reports as val_<name>
 METRICS = ["acc1", "acc5"]
 
