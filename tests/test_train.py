@@ -709,3 +709,38 @@ def test_an_internal_error_says_so_and_points_to_the_traceback_log(package: Path
     log = Path(result["stderr"].rsplit("The traceback is in ", 1)[1].strip())
     assert "Traceback (most recent call last)" in log.read_text()
     log.unlink()
+
+
+@pytest.mark.slow
+def test_a_bad_image_in_validation_saves_the_trained_epoch_fails_the_mlflow_run_and_resumes_with_validation(
+    package: Path, tmp_path: Path
+):
+    mlflow = pytest.importorskip("mlflow")
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            _write_images(data / split / name, 6)
+    broken = data / "val" / "b" / "zz-broken.png"
+    broken.write_bytes(b"broken")  # found only in validation
+    out = tmp_path / "runs"
+    args = [*COMMON, "--batch-size", "4", "--data", str(data), "--allow-class-mismatch", "--out", str(out)]
+    args += ["--epochs", "1", "--max-val-steps", "0", "--mlflow", "--run-name", "failing"]
+    [result] = run_many(package, [args], cwd=tmp_path)
+    error = result["stderr"].splitlines(keepends=True)[-1]  # after MLflow's own INFO lines
+    assert result["code"] == 1 and error.startswith(f"{PROG}: error: {broken}: cannot read the image (")
+    assert error.endswith(
+        "; last.pt holds step 3. Replace or remove the file (or pass --skip-bad-images), then continue with "
+        "--resume auto\n"
+    )
+    saved = load(out / "failing" / "last.pt")
+    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (0, 3, 3)  # trained, not validated
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name(PACKAGE).experiment_id])
+    assert run.info.status == "FAILED"
+
+    broken.unlink()
+    [again] = run_many(package, [[*args, "--resume", "auto"]], cwd=tmp_path)
+    assert again["code"] == 0 and "error" not in again["stderr"], again
+    [epoch] = records(out / "failing", "epoch")
+    assert epoch["step"] == 3 and "val_acc1" in epoch and (out / "failing" / "best.pt").is_file()
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
