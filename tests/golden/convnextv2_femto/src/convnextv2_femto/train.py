@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             "mlflow_run_id": mlflow.run_id,
         }
 
-    saved_at = [global_step]  # the global step last.pt holds
+    saved_at = [global_step if state is not None else None]  # the global step last.pt holds, if any
 
     def save_last(epoch: int, step_in_epoch: int) -> None:
         checkpoint = training_state(epoch, step_in_epoch)
@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             for epoch in range(start_epoch, cfg.epochs):
                 # A new shuffle per epoch; a resumed run skips the batches it already trained on.
                 first_step = start_step if epoch == start_epoch else 0
+                resumable = None
                 train_loader.sampler.set_epoch(epoch, skip_batches=first_step)
                 model.train()
                 train_meter.reset()
@@ -419,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
                 if stopping:
                     break
 
-                # Validation of the raw weights and of their moving average.
-                resumable = None
+                # Validation of the raw weights and of their moving average. The epoch's training is
+                # complete here: a run stopped in validation resumes with the validation.
+                resumable = (epoch, steps_per_epoch)
                 record = {"event": "epoch", "epoch": epoch + 1, "step": global_step}
                 record.update(
                     {f"train_{name}": value for name, value in train_meter.compute().items()}
@@ -436,9 +438,11 @@ def main(argv: list[str] | None = None) -> int:
                 record["epoch_seconds"] = time.monotonic() - epoch_started
                 backward.end_epoch(epoch, record)  # per-epoch schedulers step here
 
-                value = record[cfg.best_metric]  # a known name: checked with the flags
-                improved = best["value"] is None or (
-                    value > best["value"] if cfg.best_mode == "max" else value < best["value"]
+                # A known name (checked with the flags); train_* is absent after a resume in validation.
+                value = record.get(cfg.best_metric)
+                improved = value is not None and (
+                    best["value"] is None
+                    or (value > best["value"] if cfg.best_mode == "max" else value < best["value"])
                 )
                 if improved:
                     best = {"metric": cfg.best_metric, "value": value, "epoch": epoch + 1}
@@ -469,12 +473,18 @@ def main(argv: list[str] | None = None) -> int:
     except BadImageError as error:
         # Save what was trained since the last checkpoint when the state is consistent (after a
         # weight update; single process: under DDP the other ranks are not there to take part).
-        if resumable is not None and global_step > saved_at[0] and dist.world_size == 1:
+        if resumable is not None and dist.world_size == 1:
             save_last(*resumable)
         mlflow.close("FAILED")
+        then = "continue with --resume auto" if saved_at[0] is not None else "start again"
+        held = (
+            f"last.pt holds step {saved_at[0]}"
+            if saved_at[0] is not None
+            else "no checkpoint was saved yet"
+        )
         raise TrainError(
-            f"{BadImageError.message_of(error)}; last.pt holds step {saved_at[0]}. Replace or remove the file "
-            "(or pass --skip-bad-images), then continue with --resume auto"
+            f"{BadImageError.message_of(error)}; {held}. Replace or remove the file (or pass --skip-bad-images), "
+            f"then {then}"
         ) from None
     except BaseException as error:
         mlflow.close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
