@@ -373,6 +373,9 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_with_bitwise_identical_weights(
     straight_val = records(out / "straight", "epoch")[-1]
     again_val = records(killed, "epoch")[-1]
     assert again_val["val_ce_loss"] == straight_val["val_ce_loss"]
+    # The steps trained again after the kill are recorded once: the records after the checkpoint were dropped.
+    assert [r["step"] for r in records(killed, "step")] == list(range(1, 13))
+    assert [r["step"] for r in records(killed, "step")] == [r["step"] for r in records(out / "straight", "step")]
 
 
 @pytest.mark.slow
