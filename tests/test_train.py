@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -158,6 +159,12 @@ def children(pid: int) -> list[int]:
     return [int(child) for child in text.split()]
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def assert_same_tensors(left: object, right: object, where: str) -> None:
     if isinstance(left, torch.Tensor):
         assert isinstance(right, torch.Tensor) and torch.equal(left, right), where
@@ -299,6 +306,14 @@ def test_a_short_run_writes_last_best_and_metrics_that_load_weights_only_without
     [end] = records(run_dir, "end")
     assert end["metric"] == "val_acc1" and end["value"] == epoch["val_acc1"]
     assert f"best val_acc1 {epoch['val_acc1']:.4f}" in result.stdout and str(run_dir / "best.pt") in result.stdout
+    # The end of a run says where its records are and what comes next (no MLflow line with --no-mlflow).
+    assert result.stdout.endswith(
+        f"  metrics:  {run_dir / 'metrics.jsonl'}\n"
+        f"  export:   scmc export <package folder> --checkpoint {run_dir / 'best.pt'}\n"
+        f"  predict:  python -m {PACKAGE}.predict --onnx <export folder>/model.onnx IMAGE ...\n"
+        f"  in python: {PACKAGE}.load_checkpoint({str(run_dir / 'best.pt')!r})  # the EMA weights\n"
+    )
+    assert stat.S_IMODE((run_dir / "best.pt").stat().st_mode) == 0o666 & ~current_umask()
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh_and_new_runs_get_their_own_folder(
@@ -421,7 +436,8 @@ def test_mlflow_records_params_metrics_and_artifacts_in_the_sqlite_store(
 ):
     mlflow = pytest.importorskip("mlflow")
     out = tmp_path / "runs"
-    train(package, out, digits_cache, "--epochs", "1", "--max-steps", "2", "--mlflow", "--run-name", "tracked")
+    result = train(package, out, digits_cache, "--epochs", "1", "--max-steps", "2", "--mlflow", "--run-name", "tracked")
+    assert f"  MLflow:   mlflow ui --backend-store-uri sqlite:///{out.resolve() / 'mlflow.db'}\n" in result.stdout
 
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(PACKAGE)
