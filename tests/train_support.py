@@ -171,3 +171,40 @@ def python_env(package_dir: Path, **extra: str) -> dict[str, str]:
     env.pop("WORLD_SIZE", None)
     env.update(extra)
     return env
+
+
+# Runs train.py's real entry (``run_main(main)``) once per argv in ONE interpreter, so that many
+# bad-input cases cost one torch import. Prints a JSON list of {"code": exit status, "stderr": ...}.
+RUNNER = """
+import contextlib, importlib, io, json, sys
+module = importlib.import_module(sys.argv[1] + ".train")
+from scmc_runtime.train import run_main
+results = []
+for argv in json.loads(sys.argv[2]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            run_main(lambda: module.main(argv), module.PROG)
+        except SystemExit as stop:
+            code = stop.code
+    results.append({"code": code, "stderr": err.getvalue()})
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def run_many(package_dir: Path, cases: list[list[str]], cwd: Path, timeout: float = 600) -> list[dict]:
+    """Exit status and stderr of ``python -m <pkg>.train ARGV`` for each argv, run in one subprocess."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER, package_dir.name, json.dumps(cases)],
+        env=python_env(package_dir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert result.returncode == 0 and lines, f"{result.stdout}\n{result.stderr}"
+    return json.loads(lines[-1][len("RESULTS ") :])

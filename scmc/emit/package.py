@@ -195,7 +195,11 @@ def package_files(pkg: "PackageDef") -> dict[str, bytes]:
         "template": comment_text(recorded_path(model.source.path)),  # shown in a `#` comment line
     }
     init = env.get_template("__init__.py.j2").render(
-        **common, runtime_requirement=RUNTIME_REQUIREMENT, imports=imports, classes=[cls for _, cls in imports]
+        **common,
+        runtime_requirement=RUNTIME_REQUIREMENT,
+        imports=imports,
+        classes=[cls for _, cls in imports],
+        model_class=class_name(model),
     )
     files[f"{src}/__init__.py"] = format_python(init).encode()
     train = train_context(pkg)

@@ -2,6 +2,7 @@
 
 import os
 import random
+import stat
 from pathlib import Path
 
 import numpy
@@ -10,9 +11,13 @@ import torch
 from torch import nn
 
 from scmc_runtime.checkpoint import (
+    RESUME_KEYS,
     CheckpointError,
+    check_checkpoint,
     find_latest,
     load_checkpoint,
+    load_weights,
+    model_signature,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -97,16 +102,18 @@ def test_a_truncated_checkpoint_raises_checkpoint_error_naming_the_file(tmp_path
     path = save_checkpoint(tmp_path / "cut.pt", {"weights": torch.randn(256)})
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"cut\.pt: cannot load checkpoint.*truncated"):
+    with pytest.raises(CheckpointError) as caught:
         load_checkpoint(path)
+    assert str(caught.value) == f"{path}: the checkpoint is truncated (an interrupted write or copy)"
 
 
 def test_garbage_and_empty_files_raise_checkpoint_error(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"this is not a checkpoint\n" * 20)
     (tmp_path / "empty.pt").write_bytes(b"")
     for name in ("garbage.pt", "empty.pt"):
-        with pytest.raises(CheckpointError, match=name):
+        with pytest.raises(CheckpointError) as caught:
             load_checkpoint(tmp_path / name)
+        assert str(caught.value) == f"{tmp_path / name}: not a checkpoint (not a torch.save archive)"
 
 
 def test_a_missing_file_raises_checkpoint_error(tmp_path):
@@ -121,8 +128,13 @@ class _Custom:
 def test_a_checkpoint_holding_arbitrary_objects_is_not_unpickled(tmp_path):
     path = tmp_path / "unsafe.pt"
     torch.save({"obj": _Custom()}, path)
-    with pytest.raises(CheckpointError, match="unsafe.pt.*weights-only"):
+    with pytest.raises(CheckpointError) as caught:
         load_checkpoint(path)
+    assert str(caught.value) == (
+        f"{path}: the checkpoint holds Python objects (test_checkpoint._Custom); only tensors and plain "
+        "values are loaded (weights_only), so it is refused"
+    )
+    assert "\n" not in str(caught.value)
 
 
 def test_find_latest_returns_the_newest_complete_checkpoint(tmp_path):
@@ -182,3 +194,71 @@ def test_rng_state_restores_python_torch_and_numpy_streams(tmp_path):
     _draw()
     set_rng_state(load_checkpoint(path)["rng"])
     assert _draw() == expected
+
+
+def test_checkpoints_are_written_with_the_permissions_the_umask_allows(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "open.pt", {"step": 1})
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o077)
+        path = save_checkpoint(tmp_path / "private.pt", {"step": 1})
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(previous)
+
+
+def test_the_model_signature_depends_on_names_shapes_and_dtypes_not_values():
+    small, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    assert model_signature(small.state_dict()) == model_signature(other.state_dict())
+    assert model_signature(small.state_dict()) != model_signature(torch.nn.Linear(4, 2).state_dict())
+    assert model_signature(small.state_dict()) != model_signature(torch.nn.Linear(3, 2).double().state_dict())
+    assert len(model_signature(small.state_dict())) == 16
+
+
+@pytest.mark.parametrize(
+    "state, require, message",
+    [
+        (
+            {"format": 99, "model": {}},
+            ("model",),
+            "checkpoint format 99 is newer than this scmc-runtime reads (1); " "upgrade scmc-runtime",
+        ),
+        ({"package": "other", "model": {}}, ("model",), "a checkpoint of package other, not of pkg"),
+        (
+            {"package": "pkg", "model": {}},
+            RESUME_KEYS,
+            "the checkpoint has no backward, epoch, step_in_epoch, "
+            "global_step, best, rng (best.pt holds weights only: resume from last.pt)",
+        ),
+        ({"model": [1, 2]}, ("model",), "the checkpoint's model entry is not a dict of tensors"),
+        (
+            {"model": torch.nn.Linear(4, 2).state_dict()},
+            ("model",),
+            "the checkpoint's model does not fit this "
+            "package's model (signature {found}, expected {expected}: weight is [2, 4] there, [2, 3] here)",
+        ),
+    ],
+)
+def test_check_checkpoint_names_the_first_mismatch_in_one_line(state, require, message):
+    expected = torch.nn.Linear(3, 2).state_dict()
+    text = message.format(
+        found=model_signature(state["model"]) if isinstance(state["model"], dict) else "",
+        expected=model_signature(expected),
+    )
+    with pytest.raises(CheckpointError) as caught:
+        check_checkpoint(state, "ck.pt", package="pkg", model=expected, require=require)
+    assert str(caught.value) == f"ck.pt: {text}"
+
+
+def test_load_weights_takes_the_ema_weights_unless_asked_for_the_raw_ones(tmp_path):
+    raw, averaged = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    path = save_checkpoint(
+        tmp_path / "best.pt", {"format": 1, "package": "pkg", "model": raw.state_dict(), "ema": averaged.state_dict()}
+    )
+    model = load_weights(path, torch.nn.Linear(3, 2), package="pkg")
+    assert torch.equal(model.weight, averaged.weight) and not model.training
+    model = load_weights(path, torch.nn.Linear(3, 2), package="pkg", ema=False)
+    assert torch.equal(model.weight, raw.weight)
+    with pytest.raises(CheckpointError, match="a checkpoint of package pkg, not of other"):
+        load_weights(path, torch.nn.Linear(3, 2), package="other")

@@ -223,3 +223,30 @@ def test_resumed_augmented_batches_match_bit_for_bit_even_with_worker_processes(
 def _loader_epoch(loader, epoch: int, skip: int = 0):
     loader.sampler.set_epoch(epoch, skip_batches=skip)
     return iter(loader)
+
+
+def test_the_validation_subset_is_random_fixed_by_the_seed_and_spans_the_classes(digits):
+    from scmc_runtime.data import validation_subset
+
+    dataset = ImageFolderDataset(digits / "val")
+    subset = validation_subset(dataset, 64, seed=0)
+    assert len(subset) == 64 and subset.indices == sorted(subset.indices)
+    assert subset.indices == validation_subset(dataset, 64, seed=0).indices
+    assert subset.indices != validation_subset(dataset, 64, seed=1).indices
+    labels = {dataset.samples[i][1] for i in subset.indices}
+    assert labels == set(range(10))  # the first 64 images of the class-sorted folder hold classes 0 and 1 only
+    assert {dataset.samples[i][1] for i in range(64)} == {0, 1}
+    assert validation_subset(dataset, 0) is dataset and validation_subset(dataset, 10**6) is dataset
+
+
+def test_an_unreadable_image_raises_an_error_naming_its_path(tmp_path):
+    from scmc_runtime.data import BadImageError
+
+    (tmp_path / "a").mkdir()
+    bad = tmp_path / "a" / "bad.png"
+    bad.write_bytes(b"not a png")
+    dataset = ImageFolderDataset(tmp_path)
+    with pytest.raises(BadImageError) as caught:
+        dataset[0]
+    assert str(caught.value).startswith(f"{bad}: cannot read the image (cannot identify image file")
+    assert dataset.drop_unreadable()[0][0] == bad and len(dataset) == 0

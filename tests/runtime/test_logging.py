@@ -96,3 +96,35 @@ def test_mlflow_logger_records_params_metrics_and_artifacts_in_the_run_directory
     assert run.info.status == "FINISHED" and run.info.run_name == "digits"
     assert [a.path for a in client.list_artifacts(run_id)] == ["model_card.md"]
     assert (run_dir / "mlartifacts").is_dir()
+
+
+def test_a_resumed_run_drops_the_records_of_the_steps_it_trains_again(tmp_path):
+    metrics = MetricsFile(tmp_path)
+    metrics.write({"event": "start"})
+    for step in (1, 2, 3, 4):
+        metrics.write({"event": "step", "step": step, "loss": 1.0 / step})
+    (tmp_path / "metrics.jsonl").open("a").write('{"event": "step", "st')  # cut short by a kill
+    metrics.drop_after(2)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"event": "start"},
+        {"event": "step", "step": 1, "loss": 1.0},
+        {"event": "step", "step": 2, "loss": 0.5},
+    ]
+
+
+def test_a_resumed_mlflow_run_records_each_step_once(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    first = MlflowLogger(tmp_path, experiment="test", run_name="r")
+    for step in (1, 2, 3):
+        first.log_metrics({"train_step_loss": 1.0 / step}, step=step)
+    run_id = first.run_id  # killed here: never closed
+    again = MlflowLogger(tmp_path, experiment="test", run_name="r", run_id=run_id)
+    assert again.resumed and again.recorded_through == 3
+    for step in (2, 3, 4):  # the checkpoint was at step 1
+        again.log_metrics({"train_step_loss": 1.0 / step}, step=step)
+    again.close("FINISHED")
+    history = MlflowClient(tracking_uri=again.tracking_uri).get_metric_history(run_id, "train_step_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]

@@ -10,6 +10,8 @@ from torch import nn
 from scmc_runtime.checkpoint import save_checkpoint
 from scmc_runtime.distributed import DistInfo
 from scmc_runtime.train import (
+    TrainError,
+    UsageError,
     build_datasets,
     config_parser,
     evaluate,
@@ -83,8 +85,12 @@ def test_new_runs_are_named_after_the_package_and_numbered(tmp_path):
 
 def test_a_named_run_with_a_checkpoint_is_not_overwritten_without_resume(tmp_path):
     save_checkpoint(tmp_path / "exp" / "last.pt", {"epoch": 1})
-    with pytest.raises(FileExistsError, match="--resume auto"):
+    with pytest.raises(TrainError) as caught:
         resolve_run(DIST, out=str(tmp_path), run_name="exp", package="pkg", resume="")
+    assert str(caught.value) == (
+        f"{tmp_path / 'exp'} already holds a run (last.pt); pass --resume auto to continue it, --fresh to start a "
+        "new run next to it, or choose another --run-name"
+    )
     assert resolve_run(DIST, out=str(tmp_path), run_name="exp", package="pkg", resume="auto") == (
         tmp_path / "exp",
         tmp_path / "exp" / "last.pt",
@@ -107,7 +113,7 @@ def test_resume_auto_continues_the_newest_run_of_the_package(tmp_path):
 def test_resume_from_a_path_continues_in_its_folder(tmp_path):
     path = save_checkpoint(tmp_path / "a" / "last.pt", {"epoch": 1})
     assert resolve_run(DIST, out=str(tmp_path), run_name="", package="pkg", resume=str(path)) == (path.parent, path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError, match="no such checkpoint file"):
         resolve_run(DIST, out=str(tmp_path), run_name="", package="pkg", resume=str(tmp_path / "missing.pt"))
 
 
@@ -123,8 +129,12 @@ def test_the_default_data_is_the_digits_as_an_image_folder(tmp_path):
 
 def test_an_image_folder_without_a_val_split_is_refused(tmp_path):
     (tmp_path / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="train/ and val/"):
+    with pytest.raises(TrainError) as caught:
         build_datasets(DIST, data=str(tmp_path))
+    assert str(caught.value) == (
+        f"--data {tmp_path}: no val/ folder; it must hold train/ and val/ (or validation/), each with one "
+        "sub-folder of images per class (ImageFolder layout)"
+    )
 
 
 def test_evaluate_weights_batches_by_size_and_restores_training_mode():
@@ -153,3 +163,50 @@ def test_has_batchnorm_finds_nested_batch_norms():
 
 def test_format_metrics_rounds_floats_only():
     assert format_metrics({"epoch": 3, "val_acc1": 0.972222, "name": "x"}) == "epoch=3 val_acc1=0.9722 name=x"
+
+
+def test_a_broken_last_pt_is_returned_for_resume_and_never_skipped(tmp_path):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "last.pt").write_bytes(b"PK\x03\x04 cut")
+    save_checkpoint(tmp_path / "exp" / "best.pt", {"epoch": 1})
+    assert resolve_run(DIST, out=str(tmp_path), run_name="exp", package="pkg", resume="auto") == (
+        tmp_path / "exp",
+        tmp_path / "exp" / "last.pt",
+    )
+    with pytest.raises(TrainError, match=r"already holds a run \(best.pt, last.pt\)"):
+        resolve_run(DIST, out=str(tmp_path), run_name="exp", package="pkg", resume="")
+    fresh = resolve_run(DIST, out=str(tmp_path), run_name="exp", package="pkg", resume="", fresh=True)
+    assert fresh == (tmp_path / "exp-2", None)
+
+
+def test_a_run_folder_with_best_pt_but_no_last_pt_is_not_resumed_from_scratch(tmp_path):
+    save_checkpoint(tmp_path / "exp" / "best.pt", {"epoch": 1})
+    with pytest.raises(TrainError) as caught:
+        resolve_run(DIST, out=str(tmp_path), run_name="exp", package="pkg", resume="auto")
+    assert str(caught.value) == (
+        f"{tmp_path / 'exp'} holds best.pt but no last.pt to resume; pass --fresh to start a new run in a new "
+        "folder next to it (nothing is overwritten), or pass --resume with one of them"
+    )
+
+
+def test_resume_auto_finds_the_newest_run_of_the_package_whatever_its_folder_name(tmp_path):
+    import os
+
+    for name, package in (("pkg", "pkg"), ("renamed", "pkg"), ("theirs", "other")):
+        resolve_run(DIST, out=str(tmp_path), run_name=name, package=package, resume="")
+        save_checkpoint(tmp_path / name / "last.pt", {"epoch": 1})
+    os.utime(tmp_path / "pkg" / "last.pt", ns=(1, 1))
+    assert resolve_run(DIST, out=str(tmp_path), run_name="", package="pkg", resume="auto") == (
+        tmp_path / "renamed",
+        tmp_path / "renamed" / "last.pt",
+    )
+    assert (tmp_path / "renamed" / "run.json").read_text() == '{"package": "pkg"}\n'
+
+
+def test_help_shows_each_default_once():
+    @dataclass
+    class Named:
+        experiment: str = flag("pkg", "MLflow experiment (default: the package name)")
+
+    text = " ".join(config_parser(Named).format_help().split())
+    assert "MLflow experiment (default: the package name)" in text and "(default: pkg)" not in text

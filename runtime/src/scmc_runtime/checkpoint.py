@@ -8,13 +8,15 @@ renamed over the target: a reader sees the old file or the new one, never half o
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import re
 import tempfile
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as torch_dist
@@ -24,9 +26,13 @@ from scmc_runtime.distributed import is_distributed
 
 __all__ = [
     "CheckpointError",
+    "FORMAT_VERSION",
     "unwrap",
     "save_checkpoint",
     "load_checkpoint",
+    "model_signature",
+    "check_checkpoint",
+    "load_weights",
     "find_latest",
     "rng_state",
     "set_rng_state",
@@ -35,6 +41,10 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 _TEMP_SUFFIX = ".tmp"
+# The layout of the dicts train.py writes; a reader refuses a newer one. 1: "format", "signature".
+FORMAT_VERSION = 1
+# What --resume needs besides the weights (best.pt holds the weights and metrics only).
+RESUME_KEYS = ("model", "backward", "epoch", "step_in_epoch", "global_step", "best", "rng")
 _PLAIN = (str, int, float, bool, type(None), bytes, torch.dtype, torch.device, torch.Size)
 
 
@@ -87,6 +97,7 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> Path:
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
@@ -97,6 +108,19 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> Path:
         raise
     _fsync_directory(path.parent)
     return path
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where Linux reports it, else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -114,21 +138,128 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device, None] = "cpu") -> Dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; raise ``CheckpointError`` naming the file if it cannot."""
+    """Read a checkpoint with ``weights_only=True``; raise ``CheckpointError`` naming the file if it cannot.
+
+    The message is one line saying what is wrong: missing, not a ``torch.save`` archive,
+    truncated or corrupt, or holding pickled Python objects (which are never loaded).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if not _is_complete(path):
+        if _starts_like_zip(path):
+            raise CheckpointError(f"{path}: the checkpoint is truncated (an interrupted write or copy)")
+        raise CheckpointError(f"{path}: not a checkpoint (not a torch.save archive)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... depending on the damage
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"{path}: cannot load checkpoint, the file is truncated, corrupt or not a weights-only "
-            f"checkpoint ({reason}). Delete it to resume from an earlier one."
-        ) from error
+        text = str(error)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            raise CheckpointError(
+                f"{path}: the checkpoint holds Python objects ({found.group(1)}); only tensors and plain "
+                "values are loaded (weights_only), so it is refused"
+            ) from None
+        reason = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        raise CheckpointError(f"{path}: the checkpoint is corrupt ({reason[:200]})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict at the top of the checkpoint, found {type(state).__name__}")
     return state
+
+
+def _starts_like_zip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def model_signature(state_dict: Mapping[str, Any]) -> str:
+    """A digest of a state dict's key names, shapes and dtypes (not its values): 16 hex digits.
+
+    Two models have the same signature exactly when one's weights load into the other strictly.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        value = state_dict[key]
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+        dtype = str(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
+        digest.update(f"{key}\t{shape}\t{dtype}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _difference(expected: Mapping[str, Any], found: Mapping[str, Any]) -> str:
+    """One example of how two state dicts differ, for a message."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    for key in sorted(set(expected) & set(found)):
+        a, b = expected[key], found[key]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and tuple(a.shape) != tuple(b.shape):
+            return f"{key} is {list(b.shape)} there, {list(a.shape)} here"
+    if missing:
+        return f"{len(missing)} weight(s) missing, e.g. {missing[0]}"
+    if extra:
+        return f"{len(extra)} unexpected weight(s), e.g. {extra[0]}"
+    return "the dtypes differ"
+
+
+def check_checkpoint(
+    state: Mapping[str, Any],
+    path: PathLike,
+    *,
+    package: Optional[str] = None,
+    model: Optional[Mapping[str, Any]] = None,
+    require: Sequence[str] = ("model",),
+) -> None:
+    """Raise ``CheckpointError`` (one line, naming ``path``) unless ``state`` fits this package.
+
+    Checks, in order: the format version is one this runtime reads; ``package`` (when given)
+    is the package that wrote it; every key of ``require`` is present (``RESUME_KEYS`` for a
+    resume: best.pt holds no optimizer state); ``state["model"]`` is a dict of tensors whose
+    names, shapes and dtypes match ``model`` (a state dict of the model about to load it).
+    """
+    where = Path(path)
+    version = state.get("format", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where}: checkpoint format {version!r} is newer than this scmc-runtime reads ({FORMAT_VERSION}); "
+            "upgrade scmc-runtime"
+        )
+    written_by = state.get("package")
+    if package is not None and written_by is not None and written_by != package:
+        raise CheckpointError(f"{where}: a checkpoint of package {written_by}, not of {package}")
+    missing = [key for key in require if key not in state]
+    if missing:
+        hint = " (best.pt holds weights only: resume from last.pt)" if "backward" in missing else ""
+        raise CheckpointError(f"{where}: the checkpoint has no {', '.join(missing)}{hint}")
+    weights = state.get("model")
+    if "model" in require or weights is not None:
+        if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise CheckpointError(f"{where}: the checkpoint's model entry is not a dict of tensors")
+        if model is not None and model_signature(weights) != model_signature(model):
+            raise CheckpointError(
+                f"{where}: the checkpoint's model does not fit this package's model "
+                f"(signature {model_signature(weights)}, expected {model_signature(model)}: {_difference(model, weights)})"
+            )
+
+
+def load_weights(path: PathLike, model: nn.Module, *, package: Optional[str] = None, ema: bool = True) -> nn.Module:
+    """Load a train.py checkpoint (best.pt or last.pt) into ``model``; returns it, in eval mode.
+
+    ``ema=True`` takes the moving-average weights when the checkpoint has them (what
+    validation reported as ``ema_val_*``), else the raw ones. The checkpoint is read with
+    ``weights_only=True`` and checked with :func:`check_checkpoint` first.
+    """
+    state = load_checkpoint(path)
+    expected = model.state_dict()
+    check_checkpoint(state, path, package=package, model=expected)
+    weights = state["model"]
+    averaged = state.get("ema")
+    if ema and isinstance(averaged, Mapping) and model_signature(averaged) == model_signature(expected):
+        weights = averaged
+    model.load_state_dict(weights)
+    return model.eval()
 
 
 def _is_complete(path: Path) -> bool:

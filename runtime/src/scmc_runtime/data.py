@@ -23,6 +23,8 @@ from scmc_runtime._optional import require
 from scmc_runtime.distributed import DistInfo, worker_init_fn
 
 __all__ = [
+    "BadImageError",
+    "validation_subset",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "prepare_digits",
@@ -171,6 +173,18 @@ class ImageTransform:
         return (x - self.mean) / self.std
 
 
+class BadImageError(RuntimeError):
+    """An image file that cannot be decoded; the message starts with its path."""
+
+    @staticmethod
+    def message_of(error: BaseException) -> str:
+        """The original message, also when a DataLoader worker re-raised it with its traceback around it."""
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        prefix = "BadImageError: "
+        return last.split(prefix, 1)[1] if prefix in last else last
+
+
 def _load_rgb(path: Path) -> torch.Tensor:
     Image = require("PIL.Image", "ImageFolderDataset", "data")
     with Image.open(path) as image:
@@ -217,9 +231,28 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def drop_unreadable(self) -> List[Tuple[Path, str]]:
+        """Decode every image once and drop those that fail; returns ``(path, reason)`` of each dropped one."""
+        kept, dropped = [], []
+        for path, label in self.samples:
+            try:
+                _load_rgb(path)
+            except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... for damaged files
+                dropped.append(
+                    (path, str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+                )
+            else:
+                kept.append((path, label))
+        self.samples = kept
+        return dropped
+
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        image = _load_rgb(path)
+        try:
+            image = _load_rgb(path)
+        except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... for damaged files
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise BadImageError(f"{path}: cannot read the image ({reason[:200]})") from None
         if self.transform is None:
             return image.to(torch.float32) / 255.0, label
         generator = None
@@ -231,6 +264,20 @@ class ImageFolderDataset(Dataset):
 
 # ---------------------------------------------------------------------------------------------
 # Samplers and loader
+
+
+def validation_subset(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
+    """A random subset of ``size`` items, the same for a given seed, in index order (``dataset`` if smaller).
+
+    Image folders list their samples class by class, so the first N batches would hold the
+    first classes only; a random subset fixed by the seed holds every class in proportion, and
+    every epoch (and every resumed run) validates the same images.
+    """
+    if size <= 0 or size >= len(dataset):
+        return dataset
+    generator = torch.Generator().manual_seed(seed)
+    indices = sorted(torch.randperm(len(dataset), generator=generator)[:size].tolist())
+    return torch.utils.data.Subset(dataset, indices)
 
 
 class ShardSampler(Sampler[int]):

@@ -129,6 +129,25 @@ class MetricsFile:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    def drop_after(self, step: int) -> None:
+        """Remove the records of steps after ``step`` (a resumed run trains them again); atomic rewrite.
+
+        Records without a ``step`` (start/end events) are kept. A no-op when disabled or absent.
+        """
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] <= step:
+                kept.append(line)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
     def write(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
@@ -172,6 +191,7 @@ class MlflowLogger:
         self.tracking_uri = tracking_uri or f"sqlite:///{self.run_dir / 'mlflow.db'}"
         self.run_id: Optional[str] = None
         self.resumed = False  # True when run_id named a run that this logger continues
+        self.recorded_through = -1  # a resumed run skips the steps its first life already recorded
         self._client: Any = None
         if not enabled:
             return
@@ -189,6 +209,7 @@ class MlflowLogger:
             self._client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
             self.resumed = True
+            self.recorded_through = self._last_step()
         else:
             self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
 
@@ -197,6 +218,13 @@ class MlflowLogger:
             return self._client.get_run(run_id).info.lifecycle_stage == "active"
         except Exception:  # mlflow raises MlflowException for unknown ids
             return False
+
+    def _last_step(self) -> int:
+        run = self._client.get_run(self.run_id)
+        steps = [-1]
+        for key in run.data.metrics:
+            steps.extend(m.step for m in self._client.get_metric_history(self.run_id, key))
+        return max(steps)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.enabled:
@@ -209,6 +237,8 @@ class MlflowLogger:
         if self.enabled:
             from mlflow.entities import Metric
 
+            if step <= self.recorded_through:
+                return  # recorded before the run was killed and resumed: one value per step and key
             now = int(time.time() * 1000)
             batch = [Metric(key, _as_float(value), now, step) for key, value in metrics.items()]
             self._client.log_batch(self.run_id, metrics=batch)

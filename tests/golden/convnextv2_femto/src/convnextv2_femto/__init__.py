@@ -15,7 +15,7 @@ else:
     scmc_runtime.check_version(">=0.1.0,<0.2", package="convnextv2_femto")
 
 __version__ = "0.1.0"
-__all__ = ["Model", "Loss", "Metric", "Backward", "__version__"]
+__all__ = ["Model", "Loss", "Metric", "Backward", "load_checkpoint", "__version__"]
 
 _MODULES = {
     "Model": "model",
@@ -31,3 +31,14 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_checkpoint(path, ema: bool = True):
+    """A Model with the weights of a checkpoint train.py wrote (best.pt or last.pt), in eval mode.
+
+    ``ema=True`` takes the moving-average weights when the checkpoint has them. The file is read
+    with ``torch.load(weights_only=True)`` and checked against this package's model first.
+    """
+    from scmc_runtime.checkpoint import load_weights
+
+    return load_weights(path, __getattr__("Model")(), package=__name__, ema=ema)

@@ -8,7 +8,9 @@
 Without --data or --timm-dataset it trains on scikit-learn's 8x8 digits. A run writes
 <out>/<run-name>/last.pt (resumable with --resume auto), best.pt and metrics.jsonl, and is
 recorded in MLflow (sqlite:///<out>/mlflow.db) unless --no-mlflow. SIGTERM or Ctrl-C finishes
-the current step, saves last.pt and exits 0.
+the current step, saves last.pt and exits 0 (under torchrun: signal the ranks, see README).
+Flags are checked before anything is written (exit 2); a problem with the data or a checkpoint
+is one message (exit 1), never a traceback.
 """
 
 import contextlib
@@ -24,26 +26,36 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from scmc_runtime.checkpoint import (
+    FORMAT_VERSION,
     gather_rng_states,
-    load_checkpoint,
+    model_signature,
     save_checkpoint,
     set_rng_state,
 )
-from scmc_runtime.data import build_loader
-from scmc_runtime.distributed import cleanup, seed_everything, setup_distributed
+from scmc_runtime.data import BadImageError, build_loader, validation_subset
+from scmc_runtime.distributed import seed_everything, setup_distributed
 from scmc_runtime.ema import ModelEma
 from scmc_runtime.logging import MetricsFile, MlflowLogger, Progress, get_logger
 from scmc_runtime.metrics import MetricAccumulator
 from scmc_runtime.signals import GracefulStop
 from scmc_runtime.train import (
+    TrainError,
     build_datasets,
+    check_classes,
+    compiled_hyperparameters,
     configure_torch,
     evaluate,
     flag,
     format_metrics,
     has_batchnorm,
+    load_resume_state,
+    next_steps,
     parse_config,
+    probe_model,
     resolve_run,
+    run_main,
+    start_run,
+    validate_config,
 )
 
 from soft_cls_loss.backward import Backward
@@ -52,6 +64,9 @@ from soft_cls_loss.metric import Metric
 from soft_cls_loss.model import Model
 
 PACKAGE = "soft_cls_loss"
+PROG = "python -m soft_cls_loss.train"
+LOSSES = ["ce_loss"]  # the names validation reports as val_<name>
+METRICS = ["acc1", "acc5"]
 
 
 @dataclass
@@ -67,12 +82,20 @@ class TrainConfig:
     std: tuple[float, ...] = flag((0.229, 0.224, 0.225), "per-channel normalization std")
     translate: int = flag(0, "random shift of training images by up to this many pixels")
     hflip: bool = flag(False, "random horizontal flips of training images")
+    skip_bad_images: bool = flag(
+        False, "decode every image up front and skip (and count) unreadable ones"
+    )
+    allow_class_mismatch: bool = flag(
+        False, "train even when the data's class count differs from the model head's outputs"
+    )
     workers: int = flag(0, "data-loading processes per rank (0: load in the training process)")
     # schedule
     epochs: int = flag(6, "passes over the training data")
     batch_size: int = flag(32, "global batch per step, split evenly over the ranks")
     max_steps: int = flag(0, "at most this many training batches per epoch (0: all)")
-    max_val_steps: int = flag(0, "validate on at most this many batches per rank (0: all)")
+    max_val_steps: int = flag(
+        0, "validate on a random subset of this many global batches, fixed by --seed (0: all)"
+    )
     seed: int = flag(0, "seed for weights, shuffling and augmentation")
     deterministic: bool = flag(False, "reproducible kernels (slower on GPU)")
     # weights
@@ -88,7 +111,13 @@ class TrainConfig:
     # output
     out: str = flag("runs", "folder of runs; a run writes <out>/<run-name>/")
     run_name: str = flag("", "name of the run folder (default: the package name, then -2, -3, ...)")
-    resume: str = flag("", "auto: continue the newest run's last.pt, if any; or a checkpoint path")
+    resume: str = flag(
+        "",
+        "auto: continue the run's last.pt (--run-name, else the package's newest run), if any; or a checkpoint path",
+    )
+    fresh: bool = flag(
+        False, "start a new run in a new folder even where a run (or a broken checkpoint) exists"
+    )
     save_every: int = flag(0, "also save last.pt every N updates (0: only at epoch ends)")
     best_metric: str = flag("val_acc1", "validation metric that picks best.pt")
     best_mode: str = flag("max", "max or min: whether a larger best_metric is better")
@@ -119,7 +148,9 @@ def compute_metrics(
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(TrainConfig, argv, description=__doc__, prog=f"python -m {PACKAGE}.train")
+    cfg = parse_config(TrainConfig, argv, description=__doc__, prog=PROG)
+    # Every flag is checked before anything is created: all problems in one message, exit 2.
+    validate_config(cfg, losses=LOSSES, metrics=METRICS)
     started = time.monotonic()
 
     # Distributed setup from torchrun's environment (single process without it), then seeding.
@@ -127,13 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     device = dist.device
     configure_torch(device, threads=cfg.threads, deterministic=cfg.deterministic)
     log = get_logger(PACKAGE, dist.is_main)
-    if cfg.batch_size % dist.world_size:
-        raise SystemExit(f"--batch-size (global) must be a multiple of the {dist.world_size} ranks")
-    run_dir, resume_from = resolve_run(
-        dist, out=cfg.out, run_name=cfg.run_name, package=PACKAGE, resume=cfg.resume
-    )
 
-    # Data: each rank reads its own shard of every global batch.
+    # Cheap checks of the model and the data before any file is written: the image size fits
+    # the model (a forward pass on the meta device), the folders and classes fit its head.
+    output_shapes = probe_model(Model, lambda m, images, labels: m(images), cfg.image_size)
     train_set, val_set, classes = build_datasets(
         dist,
         data=cfg.data,
@@ -145,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         translate=cfg.translate,
         hflip=cfg.hflip,
         seed=cfg.seed,
+        skip_bad_images=cfg.skip_bad_images,
+        log=log.warning,
     )
+    check_classes(classes, output_shapes, allow=cfg.allow_class_mismatch)
+    # --max-val-steps: a random subset of the validation images, the same for every epoch and seed.
+    val_set = validation_subset(val_set, cfg.max_val_steps * cfg.batch_size, seed=cfg.seed)
     batch_per_rank = cfg.batch_size // dist.world_size
     train_loader = build_loader(
         train_set, batch_per_rank, True, dist, workers=cfg.workers, seed=cfg.seed
@@ -155,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     steps_per_epoch = min(len(train_loader), cfg.max_steps) if cfg.max_steps else len(train_loader)
     if steps_per_epoch == 0:
-        raise SystemExit(
+        raise TrainError(
             f"{len(train_set)} training images do not fill one global batch of {cfg.batch_size}"
         )
 
@@ -174,18 +207,42 @@ def main(argv: list[str] | None = None) -> int:
     )
     ema = ModelEma(net, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema else None
 
+    # The run folder, and the checkpoint to resume: read and checked (this package, this model,
+    # the same schedule) before the folder is created or anything in it is written.
+    run_dir, resume_from = resolve_run(
+        dist,
+        out=cfg.out,
+        run_name=cfg.run_name,
+        package=PACKAGE,
+        resume=cfg.resume,
+        fresh=cfg.fresh,
+        create=False,
+    )
+    config = dataclasses.asdict(cfg)
+    state = None
+    if resume_from is not None:
+        state = load_resume_state(
+            resume_from,
+            package=PACKAGE,
+            model=net.state_dict(),
+            config=config,
+            world_size=dist.world_size,
+        )
+    start_run(dist, run_dir, PACKAGE)
+
     # Resume: weights, optimizer/scheduler/scaler, EMA, position in the data and RNG states.
     start_epoch, start_step, global_step = 0, 0, 0
     best = {"metric": cfg.best_metric, "value": None, "epoch": None}
-    state = load_checkpoint(resume_from) if resume_from is not None else None
     if state is not None:
         net.load_state_dict(state["model"])
         backward.load_state_dict(state["backward"])
-        if ema is not None and state["ema"] is not None:
+        if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         start_epoch, start_step = state["epoch"], state["step_in_epoch"]
         global_step, best = state["global_step"], state["best"]
         log.info(f"resuming {resume_from} at epoch {start_epoch + 1}, step {start_step}")
+        if start_epoch >= cfg.epochs:
+            log.info(f"{resume_from} has finished all {cfg.epochs} epochs: nothing to train")
 
     # DDP averages gradients over ranks during backward(); torch.compile wraps the whole step.
     model = net
@@ -199,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         model = torch.compile(model, mode=cfg.compile_mode)
     eval_model = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
 
-    # Logging: metrics.jsonl and MLflow, on rank 0 only.
+    # Logging: metrics.jsonl and MLflow, on rank 0 only. A resumed run drops the records of
+    # the steps it trains again, so no step is recorded twice.
     metrics_file = MetricsFile(run_dir, enabled=dist.is_main)
     mlflow = MlflowLogger(
         cfg.out,
@@ -209,12 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         enabled=cfg.mlflow and dist.is_main,
         run_id=state.get("mlflow_run_id") if state is not None else None,
     )
+    if state is not None:
+        metrics_file.drop_after(global_step)
     if dist.is_main:
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if not mlflow.resumed:
-        mlflow.log_params(
-            {**dataclasses.asdict(cfg), "package": PACKAGE, "world_size": dist.world_size}
-        )
+        hyper = compiled_hyperparameters(PACKAGE, backward)
+        mlflow.log_params({**config, "package": PACKAGE, "world_size": dist.world_size, **hyper})
         mlflow.log_artifact(run_dir / "config.json")
         with resources.as_file(resources.files(PACKAGE) / "manifest.json") as manifest:
             mlflow.log_artifact(manifest)
@@ -241,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     def training_state(epoch: int, step_in_epoch: int) -> dict:
         """All that --resume needs: tensors and plain values, no module./_orig_mod. prefixes."""
         return {
+            "format": FORMAT_VERSION,
             "package": PACKAGE,
+            "signature": model_signature(net.state_dict()),
             "model": net.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
             "backward": backward.state_dict(),  # optimizers, schedulers, grad scaler
@@ -251,15 +312,18 @@ def main(argv: list[str] | None = None) -> int:
             "best": best,
             "rng": gather_rng_states(),  # one entry per rank; every rank takes part
             "world_size": dist.world_size,
-            "config": dataclasses.asdict(cfg),
+            "config": config,
             "classes": [str(c) for c in classes],
             "mlflow_run_id": mlflow.run_id,
         }
+
+    saved_at = [global_step if state is not None else None]  # the global step last.pt holds, if any
 
     def save_last(epoch: int, step_in_epoch: int) -> None:
         checkpoint = training_state(epoch, step_in_epoch)
         if dist.is_main:
             save_checkpoint(run_dir / "last.pt", checkpoint)  # atomic: temporary file, then rename
+        saved_at[0] = global_step
 
     def validate(module: torch.nn.Module) -> dict[str, float]:
         """Loss and metric means over the validation set (each rank scores its shard)."""
@@ -274,13 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 
         autocast = lambda: backward.autocast(device.type)  # noqa: E731
         return evaluate(
-            module,
-            val_loader,
-            score,
-            device=device,
-            autocast=autocast,
-            memory_format=memory_format,
-            max_steps=cfg.max_val_steps,
+            module, val_loader, score, device=device, autocast=autocast, memory_format=memory_format
         )
 
     # Per-rank seeds for dropout and drop-path; a resumed run restores the saved states instead.
@@ -292,106 +350,145 @@ def main(argv: list[str] | None = None) -> int:
     window = MetricAccumulator(device)  # means over the last log_every steps
     record: dict = {}
     stopping = False
-    # Under nccl agreeing on a stop costs a GPU sync, so it is checked every 10 steps there.
-    with GracefulStop(check_every=10 if dist.backend == "nccl" else 1) as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            # A new shuffle per epoch; a resumed run skips the batches it already trained on.
-            first_step = start_step if epoch == start_epoch else 0
-            train_loader.sampler.set_epoch(epoch, skip_batches=first_step)
-            model.train()
-            train_meter.reset()
-            epoch_started = time.monotonic()
-            progress = Progress(
-                steps_per_epoch - first_step,
-                f"epoch {epoch + 1}/{cfg.epochs}",
-                enabled=dist.is_main,
-                ci=cfg.ci,
-                log_every=cfg.log_every,
-            )
-            batches = itertools.islice(train_loader, steps_per_epoch - first_step)
-            for step, (images, labels) in enumerate(batches, start=first_step):
-                last_in_epoch = step == steps_per_epoch - 1
-                images = images.to(device, non_blocking=True, memory_format=memory_format)
-                labels = labels.to(device, non_blocking=True)
+    resumable = None  # (epoch, step) after the last weight update: a consistent point to save at
+    try:
+        # Under nccl agreeing on a stop costs a GPU sync, so it is checked every 10 steps there.
+        with GracefulStop(check_every=10 if dist.backend == "nccl" else 1) as stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                # A new shuffle per epoch; a resumed run skips the batches it already trained on.
+                first_step = start_step if epoch == start_epoch else 0
+                resumable = None
+                train_loader.sampler.set_epoch(epoch, skip_batches=first_step)
+                model.train()
+                train_meter.reset()
+                epoch_started = time.monotonic()
+                progress = Progress(
+                    steps_per_epoch - first_step,
+                    f"epoch {epoch + 1}/{cfg.epochs}",
+                    enabled=dist.is_main,
+                    ci=cfg.ci,
+                    log_every=cfg.log_every,
+                )
+                batches = itertools.islice(train_loader, steps_per_epoch - first_step)
+                for step, (images, labels) in enumerate(batches, start=first_step):
+                    last_in_epoch = step == steps_per_epoch - 1
+                    images = images.to(device, non_blocking=True, memory_format=memory_format)
+                    labels = labels.to(device, non_blocking=True)
 
-                # Gradient accumulation: DDP all-reduces gradients only when the weights update.
-                sync = contextlib.nullcontext()
-                if ddp is not None and not backward.will_update(last_in_epoch):
-                    sync = ddp.no_sync()
-                with sync:
-                    # Mixed precision as the backward template sets it (a no-op without AMP).
-                    with backward.autocast(device.type):
-                        outputs = model(images)
-                        losses = compute_losses(criterion, outputs, labels)
-                    updated = backward(ce_loss=losses["ce_loss"], last_in_epoch=last_in_epoch)
-                if updated and ema is not None:
-                    ema.update(net, step=backward.updates)
-                global_step += 1
+                    # Gradient accumulation: DDP all-reduces gradients only when the weights update.
+                    sync = contextlib.nullcontext()
+                    if ddp is not None and not backward.will_update(last_in_epoch):
+                        sync = ddp.no_sync()
+                    with sync:
+                        # Mixed precision as the backward template sets it (a no-op without AMP).
+                        with backward.autocast(device.type):
+                            outputs = model(images)
+                            losses = compute_losses(criterion, outputs, labels)
+                        updated = backward(ce_loss=losses["ce_loss"], last_in_epoch=last_in_epoch)
+                    if updated and ema is not None:
+                        ema.update(net, step=backward.updates)
+                    global_step += 1
+                    resumable = (epoch, step + 1) if updated and not last_in_epoch else None
 
-                with torch.no_grad():
-                    values = {**losses, **compute_metrics(metric, outputs, labels)}
-                train_meter.update(values, n=labels.shape[0])  # no host sync per step
-                window.update(values, n=labels.shape[0])
-                progress.step(values)
-                if global_step % cfg.log_every == 0:
-                    logged = {f"train_{name}": value for name, value in window.compute().items()}
-                    logged.update(
-                        {f"lr_{name}": lr for name, lr in backward.learning_rates.items()}
-                    )
-                    window.reset()
-                    metrics_file.write(
-                        {"event": "step", "epoch": epoch + 1, "step": global_step, **logged}
-                    )
-                    mlflow.log_metrics(logged, step=global_step)
+                    with torch.no_grad():
+                        values = {**losses, **compute_metrics(metric, outputs, labels)}
+                    train_meter.update(values, n=labels.shape[0])  # no host sync per step
+                    window.update(values, n=labels.shape[0])
+                    progress.step(values)
+                    if global_step % cfg.log_every == 0:
+                        # Means over the last log_every steps: train_step_*, apart from the epoch means train_*.
+                        logged = {
+                            f"train_step_{name}": value for name, value in window.compute().items()
+                        }
+                        logged.update(
+                            {f"lr_{name}": lr for name, lr in backward.learning_rates.items()}
+                        )
+                        window.reset()
+                        metrics_file.write(
+                            {"event": "step", "epoch": epoch + 1, "step": global_step, **logged}
+                        )
+                        mlflow.log_metrics(logged, step=global_step)
 
-                # A signal stops at the next weight update (gradients in flight are not saved).
-                stopping = stop.should_stop()
-                periodic = cfg.save_every and backward.updates % cfg.save_every == 0
-                if updated and (stopping or (periodic and not last_in_epoch)):
-                    save_last(epoch, step + 1)
-                if updated and stopping:
+                    # A signal stops at the next weight update (gradients in flight are not saved).
+                    stopping = stop.should_stop()
+                    periodic = cfg.save_every and backward.updates % cfg.save_every == 0
+                    if updated and (stopping or (periodic and not last_in_epoch)):
+                        save_last(epoch, step + 1)
+                    if updated and stopping:
+                        break
+                progress.close()
+                if stopping:
                     break
-            progress.close()
-            if stopping:
-                break
 
-            # Validation of the raw weights and of their moving average.
-            record = {"event": "epoch", "epoch": epoch + 1, "step": global_step}
-            record.update({f"train_{name}": value for name, value in train_meter.compute().items()})
-            record.update({f"val_{name}": value for name, value in validate(eval_model).items()})
-            if ema is not None:
+                # Validation of the raw weights and of their moving average. The epoch's training is
+                # complete here: a run stopped in validation resumes with the validation.
+                resumable = (epoch, steps_per_epoch)
+                record = {"event": "epoch", "epoch": epoch + 1, "step": global_step}
                 record.update(
-                    {f"ema_val_{name}": value for name, value in validate(ema.module).items()}
+                    {f"train_{name}": value for name, value in train_meter.compute().items()}
                 )
-            record.update({f"lr_{name}": lr for name, lr in backward.learning_rates.items()})
-            record["epoch_seconds"] = time.monotonic() - epoch_started
-            backward.end_epoch(epoch, record)  # per-epoch schedulers step here
+                record.update(
+                    {f"val_{name}": value for name, value in validate(eval_model).items()}
+                )
+                if ema is not None:
+                    record.update(
+                        {f"ema_val_{name}": value for name, value in validate(ema.module).items()}
+                    )
+                record.update({f"lr_{name}": lr for name, lr in backward.learning_rates.items()})
+                record["epoch_seconds"] = time.monotonic() - epoch_started
+                backward.end_epoch(epoch, record)  # per-epoch schedulers step here
 
-            if cfg.best_metric not in record:
-                raise SystemExit(
-                    f"--best-metric {cfg.best_metric} is not one of: {', '.join(sorted(record))}"
+                # A known name (checked with the flags); train_* is absent after a resume in validation.
+                value = record.get(cfg.best_metric)
+                improved = value is not None and (
+                    best["value"] is None
+                    or (value > best["value"] if cfg.best_mode == "max" else value < best["value"])
                 )
-            value = record[cfg.best_metric]
-            improved = best["value"] is None or (
-                value > best["value"] if cfg.best_mode == "max" else value < best["value"]
-            )
-            if improved:
-                best = {"metric": cfg.best_metric, "value": value, "epoch": epoch + 1}
-                if dist.is_main:
-                    best_state = {
-                        "package": PACKAGE,
-                        "model": net.state_dict(),
-                        "ema": ema.state_dict() if ema is not None else None,
-                        "epoch": epoch + 1,
-                        "metrics": record,
-                        "config": dataclasses.asdict(cfg),
-                        "classes": [str(c) for c in classes],
-                    }
-                    save_checkpoint(run_dir / "best.pt", best_state)
-            save_last(epoch + 1, 0)
-            metrics_file.write(record)
-            mlflow.log_metrics({k: v for k, v in record.items() if k != "event"}, step=global_step)
-            log.info(format_metrics({k: v for k, v in record.items() if k != "event"}))
+                if improved:
+                    best = {"metric": cfg.best_metric, "value": value, "epoch": epoch + 1}
+                    if dist.is_main:
+                        best_state = {
+                            "format": FORMAT_VERSION,
+                            "package": PACKAGE,
+                            "signature": model_signature(net.state_dict()),
+                            "model": net.state_dict(),
+                            "ema": ema.state_dict() if ema is not None else None,
+                            "epoch": epoch + 1,
+                            "metrics": record,
+                            "config": config,
+                            "classes": [str(c) for c in classes],
+                        }
+                        save_checkpoint(run_dir / "best.pt", best_state)
+                save_last(epoch + 1, 0)
+                metrics_file.write(record)
+                # The step series already holds this step's learning rates when a step log just ran.
+                logged_lr = global_step % cfg.log_every == 0
+                epoch_metrics = {
+                    k: v
+                    for k, v in record.items()
+                    if k != "event" and not (logged_lr and k.startswith("lr_"))
+                }
+                mlflow.log_metrics(epoch_metrics, step=global_step)
+                log.info(format_metrics({k: v for k, v in record.items() if k != "event"}))
+    except BadImageError as error:
+        # Save what was trained since the last checkpoint when the state is consistent (after a
+        # weight update; single process: under DDP the other ranks are not there to take part).
+        if resumable is not None and dist.world_size == 1:
+            save_last(*resumable)
+        mlflow.close("FAILED")
+        then = "continue with --resume auto" if saved_at[0] is not None else "start again"
+        held = (
+            f"last.pt holds step {saved_at[0]}"
+            if saved_at[0] is not None
+            else "no checkpoint was saved yet"
+        )
+        raise TrainError(
+            f"{BadImageError.message_of(error)}; {held}. Replace or remove the file (or pass --skip-bad-images), "
+            f"then {then}"
+        ) from None
+    except BaseException as error:
+        mlflow.close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
 
     seconds = time.monotonic() - started
     if stopping:
@@ -409,11 +506,14 @@ def main(argv: list[str] | None = None) -> int:
             f"done in {seconds:.1f}s: best {best['metric']} {top}; checkpoint {best_path}",
             flush=True,
         )
+        print(
+            next_steps(
+                PACKAGE, run_dir, best_path, mlflow.tracking_uri if mlflow.enabled else None
+            ),
+            flush=True,
+        )
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    finally:
-        cleanup()
+    run_main(main, PROG)
