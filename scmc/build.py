@@ -327,6 +327,7 @@ def compile_part(
         files=dict(lowerer.files),
         includes=includes,
         output_shapes=root.output_shapes,
+        macs=root.macs,
     )
 
 

@@ -265,6 +265,7 @@ class Instance:
     input_shapes: dict[str, Any] | None = None
     types: dict[str, str] = field(default_factory=dict)
     output_shapes: dict[str, tuple[int, ...]] | None = None  # without the batch; set by materialize
+    macs: int | None = None  # multiply-accumulates of one sample in inference (FlopCounterMode / 2); materialize
 
 
 # --------------------------------------------------------------------------- dump / verify

@@ -48,6 +48,7 @@ class Compiled:
     includes: list[Source] = field(default_factory=list)  # templates read through CFG
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)  # named groups Jinja rendered with, as resolved
     output_shapes: dict[str, tuple[int, ...]] | None = None  # the model's, without the batch
+    macs: int | None = None  # the model's, one sample in inference (None: no input shapes to count at)
     tree: Any = None  # a rendered preset with positions (LDict), for diagnostics
 
     @property

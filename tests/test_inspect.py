@@ -134,3 +134,8 @@ def test_diff_of_two_templates_shows_added_and_removed_layers(tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     assert "layers removed:\n  norm (LayerNorm, 1x320, 640)" in result.output
     assert re.search(r"parameters +3,708,400 +3,707,760 +-640\n", result.output)
+
+
+def test_the_model_card_states_the_models_macs(femto_package: Path) -> None:
+    card = (femto_package / "README.md").read_text()
+    assert "| compute | 0.78 GMACs per sample at the input shapes below (torch `FlopCounterMode`, inference;" in card

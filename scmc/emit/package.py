@@ -226,6 +226,7 @@ def package_files(pkg: "PackageDef") -> dict[str, bytes]:
             parameters=list(pkg.build.params),
             classes=[(c.role, class_name(c)) for c in modules],
             param_count=model.param_count,
+            macs=model.macs,
             input_shapes=shapes,
             inputs=list(root.inputs),
             outputs=list(root.outputs),

@@ -52,6 +52,7 @@ def _dtype(name: str):
 
 def materialize(root: Instance, allow: AllowList) -> None:
     import torch
+    from torch.utils import flop_counter
 
     from scmc.interp import GraphModule, StepFailed, build_instance
     from scmc_runtime.layers import concrete_constructor
@@ -102,11 +103,13 @@ def materialize(root: Instance, allow: AllowList) -> None:
         live.train(training)
         try:
             # on the meta device: a tensor made in forward (`eval: x + torch.ones(...)`) takes no memory
-            with torch.no_grad(), torch.device("meta"), warnings.catch_warnings():
+            counter = flop_counter.FlopCounterMode(display=False)
+            with torch.no_grad(), torch.device("meta"), warnings.catch_warnings(), counter:
                 warnings.simplefilter("ignore")
                 result = live(*inputs)
             if not training:
                 root.output_shapes = _output_shapes(root, result)
+                root.macs = counter.get_total_flops() // 2 // BATCH  # for the model card
         except StepFailed as exc:
             if isinstance(exc.error, (ExprError, AddressError)):  # a bound of call_checked, at the step
                 raise CompileError(
