@@ -380,6 +380,29 @@ def test_the_corpus_has_at_least_thirty_cases_each_saying_what_it_tries() -> Non
         case_meta(case)
 
 
+# Every case's build, refused or not, ends within these bounds (docs/security.md, Limits): the
+# whole-build Jinja budget is 5 s here, and every size guard fires before it allocates.
+CASE_SECONDS = 60.0
+CASE_MEMORY_BYTES = 1 << 30  # growth of the process's peak resident memory during one build
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_memory() -> int:
+    """Reset the kernel's peak-RSS mark of this process (clear_refs 5); returns the current RSS in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_memory() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_a_hostile_template_is_refused_or_compiles_to_harmless_code(
     case: str, tmp_path: Path, guard, monkeypatch: pytest.MonkeyPatch
@@ -389,7 +412,13 @@ def test_a_hostile_template_is_refused_or_compiles_to_harmless_code(
     template_dir, marker = stage(case, tmp_path)
     before = snapshot(tmp_path)
     out = tmp_path / "out"
+    baseline = reset_peak_memory()
+    guard.events.clear()  # the test's own write to /proc/self/clear_refs
+    start = time.monotonic()
     result = build_in(template_dir, [f"{case}.yaml", *args, "-o", str(out), "--name", case], monkeypatch)
+    elapsed, grown = time.monotonic() - start, peak_memory() - baseline
+    assert elapsed < CASE_SECONDS, f"the build took {elapsed:.1f} s ({what})"
+    assert grown < CASE_MEMORY_BYTES, f"the build's peak memory grew by {grown / 2**20:.0f} MiB ({what})"
     assert not marker.exists(), f"the payload ran ({what})"
     assert guard.events == [], f"side effects while building ({what}): {guard.events}"
     assert CANARY not in result.output, f"a line of a file outside the template's folder was shown ({what})"

@@ -37,7 +37,7 @@ STD = (0.229, 0.224, 0.225)
 CLASS_LABELS: Optional[List[str]] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 TOPK = 5
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo; larger ones take tens of seconds and gigabytes
-MAX_LABELS_BYTES = 16 * 2**20
+MAX_LABELS_BYTES = 16_777_216  # 16 MiB
 
 
 class PredictError(Exception):
