@@ -35,6 +35,7 @@ LAYER_ORDER = (
 LAYERS = {
     "scmc": "diagnostics",  # the package itself: __version__ only
     "scmc.diagnostics": "diagnostics",
+    "scmc.limits": "diagnostics",  # the table of limits (standard library)
     "scmc.names": "names/addresses/expr",
     "scmc.addresses": "names/addresses/expr",
     "scmc.expr": "names/addresses/expr",
