@@ -793,17 +793,20 @@ class Lowerer:
                 except RecursionError:
                     value = None
                     depth = MAX_CONSTANT_DEPTH + 1
-                except CompileError:
-                    raise CompileError(
-                        [
-                            _diag(
-                                "E0736",
-                                f"`{text}`: the value after `constant:` is not valid YAML",
-                                span,
-                                "e.g. `constant: 0.5` or `constant: [1, 2]`",
-                            )
-                        ]
-                    ) from None
+                except CompileError as exc:
+                    if not any("nests more than" in d.message for d in exc.diagnostics):  # the YAML nesting limit
+                        raise CompileError(
+                            [
+                                _diag(
+                                    "E0736",
+                                    f"`{text}`: the value after `constant:` is not valid YAML",
+                                    span,
+                                    "e.g. `constant: 0.5` or `constant: [1, 2]`",
+                                )
+                            ]
+                        ) from None
+                    value = None
+                    depth = MAX_CONSTANT_DEPTH + 1
                 else:
                     depth = _depth(value)
                 if depth > MAX_CONSTANT_DEPTH:

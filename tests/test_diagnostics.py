@@ -62,7 +62,8 @@ def test_only_the_most_recent_sources_are_kept() -> None:
     assert len(diagnostics._sources) == diagnostics.MAX_SOURCES
 
 
-def test_a_20_mb_template_line_gives_a_short_diagnostic(tmp_path: Path) -> None:
+def test_a_20_mb_template_line_gives_a_short_diagnostic(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SCMC_MAX_TEMPLATE_BYTES", "30000000")  # past the size limit, to reach the YAML error
     (tmp_path / "big.yaml").write_text("INPUTS: [x]\nFLOW: b: c " + "x" * 20_000_000 + "\n")
     result = cli(tmp_path, "big.yaml", "-o", "out")
     assert result.exit_code == 1
