@@ -56,6 +56,20 @@ def cli(cwd: Path, *args: str):
         os.chdir(previous)
 
 
+def run_scmc(cwd: Path, *args: str):
+    """Any `scmc` command in-process from the directory CWD; returns click's result."""
+    from click.testing import CliRunner
+
+    from scmc.cli import main
+
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(main, list(args))
+    finally:
+        os.chdir(previous)
+
+
 def import_package(path: Path, name: str):
     """Import a built package from its src/ folder (fresh, even if a same-named one was imported)."""
     src = str(path / "src")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import scmc.build
-from tests.conftest import cli, tree_bytes
+from tests.conftest import cli, run_scmc, tree_bytes
 
 NET = """\
 PARAMETERS:
@@ -277,20 +277,6 @@ def everything(root: Path) -> dict[str, bytes | str]:
         else:
             out[rel] = "dir"
     return out
-
-
-def run_scmc(cwd: Path, *args: str):
-    """Any `scmc` command in-process from the directory CWD."""
-    from click.testing import CliRunner
-
-    from scmc.cli import main
-
-    previous = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(main, list(args))
-    finally:
-        os.chdir(previous)
 
 
 def first_error(output: str) -> str:

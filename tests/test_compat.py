@@ -23,10 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from scmc.cli import main
-from tests.conftest import ROOT, import_package
+from tests.conftest import ROOT, import_package, run_scmc
 
 UPSTREAM = ROOT / "tests" / "compat" / "upstream_convnext.yaml"
 
@@ -37,13 +35,7 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def scmc(cwd: Path, *args: str):
-    previous = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(main, list(args))
-    finally:
-        os.chdir(previous)
+scmc = run_scmc
 
 
 def load_module(path: Path, name: str):

@@ -7,24 +7,15 @@ import re
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from scmc.cli import main
 from scmc.inspection import inspect_target
-from tests.conftest import ROOT, build_package
+from tests.conftest import ROOT, build_package, run_scmc
 
 CONVNEXT = ROOT / "cfg" / "models" / "ConvNeXtV2.yaml"
 
 
 def invoke(*args: str, cwd: Path = ROOT):
-    import os
-
-    previous = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(main, list(args))
-    finally:
-        os.chdir(previous)
+    return run_scmc(cwd, *args)
 
 
 @pytest.fixture(scope="module")

@@ -35,12 +35,12 @@ def compiled_model_source(group: str) -> str:
     return next(text.decode() for path, text in plan.files.items() if path.endswith("/model.py"))
 
 
-def construct_on_meta(source: str) -> torch.nn.Module:
-    """Execute generated model source (our own output, not template text) and build Model on meta."""
+def construct_on_meta(source: str, device: str = "meta") -> torch.nn.Module:
+    """Execute generated model source (our own output, not template text) and build Model on DEVICE."""
     namespace: dict = {}
     code = compile(source, "<generated model.py>", "exec")
     exec(code, namespace)  # noqa: S102 - running the compiler's own output under test
-    with torch.device("meta"):
+    with torch.device(device):
         return namespace["Model"]()
 
 

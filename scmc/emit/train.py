@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import keyword
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 TEMPLATE = "train.py.j2"
@@ -232,20 +231,11 @@ def _source(name: str, ctx: TrainContext, soft: bool = False) -> str:
 
 def render_train(ctx: TrainContext) -> str:
     """The source of ``<package>/train.py``: rendered, black-formatted and checked with ``ast.parse``."""
-    import jinja2
-
+    from scmc.emit.jinja import environment
     from scmc.emit.python import format_python
 
     _check_names(ctx)
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    env.filters["pyrepr"] = repr
+    env = environment()
     fields = _fields(ctx)
     if len(ctx.model_outputs) == 1 and not ctx.model_structured:
         outputs_type = "torch.Tensor"
