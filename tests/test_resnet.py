@@ -130,5 +130,5 @@ def test_resnet18_package_trains_with_its_sgd_backward_on_the_digits(tmp_path: P
     [run_dir] = list(out.iterdir())
     steps = records(run_dir, "step")
     assert len(steps) == 3
-    assert all(math.isfinite(step["train_ce_loss"]) for step in steps)
+    assert all(math.isfinite(step["train_step_ce_loss"]) for step in steps)
     assert (run_dir / "last.pt").is_file()

@@ -107,4 +107,4 @@ def test_vit_tiny_package_trains_on_the_digits_at_another_image_size(tmp_path: P
     assert result.returncode == 0, result.stdout + result.stderr
     [run_dir] = list(out.iterdir())
     steps = records(run_dir, "step")
-    assert len(steps) == 3 and all(math.isfinite(step["train_ce_loss"]) for step in steps)
+    assert len(steps) == 3 and all(math.isfinite(step["train_step_ce_loss"]) for step in steps)
