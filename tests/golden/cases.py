@@ -25,4 +25,22 @@ CASES = {
         "--name",
         "soft_cls_loss",
     ],
+    "resnet18_digits": [  # another family: BatchNorm, projection shortcuts, an SGD backward
+        "cfg/models/ResNet.yaml",
+        "-p",
+        "backbone=resnet18",
+        "-p",
+        "num_classes=10",
+        "--name",
+        "resnet18_digits",
+    ],
+    "vit_tiny_digits": [  # another family: tokens, a class token and a position embedding, AdamW
+        "cfg/models/ViT.yaml",
+        "-p",
+        "backbone=tiny",
+        "-p",
+        "num_classes=10",
+        "--name",
+        "vit_tiny_digits",
+    ],
 }
