@@ -257,8 +257,9 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
     "--format",
     "formats",
     multiple=True,
-    metavar="onnx|torchscript|pt2",
-    help="What to write (repeatable, or comma-separated). Default: onnx.",
+    metavar="onnx|torchscript|pt2|aoti",
+    help="What to write (repeatable, or comma-separated). Default: onnx. aoti compiles an AOTInductor "
+    "package (slow: minutes; needs a C++ compiler) from the torch.export program; model.pt2 is kept only with pt2.",
 )
 @click.option(
     "-o", "--output", type=click.Path(path_type=Path), help="Output folder (default: <checkpoint folder>/export)."
@@ -278,7 +279,7 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
 @click.option("--labels", type=click.Path(path_type=Path), help="Class labels, one per line, for the ONNX metadata.")
 @click.option("--allow-mismatch", is_flag=True, help="Exit 0 even when an export does not match eager PyTorch.")
 @click.option("--verify-only", is_flag=True, help="Re-verify the files already in the output folder; export nothing.")
-@click.option("--no-aoti", is_flag=True, help="With pt2: do not compile an AOTInductor package.")
+@click.option("--no-aoti", is_flag=True, help="Drop aoti from --format (pt2 no longer implies it).")
 @click.option(
     "--aoti-timeout",
     type=float,

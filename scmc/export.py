@@ -9,22 +9,26 @@ The steps, in order:
 1. Read the manifest (package name, input names and shapes, output names, template hashes,
    presets) and check the runtimes the requested formats need are installed.
 2. Read the checkpoint with ``torch.load(weights_only=True)``: a training checkpoint (a dict
-   with ``"model"`` and optionally ``"ema"``) or a bare ``state_dict``. EMA weights are used
+   with ``"model"`` and optionally ``"ema"``) or a bare ``state_dict``, checked by the runtime's
+   ``check_checkpoint`` as ``--resume`` checks it (format version, the package that wrote it). EMA weights are used
    when present unless ``--raw``; ``--ema`` demands them.
 3. Import the package from ``src/`` for the duration of the export only (``sys.modules`` and
    ``sys.path`` are restored afterwards, so an installed same-named package is not disturbed),
    build ``Model()``, load the weights strictly, switch to eval mode: the inference flow is
    what gets exported.
 4. Export: ``torch.export.export`` once (batch dimension dynamic unless ``--static-batch``),
-   reused by ONNX (``torch.onnx.export(..., dynamo=True)``) and ``.pt2`` (``torch.export.save``,
-   plus an AOTInductor package compiled in a subprocess when a C++ compiler is present);
-   TorchScript with ``torch.jit.script`` (``torch.jit.trace`` only as a reported fallback).
+   reused by ONNX (``torch.onnx.export(..., dynamo=True)``), ``.pt2`` (``torch.export.save``) and
+   ``aoti`` (an AOTInductor package compiled in a subprocess from a saved ``.pt2``, when a C++
+   compiler is present; with ``--format aoti`` alone that ``.pt2`` is an internal staging file,
+   neither kept nor verified); TorchScript with ``torch.jit.script`` (``torch.jit.trace`` only as
+   a reported fallback). Each format's export and verification times are printed and recorded.
 5. Verify every artifact as read back from disk against eager PyTorch at batch 1, 2 and 7,
    and at a second spatial size where the artifact accepts one, for every output, with
    per-dtype tolerances (:data:`TOLERANCES`). A mismatch is an error (exit 1) unless
    ``--allow-mismatch``; the report is written either way.
 6. Time eager PyTorch against each exported runtime (2 threads, batch 1 and 8, interleaved
-   rounds, medians) and write ``export_report.json`` next to the artifacts.
+   rounds; median, min and max in ms and the median's ratio to eager) and write
+   ``export_report.json`` next to the artifacts.
 
 User mistakes (not a built package, a checkpoint of another model, a corrupt file, a missing
 runtime) are :class:`~scmc.diagnostics.CompileError` diagnostics with codes ``E11xx``.
@@ -64,7 +68,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 import scmc
 from scmc.diagnostics import CompileError, Diagnostic, Span
 
-FORMATS = ("onnx", "torchscript", "pt2")
+FORMATS = ("onnx", "torchscript", "pt2", "aoti")
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt", "pt2": "model.pt2", "aoti": "model.aoti.pt2"}
 REPORT_NAME = "export_report.json"
 
@@ -127,7 +131,7 @@ class ExportRequest:
     dynamic_spatial: bool = False
     shapes: dict[str, list[int]] = field(default_factory=dict)  # input name -> shape without batch
     allow_mismatch: bool = False
-    aoti: bool = True  # with pt2: also compile an AOTInductor package where possible
+    aoti: bool = True  # False drops "aoti" from formats (--no-aoti); pt2 never implies aoti
     aoti_timeout: float = 900.0
     labels: Path | None = None  # a text file, one class label per line
     verify_only: bool = False  # re-verify artifacts already in the output folder
@@ -527,6 +531,33 @@ def read_checkpoint(path: Path) -> Any:
             f"{_short(exc)}",
             path,
             "re-copy it, or use another checkpoint of the run (last.pt / best.pt)",
+        ) from None
+
+
+def check_runtime_checkpoint(obj: Any, path: Path, package: str) -> None:
+    """E1106 unless the runtime's ``check_checkpoint`` (what train.py's ``--resume`` runs) accepts OBJ.
+
+    It checks the format version and that the checkpoint names this package, if it names one;
+    nothing is required (``require=()``), so a bare state_dict passes. Key and shape mismatches
+    are left to :func:`load_weights`, whose message names the tensors.
+    """
+    if not isinstance(obj, dict) or _is_state_dict(obj):
+        return  # a bare state_dict: nothing for check_checkpoint to check; other types are E1104 later
+    from scmc_runtime.checkpoint import CheckpointError, check_checkpoint
+
+    try:
+        # The model entry is select_weights' to judge (E1104 names what it holds instead).
+        check_checkpoint({k: v for k, v in obj.items() if k != "model"}, path, package=package, require=())
+    except CheckpointError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else "the checkpoint was refused"
+        prefix = f"{Path(path)}: "
+        if message.startswith(prefix):
+            message = message[len(prefix) :]
+        raise _err(
+            "E1106",
+            f"checkpoint `{path}`: {message}",
+            path,
+            "export with the package the checkpoint was trained with (same template and -p parameters)",
         ) from None
 
 
@@ -1423,7 +1454,7 @@ def export_aoti(pt2: Path, dest: Path, timeout: float, meta: dict[str, Any]) -> 
     except subprocess.TimeoutExpired:
         return {
             "skipped": f"AOTInductor compilation did not finish within {timeout:g} s (--aoti-timeout); "
-            "the .pt2 ExportedProgram was still written and verified"
+            "the other formats were still written and verified"
         }
     if proc.returncode != 0 or not dest.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -1515,7 +1546,11 @@ def worst_by_output(verification: dict[str, Any]) -> dict[str, dict[str, float]]
 
 
 def measure_latency(model: Any, runners: list[Runner], inputs: Inputs, rounds: int) -> dict[str, Any]:
-    """Median seconds per call of eager PyTorch and each runner, interleaved, rotating the order per round."""
+    """Milliseconds per call of eager PyTorch and each runner, interleaved, rotating the order per round.
+
+    Per batch: ``median_ms``, ``min_ms`` and ``max_ms`` (each a dict by runtime, ``eager`` included),
+    ``ratio_to_eager`` (median over eager's median) and ``rounds``.
+    """
     import torch
 
     table: dict[str, Any] = {}
@@ -1546,6 +1581,8 @@ def measure_latency(model: Any, runners: list[Runner], inputs: Inputs, rounds: i
         medians = {k: statistics.median(v) for k, v in samples.items()}
         table[str(batch)] = {
             "median_ms": {k: v * 1000 for k, v in medians.items()},
+            "min_ms": {k: min(v) * 1000 for k, v in samples.items()},
+            "max_ms": {k: max(v) * 1000 for k, v in samples.items()},
             "ratio_to_eager": {k: medians[k] / medians["eager"] for k in medians if k != "eager"},
             "rounds": rounds,
         }
@@ -1627,6 +1664,10 @@ def export_package(request: ExportRequest, progress: Callable[[str], None] = lam
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise _err("E1110", f"unknown --format `{bad[0] if bad else ''}`: choose from {', '.join(FORMATS)}")
+    if not request.aoti and "aoti" in formats:  # --no-aoti: drop it (kept for scripts of the pt2-implies-aoti days)
+        formats = tuple(f for f in formats if f != "aoti")
+        if not formats:
+            raise _err("E1110", "--no-aoti with only --format aoti leaves nothing to export")
     if request.weights not in ("auto", "ema", "raw"):
         raise _err("E1110", f"weights must be auto, ema or raw, not `{request.weights}`")
     if "onnx" in formats:
@@ -1645,17 +1686,13 @@ def export_package(request: ExportRequest, progress: Callable[[str], None] = lam
     check_runtimes(formats)
     checkpoint = Path(request.checkpoint)
     raw = read_checkpoint(checkpoint)
+    check_runtime_checkpoint(raw, checkpoint, info.name)
     check_checkpoint_config(raw, checkpoint)
     state, ckpt_info = select_weights(raw, request.weights, checkpoint)
     ckpt_sha = _sha256(checkpoint)
     ckpt_info["sha256"] = ckpt_sha
     out_dir = Path(request.output) if request.output is not None else checkpoint.resolve().parent / "export"
     warnings_: list[str] = []
-    if isinstance(ckpt_info.get("package"), str) and ckpt_info["package"] != info.name:
-        warnings_.append(
-            f"the checkpoint was written by package `{ckpt_info['package']}`, not `{info.name}` "
-            "(its tensors fit this model, so it is exported anyway)"
-        )
 
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
@@ -1748,26 +1785,32 @@ def _export_and_verify(
     except OSError as exc:
         raise _err("E1111", f"cannot create the output folder: {_short(exc)}", out_dir) from None
 
-    plan: list[str] = list(formats)
-    if "pt2" in formats and request.aoti:
-        plan.append("aoti")
+    # aoti is compiled from a saved .pt2, so it goes last; model.pt2 is kept and verified only when
+    # pt2 was asked for too (otherwise it is a staging file, removed with the staging folder).
+    plan: list[str] = [f for f in formats if f != "aoti"] + [f for f in formats if f == "aoti"]
+    timings: dict[str, float] = {}
     if request.verify_only:
-        for fmt in list(plan):
+        for fmt in plan:
             path = out_dir / FILE_NAMES[fmt]
             if not (path.exists() or path.is_symlink()):
-                if fmt == "aoti":
-                    plan.remove(fmt)
-                    skipped.append({"format": fmt, "reason": f"--verify-only: {path.name} is not there"})
-                    continue
                 raise _err("E1112", f"--verify-only: `{path}` does not exist; export it first", path)
-            artifacts.append({"format": fmt, "path": str(path), "path_taken": "verified only (not exported again)"})
+            artifacts.append(
+                {
+                    "format": fmt,
+                    "path": str(path),
+                    "path_taken": "verified only (not exported again)",
+                    "export_seconds": None,
+                }
+            )
     else:
         staging = Path(tempfile.mkdtemp(prefix=".scmc-export-", dir=out_dir))
         try:
             ep = None
-            if "onnx" in formats or "pt2" in formats:
+            if {"onnx", "pt2", "aoti"} & set(formats):
                 progress("torch.export ...")
+                ep_start = time.perf_counter()
                 ep, export_meta = torch_export(model, inputs, request.static_batch, request.dynamic_spatial)
+                timings["torch_export"] = time.perf_counter() - ep_start  # shared by onnx, pt2 and aoti
                 if request.dynamic_spatial and not export_meta["dynamic_spatial"]:
                     warnings_.append(
                         "--dynamic-spatial: torch.export kept the spatial sizes static (the model "
@@ -1787,6 +1830,7 @@ def _export_and_verify(
             for fmt in plan:
                 dest = staging / FILE_NAMES[fmt]
                 progress(f"export {fmt} ...")
+                fmt_start = time.perf_counter()
                 if fmt == "onnx":
                     entry = export_onnx(ep, inputs, output_names, request.opset, dest, metadata)
                 elif fmt == "torchscript":
@@ -1794,14 +1838,23 @@ def _export_and_verify(
                 elif fmt == "pt2":
                     entry = export_pt2(ep, dest)
                 else:
-                    entry = export_aoti(staging / FILE_NAMES["pt2"], dest, request.aoti_timeout, export_meta)
+                    pt2 = staging / FILE_NAMES["pt2"]
+                    if "pt2" not in formats:  # only aoti asked for: the .pt2 it compiles from stays in staging
+                        export_pt2(ep, pt2)
+                    entry = export_aoti(pt2, dest, request.aoti_timeout, export_meta)
                     if "skipped" in entry:
-                        skipped.append({"format": "aoti", "reason": entry["skipped"]})
+                        skipped.append(
+                            {
+                                "format": "aoti",
+                                "reason": entry["skipped"],
+                                "seconds": time.perf_counter() - fmt_start,
+                            }
+                        )
                         warnings_.append(f"AOTInductor package skipped: {entry['skipped']}")
                         continue
                 for note in entry.get("notes", []):
                     warnings_.append(f"{fmt}: {note}")
-                entry = {"format": fmt, **entry}
+                entry = {"format": fmt, **entry, "export_seconds": time.perf_counter() - fmt_start}
                 artifacts.append(entry)
             # Move the finished files into place (same file system: renames).
             for entry in artifacts:
@@ -1814,7 +1867,7 @@ def _export_and_verify(
     errors: list[Diagnostic] = []
     runners = []
     eager_outputs: dict[str, Any] = {_case_key(REFERENCE_CASE): reference}
-    timings: dict[str, float] = {"prepare": prepare_seconds, "load_and_export": time.perf_counter() - started}
+    timings.update(prepare=prepare_seconds, load_and_export=time.perf_counter() - started)
     for entry in artifacts:
         verify_start = time.perf_counter()
         path = Path(entry["path"])
@@ -1832,24 +1885,32 @@ def _export_and_verify(
         entry["verification"] = verify(runner, model, inputs, output_names, eager_outputs)
         entry["worst"] = worst_by_output(entry["verification"])
         runners.append(runner)
-        entry["verification"]["seconds"] = time.perf_counter() - verify_start
+        entry["verification"]["seconds"] = entry["verify_seconds"] = time.perf_counter() - verify_start
         if not entry["verification"]["passed"]:
             errors.append(_mismatch_diagnostic(entry, path))
     timings["verification"] = time.perf_counter() - started - timings["load_and_export"]
+    latency: dict[str, Any] = {}
     if request.latency_rounds > 0 and runners:
         progress("latency ...")
         latency_start = time.perf_counter()
         latency = measure_latency(model, runners, inputs, request.latency_rounds)
         for entry in artifacts:
+            fmt = entry["format"]
             entry["latency"] = {
                 b: {
+                    "median_ms": t["median_ms"][fmt],
+                    "min_ms": t["min_ms"][fmt],
+                    "max_ms": t["max_ms"][fmt],
+                    "ratio_to_eager": t["ratio_to_eager"][fmt],
+                    "eager": {k: t[k]["eager"] for k in ("median_ms", "min_ms", "max_ms")},
+                    # the keys of earlier reports: medians and their ratio
                     "eager_ms": t["median_ms"]["eager"],
-                    "runtime_ms": t["median_ms"][entry["format"]],
-                    "ratio": t["ratio_to_eager"][entry["format"]],
+                    "runtime_ms": t["median_ms"][fmt],
+                    "ratio": t["ratio_to_eager"][fmt],
                     "rounds": t["rounds"],
                 }
                 for b, t in latency.items()
-                if entry["format"] in t["median_ms"]
+                if fmt in t["median_ms"]
             }
         timings["latency"] = time.perf_counter() - latency_start
     report = {
@@ -1870,6 +1931,7 @@ def _export_and_verify(
         "threads": THREADS,
         "torch_export": export_meta or None,
         "artifacts": artifacts,
+        "latency": latency,
         "skipped": skipped,
         "warnings": warnings_,
         "notes": notes,
@@ -1944,6 +2006,18 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _timing_line(entry: dict[str, Any]) -> str:
+    """``onnx: exported in 3.2 s, verified in 1.1 s`` (torch.export's shared trace is not in the export time)."""
+    exported = entry.get("export_seconds")
+    done = "not exported again" if exported is None else f"exported in {exported:.1f} s"
+    verified = entry.get("verify_seconds")
+    return f"{entry['format']}: {done}" + (f", verified in {verified:.1f} s" if verified is not None else "")
+
+
+def _spread(table: dict[str, Any], name: str) -> str:
+    return f"{table['median_ms'][name]:.2f} [{table['min_ms'][name]:.2f}-{table['max_ms'][name]:.2f}]"
+
+
 def summary(outcome: ExportOutcome) -> str:
     r = outcome.report
     ck = r["checkpoint"]
@@ -1954,10 +2028,9 @@ def summary(outcome: ExportOutcome) -> str:
         batch = "dynamic batch" if a.get("dynamic_batch") else f"batch {a.get('static_batch_size')}"
         spatial = ", dynamic H/W" if a.get("dynamic_spatial") else ""
         opset = f", opset {a['opset']}" if "opset" in a else ""
-        secs = f", {a['seconds']:.1f} s" if "seconds" in a else ""
         lines.append(
             f"  {a['format']:<11} {Path(a['path']).name:<15} {_size(a.get('bytes', 0)):>9}  "
-            f"{a.get('path_taken', '')}{opset}, {batch}{spatial}{secs}"
+            f"{a.get('path_taken', '')}{opset}, {batch}{spatial}"
         )
         cases = a["verification"]["cases"]
         shapes = "; ".join(",".join(map(str, next(iter(c["input_shapes"].values())))) for c in cases)
@@ -1967,11 +2040,20 @@ def summary(outcome: ExportOutcome) -> str:
                 f"(tolerance atol {w['atol']:g}, rtol {w['rtol']:g}) over [{shapes}]"
             )
         lines.append(f"      parity: {'ok' if a['verification']['passed'] else 'MISMATCH'}")
-        for batch_size, t in a.get("latency", {}).items():
-            lines.append(
-                f"      latency batch {batch_size}: eager {t['eager_ms']:.2f} ms, {a['format']} "
-                f"{t['runtime_ms']:.2f} ms ({t['ratio']:.2f}x eager, {THREADS} threads, median of {t['rounds']})"
-            )
+        lines.append(f"      {_timing_line(a)}")
+    if (r.get("timings") or {}).get("torch_export") is not None:
+        lines.append(f"  torch.export: traced in {r['timings']['torch_export']:.1f} s (shared by onnx, pt2 and aoti)")
+    latency = r.get("latency") or {}
+    if latency:
+        rounds = next(iter(latency.values()))["rounds"]
+        lines.append(
+            f"  latency, ms: median [min-max] of {rounds} interleaved rounds, {THREADS} threads; x eager's median"
+        )
+        for batch_size, t in latency.items():
+            cells = [f"eager {_spread(t, 'eager')}"] + [
+                f"{k} {_spread(t, k)} {t['ratio_to_eager'][k]:.2f}x" for k in t["median_ms"] if k != "eager"
+            ]
+            lines.append(f"    latency batch {batch_size}: " + ", ".join(cells))
     for s in r["skipped"]:
         lines.append(f"  {s['format']:<11} skipped: {s['reason']}")
     for n in r.get("notes", []):

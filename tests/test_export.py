@@ -145,7 +145,7 @@ def exported(package: Path, checkpoint: Path, tmp_path_factory: pytest.TempPathF
         "--format",
         "onnx",
         "--format",
-        "torchscript,pt2",
+        "torchscript,pt2,aoti",
         "-o",
         str(out),
         "--aoti-timeout",
@@ -193,6 +193,40 @@ def test_export_writes_onnx_torchscript_and_pt2_that_match_eager(exported) -> No
 
 
 @pytest.mark.slow
+def test_export_prints_and_records_each_formats_export_and_verify_time(exported) -> None:
+    result, report = exported["result"], exported["report"]
+    for artifact in report["artifacts"]:
+        fmt = artifact["format"]
+        for key in ("export_seconds", "verify_seconds"):
+            assert isinstance(artifact[key], float) and artifact[key] > 0, (fmt, key, artifact.get(key))
+        assert f"{fmt}: exported in {artifact['export_seconds']:.1f} s, verified in " in result.output, fmt
+    assert report["timings"]["torch_export"] > 0 and "torch.export: traced in" in result.output
+
+
+@pytest.mark.slow
+def test_latency_has_median_and_spread_for_eager_and_each_runtime(exported) -> None:
+    result, report = exported["result"], exported["report"]
+    for artifact in report["artifacts"]:
+        for batch, t in artifact["latency"].items():
+            assert 0 < t["min_ms"] <= t["median_ms"] <= t["max_ms"], (artifact["format"], batch, t)
+            eager = t["eager"]
+            assert 0 < eager["min_ms"] <= eager["median_ms"] <= eager["max_ms"]
+            assert t["ratio_to_eager"] == pytest.approx(t["median_ms"] / eager["median_ms"])
+            assert (t["eager_ms"], t["runtime_ms"], t["ratio"]) == (
+                eager["median_ms"],
+                t["median_ms"],
+                t["ratio_to_eager"],
+            )
+    table = report["latency"]["1"]
+    assert set(table["median_ms"]) == {"eager", "onnx", "torchscript", "pt2"}
+    assert set(table["min_ms"]) == set(table["max_ms"]) == set(table["median_ms"])
+    line = next(x for x in result.output.splitlines() if "latency batch 1:" in x)
+    assert f"eager {table['median_ms']['eager']:.2f} [{table['min_ms']['eager']:.2f}-" in line
+    assert f"onnx {table['median_ms']['onnx']:.2f} [" in line and f"{table['ratio_to_eager']['onnx']:.2f}x" in line
+    assert "median [min-max]" in result.output
+
+
+@pytest.mark.slow
 def test_export_records_metadata_in_the_onnx_file(exported, package: Path) -> None:
     import onnx
 
@@ -220,6 +254,7 @@ def test_export_leaves_no_trace_of_the_package_import(exported) -> None:
 
 @pytest.mark.slow
 def test_aoti_package_is_skipped_with_a_reason_not_a_failure(exported) -> None:
+    # --format aoti was asked for with --aoti-timeout 1: too short to compile (or no compiler here)
     skipped = {s["format"]: s["reason"] for s in exported["report"]["skipped"]}
     assert "aoti" in skipped
     assert "within 1 s" in skipped["aoti"] or "compiler" in skipped["aoti"]
@@ -458,6 +493,22 @@ def test_a_folder_that_is_not_a_built_package_is_reported(tmp_path: Path, checkp
     _assert_error(run_cli(str(tmp_path / "missing"), "--checkpoint", str(checkpoint)), "E1100", "does not exist")
 
 
+def test_a_checkpoint_of_another_package_is_refused_like_resume_refuses_it(
+    package: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    state = torch.load(checkpoint, weights_only=True)
+    other = tmp_path / "other.pt"
+    torch.save({**state, "package": "resnet_tiny"}, other)
+    result = run_cli(str(package), "--checkpoint", str(other), "-o", str(tmp_path / "out"))
+    _assert_error(result, "E1106", str(other), f"a checkpoint of package resnet_tiny, not of {PKG}")
+    assert not (tmp_path / "out").exists()
+    newer = tmp_path / "newer.pt"
+    torch.save({**state, "format": 99}, newer)
+    _assert_error(run_cli(str(package), "--checkpoint", str(newer)), "E1106", "checkpoint format 99 is newer")
+
+
 def test_ema_demanded_from_a_bare_state_dict_is_reported(package: Path, checkpoint: Path, tmp_path: Path) -> None:
     import torch
 
@@ -644,7 +695,7 @@ def _rewrite_zip(src: Path, dst: Path, change) -> None:
 
 @pytest.fixture(scope="session")
 def small_exports(package: Path, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real model.pt2 and model.pt of the femto package (no AOTInductor, no timing)."""
+    """A real model.pt2 and model.pt of the femto package (pt2 without aoti compiles no AOTInductor; no timing)."""
     out = tmp_path_factory.mktemp("small_exports")
     result = run_cli(
         str(package),
@@ -652,7 +703,6 @@ def small_exports(package: Path, checkpoint: Path, tmp_path_factory: pytest.Temp
         str(checkpoint),
         "--format",
         "pt2,torchscript",
-        "--no-aoti",
         "--latency-rounds",
         "0",
         "-o",
@@ -660,6 +710,14 @@ def small_exports(package: Path, checkpoint: Path, tmp_path_factory: pytest.Temp
     )
     assert result.exit_code == 0, result.output
     return out
+
+
+def test_pt2_alone_compiles_no_aoti_package(small_exports: Path) -> None:
+    report = json.loads((small_exports / "export_report.json").read_text())
+    assert {a["format"] for a in report["artifacts"]} == {"pt2", "torchscript"}
+    assert not any(s["format"] == "aoti" for s in report["skipped"]), report["skipped"]
+    assert not (small_exports / "model.aoti.pt2").exists()
+    assert not any("AOTInductor" in w for w in report["warnings"])
 
 
 def _verify_only(package: Path, checkpoint: Path, folder: Path, fmt: str, *extra: str):
@@ -809,7 +867,7 @@ def test_an_aoti_package_found_by_verify_only_is_refused(
         "--checkpoint",
         str(checkpoint),
         "--format",
-        "pt2",
+        "pt2,aoti",
         "--verify-only",
         "--latency-rounds",
         "0",
