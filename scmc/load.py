@@ -1602,6 +1602,61 @@ def _excerpt(text: str, line: int) -> str:
     return "\n".join(f"    {i + 1:>3} | {shorten(lines[i], 160)}" for i in range(lo, hi))
 
 
+def canonical_patterns(value: Any) -> Any:
+    """structcast's mapping spelling of an object pattern, ``{_obj_: [[_addr_, X], [_call_, {...}]]}``,
+    rewritten (in place, spans kept) as the list spelling ``[_obj_, {_addr_: X}, {_call_: {...}}]``
+    wherever a pattern may stand. A step is a ``[key, value]`` pair or a bare key (``_call_``); any
+    other step is E0108. Iterative, so a deep tree cannot overflow the stack."""
+
+    def convert(mapping: LDict) -> LList:
+        steps = mapping["_obj_"]
+        items: list[Any] = ["_obj_"]
+        spans = [mapping.key_span("_obj_")]
+        for i, step in enumerate(steps):
+            where = steps.item_span(i) if isinstance(steps, LList) else mapping.value_span("_obj_")
+            spans.append(where)
+            if isinstance(step, str):
+                items.append(step)
+            elif isinstance(step, list) and len(step) == 2 and isinstance(step[0], str):
+                pair = LDict(span=where)
+                pair[step[0]] = step[1]
+                pair.key_spans[step[0]] = step.item_span(0) if isinstance(step, LList) else where
+                pair.value_spans[step[0]] = step.item_span(1) if isinstance(step, LList) else where
+                items.append(pair)
+            elif isinstance(step, list) and len(step) == 1 and isinstance(step[0], str):
+                items.append(step[0])
+            else:
+                raise fail(
+                    "E0108",
+                    f"a step of the mapping form of `_obj_` must be [KEY, VALUE] or a bare key, not {shorten(repr(plain(step)), 60)}",
+                    where,
+                    "e.g. {_obj_: [[_addr_, torch.nn.Linear], [_call_, {in_features: 4, out_features: 2}]]}",
+                )
+        return LList(items, span=mapping.span, item_spans=spans)
+
+    def is_mapping_form(node: Any) -> bool:
+        return isinstance(node, LDict) and len(node) == 1 and "_obj_" in node and isinstance(node["_obj_"], list)
+
+    if is_mapping_form(value):
+        value = convert(value)
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, child in list(node.items()):
+                if is_mapping_form(child):
+                    node[key] = child = convert(child)
+                if isinstance(child, (dict, list)):
+                    stack.append(child)
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                if is_mapping_form(child):
+                    node[i] = child = convert(child)
+                if isinstance(child, (dict, list)):
+                    stack.append(child)
+    return value
+
+
 def expand(data: Any, params: Parameters, default: str = "default") -> Any:
     """Resolve every Jinja block in ``data`` (structcast's ``extend_structure`` with positions).
 
@@ -1613,7 +1668,7 @@ def expand(data: Any, params: Parameters, default: str = "default") -> Any:
     if outer:
         budget.started = time.monotonic()
     try:
-        return _expand(data, params, default, budget)
+        return canonical_patterns(_expand(data, params, default, budget))
     finally:
         if outer:
             budget.spent += time.monotonic() - budget.started
