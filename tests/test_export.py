@@ -720,6 +720,17 @@ def test_pt2_alone_compiles_no_aoti_package(small_exports: Path) -> None:
     assert not any("AOTInductor" in w for w in report["warnings"])
 
 
+def test_aoti_alone_keeps_no_pt2(package: Path, checkpoint: Path, tmp_path: Path) -> None:
+    # the .pt2 AOTInductor compiles from is a staging file when pt2 was not asked for
+    args = ["--format", "aoti", "--aoti-timeout", "1", "--latency-rounds", "0", "-o", str(tmp_path)]
+    result = run_cli(str(package), "--checkpoint", str(checkpoint), *args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "export_report.json").read_text())
+    assert {a["format"] for a in report["artifacts"]} <= {"aoti"}
+    assert not (tmp_path / "model.pt2").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".scmc-export-")]
+
+
 def _verify_only(package: Path, checkpoint: Path, folder: Path, fmt: str, *extra: str):
     return run_cli(
         str(package),
