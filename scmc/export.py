@@ -100,7 +100,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
 }
 EXACT_KINDS = ("int", "uint", "bool")  # integer and boolean outputs must match exactly
 
-INSTALL_HINT = "pip install 'scmc[export]'"
+INSTALL_HINT = "pip install onnx onnxruntime onnxscript (from a checkout: pip install './[export]')"
 
 # Bounds on what export reads (docs/security.md). Files: the manifest and the labels file are
 # read whole, so they are capped; a package holds at most MAX_PACKAGE_FILES entries. Inputs: the

@@ -522,7 +522,10 @@ def test_missing_onnxruntime_suggests_the_export_extra(
 ) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
     _assert_error(
-        run_cli(str(package), "--checkpoint", str(checkpoint)), "E1107", "onnxruntime", "pip install 'scmc[export]'"
+        run_cli(str(package), "--checkpoint", str(checkpoint)),
+        "E1107",
+        "onnxruntime",
+        "pip install onnx onnxruntime onnxscript",
     )
 
 

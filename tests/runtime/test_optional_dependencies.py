@@ -26,7 +26,12 @@ def test_importing_the_training_modules_imports_no_optional_dependency():
 
 def test_a_missing_optional_dependency_names_the_extra_to_install():
     with pytest.raises(
-        ImportError, match=r"MlflowLogger needs the optional dependency 'no_such_pkg'.*scmc-runtime\[train\]"
+        ImportError,
+        match=r"MlflowLogger needs the optional dependency 'no_such_pkg': pip install no_such_pkg "
+        r"\(or install the package with its \[train\] extra, which brings scmc-runtime\[train\]\)",
     ):
         require("no_such_pkg.sub", "MlflowLogger", "train")
+    # the hint names what the package index serves (scmc-runtime travels as a wheel: `scmc wheel`)
+    with pytest.raises(ImportError, match=r"pip install Pillow \(or"):
+        require("PIL.NoSuchModule", "ImageFolderDataset", "data")
     assert require("json", "x", "y") is json

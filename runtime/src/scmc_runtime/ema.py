@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from scmc_runtime._optional import install_hint
 from scmc_runtime.checkpoint import unwrap
 
 __all__ = ["ModelEma"]
@@ -58,7 +59,7 @@ class ModelEma:
         source = unwrap(model)
         timm_class = _timm_model_ema_v3() if use_timm in (None, True) else None
         if use_timm and timm_class is None:
-            raise ImportError("ModelEma(use_timm=True) needs timm: pip install 'scmc-runtime[timm]'")
+            raise ImportError(f"ModelEma(use_timm=True) needs timm: {install_hint('timm', 'timm')}")
 
         self.decay = decay
         self.warmup = warmup
