@@ -46,7 +46,9 @@ def test_built_wheels_install_train_export_and_predict_in_a_fresh_venv(tmp_path:
 
     # scmc from the repository: one pip command (README, "Install")
     _run([*pip, "./runtime", "./[export,timm]"], clone, env)
-    _run(["scmc", "build", "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=atto", "-p", "num_classes=10", "-q"], clone, env)
+    _run(
+        ["scmc", "build", "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=atto", "-p", "num_classes=10", "-q"], clone, env
+    )
     package = clone / "artifacts" / "convnextv2_atto"
     card = (package / "README.md").read_text()
     wheel_line, install_line = card.split("```bash\nscmc wheel", 1)[1].split("\n")[:2]
