@@ -203,6 +203,11 @@ def fail(code: str, message: str, span: Span | None = None, hint: str = "") -> C
     return CompileError([Diagnostic(code, message, span, hint)])
 
 
+def printable(text: str) -> str:
+    """Control characters spelled out, so a name or path cannot break a generated comment or a terminal line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A hint naming the closest choice, or an empty string."""
     matches = difflib.get_close_matches(word, sorted(set(choices)), n=1, cutoff=0.6)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from scmc.diagnostics import CompileError, Diagnostics, Span, did_you_mean, fail, note_source
+from scmc.diagnostics import CompileError, Diagnostics, Span, did_you_mean, fail, note_source, printable
 
 JINJA_YAML = "_jinja_yaml_"
 JINJA_JSON = "_jinja_json_"
@@ -580,11 +580,6 @@ def display_path(path: Path) -> str:
     except ValueError:
         text = str(path)
     return printable(text)
-
-
-def printable(text: str) -> str:
-    """Control characters spelled out, so a path cannot break a generated comment or a terminal line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def recorded_path(path: Path | str) -> str:

@@ -17,6 +17,7 @@ import math
 from typing import Any, Iterable
 
 from scmc.addresses import module_of
+from scmc.diagnostics import printable
 from scmc.expr import rename as rename_expr
 from scmc.ir import (
     Arg,
@@ -324,12 +325,12 @@ def _docstring(text: str) -> str:
 
 
 def _escape_char(char: str) -> str:
-    return char if char.isprintable() else repr(char)[1:-1]
+    return printable(char)
 
 
 def comment_text(text: str) -> str:
     """Text that stays inside one `#` comment line: newlines and other control characters spelled out."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return printable(text)
 
 
 def comment_block(header: list[str]) -> str:
