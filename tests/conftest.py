@@ -42,6 +42,20 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every entry under ROOT, links as links (never followed), files by their bytes, folders as "dir"."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = "-> " + os.readlink(path)
+        elif path.is_file():
+            out[rel] = path.read_bytes()
+        else:
+            out[rel] = "dir"
+    return out
+
+
 def cli(cwd: Path, *args: str):
     """`scmc build ARGS` in-process from the directory CWD; returns click's result."""
     from click.testing import CliRunner

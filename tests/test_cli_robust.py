@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import scmc.build
-from tests.conftest import cli, run_scmc, tree_bytes
+from tests.conftest import cli, run_scmc, snapshot, tree_bytes
 
 NET = """\
 PARAMETERS:
@@ -265,20 +265,6 @@ WITH_INCLUDE = NET.replace(
 )
 
 
-def everything(root: Path) -> dict[str, bytes | str]:
-    """Every entry under ROOT, links as links (never followed), files by their bytes."""
-    out: dict[str, bytes | str] = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            out[rel] = "-> " + os.readlink(path)
-        elif path.is_file():
-            out[rel] = path.read_bytes()
-        else:
-            out[rel] = "dir"
-    return out
-
-
 def first_error(output: str) -> str:
     return next(line for line in output.splitlines() if "error[" in line)
 
@@ -339,12 +325,12 @@ REFUSED_BUILDS = {
 @pytest.mark.parametrize("case", list(REFUSED_BUILDS))
 def test_force_never_replaces_what_scmc_did_not_write(project: Path, case: str) -> None:
     cwd, args, expected = REFUSED_BUILDS[case]
-    before = everything(project)
+    before = snapshot(project)
     result = cli(project / cwd, *args)
     assert result.exit_code == 1, result.output
     assert first_error(result.output) == expected.format(tmp=project), result.output
     assert "nothing was written" in result.output and "Traceback" not in result.output
-    assert everything(project) == before
+    assert snapshot(project) == before
 
 
 def test_force_refuses_a_package_that_holds_files_of_the_user(project: Path, tmp_path_factory) -> None:
@@ -353,14 +339,14 @@ def test_force_refuses_a_package_that_holds_files_of_the_user(project: Path, tmp
     (project / "pkg" / "runs").mkdir()
     (project / "pkg" / "runs" / "last.pt").write_bytes(b"checkpoint")
     (project / "pkg" / "src" / "net" / "data").symlink_to(outside)
-    before, outside_before = everything(project), everything(outside)
+    before, outside_before = snapshot(project), snapshot(outside)
     result = cli(project, "net.yaml", "-o", "pkg", "--force")
     assert result.exit_code == 1
     assert first_error(result.output) == (
         "error[E0923]: pkg holds what scmc did not write (runs/, src/net/data), " "so --force does not replace it"
     )
     assert "= help: move those out of the package folder, or choose another -o directory" in result.output
-    assert everything(project) == before and everything(outside) == outside_before
+    assert snapshot(project) == before and snapshot(outside) == outside_before
 
 
 def test_force_through_a_link_replaces_the_package_it_points_to_and_keeps_the_link(project: Path) -> None:
@@ -381,7 +367,7 @@ def test_force_through_a_link_replaces_the_package_it_points_to_and_keeps_the_li
 def test_no_command_writes_over_its_own_template(project: Path) -> None:
     (project / "alias.yaml").symlink_to("net.yaml")
     os.link(project / "net.yaml", project / "hard.yaml")
-    before = everything(project)
+    before = snapshot(project)
     commands = {
         (
             "torch",
@@ -418,7 +404,7 @@ def test_no_command_writes_over_its_own_template(project: Path) -> None:
         assert result.exit_code == 1, (args, result.output)
         assert first_error(result.output).split(";")[0] == expected.split(";")[0], (args, result.output)
         assert "Traceback" not in result.output
-        assert everything(project) == before, args
+        assert snapshot(project) == before, args
 
 
 def test_torch_create_and_format_replace_an_existing_file_only_with_force(project: Path) -> None:
@@ -488,7 +474,7 @@ def test_check_ignores_packaging_leftovers_and_reports_links_without_following_t
 def test_an_output_path_the_system_cannot_look_at_is_a_clear_error(project: Path) -> None:
     (project / "loop").symlink_to("loop")
     long = "a" * 300
-    before = everything(project)
+    before = snapshot(project)
     cases = {
         ("build", "net.yaml", "-o", "loop", "--force"): "error[E0903]: cannot use -o loop: a loop of symbolic links",
         ("build", "net.yaml", "-o", long): f"error[E0903]: cannot use -o {long[:200]}: File name too long",
@@ -505,4 +491,4 @@ def test_an_output_path_the_system_cannot_look_at_is_a_clear_error(project: Path
         assert result.exit_code == 1, (args, result.output)
         assert first_error(result.output) == expected, args
         assert "internal" not in result.output and "Traceback" not in result.output
-    assert everything(project) == before
+    assert snapshot(project) == before

@@ -39,7 +39,7 @@ from click.testing import CliRunner
 
 from scmc.addresses import TENSOR_METHODS
 from scmc.cli import main
-from tests.conftest import ROOT, import_package
+from tests.conftest import ROOT, import_package, snapshot
 
 CASES_DIR = ROOT / "tests" / "hostile"
 CASES = sorted(p.stem for p in CASES_DIR.glob("*.yaml"))
@@ -178,19 +178,6 @@ def case_meta(case: str) -> tuple[str, list[str], str]:
     what = re.search(r"^# hostile: (.*)$", text, re.M)
     assert expect and what, f"{case}.yaml needs `# hostile:` and `# expect:` lines"
     return expect.group(1), shlex.split(args.group(1)) if args else [], what.group(1)
-
-
-def snapshot(root: Path) -> dict[str, bytes | str]:
-    out: dict[str, bytes | str] = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            out[rel] = "-> " + os.readlink(path)
-        elif path.is_file():
-            out[rel] = path.read_bytes()
-        else:
-            out[rel] = "dir"
-    return out
 
 
 CANARY = "secret-canary-3b1f: do not show this line"
