@@ -30,7 +30,7 @@ import time
 import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from scmc.diagnostics import CompileError, Diagnostic
 
@@ -279,19 +279,12 @@ def _layer_rows(model: Any, inputs: dict[str, Any], depth: int) -> tuple[list[La
     return rows, int(counter.get_total_flops())
 
 
-def _ptflops_macs(model_cls: Any, manifest: dict[str, Any], params: int) -> int | None:
+def _ptflops_macs(model: Any, manifest: dict[str, Any]) -> int | None:
     """ptflops' count from a real CPU forward at batch 1 (on the meta device it counts nn.Linear twice)."""
-    try:
-        from ptflops import get_model_complexity_info
-    except ImportError:
-        return None
     import io
 
-    import torch
+    from ptflops import get_model_complexity_info
 
-    if params > PTFLOPS_MAX_PARAMS:
-        return None
-    model = model_cls().eval()
     inputs = _dummy_inputs(manifest, 1, "cpu")
     first = next(iter(inputs.values()))
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -302,7 +295,6 @@ def _ptflops_macs(model_cls: Any, manifest: dict[str, Any], params: int) -> int 
             print_per_layer_stat=False,
             input_constructor=lambda _res: dict(inputs),
         )
-    del model
     return int(macs) if macs is not None else None
 
 
@@ -350,13 +342,12 @@ def _activation_bytes(model: Any, inputs: dict[str, Any]) -> int:
     return sum(saved.values())
 
 
-def _latency(model_cls: Any, manifest: dict[str, Any], batch: int, threads: int, rounds: int) -> dict[str, float]:
+def _latency(model: Any, manifest: dict[str, Any], batch: int, threads: int, rounds: int) -> dict[str, float]:
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model = model_cls().eval()
         inputs = _dummy_inputs(manifest, batch, "cpu")
         samples = []
         with torch.inference_mode():
@@ -381,7 +372,7 @@ def _latency(model_cls: Any, manifest: dict[str, Any], batch: int, threads: int,
 def inspect_target(
     target: Path,
     *,
-    params: list[str] = (),  # type: ignore[assignment]
+    params: Sequence[str] = (),
     shapes: dict[str, Any] | None = None,
     allow_modules: tuple[str, ...] = (),
     depth: int = DEFAULT_DEPTH,
@@ -409,8 +400,11 @@ def inspect_target(
             grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
             activations = _activation_bytes(model, _dummy_inputs(loaded.manifest, batch_size, "meta"))
             memory = MemoryEstimate(batch_size, param_bytes, grad_bytes, state, activations, optimizer)
-        macs = _ptflops_macs(model_cls, loaded.manifest, rows[0].params)
-        timing = _latency(model_cls, loaded.manifest, batch_size or 1, threads, rounds) if latency else None
+        count_macs = not _no_ptflops() and rows[0].params <= PTFLOPS_MAX_PARAMS
+        # one real CPU model serves both; timed first, before ptflops has had its hooks on it
+        cpu_model = model_cls().eval() if count_macs or latency else None
+        timing = _latency(cpu_model, loaded.manifest, batch_size or 1, threads, rounds) if latency else None
+        macs = _ptflops_macs(cpu_model, loaded.manifest) if count_macs else None
         return Inspection(
             source=loaded.source,
             name=loaded.name,
