@@ -600,6 +600,71 @@ def diff_(
     click.echo(json.dumps(result.to_json(), indent=2) if as_json else render_diff(result))
 
 
+@main.command(name="graph")
+@_INSPECT_TARGET
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Override a parameter (as in build).")
+@click.option("-s", "--shape", "shapes", multiple=True, metavar="NAME=C,H,W[:DTYPE]", help="Input shape without batch.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The picture to write: .svg, .png or .pdf (drawn by Graphviz's `dot`), or .dot (needs no Graphviz).",
+)
+@click.option("--expand", is_flag=True, help="Draw every block of a repeated run (default: one `Block xN` node).")
+@click.option("--depth", type=int, default=None, help="Levels of nested user layers drawn as clusters (default: all).")
+@click.option("--force", is_flag=True, help="Replace an existing -o file (never an input).")
+@click.option(
+    "--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable."
+)
+def graph_(
+    target: Path,
+    params: tuple[str, ...],
+    shapes: tuple[str, ...],
+    output: Path,
+    expand: bool,
+    depth: int | None,
+    force: bool,
+    allow_modules: tuple[str, ...],
+) -> None:
+    """Draw the layer graph of a template or a built package: user layers as clusters, edges
+    labelled with tensor shapes, repeated blocks collapsed.
+
+    \b
+    Examples:
+      scmc graph cfg/models/ConvNeXtV2.yaml -p backbone=femto -o graph.svg
+      scmc graph artifacts/convnextv2_femto -o graph.dot --expand
+    """
+    from scmc.graph import GraphError, draw
+    from scmc.inspection import InspectError
+    from scmc.load import display_path
+
+    def stage() -> Any:
+        try:
+            return draw(
+                target,
+                output,
+                params=list(params),
+                shapes=dict(_shape(s) for s in shapes),
+                allow_modules=tuple(allow_modules),
+                expand=expand,
+                depth=depth,
+                force=force,
+            )
+        except GraphError as exc:
+            click.echo(exc.render(), err=True)
+            sys.exit(1)
+        except InspectError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    drawn = _compile_or_exit(stage, target)
+    click.echo(
+        f"wrote {display_path(output)}  ({len(drawn.units)} nodes, {len(drawn.clusters)} clusters, "
+        f"{len(drawn.edges)} edges)"
+    )
+
+
 def _compile_or_exit(stage: Any, template: Path | None = None) -> Any:
     """Run a compiler stage; user errors exit 1, bugs in scmc exit 70 with the IR and traceback."""
     from scmc.build import InternalError
