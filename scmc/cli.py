@@ -96,6 +96,11 @@ def main() -> None:
     is_flag=True,
     help="Compile even if an identical build is cached, and cache nothing (also: SCMC_NO_CACHE=1).",
 )
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Build, then rebuild whenever a template file the build read changes (Ctrl-C stops; exit 0).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 def build(
     template: Path,
@@ -116,6 +121,7 @@ def build(
     cfg_dirs: tuple[Path, ...],
     check: bool,
     no_cache: bool,
+    watch: bool,
     quiet: bool,
 ) -> None:
     """Compile TEMPLATE (and optional loss and metric templates) into a package.
@@ -152,6 +158,12 @@ def build(
         cfg_dirs=tuple(cfg_dirs),
         cache=not (no_cache or disabled_by_env()),
     )
+    if watch:
+        if check:
+            raise click.UsageError("--watch and --check do not go together: --check writes nothing to watch")
+        from scmc.watch import watch as run_watch
+
+        sys.exit(run_watch(request, echo=click.echo, echo_err=lambda text: click.echo(text, err=True), quiet=quiet))
     if check:
         run_check(request)
     else:

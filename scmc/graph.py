@@ -151,7 +151,13 @@ def _repeats(model: Any, user_layer: Any) -> dict[str, tuple[str, list[str]]]:
 
 
 def layer_graph(
-    model: Any, package: str, inputs: dict[str, Any], *, expand: bool = False, depth: int | None = None, source: str = ""
+    model: Any,
+    package: str,
+    inputs: dict[str, Any],
+    *,
+    expand: bool = False,
+    depth: int | None = None,
+    source: str = "",
 ) -> LayerGraph:
     """The drawable graph of MODEL (built on the meta device) at INPUTS (meta tensors by name)."""
     import torch
