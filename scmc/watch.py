@@ -104,6 +104,7 @@ def watch(
     echo: Callable[[str], None],
     echo_err: Callable[[str], None],
     quiet: bool = False,
+    verbose: bool = False,
     poll: float = POLL_S,
 ) -> int:
     """Build REQUEST, then rebuild it on every change of what it read, until Ctrl-C (status 0)."""
@@ -124,6 +125,9 @@ def watch(
                 watched = sorted(outcome.inputs)
                 if not quiet:
                     echo(f"watching {len(watched)} files (Ctrl-C stops)")
+                if verbose:
+                    for path in watched:
+                        echo(f"  {display_path(path)}")
                 paths = changed(signature(watched), poll)
                 if not quiet:
                     names = ", ".join(display_path(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
