@@ -111,3 +111,24 @@ def test_a_built_package_draws_like_its_template(tmp_path: Path, femto_package: 
     assert result.exit_code == 0, result.output
     text = out.read_text()
     assert "Block x6" in text and 'label="1x384x7x7"' in text
+
+
+@needs_dot
+def test_make_demo_writes_the_graph_and_the_inspect_table_next_to_the_package(
+    tmp_path: Path, femto_package: Path, monkeypatch
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scmc_demo_script", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    package = tmp_path / "convnextv2_femto"
+    shutil.copytree(femto_package, package)
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}:{ROOT / 'runtime' / 'src'}")
+    graph, table = demo.describe(package)
+    assert graph == tmp_path / "convnextv2_femto.graph.svg" and table == tmp_path / "convnextv2_femto.inspect.txt"
+    svg = ET.parse(graph).getroot()
+    assert groups(svg, "cluster") and groups(svg, "edge")
+    report = table.read_text()
+    assert "parameters  5,233,240" in report and "training memory at batch 32" in report
+    assert sorted(p.name for p in package.rglob("*")) == sorted(p.name for p in femto_package.rglob("*"))
