@@ -67,6 +67,16 @@ def test_dot_output_needs_no_dot_program_and_expand_opens_every_block(tmp_path: 
     assert "stem\nStem" in text
 
 
+def test_base_stays_readable_its_27_block_stage_is_one_node(tmp_path: Path) -> None:
+    out = tmp_path / "base.dot"
+    result = run_scmc(ROOT, "graph", CONVNEXT, "-p", "backbone=base", "-o", str(out), "-v")
+    assert result.exit_code == 0, result.output
+    nodes = int(result.output.split("(")[1].split()[0])
+    assert nodes <= 30  # as many as femto's: the depth of a stage does not grow the picture
+    assert "Block x27" in out.read_text() and 'label="1x1024x7x7"' in out.read_text()
+    assert "collapsed block6 .. block32, Block x27" in result.output  # -v names what was collapsed
+
+
 def test_a_missing_dot_program_is_one_line_naming_the_install_command(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "bin").mkdir()
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
