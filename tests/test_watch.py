@@ -110,7 +110,11 @@ def test_an_edit_rebuilds_a_broken_edit_is_reported_and_keeps_the_package_and_ct
     finally:
         status = watcher.stop()
     assert status == 0
-    assert "stopped watching" in "\n".join(watcher.seen) or watcher.lines.get(timeout=5) == "stopped watching"
+    time.sleep(0.5)  # the reader thread hands over the last lines
+    rest = []
+    while not watcher.lines.empty():
+        rest.append(watcher.lines.get())
+    assert rest == ["stopped watching"], rest
 
 
 def test_an_existing_output_without_force_ends_the_watch_with_status_1(tmp_path: Path) -> None:
