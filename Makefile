@@ -6,9 +6,17 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-fast fuzz demo bench golden lint clean
+.PHONY: install graphviz test test-fast fuzz demo bench golden lint clean
 
-install: $(STAMP)
+install: $(STAMP) graphviz
+
+# Graphviz's `dot` program draws `scmc graph -o *.svg|png` (a .dot file needs none): installed with
+# apt where we are root and apt is there, else a note naming the command (the build goes on).
+graphviz:
+	@command -v dot >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q graphviz >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q graphviz >/dev/null; }; \
+	  else echo "note: Graphviz's dot is missing (scmc graph -o *.svg needs it): sudo apt-get install -y graphviz"; fi; }
 
 # torch first, pinned, so pip takes the local copy instead of resolving a CUDA build.
 $(STAMP): pyproject.toml runtime/pyproject.toml
@@ -18,7 +26,7 @@ $(STAMP): pyproject.toml runtime/pyproject.toml
 	$(PIP) install -q -e "runtime[train]" -e ".[dev,export,timm]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) graphviz
 	$(PY) -m pytest -q -rs
 
 test-fast: $(STAMP)
@@ -28,7 +36,7 @@ test-fast: $(STAMP)
 fuzz: $(STAMP)
 	SCMC_FUZZ_EXAMPLES=1000 $(PY) -m pytest -q tests/test_fuzz.py
 
-demo: $(STAMP)
+demo: $(STAMP) graphviz
 	$(PY) scripts/demo.py
 
 bench: $(STAMP)

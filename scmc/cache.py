@@ -76,6 +76,8 @@ _HEX = re.compile(r"[0-9a-f]{64}")
 # None: probed, absent) and the environment fingerprint, which also keys formatted text.
 _reads: dict[str, str | None] | None = None
 _session: str | None = None
+_memo: dict[tuple[int, str], str] | None = None  # `remembering()`: black's outputs, in memory
+_observers: list[set[Path]] = []  # `observing()` blocks (scmc build --watch): every path looked at
 
 
 class Refused(Exception):
@@ -98,12 +100,28 @@ def note_read(path: Path, data: bytes) -> None:
     """Record a file the build read (called where templates are read)."""
     if _reads is not None:
         _reads[str(path.resolve())] = hashlib.sha256(data).hexdigest()
+    for seen in _observers:
+        seen.add(path.resolve())
 
 
 def note_absent(path: Path) -> None:
     """Record a path the build looked for and did not find (a CFG search candidate)."""
     if _reads is not None:
         _reads.setdefault(str(path.resolve()), None)
+    for seen in _observers:
+        seen.add(path.resolve())
+
+
+@contextlib.contextmanager
+def observing() -> Iterator[set[Path]]:
+    """Every file a build reads or looks for while the block runs, cached build or not, failed or
+    not (`scmc build --watch` watches them)."""
+    seen: set[Path] = set()
+    _observers.append(seen)
+    try:
+        yield seen
+    finally:
+        _observers.remove(seen)
 
 
 # --------------------------------------------------------------------------- the directory
@@ -260,7 +278,30 @@ def _sha256(text: str) -> str:
 def formatted(source: str, line_length: int, produce: Callable[[str], str]) -> str:
     """``produce(source)`` (black), or its output for the same text from an earlier build in the
     same environment; outside a cached build, always ``produce(source)``. A stored text is used
-    only if it names this SOURCE's sha256 and its own sha256 matches."""
+    only if it names this SOURCE's sha256 and its own sha256 matches. Inside ``remembering()``
+    (the rebuilds of `scmc build --watch`, one process) the outputs are also kept in memory."""
+    if _memo is None:
+        return _formatted(source, line_length, produce)
+    key = (line_length, source)
+    if key not in _memo:
+        if len(_memo) >= MAX_FORMATTED:
+            _memo.clear()
+        _memo[key] = _formatted(source, line_length, produce)
+    return _memo[key]
+
+
+@contextlib.contextmanager
+def remembering() -> Iterator[None]:
+    """Keep black's outputs in this process's memory while the block runs (`scmc build --watch`)."""
+    global _memo
+    previous, _memo = _memo, {}
+    try:
+        yield
+    finally:
+        _memo = previous
+
+
+def _formatted(source: str, line_length: int, produce: Callable[[str], str]) -> str:
     if _session is None:
         return produce(source)
     digest = _sha256(source)

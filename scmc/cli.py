@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect as _pyinspect
+import os
+import re
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -37,10 +41,84 @@ def _shape(text: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), {"shape": shape, "dtype": dtype}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# ----------------------------------------------------------------------------- output conventions
+
+VERBOSITY = 0  # -1 with -q, the count of -v otherwise; set by every command's options
+_MARKS = re.compile(r"(?m)^(?:\S+: )?(error|warning)(\[[A-Z]\d{4}\])?:|^internal compiler error:")
+
+
+def use_colour(stream: Any) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (OSError, ValueError):
+        return False
+
+
+def paint(text: str, colour: bool) -> str:
+    """``error[...]`` in red, ``warning[...]`` in yellow, when COLOUR."""
+    if not colour:
+        return text
+
+    def mark(m: re.Match) -> str:
+        return click.style(m.group(0), fg="yellow" if m.group(1) == "warning" else "red", bold=True)
+
+    return _MARKS.sub(mark, text)
+
+
+def _echo_err(text: str) -> None:
+    """A problem, on stderr: diagnostics are printed whatever -q says."""
+    colour = use_colour(sys.stderr)
+    click.echo(paint(text, colour), err=True, color=colour)
+
+
+def verbosity(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``-v/--verbose`` and ``-q/--quiet``, with one meaning on every command: ``-q`` prints only
+    what the command is for (a report, YAML, an install command) and problems, never progress or
+    ``wrote ...`` lines; ``-v`` adds detail (files written, files watched, what was collapsed).
+    A command whose function takes ``quiet`` gets it; the others read ``VERBOSITY``."""
+    takes_quiet = "quiet" in _pyinspect.signature(function).parameters
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, verbose: int, quiet: bool, **kwargs: Any) -> Any:
+        global VERBOSITY
+        if verbose and quiet:
+            raise click.UsageError("-v and -q contradict each other; give one of them")
+        VERBOSITY = -1 if quiet else verbose
+        if takes_quiet:
+            kwargs["quiet"] = quiet
+        return function(*args, **kwargs)
+
+    wrapper = click.option(
+        "-q", "--quiet", is_flag=True, help="Print only the result and problems (no progress, no `wrote` lines)."
+    )(wrapper)
+    return click.option("-v", "--verbose", count=True, help="Print more detail (files written, watched, ...).")(wrapper)
+
+
+EXIT_CODES = """\
+\b
+Exit status: 0 success; 1 a user error (one message naming the file, line or flag and what to do);
+2 a usage error (an unknown or bad flag); 70 an internal error (a bug in scmc: please report it).
+Colour only on a terminal and never with NO_COLOR set.
+\b
+Shell completion (bash; zsh_source, fish_source likewise):
+  eval "$(_SCMC_COMPLETE=bash_source scmc)"
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(scmc.__version__, prog_name="scmc")
 def main() -> None:
-    """scmc: compile YAML layer templates into standalone PyTorch packages."""
+    """scmc: compile YAML layer templates into standalone PyTorch packages.
+
+    \b
+    Example:
+      scmc build cfg/models/ConvNeXtV2.yaml -p backbone=femto
+      scmc inspect artifacts/convnextv2_femto
+    """
 
 
 @main.command()
@@ -96,7 +174,12 @@ def main() -> None:
     is_flag=True,
     help="Compile even if an identical build is cached, and cache nothing (also: SCMC_NO_CACHE=1).",
 )
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Build, then rebuild whenever a template file the build read changes (Ctrl-C stops; exit 0).",
+)
+@verbosity
 def build(
     template: Path,
     params: tuple[str, ...],
@@ -116,13 +199,19 @@ def build(
     cfg_dirs: tuple[Path, ...],
     check: bool,
     no_cache: bool,
+    watch: bool,
     quiet: bool,
 ) -> None:
     """Compile TEMPLATE (and optional loss and metric templates) into a package.
 
     An identical earlier build (same command, working directory, template files and installed
     software) is reused from the build cache (~/.cache/scmc, or $SCMC_CACHE_DIR) instead of
-    compiled again.
+    compiled again. With --watch one process rebuilds on every change of a file the build read.
+
+    \b
+    Examples:
+      scmc build cfg/models/ConvNeXtV2.yaml -p backbone=femto -p num_classes=10
+      scmc build cfg/models/ConvNeXtV2.yaml -p backbone=femto --force --watch
     """
     from scmc.build import BuildRequest, Part
     from scmc.cache import disabled_by_env
@@ -152,6 +241,12 @@ def build(
         cfg_dirs=tuple(cfg_dirs),
         cache=not (no_cache or disabled_by_env()),
     )
+    if watch:
+        if check:
+            raise click.UsageError("--watch and --check do not go together: --check writes nothing to watch")
+        from scmc.watch import watch as run_watch
+
+        sys.exit(run_watch(request, echo=click.echo, echo_err=_echo_err, quiet=quiet, verbose=VERBOSITY > 0))
     if check:
         run_check(request)
     else:
@@ -165,16 +260,15 @@ def run_check(request: Any) -> None:
     try:
         result = do_check(request)
     except CompileError as exc:
-        click.echo(exc.render().replace("nothing was written", "nothing was checked"), err=True)
+        _echo_err(exc.render().replace("nothing was written", "nothing was checked"))
         sys.exit(1)
     where = display_path(result.destination)
     if result.ok:
         click.echo(f"{where} is up to date with its templates")
         return
-    click.echo(
+    _echo_err(
         f"{where} differs from what the templates produce now:\n{result.summary()}\n"
-        f"rebuild with the same command and --force (without --check)",
-        err=True,
+        f"rebuild with the same command and --force (without --check)"
     )
     sys.exit(1)
 
@@ -185,8 +279,14 @@ def run_check(request: Any) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the rendered YAML here (default: stdout).")
 @click.option("--allow-new-params", is_flag=True, help="Let -p add keys the template does not define (to DEFAULT).")
 @click.option("--force", is_flag=True, help="Replace an existing -o file (never the template itself).")
+@verbosity
 def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_new_params: bool, force: bool) -> None:
-    """Render TEMPLATE's Jinja blocks with its parameters and print the resulting YAML."""
+    """Render TEMPLATE's Jinja blocks with its parameters and print the resulting YAML.
+
+    \b
+    Example:
+      scmc format cfg/models/ConvNeXtV2.yaml -p backbone=femto -o femto.yaml
+    """
     import io
 
     from ruamel.yaml import YAML
@@ -226,7 +326,7 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
         check_group_overrides(overrides, budget.groups_used, [source], diags)
         diags.raise_if_any()
     except CompileError as exc:
-        click.echo(exc.render().replace("nothing was written", "nothing was rendered"), err=True)
+        _echo_err(exc.render().replace("nothing was written", "nothing was rendered"))
         sys.exit(1)
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
@@ -239,7 +339,7 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
         guard_file(output, force, [template])  # again: it may have appeared while rendering
         write_text_atomic(output, buffer.getvalue())
     except CompileError as exc:
-        click.echo(exc.render(), err=True)
+        _echo_err(exc.render())
         sys.exit(1)
 
 
@@ -306,7 +406,7 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
     default=None,
     help="Values one input sample may hold (default 33554432, e.g. 3x3344x3344).",
 )
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@verbosity
 def export(
     package_dir: Path,
     checkpoint: Path,
@@ -327,7 +427,12 @@ def export(
     max_input_elements: int | None,
     quiet: bool,
 ) -> None:
-    """Export PACKAGE_DIR (built by scmc build) with CHECKPOINT's weights, verified against eager PyTorch."""
+    """Export PACKAGE_DIR (built by scmc build) with CHECKPOINT's weights, verified against eager PyTorch.
+
+    \b
+    Example:
+      scmc export artifacts/convnextv2_femto --checkpoint runs/demo/checkpoints/best.pt --format onnx,pt2
+    """
     from scmc.export import DEFAULT_OPSET, ExportRequest, run_export
 
     request = ExportRequest(
@@ -350,14 +455,13 @@ def export(
         max_input_elements=max_input_elements or 0,
     )
     try:
-        status = run_export(request, echo=click.echo, echo_err=lambda text: click.echo(text, err=True), quiet=quiet)
+        status = run_export(request, echo=click.echo, echo_err=_echo_err, quiet=quiet)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # user errors are diagnostics; anything else is a bug in scmc
-        click.echo(
+        _echo_err(
             f"internal error in scmc export: {type(exc).__name__}: {exc}\nThis is a bug in scmc {scmc.__version__}; "
-            f"please report it with this output.\n--- traceback ---\n{traceback.format_exc()}",
-            err=True,
+            f"please report it with this output.\n--- traceback ---\n{traceback.format_exc()}"
         )
         status = 70
     sys.exit(status)
@@ -378,10 +482,15 @@ def export(
     show_default=True,
     help="Largest package (MiB of files) copied into a wheel.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="Print only the install command.")
+@verbosity
 def wheel(package_dir: Path, output: Path, timeout: float, max_size_mib: int, quiet: bool) -> None:
     """Write PACKAGE_DIR's wheel and the matching scmc-runtime wheel into one folder, and print
-    the pip command that installs both on any machine."""
+    the pip command that installs both on any machine.
+
+    \b
+    Example:
+      scmc wheel artifacts/convnextv2_femto -o dist
+    """
     from scmc.load import display_path
     from scmc.wheel import build_wheels
 
@@ -397,12 +506,22 @@ def wheel(package_dir: Path, output: Path, timeout: float, max_size_mib: int, qu
 
 @main.group(name="torch")
 def torch_group() -> None:
-    """structcast-model 1.2.0 spellings: `scmc torch create model|backward` (one generated file)."""
+    """structcast-model 1.2.0 spellings: `scmc torch create model|backward` (one generated file).
+
+    \b
+    Example:
+      scmc torch create model cfg/models/ConvNeXtV2.yaml -p backbone=femto -o convnextv2.py
+    """
 
 
 @torch_group.group(name="create")
 def torch_create() -> None:
-    """Compile one template into one Python file, as `scm torch create` did (`scmc build` makes a package)."""
+    """Compile one template into one Python file, as `scm torch create` did (`scmc build` makes a package).
+
+    \b
+    Example:
+      scmc torch create backward cfg/backwards/ConvNeXtV2.yaml -o backward.py
+    """
 
 
 @torch_create.command(name="model")
@@ -436,7 +555,7 @@ def torch_create() -> None:
 @click.option(
     "--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable."
 )
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@verbosity
 def torch_create_model(
     template: Path,
     params: tuple[str, ...],
@@ -450,7 +569,12 @@ def torch_create_model(
     allow_modules: tuple[str, ...],
     quiet: bool,
 ) -> None:
-    """Write the model class of TEMPLATE (a layer graph) to one Python file."""
+    """Write the model class of TEMPLATE (a layer graph) to one Python file.
+
+    \b
+    Example:
+      scmc torch create model cfg/models/ConvNeXtV2.yaml -p backbone=femto -s Backbone -o backbone.py
+    """
     from scmc.build import BuildRequest, Part
 
     request = BuildRequest(
@@ -480,7 +604,7 @@ def torch_create_model(
 @click.option(
     "--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable."
 )
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@verbosity
 def torch_create_backward(
     template: Path,
     params: tuple[str, ...],
@@ -491,7 +615,12 @@ def torch_create_backward(
     allow_modules: tuple[str, ...],
     quiet: bool,
 ) -> None:
-    """Write the optimizer/step class of TEMPLATE (a backward template) to one Python file."""
+    """Write the optimizer/step class of TEMPLATE (a backward template) to one Python file.
+
+    \b
+    Example:
+      scmc torch create backward cfg/backwards/ConvNeXtV2.yaml -o backward.py
+    """
     from scmc.build import BuildRequest, Part
 
     request = BuildRequest(
@@ -525,7 +654,7 @@ def _inspect_or_exit(target: Path, params: tuple[str, ...], shapes: tuple[str, .
         try:
             return inspect_target(target, params=list(params), shapes=dict(_shape(s) for s in shapes), **options)
         except InspectError as exc:
-            click.echo(f"error: {exc}", err=True)
+            _echo_err(f"error: {exc}")
             sys.exit(1)
 
     return _compile_or_exit(stage)
@@ -540,6 +669,7 @@ def _inspect_or_exit(target: Path, params: tuple[str, ...], shapes: tuple[str, .
 @click.option("--latency", is_flag=True, help="Also time a real CPU forward (at --batch-size, default 1).")
 @click.option("--threads", default=1, show_default=True, help="CPU threads for --latency.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@verbosity
 def inspect_(
     target: Path,
     params: tuple[str, ...],
@@ -574,6 +704,7 @@ def inspect_(
 @click.option("-s", "--shape", "shapes", multiple=True, metavar="NAME=C,H,W[:DTYPE]", help="Input shape (both sides).")
 @click.option("--depth", default=2, show_default=True, help="Levels of nested layers to compare.")
 @click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
+@verbosity
 def diff_(
     left: Path,
     right: Path | None,
@@ -600,6 +731,77 @@ def diff_(
     click.echo(json.dumps(result.to_json(), indent=2) if as_json else render_diff(result))
 
 
+@main.command(name="graph")
+@_INSPECT_TARGET
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Override a parameter (as in build).")
+@click.option("-s", "--shape", "shapes", multiple=True, metavar="NAME=C,H,W[:DTYPE]", help="Input shape without batch.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The picture to write: .svg, .png or .pdf (drawn by Graphviz's `dot`), or .dot (needs no Graphviz).",
+)
+@click.option("--expand", is_flag=True, help="Draw every block of a repeated run (default: one `Block xN` node).")
+@click.option("--depth", type=int, default=None, help="Levels of nested user layers drawn as clusters (default: all).")
+@click.option("--force", is_flag=True, help="Replace an existing -o file (never an input).")
+@click.option(
+    "--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable."
+)
+@verbosity
+def graph_(
+    target: Path,
+    params: tuple[str, ...],
+    shapes: tuple[str, ...],
+    output: Path,
+    expand: bool,
+    depth: int | None,
+    force: bool,
+    allow_modules: tuple[str, ...],
+) -> None:
+    """Draw the layer graph of a template or a built package: user layers as clusters, edges
+    labelled with tensor shapes, repeated blocks collapsed.
+
+    \b
+    Examples:
+      scmc graph cfg/models/ConvNeXtV2.yaml -p backbone=femto -o graph.svg
+      scmc graph artifacts/convnextv2_femto -o graph.dot --expand
+    """
+    from scmc.graph import GraphError, draw
+    from scmc.inspection import InspectError
+    from scmc.load import display_path
+
+    def stage() -> Any:
+        try:
+            return draw(
+                target,
+                output,
+                params=list(params),
+                shapes=dict(_shape(s) for s in shapes),
+                allow_modules=tuple(allow_modules),
+                expand=expand,
+                depth=depth,
+                force=force,
+            )
+        except GraphError as exc:
+            _echo_err(exc.render())
+            sys.exit(1)
+        except InspectError as exc:
+            _echo_err(f"error: {exc}")
+            sys.exit(1)
+
+    drawn = _compile_or_exit(stage, target)
+    if VERBOSITY >= 0:
+        click.echo(
+            f"wrote {display_path(output)}  ({len(drawn.units)} nodes, {len(drawn.clusters)} clusters, "
+            f"{len(drawn.edges)} edges)"
+        )
+    if VERBOSITY > 0:
+        for unit in drawn.units.values():
+            if unit.kind == "repeat":
+                click.echo("  collapsed " + unit.label.replace("\n", ", "))
+
+
 def _compile_or_exit(stage: Any, template: Path | None = None) -> Any:
     """Run a compiler stage; user errors exit 1, bugs in scmc exit 70 with the IR and traceback."""
     from scmc.build import InternalError
@@ -607,7 +809,7 @@ def _compile_or_exit(stage: Any, template: Path | None = None) -> Any:
     try:
         return stage()
     except CompileError as exc:
-        click.echo(exc.render(), err=True)
+        _echo_err(exc.render())
         sys.exit(1)
     except (RecursionError, MemoryError) as exc:  # last resort: a stage without its own bound met a huge input
         from scmc.diagnostics import fail
@@ -620,25 +822,23 @@ def _compile_or_exit(stage: Any, template: Path | None = None) -> Any:
             f"compiling {where} {what}",
             hint="the template (or a -p value) is nested too deeply or builds values too large; simplify it",
         )
-        click.echo(error.render(), err=True)
+        _echo_err(error.render())
         sys.exit(1)
     except InternalError as exc:
-        click.echo(
+        _echo_err(
             f"internal compiler error: {exc}\nThis is a bug in scmc {scmc.__version__}; please report it with this output.\n"
-            f"--- IR ---\n{exc.ir_dump}--- traceback ---\n{traceback.format_exc()}",
-            err=True,
+            f"--- IR ---\n{exc.ir_dump}--- traceback ---\n{traceback.format_exc()}"
         )
         sys.exit(70)
     except KeyboardInterrupt:
-        click.echo("interrupted; nothing was written", err=True)
+        _echo_err("interrupted; nothing was written")
         sys.exit(130)
     except SystemExit:
         raise
     except Exception as exc:  # any other exception is a bug in scmc, not a user mistake
-        click.echo(
+        _echo_err(
             f"internal compiler error: {type(exc).__name__}: {exc}\nThis is a bug in scmc {scmc.__version__}; "
-            f"please report it with this output.\n--- traceback ---\n{traceback.format_exc()}",
-            err=True,
+            f"please report it with this output.\n--- traceback ---\n{traceback.format_exc()}"
         )
         sys.exit(70)
 
@@ -652,7 +852,7 @@ def run_build(request: Any, quiet: bool = False) -> None:
     if plan.warnings:  # shown even with --quiet: they are about what the build trusted or how the parts fit
         from scmc.diagnostics import render_warnings
 
-        click.echo(render_warnings(plan.warnings), err=True)
+        _echo_err(render_warnings(plan.warnings))
     if not quiet:
         elapsed = time.perf_counter() - start
         how = "unchanged inputs, from the build cache" if plan.cached else f"{len(plan.files)} files"
@@ -660,6 +860,9 @@ def run_build(request: Any, quiet: bool = False) -> None:
             f"built {plan.name} -> {display_path(destination)}  "
             f"({plan.param_count:,} parameters, {how}, {elapsed:.1f} s)"
         )
+        if VERBOSITY > 0:
+            for rel, data in sorted(plan.files.items()):
+                click.echo(f"  {rel}  ({len(data):,} bytes)")
 
 
 def run(argv: list[str] | None = None) -> None:

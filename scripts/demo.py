@@ -1,8 +1,13 @@
-"""make demo: compile ConvNeXtV2-femto, pip-install it, train it on the embedded digits, check it learned.
+"""make demo: compile ConvNeXtV2-femto, draw and inspect it, pip-install it, train it on the embedded digits,
+check it learned.
 
     python scripts/demo.py                     # build (10 classes), install, train 6 epochs at 32x32, batch 32
     python scripts/demo.py --package DIR       # skip the build: install and train a built package
     python scripts/demo.py -- --threads 1      # anything after -- goes to <pkg>.train
+
+Next to the package (``artifacts/convnextv2_femto``) the demo writes ``convnextv2_femto.graph.svg``
+(``scmc graph``; ``.dot`` with a note when Graphviz's ``dot`` is missing) and
+``convnextv2_femto.inspect.txt`` (``scmc inspect --batch-size 32``: per-layer table, totals, memory).
 
 The bar comes from a minimal hand-written loop (timm's convnextv2_femto, AdamW lr 2e-3,
 weight decay 0.05, one-cycle schedule, batch 32, 6 epochs, digits upsampled to 32x32), which
@@ -34,6 +39,25 @@ def run(command: list[str], **kwargs) -> None:
     subprocess.run(command, check=True, **kwargs)
 
 
+def describe(package_dir: Path) -> list[Path]:
+    """The layer graph and the inspect table of the package, written next to it."""
+    scmc = [sys.executable, "-m", "scmc"]
+    graph = package_dir.parent / f"{package_dir.name}.graph.svg"
+    if shutil.which("dot") is None:
+        graph = graph.with_suffix(".dot")
+        print(
+            "demo: Graphviz's dot is missing (apt-get install -y graphviz); writing the graph as DOT text", flush=True
+        )
+    run([*scmc, "graph", str(package_dir), "-o", str(graph), "--force"], cwd=ROOT)
+    table = package_dir.parent / f"{package_dir.name}.inspect.txt"
+    command = [*scmc, "inspect", str(package_dir), "--batch-size", "32"]
+    print("$", " ".join(command), ">", table, flush=True)
+    report = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    table.write_text(report)
+    print("\n".join(report.splitlines()[-4:]), flush=True)  # the totals
+    return [graph, table]
+
+
 def install(package_dir: Path) -> None:
     """pip install the package (and the runtime, unless this venv already has it) without dependencies."""
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check"]
@@ -61,6 +85,7 @@ def main() -> int:
     if missing:
         print(f"demo: {package_dir} has no {' or '.join(missing)}; it cannot be trained", file=sys.stderr)
         return 1
+    described = describe(package_dir)
     install(package_dir)
 
     run_dir = args.out / "demo"
@@ -91,7 +116,7 @@ def main() -> int:
         f"demo: ConvNeXtV2-femto on digits, {final['epoch']} epochs: validation top-1 {top1:.2%}{ema} "
         f"(best {end['value']:.2%} at epoch {end['epoch']}); training {end['seconds']:.1f} s in train.py, "
         f"{training_s:.1f} s with imports; {time.monotonic() - started:.1f} s in all; "
-        f"checkpoint {end['checkpoint']}"
+        f"checkpoint {end['checkpoint']}; graph and inspect table: {', '.join(str(p) for p in described)}"
     )
     if top1 < TARGET_TOP1:
         print(f"demo: FAILED, validation top-1 {top1:.2%} is below {TARGET_TOP1:.0%}", file=sys.stderr)

@@ -60,6 +60,8 @@ LAYERS = {
     "scmc.cache": "output/cache",
     "scmc.inspection": "output/cache",  # scmc inspect/diff: runs the pipeline in memory, imports what it built
     "scmc.wheel": "output/cache",  # scmc wheel: a built package (and the runtime) as wheels
+    "scmc.graph": "output/cache",  # scmc graph: loads a model as inspection does, traces and draws it
+    "scmc.watch": "output/cache",  # scmc build --watch: the pipeline again on every change of its inputs
     "scmc.artifacts": "diagnostics",  # export's scan of untrusted artifacts: standard library (torch/onnx lazily)
     "scmc.cli": "cli",
     "scmc.__main__": "cli",
