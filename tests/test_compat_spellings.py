@@ -333,3 +333,19 @@ def test_torch_create_model_returns_a_dict_for_the_loss_and_metric_templates(tmp
     scores = metric(label=label, cls=cls)
     assert isinstance(scores, dict) and set(scores) == {"acc1", "acc5"}
     assert 0.0 <= float(scores["acc1"]) <= float(scores["acc5"]) <= 100.0
+
+
+def test_with_sublayer_the_layers_own_structured_output_decides_unless_a_flag_is_given(tmp_path: Path) -> None:
+    text = (
+        "INPUTS: [x]\nINPUT_SHAPES: {x: [4]}\nFLOW:\n  - [x, y, body, {TYPE: Body}]\n"
+        "Body:\n  INPUTS: [x]\n  FLOW:\n"
+        "    - [x, h, fc, [_obj_, {_addr_: torch.nn.Linear}, {_call_: {in_features: 4, out_features: 3}}]]\n"
+    )
+    (tmp_path / "net.yaml").write_text(text)
+    x = torch.randn(2, 4)
+    body = created_module(tmp_path, tmp_path / "net.yaml", "--sublayer", "Body", "--shape", "x=4").Model()
+    assert isinstance(body(x), torch.Tensor)  # Body leaves STRUCTURED_OUTPUT unset: false, as upstream
+    forced = created_module(
+        tmp_path, tmp_path / "net.yaml", "--sublayer", "Body", "--shape", "x=4", "-c", "B", "--structured-output"
+    )
+    assert set(forced.B()(x)) == {"h"}
