@@ -121,6 +121,26 @@ BACKWARDS:
         ]]
 """,
     ),
+    # the whole template rendered by one top-level block, BACKWARDS in the tuple form
+    "whole_template_rendered": (
+        f"""\
+ACCUMULATE_GRADIENTS: 4
+BACKWARDS:
+  - LOSS: ce_loss
+    OPTIMIZERS:
+      - NAME: adamw
+        OPTIMIZER: {ADAMW}
+        LAYERS: [model]
+""",
+        """\
+PARAMETERS:
+  DEFAULT: {steps: 4, loss: ce_loss}
+_jinja_yaml_: |-
+  ACCUMULATE_GRADIENTS: {{ steps }}
+  BACKWARDS:
+    - [{{ loss }}, [[adamw, [_obj_, {_addr_: torch.optim.AdamW}, {_bind_: {lr: 0.001, weight_decay: 0.05}}], [model]]]]
+""",
+    ),
 }
 
 
