@@ -135,8 +135,8 @@ def canonical_backwards(tree: Any) -> Any:
                     f"not a list of {len(item)} element{'s' if len(item) != 1 else ''}"
                     + (" without a mapping of backward() arguments last" if len(item) == 4 else ""),
                     span,
-                    "a mapping of backward() arguments may follow OPTIMIZERS ([NAME, LOSS, OPTIMIZERS, "
-                    "{retain_graph: true}]); or write the mapping {NAME: ..., LOSS: ..., OPTIMIZERS: [...]}",
+                    "e.g. [ce_loss, [[OPTIMIZER, [model]]]]: OPTIMIZERS is a list of optimizer items; a mapping of "
+                    "backward() arguments may follow it, [NAME, LOSS, OPTIMIZERS, {retain_graph: true}]",
                 )
                 continue
             item = backwards[b_index] = _as_mapping(_located(item, span), keys)
