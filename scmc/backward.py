@@ -62,6 +62,112 @@ class BackwardTemplate(BaseModel):
     MODELS: list[str] = Field(default_factory=list)
 
 
+def _as_mapping(item: LList, keys: tuple[str, ...]) -> LDict:
+    """A tuple-form item as the mapping it stands for; each key takes its element's span."""
+    out = LDict(span=item.span)
+    for index, (key, value) in enumerate(zip(keys, item)):
+        if key == "**":  # the backward() keyword arguments that end a 3- or 4-element BACKWARDS item
+            for k, v in value.items():
+                out[k] = v
+                out.key_spans[k] = value.key_span(k) if isinstance(value, LDict) else item.item_span(index)
+                out.value_spans[k] = value.value_span(k) if isinstance(value, LDict) else item.item_span(index)
+            continue
+        out[key] = value
+        out.key_spans[key] = item.item_span(index)
+        out.value_spans[key] = item.item_span(index)
+    return out
+
+
+def _optimizer_keys(item: list) -> tuple[str, ...] | None:
+    """The keys of a tuple-form OPTIMIZERS item, as structcast-model's schema reads them: 2
+    elements `[OPTIMIZER, LAYERS]`, 4 `[NAME, OPTIMIZER, LAYERS, CLIP]`; of 3, a string (or null)
+    first is a NAME, `[NAME, OPTIMIZER, LAYERS]`, anything else (a pattern) the OPTIMIZER,
+    `[OPTIMIZER, LAYERS, CLIP]`. None for any other length."""
+    if len(item) == 2:
+        return ("OPTIMIZER", "LAYERS")
+    if len(item) == 3:
+        if isinstance(item[0], str) or item[0] is None:
+            return ("NAME", "OPTIMIZER", "LAYERS")
+        return ("OPTIMIZER", "LAYERS", "CLIP")
+    if len(item) == 4:
+        return ("NAME", "OPTIMIZER", "LAYERS", "CLIP")
+    return None
+
+
+def _backward_keys(item: list) -> tuple[str, ...] | None:
+    """The keys of a tuple-form BACKWARDS item: `[LOSS, OPTIMIZERS]`, `[NAME, LOSS, OPTIMIZERS]`;
+    of 3 elements, a mapping last after a list is `[LOSS, OPTIMIZERS, {backward() kwargs}]`;
+    4 elements `[NAME, LOSS, OPTIMIZERS, {backward() kwargs}]`. None for any other length."""
+    if len(item) == 2:
+        return ("LOSS", "OPTIMIZERS")
+    if len(item) == 3:
+        if isinstance(item[1], list) and isinstance(item[2], dict):
+            return ("LOSS", "OPTIMIZERS", "**")
+        return ("NAME", "LOSS", "OPTIMIZERS")
+    if len(item) == 4 and isinstance(item[3], dict):
+        return ("NAME", "LOSS", "OPTIMIZERS", "**")
+    return None
+
+
+def canonical_backwards(tree: Any) -> Any:
+    """structcast-model's spellings of BACKWARDS rewritten (spans kept) as the mapping form the
+    rest of the compiler reads: a single BACKWARDS mapping becomes a list of one; a BACKWARDS item
+    written as a list (`[LOSS, OPTIMIZERS]`, `[NAME, LOSS, OPTIMIZERS]`) and an OPTIMIZERS item
+    written as a list (`[OPTIMIZER, LAYERS]`, `[OPTIMIZER, LAYERS, CLIP]`, `[NAME, OPTIMIZER,
+    LAYERS]`, `[NAME, OPTIMIZER, LAYERS, CLIP]`) become mappings. A list of another length is
+    E1020 (BACKWARDS) or E1021 (OPTIMIZERS) at the item."""
+    if not isinstance(tree, LDict):
+        return tree
+    backwards = tree.get("BACKWARDS")
+    if isinstance(backwards, LDict):
+        backwards = tree["BACKWARDS"] = LList([backwards], span=backwards.span)
+    if not isinstance(backwards, LList):
+        return tree
+    diags = Diagnostics()
+    for b_index, item in enumerate(backwards):
+        span = backwards.item_span(b_index)
+        if isinstance(item, list):
+            keys = _backward_keys(item)
+            if keys is None:
+                diags.error(
+                    "E1020",
+                    f"a BACKWARDS item written as a list must be [LOSS, OPTIMIZERS] or [NAME, LOSS, OPTIMIZERS], "
+                    f"not a list of {len(item)} element{'s' if len(item) != 1 else ''}"
+                    + (" without a mapping of backward() arguments last" if len(item) == 4 else ""),
+                    span,
+                    "e.g. [ce_loss, [[OPTIMIZER, [model]]]]: OPTIMIZERS is a list of optimizer items; a mapping of "
+                    "backward() arguments may follow it, [NAME, LOSS, OPTIMIZERS, {retain_graph: true}]",
+                )
+                continue
+            item = backwards[b_index] = _as_mapping(_located(item, span), keys)
+        if not isinstance(item, LDict):
+            continue
+        optimizers = item.get("OPTIMIZERS")
+        if not isinstance(optimizers, LList):
+            continue
+        for o_index, opt in enumerate(optimizers):
+            if not isinstance(opt, list):
+                continue
+            o_span = optimizers.item_span(o_index)
+            keys = _optimizer_keys(opt)
+            if keys is None:
+                diags.error(
+                    "E1021",
+                    f"an OPTIMIZERS item written as a list must have 2, 3 or 4 elements, not {len(opt)}",
+                    o_span,
+                    "write [OPTIMIZER, LAYERS], [OPTIMIZER, LAYERS, CLIP], [NAME, OPTIMIZER, LAYERS] or "
+                    "[NAME, OPTIMIZER, LAYERS, CLIP]",
+                )
+                continue
+            optimizers[o_index] = _as_mapping(_located(opt, o_span), keys)
+    diags.raise_if_any()
+    return tree
+
+
+def _located(item: list, span: Span) -> LList:
+    return item if isinstance(item, LList) else LList(item, span=span)
+
+
 def _known_keys(loc: tuple) -> tuple[str, ...]:
     return BACKWARD_KEYS if not loc else tuple(OptimizerSpec.model_fields)
 
@@ -84,10 +190,7 @@ def lower_backward(source: Source, params: Parameters, classname: str, options: 
     raw = LDict({k: v for k, v in source.data.items() if k != "PARAMETERS"}, span=source.data.span)
     raw.key_spans = dict(source.data.key_spans)
     raw.value_spans = dict(source.data.value_spans)
-    tree = expand(raw, params)
-    if isinstance(tree, LDict) and isinstance(tree.get("BACKWARDS"), LDict):
-        single = tree["BACKWARDS"]
-        tree["BACKWARDS"] = LList([single], span=single.span)
+    tree = canonical_backwards(expand(raw, params))
     try:
         spec = BackwardTemplate.model_validate(plain(tree))
     except ValidationError as exc:

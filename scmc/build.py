@@ -36,6 +36,7 @@ from scmc.load import (
     parameter_blocks,
     parse_override,
     read_template,
+    template_kind,
     plain,
     printable,
     recorded_path,
@@ -76,14 +77,6 @@ PACKAGE_KEYS = {
     "EMA": "ema",
     "COMPILE": "compile",
 }
-
-
-def template_kind(data: LDict) -> str:
-    if "FLOW" in data:
-        return "layer graph"
-    if "BACKWARDS" in data:
-        return "backward"
-    return "preset"
 
 
 def preset_parts(model: Source, given: list[Part], diags: Diagnostics) -> list[Part]:
@@ -260,7 +253,7 @@ def compile_part(
         structured=request.structured if part.role == "model" else None,
         cfg_dirs=tuple(request.cfg_dirs),
     )
-    kind = template_kind(source.data)
+    kind = template_kind(source.data, params)  # after rendering: a Jinja block may make the FLOW
     expected = "layer graph" if part.role in LAYER_ROLES else "backward" if part.role == "backward" else "preset"
     if kind != expected:
         raise fail(

@@ -535,7 +535,12 @@ def torch_create() -> None:
     help="Override a parameter: 'DEFAULT: {key: value}', key=value or group.key=value. Repeatable.",
 )
 @click.option("-c", "--classname", default="Model", show_default=True, help="Name of the generated class.")
-@click.option("--no-structured-output", is_flag=True, help="Return a value or tuple instead of a dict.")
+@click.option(
+    "--structured-output/--no-structured-output",
+    default=None,
+    help="Return a dict {output: value} (the default, as `scm torch create model`), or a value or tuple. "
+    "With --sublayer the layer's own STRUCTURED_OUTPUT decides unless one is given.",
+)
 @click.option("-s", "--sublayer", help="Compile the named user layer (e.g. Backbone) instead of the root.")
 @click.option(
     "--shape",
@@ -560,7 +565,7 @@ def torch_create_model(
     template: Path,
     params: tuple[str, ...],
     classname: str,
-    no_structured_output: bool,
+    structured_output: bool | None,
     sublayer: str | None,
     shapes: tuple[str, ...],
     output: Path | None,
@@ -581,12 +586,21 @@ def torch_create_model(
         parts=[Part("model", template, classname)],
         params=list(params),
         shapes=dict(_shape(s) for s in shapes),
-        structured=False if no_structured_output else None,
+        structured=compat_structured(structured_output, sublayer),
         sublayer=sublayer,
         allow_new_params=allow_new_params,
         allow_modules=tuple(allow_modules),
     )
     run_create(request, output, force, quiet)
+
+
+def compat_structured(flag: bool | None, sublayer: str | None) -> bool | None:
+    """structcast-model's `create model --structured-output` defaults to true for the root class
+    of any layer template (model, loss, metric, one step alike); with --sublayer it is ignored and
+    the layer's own STRUCTURED_OUTPUT decides. An explicit flag applies here to either."""
+    if flag is None and not sublayer:
+        return True
+    return flag
 
 
 @torch_create.command(name="backward")

@@ -1652,6 +1652,28 @@ def canonical_patterns(value: Any) -> Any:
     return value
 
 
+def template_kind(data: LDict, params: Parameters | None = None) -> str:
+    """What a template is: a "layer graph" (FLOW), a "backward" (BACKWARDS) or a "preset"
+    (anything else), judged by its keys after rendering: a template whose top level is
+    PARAMETERS and a Jinja block that renders INPUTS, OUTPUTS and FLOW is a layer graph, as in
+    structcast-model. The raw keys decide when they can (no rendering then); the top level is
+    rendered with ``params`` only when they hold neither FLOW nor BACKWARDS beside a Jinja block."""
+
+    def by_keys(mapping: Any) -> str | None:
+        if not isinstance(mapping, dict):
+            return None
+        return "layer graph" if "FLOW" in mapping else "backward" if "BACKWARDS" in mapping else None
+
+    kind = by_keys(data)
+    if kind is None and params is not None and any(alias in data for alias in JINJA_ALIASES):
+        # only the top level's own block: user layers render with their own parameters, later
+        body = LDict({k: v for k, v in data.items() if k in JINJA_KEYS}, span=data.span)
+        body.key_spans = dict(data.key_spans)
+        body.value_spans = dict(data.value_spans)
+        kind = by_keys(expand(body, params))
+    return kind or "preset"
+
+
 def expand(data: Any, params: Parameters, default: str = "default") -> Any:
     """Resolve every Jinja block in ``data`` (structcast's ``extend_structure`` with positions).
 
