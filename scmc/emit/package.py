@@ -77,6 +77,9 @@ def train_context(pkg: "PackageDef"):
         defaults=dict(training.defaults),
         model_class=root.name,
         soft_targets=training.soft_targets,
+        target=training.target,
+        num_features=training.num_features,
+        num_targets=training.num_targets,
     )
 
 
