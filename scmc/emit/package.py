@@ -98,6 +98,8 @@ def predict_source(pkg: "PackageDef", train: Any) -> str:
         list(defaults.get("std", IMAGENET_STD)),
         list(pkg.class_labels) if pkg.class_labels is not None else None,
         5,
+        train.model_inputs[1] if train.target else None,
+        train.num_features,
     )
 
 
