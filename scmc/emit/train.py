@@ -73,6 +73,13 @@ FIELDS: tuple[Field, ...] = (
     Field("compile", "bool", False, "torch.compile the model", "speed"),
     Field("compile_mode", "str", "default", "default, reduce-overhead or max-autotune", "speed"),
     Field("channels_last", "bool", False, "channels-last memory format (faster convolutions on GPU)", "speed"),
+    Field(
+        "sync_bn",
+        "bool",
+        True,
+        "under DDP on GPUs, BatchNorm statistics over all ranks (torch.nn.SyncBatchNorm); --no-sync-bn: per rank",
+        "speed",
+    ),
     Field("threads", "int", 0, "CPU threads per process (0: torch's default)", "speed"),
     # runs, checkpoints, logging
     Field("out", "str", "runs", "folder of runs; a run writes <out>/<run-name>/", "output"),
