@@ -84,7 +84,8 @@ def test_the_ema_averages_batchnorm_running_statistics(use_timm: bool) -> None:
 def test_the_generated_train_py_has_the_flag_and_converts_under_ddp() -> None:
     source = (ROOT / "tests/golden/resnet18_digits/src/resnet18_digits/train.py").read_text()
     assert "sync_bn: bool = flag(" in source and "True," in source.split("sync_bn: bool = flag(")[1][:20]
-    assert "net = sync_batchnorm(net, dist, enabled=cfg.sync_bn, log=log.warning)" in source
+    assert "if use_sync_batchnorm(net, dist, enabled=cfg.sync_bn, log=log.warning):" in source
+    assert "net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)" in source
 
 
 @pytest.mark.slow

@@ -25,26 +25,35 @@ from torch import nn
 from scmc_runtime.distributed import DistInfo
 from scmc_runtime.train import has_batchnorm
 
-__all__ = ["CPU_REASON", "sync_batchnorm"]
+__all__ = ["CPU_REASON", "sync_batchnorm", "use_sync_batchnorm"]
 
 CPU_REASON = "torch's SyncBatchNorm runs on GPUs only"
+
+
+def use_sync_batchnorm(
+    model: nn.Module, dist: DistInfo, *, enabled: bool = True, log: Optional[Callable[[str], None]] = None
+) -> bool:
+    """Whether ``model``'s BatchNorm layers should become ``SyncBatchNorm``: under DDP on a GPU, when ``enabled``.
+
+    Single process, ``enabled=False`` or a model without BatchNorm: False. On CPU: False, and
+    rank 0 says why through ``log``.
+    """
+    if dist.world_size <= 1 or not enabled or not has_batchnorm(model):
+        return False
+    if dist.device.type == "cpu":
+        if log is not None and dist.is_main:
+            log(
+                f"--sync-bn: {CPU_REASON}; on CPU each of the {dist.world_size} ranks normalizes its own "
+                "slice of the batch and DDP keeps rank 0's running statistics (pass --no-sync-bn to say so)"
+            )
+        return False
+    return True
 
 
 def sync_batchnorm(
     model: nn.Module, dist: DistInfo, *, enabled: bool = True, log: Optional[Callable[[str], None]] = None
 ) -> nn.Module:
-    """``model`` with its BatchNorm layers as ``SyncBatchNorm`` when it runs under DDP on a GPU and ``enabled``.
-
-    Single process, ``enabled=False`` or a model without BatchNorm: ``model`` unchanged. On CPU:
-    unchanged, and rank 0 says why through ``log``.
-    """
-    if dist.world_size <= 1 or not enabled or not has_batchnorm(model):
-        return model
-    if dist.device.type == "cpu":
-        if log is not None and dist.is_main:
-            log(
-                f"--sync-bn: {CPU_REASON}; on CPU each of the {dist.world_size} ranks normalizes its own "
-                f"slice of the batch and DDP keeps rank 0's running statistics (pass --no-sync-bn to say so)"
-            )
-        return model
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    """``model`` with its BatchNorm layers as ``SyncBatchNorm`` where :func:`use_sync_batchnorm` says so."""
+    if use_sync_batchnorm(model, dist, enabled=enabled, log=log):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model

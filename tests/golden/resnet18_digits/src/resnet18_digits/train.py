@@ -25,7 +25,7 @@ from importlib import resources
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from scmc_runtime.batchnorm import sync_batchnorm
+from scmc_runtime.batchnorm import use_sync_batchnorm
 from scmc_runtime.checkpoint import (
     FORMAT_VERSION,
     gather_rng_states,
@@ -199,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     # Model, loss, metric and backward (optimizers, schedulers, AMP, accumulation).
     seed_everything(cfg.seed)  # the same initial weights on every rank
     net = Model()
-    # Under DDP on GPUs, BatchNorm statistics over all ranks (--no-sync-bn: per rank; CPU: per rank, warned).
-    net = sync_batchnorm(net, dist, enabled=cfg.sync_bn, log=log.warning)
+    # Under DDP on GPUs, BatchNorm statistics over all ranks (--no-sync-bn: per rank; on CPU per rank, with a warning).
+    if use_sync_batchnorm(net, dist, enabled=cfg.sync_bn, log=log.warning):
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net = net.to(device, memory_format=memory_format)
     criterion = Loss().to(device)
