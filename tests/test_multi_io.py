@@ -81,6 +81,9 @@ def test_the_package_has_two_inputs_two_outputs_and_both_losses(package: Path) -
     with torch.no_grad():
         out = model(torch.randn(3, 3, 32, 32), torch.randn(3, 4))
     assert out["cls"].shape == (3, 10) and out["reg"].shape == (3, 2)
+    count = sum(p.numel() for p in model.parameters())
+    readme = (ROOT / "README.md").read_text()
+    assert f"| `TabularFusion.yaml` | `scmc build cfg/models/TabularFusion.yaml` | default {count:,} " in readme
     loss = pkg.Loss()(label=torch.tensor([1, 2, 3]), cls=out["cls"], target=torch.zeros(3, 2), reg=out["reg"])
     ce, reg, total = loss
     assert torch.allclose(total, ce + reg)  # reg_weight 1.0
