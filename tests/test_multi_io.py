@@ -277,3 +277,58 @@ def test_wiring_mistakes_of_an_image_table_package_are_diagnostics(tmp_path: Pat
     model = TWO_IN.format(second="target")
     out = _build_errors(tmp_path, model, "kind: image_table\nnum_classes: 10\nnum_features: 4\nnum_targets: 2\n")
     assert "error[E1217]: the model's output `target` has the name under which the image_table dataset" in out
+
+
+def test_train_py_refuses_a_timm_dataset_and_a_broken_table_in_one_line(package: Path, tmp_path: Path) -> None:
+    from tests.train_support import run_many
+
+    root = write_digits_table(tmp_path / "table", num_features=4, num_targets=2)
+    csv = root / "train" / "table.csv"
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join([lines[0], lines[1] + ",7", *lines[2:]]) + "\n")
+    common = ["--out", str(tmp_path / "runs"), "--no-mlflow", "--ci", "--workers", "0", "--epochs", "1"]
+    results = run_many(
+        package, [["--timm-dataset", "torch/cifar10", *common], ["--data", str(root), *common]], cwd=tmp_path
+    )
+    assert results[0]["code"] == 2 and "--timm-dataset: this package's model takes an image and a row" in (
+        results[0]["stderr"]
+    )
+    assert results[1]["code"] == 1
+    assert f"{csv}:2: 8 values, the header has 7" in results[1]["stderr"]
+    assert all(len(r["stderr"].strip().splitlines()) == 1 and "Traceback" not in r["stderr"] for r in results)
+    assert not (tmp_path / "runs").exists()  # checked before a run folder is made
+
+
+def test_the_emitters_refuse_an_image_table_context_without_its_sizes() -> None:
+    from dataclasses import replace
+
+    from scmc.emit.predict import render_predict
+    from scmc.emit.train import TrainContext, render_train
+
+    ctx = TrainContext(
+        package="pkg",
+        scmc_version="0",
+        template="t.yaml",
+        model_inputs=["image", "tabular"],
+        model_outputs=["cls", "reg"],
+        model_structured=True,
+        label="label",
+        loss_inputs=["label", "cls", "target", "reg"],
+        loss_outputs=["loss"],
+        loss_structured=False,
+        metric_inputs=[],
+        metric_outputs=[],
+        metric_structured=False,
+        backward_losses=["loss"],
+        target="target",
+        num_features=4,
+        num_targets=2,
+    )
+    source = render_train(ctx)
+    assert 'loss = criterion(label=labels, cls=outputs["cls"], target=targets, reg=outputs["reg"])' in source
+    with pytest.raises(ValueError, match="two model inputs"):
+        render_train(replace(ctx, num_features=0))
+    with pytest.raises(ValueError, match="there is no data for tabular"):
+        render_train(replace(ctx, target=""))
+    with pytest.raises(ValueError, match="features input name"):
+        render_predict("pkg", "image", 32, [0.5], [0.5], None, 5, features_name="tabular", num_features=0)
