@@ -65,6 +65,11 @@ class Training:
     soft_targets: int  # 0: class indices; N: the loss is fed one-hot probabilities over N classes
     backward_losses: tuple[str, ...]
     defaults: tuple[tuple[str, Any], ...]  # TrainConfig field -> default, from the presets
+    # An image_table dataset: the model's second input is a vector of num_features values and the
+    # loss/metric take the regression targets (num_targets per sample) as `target` (TABLE_TARGET).
+    target: str = ""  # empty: images and class labels only
+    num_features: int = 0
+    num_targets: int = 0
 
 
 @dataclass(frozen=True)
@@ -245,6 +250,104 @@ def _train_defaults(presets: dict[str, tuple[Compiled, BaseModel]], model: Compi
     return defaults
 
 
+# --------------------------------------------------------------------------- image_table wiring
+
+TABLE_LABEL, TABLE_TARGET = "label", "target"  # what an image_table dataset feeds the loss and metric
+
+
+def _input_shape(model: Compiled, name: str) -> tuple[int, ...] | None:
+    spec = (model.input_shapes or {}).get(name)
+    return tuple(int(d) for d in spec["shape"]) if spec else None
+
+
+def _check_table(model: Compiled, graphs: list[Compiled], part: Compiled, preset: DatasetPreset, diags: Diagnostics):
+    """An image_table dataset feeds (image, features) to the model and `label`, `target` to the loss and metric."""
+    root = model.root
+    for key in ("num_features", "num_targets"):
+        if getattr(preset, key) is None:
+            diags.error(
+                "E1216",
+                f"a `kind: image_table` preset needs `{key}`, the length of each row's "
+                f"{'features (the model' + chr(39) + 's second input)' if key == 'num_features' else 'regression targets'}",
+                _key(part, "kind"),
+                f"add `{key}: N` (cfg/datasets/digits_table.yaml has 4 features and 2 targets)",
+            )
+    if preset.targets == "soft":
+        diags.error(
+            "E1218",
+            "`targets: soft` is for class-label datasets; an image_table dataset feeds class indices as `label`",
+            _key(part, "targets"),
+            "remove `targets: soft`",
+        )
+    if len(root.inputs) != 2:
+        diags.error(
+            "E1211",
+            f"the dataset preset {part.source.display} is `kind: image_table`: it feeds two model inputs, the image "
+            f"and its row of features, but the model takes {len(root.inputs)} "
+            f"({', '.join(f'`{n}`' for n in root.inputs) or 'none'})",
+            _model_inputs_span(model),
+            "declare INPUTS: [image, tabular] (the image first, the features second)",
+        )
+        return
+    image, tabular = root.inputs
+    image_shape, tabular_shape = _input_shape(model, image), _input_shape(model, tabular)
+    if image_shape is not None and len(image_shape) != 3:
+        diags.error(
+            "E1211",
+            f"the model's first input `{image}` is fed images (channels x height x width), but its INPUT_SHAPES "
+            f"entry is {list(image_shape)}",
+            _model_inputs_span(model),
+            "give the image first in INPUTS and its shape as [C, H, W] in INPUT_SHAPES",
+        )
+    if tabular_shape is not None and (len(tabular_shape) != 1 or tabular_shape[0] != preset.num_features):
+        if preset.num_features is not None:
+            diags.error(
+                "E1212",
+                f"the model's second input `{tabular}` has shape {list(tabular_shape)}, but the dataset preset's rows "
+                f"have {preset.num_features} features (`num_features`)",
+                _key(part, "num_features"),
+                f"build both for the same width: -p num_features={tabular_shape[0] if len(tabular_shape) == 1 else 'N'}"
+                " sets both in the example templates",
+            )
+    for name in (TABLE_LABEL, TABLE_TARGET):
+        if name in root.inputs or name in root.outputs:
+            diags.error(
+                "E1217",
+                f"the model's {'input' if name in root.inputs else 'output'} `{name}` has the name under which the "
+                "image_table dataset feeds the loss its "
+                f"{'class labels' if name == TABLE_LABEL else 'regression targets'}",
+                _model_inputs_span(model) if name in root.inputs else _writes(model, name),
+                f"rename the model's `{name}`",
+            )
+    known = {*root.outputs, TABLE_LABEL, TABLE_TARGET}
+    for graph in graphs:
+        for n in graph.root.inputs:
+            if n not in known:
+                diags.error(
+                    "E1214",
+                    f"{graph.role} input `{n}` is {'a model input' if n in root.inputs else 'not a model output'}: "
+                    f"train.py feeds the {graph.role} the model's outputs ({', '.join(root.outputs)}) and the "
+                    f"image_table dataset's labels (`{TABLE_LABEL}`: class indices, `{TABLE_TARGET}`: regression "
+                    "targets)",
+                    _reads(graph, n),
+                    did_you_mean(n, sorted(known)) or f"read `{TABLE_LABEL}` or `{TABLE_TARGET}`",
+                )
+        for node in graph.root.flow:
+            reads = node_reads(node)
+            if TABLE_TARGET not in reads or preset.num_targets is None:
+                continue
+            for n in reads:
+                shape = (model.output_shapes or {}).get(n)
+                if n in root.outputs and shape is not None and tuple(shape) != (preset.num_targets,):
+                    diags.error(
+                        "E1213",
+                        f"{graph.role}: `{n}` is compared with the regression targets ({preset.num_targets} per "
+                        f"sample, `num_targets`), but the model's `{n}` gives {list(shape)} per sample",
+                        node.span,
+                        f"build the regression head for the data: -p num_targets={preset.num_targets}",
+                    )
+
+
 # --------------------------------------------------------------------------- link
 
 
@@ -293,10 +396,13 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
     known = set(root.inputs) | set(outputs)
     label = "label"
     graphs = [g for g in (loss, metric) if g is not None]
+    table = dataset is not None and dataset.kind == "image_table"
+    if table:
+        _check_table(model, graphs, presets["dataset"][0], dataset, diags)
     unknown = [n for g in graphs for n in g.root.inputs if n not in known]
-    if unknown:
+    if unknown and not table:
         label = "label" if "label" in unknown else unknown[0]
-    for graph in graphs:
+    for graph in graphs if not table else ():
         for n in graph.root.inputs:
             if n in known or n == label:
                 continue
@@ -324,13 +430,14 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
             "declare the images as the model's first input (INPUTS: [image])",
         )
     extra = [n for n in root.inputs[1:] if n != label]
-    if extra and (loss is not None and backward is not None):
+    if extra and (loss is not None and backward is not None) and not table:
         diags.error(
             "E1209",
             f"the model takes {', '.join(f'`{n}`' for n in extra)} besides the images (`{root.inputs[0]}`), "
             "but train.py has data only for the images and the label",
             _model_inputs_span(model),
-            f"the model's inputs may be the images and the label (`{label}`)",
+            f"the model's inputs may be the images and the label (`{label}`); for an image and a vector of "
+            "features use a dataset preset of `kind: image_table` (cfg/datasets/digits_table.yaml)",
         )
     if loss is not None and metric is not None:
         for n in metric.root.outputs:
@@ -348,6 +455,9 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
         num_classes = dataset.num_classes or (len(dataset.classes) if dataset.classes else None)
     if num_classes is not None and model.output_shapes:
         fed = [n for g in graphs if label in g.root.inputs for n in g.root.inputs if n in outputs]
+        if table:  # only the outputs the class labels are compared with, not the regression head
+            fed = [n for g in graphs for node in g.root.flow if label in node_reads(node) for n in node_reads(node)]
+            fed = [n for n in fed if n in outputs]
         for n in dict.fromkeys(fed):
             shape = model.output_shapes.get(n)
             if shape is not None and len(shape) == 1 and shape[0] != num_classes:
@@ -433,6 +543,9 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
             soft_targets=num_classes if soft and num_classes else 0,
             backward_losses=tuple(backward.backward.losses),
             defaults=tuple(_train_defaults(presets, model).items()),
+            target=TABLE_TARGET if table else "",
+            num_features=(dataset.num_features or 0) if table else 0,
+            num_targets=(dataset.num_targets or 0) if table else 0,
         )
     labels = None
     if dataset is not None and dataset.classes:

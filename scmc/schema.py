@@ -66,7 +66,7 @@ class DatasetPreset(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["digits", "image_folder", "timm"]  # digits: the embedded 8x8 digits
+    kind: Literal["digits", "image_folder", "timm", "image_table"]  # digits: the embedded 8x8 digits
     name: str | None = None  # timm only: the timm dataset name, e.g. torch/cifar10
     root: str | None = None  # image_folder: the folder with train/ and val/; timm: the cache folder
     image_size: PositiveInt | None = None
@@ -78,6 +78,9 @@ class DatasetPreset(BaseModel):
     num_classes: PositiveInt | None = None  # checked against the model's output by the link stage
     classes: tuple[str, ...] | None = None  # class labels, for predict.py and `scmc export`
     targets: Literal["class", "soft"] = "class"  # soft: the loss is fed one-hot probabilities
+    # image_table (images + a row of features and regression targets each; scmc/link.py checks the wiring)
+    num_features: PositiveInt | None = None  # the model's second input: a vector of this many values
+    num_targets: PositiveInt | None = None  # the regression targets the loss takes as `target`
 
 
 class EmaPreset(BaseModel):

@@ -61,9 +61,12 @@ def package(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, str, 
     return copy, name, manifest
 
 
-def _kwargs(module: torch.nn.Module, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dict:
-    """A loss/metric graph's inputs: model outputs by name, anything else is the label."""
+def _kwargs(module: torch.nn.Module, outputs: dict[str, torch.Tensor], labels: torch.Tensor, dataset: dict) -> dict:
+    """A loss/metric graph's inputs: model outputs by name, an image table's `target` its regression
+    targets, anything else is the label."""
     names = list(inspect.signature(module.forward).parameters)
+    if dataset.get("kind") == "image_table":
+        outputs = {**outputs, "target": torch.randn(labels.shape[0], dataset["num_targets"])}
     return {n: outputs[n] if n in outputs else labels for n in names}
 
 
@@ -73,10 +76,9 @@ def test_the_golden_model_loss_and_metric_run(package) -> None:
     pkg = import_package(path, name)
     torch.manual_seed(0)
     model = getattr(pkg, manifest["classes"]["model"])().eval()
-    (input_name, spec), *_ = manifest["input_shapes"].items()
-    images = torch.randn(2, *spec["shape"])
+    inputs = [torch.randn(2, *spec["shape"]) for spec in manifest["input_shapes"].values()]  # image (, tabular)
     with torch.no_grad():
-        result = model(images)
+        result = model(*inputs)
     outputs = result if isinstance(result, dict) else dict(zip(manifest["outputs"]["model"], (result,)))
     assert list(outputs) == manifest["outputs"]["model"]
     dataset = manifest["presets"].get("dataset", {})
@@ -87,13 +89,14 @@ def test_the_golden_model_loss_and_metric_run(package) -> None:
     targets = torch.nn.functional.one_hot(labels, classes).float() if dataset.get("targets") == "soft" else labels
     if "loss" in manifest["classes"]:
         loss = getattr(pkg, manifest["classes"]["loss"])()
-        values = loss(**_kwargs(loss, outputs, targets))
-        values = values if isinstance(values, dict) else {manifest["outputs"]["loss"][0]: values}
+        values = loss(**_kwargs(loss, outputs, targets, dataset))
+        if not isinstance(values, dict):  # one tensor, or a tuple of several (ce_loss, reg_loss, loss)
+            values = dict(zip(manifest["outputs"]["loss"], values if isinstance(values, tuple) else (values,)))
         assert list(values) == manifest["outputs"]["loss"]
         assert all(v.ndim == 0 and torch.isfinite(v) and v > 0 for v in values.values())
     if "metric" in manifest["classes"]:
         metric = getattr(pkg, manifest["classes"]["metric"])()
-        values = metric(**_kwargs(metric, outputs, labels))  # metrics take class indices
+        values = metric(**_kwargs(metric, outputs, labels, dataset))  # metrics take class indices
         values = values if isinstance(values, dict) else dict(zip(manifest["outputs"]["metric"], values))
         assert list(values) == manifest["outputs"]["metric"]
         assert all(0 <= float(v) <= 1 for v in values.values())

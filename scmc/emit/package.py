@@ -77,6 +77,9 @@ def train_context(pkg: "PackageDef"):
         defaults=dict(training.defaults),
         model_class=root.name,
         soft_targets=training.soft_targets,
+        target=training.target,
+        num_features=training.num_features,
+        num_targets=training.num_targets,
     )
 
 
@@ -95,6 +98,8 @@ def predict_source(pkg: "PackageDef", train: Any) -> str:
         list(defaults.get("std", IMAGENET_STD)),
         list(pkg.class_labels) if pkg.class_labels is not None else None,
         5,
+        train.model_inputs[1] if train.target else None,
+        train.num_features,
     )
 
 

@@ -2,7 +2,9 @@
 
 :func:`render_predict` fills ``templates/predict.py.j2`` with the package's input name and the
 validation preprocessing of training (image size, mean, std) and, when known, the class
-labels. The generated file runs as ``python -m <pkg>.predict --onnx model.onnx image.png`` with
+labels; for an image-table model (an image and a row of features) also the features input, whose
+values are given with ``--features`` (one row per image), and every output is printed. The
+generated file runs as ``python -m <pkg>.predict --onnx model.onnx image.png`` with
 ONNX Runtime, NumPy and Pillow only: it imports no torch, so the package's ``__init__`` must
 not either for ``python -m`` to stay torch-free.
 """
@@ -25,6 +27,8 @@ def render_predict(
     std: Sequence[float],
     class_labels: Sequence[str] | None,
     topk: int,
+    features_name: str | None = None,
+    num_features: int = 0,
 ) -> str:
     """Black-formatted source of ``<package>/predict.py``."""
     from scmc.emit.jinja import environment as _env
@@ -39,6 +43,8 @@ def render_predict(
         raise ValueError("mean and std need one value per channel")
     if topk < 1:
         raise ValueError("topk must be at least 1")
+    if features_name is not None and (not str(features_name).isidentifier() or num_features < 1):
+        raise ValueError("an image-table model needs a features input name and num_features >= 1")
     labels = None if class_labels is None else [str(label) for label in class_labels]
     source = (
         _env()
@@ -52,6 +58,8 @@ def render_predict(
             std=tuple(float(s) for s in std),
             class_labels=labels,
             topk=int(topk),
+            features_name=features_name,
+            num_features=int(num_features),
         )
     )
     formatted = format_python(source)

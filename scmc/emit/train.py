@@ -73,6 +73,13 @@ FIELDS: tuple[Field, ...] = (
     Field("compile", "bool", False, "torch.compile the model", "speed"),
     Field("compile_mode", "str", "default", "default, reduce-overhead or max-autotune", "speed"),
     Field("channels_last", "bool", False, "channels-last memory format (faster convolutions on GPU)", "speed"),
+    Field(
+        "sync_bn",
+        "bool",
+        True,
+        "under DDP on GPUs, BatchNorm statistics over all ranks (torch.nn.SyncBatchNorm); --no-sync-bn: per rank",
+        "speed",
+    ),
     Field("threads", "int", 0, "CPU threads per process (0: torch's default)", "speed"),
     # runs, checkpoints, logging
     Field("out", "str", "runs", "folder of runs; a run writes <out>/<run-name>/", "output"),
@@ -130,6 +137,11 @@ class TrainContext:
     defaults: dict[str, Any] = field(default_factory=dict)
     model_class: str = "Model"  # the class in model.py (scmc build --classname)
     soft_targets: int = 0  # N > 0: the loss takes the labels as one-hot probabilities over N classes
+    # An image_table dataset (scmc_runtime.tabular): the model's second input is fed a row of
+    # num_features values, and loss/metric inputs named ``target`` the row's num_targets values.
+    target: str = ""  # empty: images and class labels only
+    num_features: int = 0
+    num_targets: int = 0
 
 
 def _check_names(ctx: TrainContext) -> None:
@@ -151,13 +163,15 @@ def _check_names(ctx: TrainContext) -> None:
         raise ValueError("train.py: the model takes no inputs; it needs at least the images")
     if not ctx.model_outputs or not ctx.loss_outputs:
         raise ValueError("train.py: the model and the loss must each have at least one output")
-    extra = [n for n in ctx.model_inputs[1:] if n != ctx.label]
+    if ctx.target and (len(ctx.model_inputs) != 2 or ctx.num_features < 1 or ctx.num_targets < 1):
+        raise ValueError("train.py: an image_table package has two model inputs (image, features) and sizes")
+    extra = [n for n in ctx.model_inputs[1:] if n != ctx.label and not ctx.target]
     if extra:
         raise ValueError(
             f"train.py: the model's first input ({ctx.model_inputs[0]}) is fed the images and another may be "
             f"the label ({ctx.label}); there is no data for {', '.join(extra)}"
         )
-    known = {ctx.label, *ctx.model_outputs, *ctx.model_inputs}
+    known = {ctx.label, *ctx.model_outputs, *ctx.model_inputs, *([ctx.target] if ctx.target else [])}
     for role, inputs in (("loss", ctx.loss_inputs), ("metric", ctx.metric_inputs)):
         missing = [n for n in inputs if n not in known]
         if missing:
@@ -226,6 +240,10 @@ def _source(name: str, ctx: TrainContext, soft: bool = False) -> str:
         return f"outputs[{ctx.model_outputs.index(name)}]"
     if name == ctx.model_inputs[0]:
         return "images"
+    if ctx.target and name == ctx.target:
+        return "targets"
+    if ctx.target and name == ctx.model_inputs[1]:
+        return "features"
     raise AssertionError(name)
 
 
@@ -244,12 +262,16 @@ def render_train(ctx: TrainContext) -> str:
     else:
         outputs_type = "tuple[torch.Tensor, ...]"
     model_call = ", ".join("images" if i == 0 else "labels" for i in range(len(ctx.model_inputs)))
+    if ctx.target:
+        model_call = "images, features"
     source = env.get_template(TEMPLATE).render(
         ctx=ctx,
         fields=fields,
         groups=[g for i, g in enumerate(f.group for f in fields) if g not in [f.group for f in fields][:i]],
         outputs_type=outputs_type,
         model_takes_labels=len(ctx.model_inputs) > 1,
+        label_params="labels: torch.Tensor, targets: torch.Tensor" if ctx.target else "labels: torch.Tensor",
+        label_args="labels, targets" if ctx.target else "labels",
         model_call=model_call,
         loss_args=", ".join(f"{n}={_source(n, ctx, soft=True)}" for n in ctx.loss_inputs),
         metric_args=", ".join(f"{n}={_source(n, ctx)}" for n in ctx.metric_inputs),

@@ -43,4 +43,9 @@ CASES = {
         "--name",
         "vit_tiny_digits",
     ],
+    "tabularfusion": [  # two inputs (image, tabular), two outputs (cls, reg), a two-part loss, an image table
+        "cfg/models/TabularFusion.yaml",
+        "--name",
+        "tabularfusion",
+    ],
 }

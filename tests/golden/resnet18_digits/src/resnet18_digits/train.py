@@ -25,6 +25,7 @@ from importlib import resources
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from scmc_runtime.batchnorm import use_sync_batchnorm
 from scmc_runtime.checkpoint import (
     FORMAT_VERSION,
     gather_rng_states,
@@ -47,7 +48,6 @@ from scmc_runtime.train import (
     evaluate,
     flag,
     format_metrics,
-    has_batchnorm,
     load_resume_state,
     next_steps,
     parse_config,
@@ -107,6 +107,10 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile the model")
     compile_mode: str = flag("default", "default, reduce-overhead or max-autotune")
     channels_last: bool = flag(False, "channels-last memory format (faster convolutions on GPU)")
+    sync_bn: bool = flag(
+        True,
+        "under DDP on GPUs, BatchNorm statistics over all ranks (torch.nn.SyncBatchNorm); --no-sync-bn: per rank",
+    )
     threads: int = flag(0, "CPU threads per process (0: torch's default)")
     # output
     out: str = flag("runs", "folder of runs; a run writes <out>/<run-name>/")
@@ -195,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     # Model, loss, metric and backward (optimizers, schedulers, AMP, accumulation).
     seed_everything(cfg.seed)  # the same initial weights on every rank
     net = Model()
-    if dist.world_size > 1 and device.type != "cpu" and has_batchnorm(net):
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # batch statistics over all ranks
+    # Under DDP on GPUs, BatchNorm statistics over all ranks (--no-sync-bn: per rank; on CPU per rank, with a warning).
+    if use_sync_batchnorm(net, dist, enabled=cfg.sync_bn, log=log.warning):
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net = net.to(device, memory_format=memory_format)
     criterion = Loss().to(device)
