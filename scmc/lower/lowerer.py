@@ -1,0 +1,51 @@
+"""The Lowerer: one build part's layer-graph template -> an :class:`~scmc.ir.Instance` tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from scmc.diagnostics import Diagnostics
+from scmc.ir import Instance
+from scmc.load import JINJA_KEYS, LAYER_GRAPH_KEYS, LDict, Parameters, Source
+from scmc.lower.common import Options, Scope
+from scmc.lower.files import TemplateFiles, cfg_roots
+from scmc.lower.graphs import GraphLowering
+from scmc.lower.layers import LayerLowering
+from scmc.lower.naming import Naming
+from scmc.lower.signatures import SignatureChecks
+from scmc.lower.steps import StepLowering
+from scmc.lower.users import UserLayers, user_layer_defs
+
+
+class Lowerer(UserLayers, GraphLowering, StepLowering, LayerLowering, SignatureChecks, TemplateFiles, Naming):
+    def __init__(self, options: Options, diags: Diagnostics):
+        self.options = options
+        self.diags = diags
+        self.instances = 0
+        self.layers = 0
+        self.templates: dict[Path, Source] = {}  # CFG-included templates, by resolved path
+        self.cfg_roots: tuple[Path, ...] = ()  # where CFG may read: the root template's folder + --allow-cfg-dir
+        self.function_cache: dict[str, Any] = {}
+        self.files: dict[str, Path] = {}  # `_file_` modules: stem -> path
+        self.current_source: Source | None = None
+        self.imports: dict[str, str] = {}  # IMPORTS of the graph being lowered (for `eval:` in layer arguments)
+
+    def lower_root(self, source: Source, params: Parameters, classname: str, sublayer: str | None = None) -> Instance:
+        self.cfg_roots = cfg_roots(source, self.options.cfg_dirs)
+        scope = Scope(source, {k: (v, None) for k, v in user_layer_defs(source.data, self.diags, source).items()})
+        for key in scope.layers:
+            scope.layers[key] = (scope.layers[key][0], scope)
+        if sublayer:
+            parts = sublayer.split(".")
+            definition, def_scope = self._find_layer(parts, scope, source.data.span)
+            # the sublayer is the root of this build: INPUT_SHAPES, --shape and --no-structured-output apply to it
+            return self._lower_user(
+                definition, def_scope, params, classname, ".".join(parts), source.data.span, is_root=True
+            )
+        root = LDict(
+            {k: v for k, v in source.data.items() if k in LAYER_GRAPH_KEYS or k in JINJA_KEYS}, span=source.data.span
+        )
+        root.key_spans = dict(source.data.key_spans)
+        root.value_spans = dict(source.data.value_spans)
+        return self._lower_graph(root, scope, params, template=source.display, class_hint=classname, is_root=True)
