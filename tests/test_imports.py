@@ -46,6 +46,7 @@ LAYERS = {
     "scmc.lower": "lower",  # the package: re-exports Lowerer, Options, cfg_roots and the grammar's keys
     "scmc.lower.common": "lower",
     "scmc.lower.naming": "lower",
+    "scmc.lower.grammar": "lower",
     "scmc.lower.files": "lower",
     "scmc.lower.signatures": "lower",
     "scmc.lower.layers": "lower",

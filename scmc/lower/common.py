@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from scmc.addresses import AllowList
-from scmc.diagnostics import Span
-from scmc.load import LDict, Source
+from scmc.diagnostics import CompileError, Diagnostic, Span
+from scmc.ir import ChildInst
+from scmc.load import LDict, Parameters, Source
 
 STEP_KEYS = ("INPUTS", "OUTPUTS", "NAME", "LAYER")
 PACKAGE_KEY = "PACKAGE"  # scmc: default loss/metric/backward/data presets of a model template
@@ -30,6 +31,27 @@ class Scope:
 
 
 @dataclass
+class GraphContext:
+    """What lowering one layer graph hands to its steps and layers, passed explicitly.
+
+    One per graph (the root, each user-layer instance, each CFG include): the scope it was
+    written in, the parameters it was rendered with, its IMPORTS (for ``eval:`` in steps and in
+    layer arguments), the layers lowered so far and the names they were given.
+    """
+
+    scope: Scope
+    params: Parameters
+    imports: dict[str, str] = field(default_factory=dict)
+    children: list[ChildInst] = field(default_factory=list)
+    layers: dict[str, ChildInst | None] = field(default_factory=dict)  # None: its definition failed (reported)
+
+    @property
+    def directory(self) -> Path:
+        """The folder of the template the graph was written in (`_file_` modules are looked up there)."""
+        return self.scope.source.directory
+
+
+@dataclass
 class Options:
     allow: AllowList = field(default_factory=AllowList)
     input_shapes: dict[str, Any] | None = None  # -s overrides
@@ -44,7 +66,10 @@ def _meta_device():
     return torch.device("meta")
 
 
-def _diag(code: str, message: str, span: Span | None, hint: str = ""):
-    from scmc.diagnostics import Diagnostic
+def error_at(code: str, message: str, span: Span | None, hint: str = "") -> CompileError:
+    """The one way lowering stops at a mistake: ``raise error_at(code, message, span, hint)``.
 
-    return Diagnostic(code, message, span, hint)
+    Mistakes that do not stop the step (the rest of the graph is still checked) go to the
+    build's :class:`~scmc.diagnostics.Diagnostics` with ``diags.error(...)`` instead.
+    """
+    return CompileError([Diagnostic(code, message, span, hint)])

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from scmc.diagnostics import CompileError, Span
+from scmc.diagnostics import Span
 from scmc.load import Source, read_template
-from scmc.lower.common import _diag
+from scmc.lower.common import error_at
 from scmc.names import is_name
 
 
@@ -53,34 +53,26 @@ class TemplateFiles:
                 kind = "file" if resolved.is_file() else "other" if resolved.exists() else None
             except (OSError, ValueError) as exc:  # a NUL character, a name too long for the system
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                raise CompileError(
-                    [_diag("E0792", f"CFG is not a usable file path ({why})", span, "CFG names a template file")]
+                raise error_at(
+                    "E0792", f"CFG is not a usable file path ({why})", span, "CFG names a template file"
                 ) from None
             if kind == "file":
                 return resolved
             if kind == "other":
-                raise CompileError(
-                    [
-                        _diag(
-                            "E0791",
-                            f"CFG `{cfg}` is not a regular file",
-                            span,
-                            "CFG names a template file (a .yaml file next to this template)",
-                        )
-                    ]
+                raise error_at(
+                    "E0791",
+                    f"CFG `{cfg}` is not a regular file",
+                    span,
+                    "CFG names a template file (a .yaml file next to this template)",
                 )
             cache.note_absent(path)  # a file created here later changes which one is read
         if not inside:
-            raise CompileError(
-                [
-                    _diag(
-                        "E0790",
-                        f"CFG `{cfg}` is outside {folder_words(roots[0])}; it was not read",
-                        span,
-                        "CFG reads templates from the folder of the template given on the command line and its "
-                        "subfolders; move the file there, or pass --allow-cfg-dir DIR to allow another folder",
-                    )
-                ]
+            raise error_at(
+                "E0790",
+                f"CFG `{cfg}` is outside {folder_words(roots[0])}; it was not read",
+                span,
+                "CFG reads templates from the folder of the template given on the command line and its "
+                "subfolders; move the file there, or pass --allow-cfg-dir DIR to allow another folder",
             )
         where = f"looked next to {source.display} and in the working directory"
         if inside == [source.directory / cfg] and source.directory.resolve() != Path.cwd().resolve():
@@ -88,7 +80,7 @@ class TemplateFiles:
                 f"looked next to {source.display}, not in the working directory (outside "
                 f"{folder_words(roots[0])}; --allow-cfg-dir . lets CFG look there)"
             )
-        raise CompileError([_diag("E0706", f"CFG file `{cfg}` not found", span, where)])
+        raise error_at("E0706", f"CFG file `{cfg}` not found", span, where)
 
     def _read(self, path: Path) -> Source:
         key = path.resolve()
@@ -96,7 +88,7 @@ class TemplateFiles:
             self.templates[key] = read_template(path)
         return self.templates[key]
 
-    def _file_module(self, file: Any, span: Span) -> str:
+    def _file_module(self, file: Any, span: Span, folder: Path | None) -> str:
         """`_file_: blocks.py` next to the template: trusted only with --allow-module blocks.
 
         The file is loaded (which runs it) as ``scmc_files.blocks`` and later copied into the
@@ -106,56 +98,40 @@ class TemplateFiles:
         import sys
         import types
 
-        directory = (self.current_source.directory if self.current_source else Path.cwd()).resolve()
+        directory = (folder if folder is not None else Path.cwd()).resolve()  # the naming template's folder
         if not isinstance(file, str) or not file.endswith(".py"):
-            raise CompileError(
-                [_diag("E0748", f"`_file_` must name a .py file next to the template, not `{file}`", span)]
-            )
+            raise error_at("E0748", f"`_file_` must name a .py file next to the template, not `{file}`", span)
         path = (directory / file).resolve()
         try:
             path.relative_to(directory)
         except ValueError:
-            raise CompileError(
-                [
-                    _diag(
-                        "E0755",
-                        f"`_file_: {file}` points outside the template's directory",
-                        span,
-                        "layer files must sit in the template's directory (no `..`, absolute paths or symlinks out)",
-                    )
-                ]
+            raise error_at(
+                "E0755",
+                f"`_file_: {file}` points outside the template's directory",
+                span,
+                "layer files must sit in the template's directory (no `..`, absolute paths or symlinks out)",
             ) from None
         if not path.is_file():
-            raise CompileError(
-                [_diag("E0756", f"`_file_: {file}` does not exist", span, f"looked in {display_dir(directory)}")]
-            )
+            raise error_at("E0756", f"`_file_: {file}` does not exist", span, f"looked in {display_dir(directory)}")
         stem = path.stem
         reserved = {"model", "loss", "metric", "backward", "train", "predict", "manifest", "scmc_files"}
         if not is_name(stem) or stem in reserved or stem in self.options.allow.roots:
-            raise CompileError(
-                [
-                    _diag(
-                        "E0757",
-                        f"`{path.name}` cannot become a module of the package",
-                        span,
-                        f"rename it; {', '.join(sorted(reserved))} and allow-listed roots are taken",
-                    )
-                ]
+            raise error_at(
+                "E0757",
+                f"`{path.name}` cannot become a module of the package",
+                span,
+                f"rename it; {', '.join(sorted(reserved))} and allow-listed roots are taken",
             )
         if stem not in self.options.allow.extra:
-            raise CompileError(
-                [
-                    _diag(
-                        "E0748",
-                        f"`_file_: {file}` runs the Python code in {path.name} at build time",
-                        span,
-                        f"if you trust it, pass --allow-module {stem}",
-                    )
-                ]
+            raise error_at(
+                "E0748",
+                f"`_file_: {file}` runs the Python code in {path.name} at build time",
+                span,
+                f"if you trust it, pass --allow-module {stem}",
             )
         known = self.files.get(stem)
         if known is not None and known != path:
-            raise CompileError([_diag("E0758", f"two layer files are named {path.name}", span, "rename one of them")])
+            raise error_at("E0758", f"two layer files are named {path.name}", span, "rename one of them")
         module_name = f"scmc_files.{stem}"
         if known is None:
             package = sys.modules.setdefault("scmc_files", types.ModuleType("scmc_files"))
@@ -167,9 +143,7 @@ class TemplateFiles:
                 spec.loader.exec_module(module)  # type: ignore[union-attr]
             except Exception as exc:
                 del sys.modules[module_name]
-                raise CompileError(
-                    [_diag("E0759", f"loading {path.name} failed: {type(exc).__name__}: {exc}", span)]
-                ) from None
+                raise error_at("E0759", f"loading {path.name} failed: {type(exc).__name__}: {exc}", span) from None
             setattr(package, stem, module)
             self.files[stem] = path
             if module_name not in self.options.allow.extra:

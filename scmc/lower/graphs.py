@@ -8,7 +8,8 @@ from scmc.addresses import AddressError, check_address, resolve
 from scmc.diagnostics import CompileError, Span, did_you_mean
 from scmc.ir import ChildInst, INPUT_DTYPES, Instance, Node, node_reads, out_names
 from scmc.load import LAYER_GRAPH_KEYS, LDict, LList, Parameters, expand
-from scmc.lower.common import Scope, _diag
+from scmc.lower.common import GraphContext, Scope, error_at
+from scmc.lower.naming import auto_name
 from scmc.names import is_name
 
 
@@ -48,38 +49,70 @@ class GraphLowering:
         is_root: bool,
         use_span: Span | None = None,
     ) -> Instance:
-        previous, self.current_source = self.current_source, scope.source
-        try:
-            return self._lower_graph_in(raw, scope, params, template, class_hint, is_root, use_span)
-        finally:
-            self.current_source = previous
+        """One layer graph -> an Instance: rendered, its steps lowered, its data flow checked."""
+        self._count_instance(raw)
+        graph = self._rendered_graph(raw, params, template, use_span)
+        span = graph.span
+        errors_before = len(self.diags)
+        ctx = GraphContext(scope, params, self._imports(graph))
+        flow = self._flow(graph, "FLOW", ctx)
+        inference = (
+            self._flow(graph, "INFERENCE_FLOW", ctx)
+            if "INFERENCE_FLOW" in graph and graph["INFERENCE_FLOW"] is not None
+            else None
+        )
+        if len(self.diags) > errors_before:
+            # a broken step makes the data-flow checks below report follow-on errors
+            raise CompileError(list(self.diags))
+        children = ctx.children
+        auto_name(children)
+        # map provisional layer references to final attribute names
+        flow = [_relabel(n, children) for n in flow]
+        inference = [_relabel(n, children) for n in inference] if inference is not None else None
+        inputs = self._names(graph, "INPUTS")
+        outputs = self._names(graph, "OUTPUTS")
+        if inputs is None:
+            inputs = _first_reads(flow)
+        written = self._check_reads(inputs, flow, inference)
+        if outputs is None:
+            outputs = written
+            if not outputs:
+                self.diags.error(
+                    "E0737",
+                    f"layer graph `{template}` returns nothing: every step writes one of its inputs",
+                    use_span or span,
+                    "name the result of the last step, or declare OUTPUTS",
+                )
+        self._check_outputs(graph, inputs, outputs, flow, inference)
+        return Instance(
+            template,
+            class_hint,
+            {},
+            children,
+            list(inputs),
+            list(outputs),
+            self._structured(graph, is_root),
+            flow,
+            inference,
+            use_span or span,
+            self._shapes(graph, inputs) if is_root else None,
+        )
 
-    def _lower_graph_in(
-        self,
-        raw: LDict,
-        scope: Scope,
-        params: Parameters,
-        template: str,
-        class_hint: str,
-        is_root: bool,
-        use_span: Span | None = None,
-    ) -> Instance:
+    def _count_instance(self, raw: LDict) -> None:
         self.instances += 1
         if self.instances > self.options.max_instances:
-            raise CompileError(
-                [
-                    _diag(
-                        "E0707",
-                        f"more than {self.options.max_instances} layer instances",
-                        raw.span,
-                        "a Jinja loop or a recursive template is generating too many layers",
-                    )
-                ]
+            raise error_at(
+                "E0707",
+                f"more than {self.options.max_instances} layer instances",
+                raw.span,
+                "a Jinja loop or a recursive template is generating too many layers",
             )
+
+    def _rendered_graph(self, raw: LDict, params: Parameters, template: str, use_span: Span | None) -> LDict:
+        """The graph's Jinja rendered with PARAMS, its keys checked; it must have a FLOW."""
         graph = expand(raw, params)
         if not isinstance(graph, LDict):
-            raise CompileError([_diag("E0708", "a layer graph must render to a mapping", raw.span)])
-        span = graph.span
+            raise error_at("E0708", "a layer graph must render to a mapping", raw.span)
         for key in graph:
             if key not in LAYER_GRAPH_KEYS:
                 self.diags.error(
@@ -89,35 +122,15 @@ class GraphLowering:
                     did_you_mean(str(key), LAYER_GRAPH_KEYS) or "user layers are defined at the top level of a file",
                 )
         if "FLOW" not in graph:
-            self.diags.error("E0710", f"layer graph `{template}` has no FLOW", use_span or span, "add FLOW: [steps...]")
-            raise CompileError(list(self.diags))
-        errors_before = len(self.diags)
-        imports = self._imports(graph)
-        children: list[ChildInst] = []
-        layer_kinds: dict[str, ChildInst] = {}
-        outer_imports, self.imports = self.imports, imports
-        try:
-            flow = self._flow(graph, "FLOW", scope, params, imports, children, layer_kinds)
-            inference = (
-                self._flow(graph, "INFERENCE_FLOW", scope, params, imports, children, layer_kinds)
-                if "INFERENCE_FLOW" in graph and graph["INFERENCE_FLOW"] is not None
-                else None
+            self.diags.error(
+                "E0710", f"layer graph `{template}` has no FLOW", use_span or graph.span, "add FLOW: [steps...]"
             )
-        finally:
-            self.imports = outer_imports
-        if len(self.diags) > errors_before:
-            # a broken step makes the data-flow checks below report follow-on errors
             raise CompileError(list(self.diags))
-        self._auto_name(children)
-        # map provisional layer references to final attribute names
-        flow = [_relabel(n, children) for n in flow]
-        inference = [_relabel(n, children) for n in inference] if inference is not None else None
+        return graph
 
-        inputs = self._names(graph, "INPUTS")
-        outputs = self._names(graph, "OUTPUTS")
+    def _check_reads(self, inputs: list[str], flow: list[Node], inference: list[Node] | None) -> list[str]:
+        """E0711 for a name read before it is written; the names FLOW writes (besides its inputs), in order."""
         written_any: list[str] = []
-        if inputs is None:
-            inputs = _first_reads(flow)
         for label, nodes in (("FLOW", flow), ("INFERENCE_FLOW", inference)):
             if nodes is None:
                 continue
@@ -136,45 +149,31 @@ class GraphLowering:
                     defined.add(name)
                     if label == "FLOW" and name not in written_any and name not in inputs:
                         written_any.append(name)
-        if outputs is None:
-            outputs = written_any
-            if not outputs:
-                self.diags.error(
-                    "E0737",
-                    f"layer graph `{template}` returns nothing: every step writes one of its inputs",
-                    use_span or span,
-                    "name the result of the last step, or declare OUTPUTS",
-                )
+        return written_any
+
+    def _check_outputs(
+        self, graph: LDict, inputs: list[str], outputs: list[str], flow: list[Node], inference: list[Node] | None
+    ) -> None:
+        """E0712 for an output that FLOW (or INFERENCE_FLOW) never writes."""
         for label, nodes in (("FLOW", flow), ("INFERENCE_FLOW", inference)):
             if nodes is None:
                 continue
             written = set(inputs) | {n for node in nodes for n in out_names(node.out)}
             for name in outputs:
                 if name not in written:
-                    where = graph.key_span("OUTPUTS") if "OUTPUTS" in graph else span
+                    where = graph.key_span("OUTPUTS") if "OUTPUTS" in graph else graph.span
                     self.diags.error(
                         "E0712", f"output `{name}` is never written by {label}", where, did_you_mean(name, written)
                     )
+
+    def _structured(self, graph: LDict, is_root: bool) -> bool:
         structured = graph.get("STRUCTURED_OUTPUT", False)
         if not isinstance(structured, bool):
             self.diags.error("E0713", "STRUCTURED_OUTPUT must be true or false", graph.value_span("STRUCTURED_OUTPUT"))
             structured = False
         if is_root and self.options.structured is not None:
             structured = self.options.structured
-        shapes = self._shapes(graph, inputs) if is_root else None
-        return Instance(
-            template,
-            class_hint,
-            {},
-            children,
-            list(inputs),
-            list(outputs),
-            structured,
-            flow,
-            inference,
-            use_span or span,
-            shapes,
-        )
+        return structured
 
     def _names(self, graph: LDict, key: str) -> list[str] | None:
         if key not in graph or graph[key] is None:

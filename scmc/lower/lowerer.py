@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 from scmc.diagnostics import Diagnostics
 from scmc.ir import Instance
 from scmc.load import JINJA_KEYS, LAYER_GRAPH_KEYS, LDict, Parameters, Source
@@ -12,13 +10,20 @@ from scmc.lower.common import Options, Scope
 from scmc.lower.files import TemplateFiles, cfg_roots
 from scmc.lower.graphs import GraphLowering
 from scmc.lower.layers import LayerLowering
-from scmc.lower.naming import Naming
 from scmc.lower.signatures import SignatureChecks
 from scmc.lower.steps import StepLowering
 from scmc.lower.users import UserLayers, user_layer_defs
 
 
-class Lowerer(UserLayers, GraphLowering, StepLowering, LayerLowering, SignatureChecks, TemplateFiles, Naming):
+class Lowerer(UserLayers, GraphLowering, StepLowering, LayerLowering, SignatureChecks, TemplateFiles):
+    """Lowers the templates of one build part; made of one class per concern (the bases).
+
+    What it holds is the build part's, shared by every graph it lowers: the options, the
+    diagnostics, the instance and layer counts (``--max-instances``), the CFG templates and the
+    `_file_` modules read. What belongs to one graph (its scope, parameters, IMPORTS, layers) is a
+    :class:`~scmc.lower.common.GraphContext` handed down explicitly.
+    """
+
     def __init__(self, options: Options, diags: Diagnostics):
         self.options = options
         self.diags = diags
@@ -26,10 +31,7 @@ class Lowerer(UserLayers, GraphLowering, StepLowering, LayerLowering, SignatureC
         self.layers = 0
         self.templates: dict[Path, Source] = {}  # CFG-included templates, by resolved path
         self.cfg_roots: tuple[Path, ...] = ()  # where CFG may read: the root template's folder + --allow-cfg-dir
-        self.function_cache: dict[str, Any] = {}
         self.files: dict[str, Path] = {}  # `_file_` modules: stem -> path
-        self.current_source: Source | None = None
-        self.imports: dict[str, str] = {}  # IMPORTS of the graph being lowered (for `eval:` in layer arguments)
 
     def lower_root(self, source: Source, params: Parameters, classname: str, sublayer: str | None = None) -> Instance:
         self.cfg_roots = cfg_roots(source, self.options.cfg_dirs)

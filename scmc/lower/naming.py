@@ -19,33 +19,28 @@ def to_pascal(name: str) -> str:
     return out
 
 
-class Naming:
-    """Attribute names for the layers a graph does not name.
-
-    A part of :class:`~scmc.lower.lowerer.Lowerer`.
-    """
-
-    def _auto_name(self, children: list[ChildInst]) -> None:
-        taken = {c.attr for c in children if c.name_given}
-        counts: dict[str, int] = {}
-        for child in children:
-            if child.name_given:
-                continue
-            if child.kind == "user":
-                base = to_snake(child.instance.class_hint if child.instance else "layer")
-            else:
-                last = child.ctor.address.split(".")[-1]
-                if last.startswith("Lazy") and len(last) > 4:
-                    last = last[4:]
-                base = to_snake(last)
-            if base in MODULE_ATTRS or keyword.iskeyword(base) or base in dir(builtins):
-                base = base + "_layer"
-            n = counts.get(base, 0)
-            while True:
-                candidate = base if n == 0 else f"{base}_{n}"
-                n += 1
-                if candidate not in taken:
-                    break
-            counts[base] = n
-            taken.add(candidate)
-            child.attr = candidate
+def auto_name(children: list[ChildInst]) -> None:
+    """Give each layer the step did not name an attribute name: snake_case of its class, numbered on collisions."""
+    taken = {c.attr for c in children if c.name_given}
+    counts: dict[str, int] = {}
+    for child in children:
+        if child.name_given:
+            continue
+        if child.kind == "user":
+            base = to_snake(child.instance.class_hint if child.instance else "layer")
+        else:
+            last = child.ctor.address.split(".")[-1]
+            if last.startswith("Lazy") and len(last) > 4:
+                last = last[4:]
+            base = to_snake(last)
+        if base in MODULE_ATTRS or keyword.iskeyword(base) or base in dir(builtins):
+            base = base + "_layer"
+        n = counts.get(base, 0)
+        while True:
+            candidate = base if n == 0 else f"{base}_{n}"
+            n += 1
+            if candidate not in taken:
+                break
+        counts[base] = n
+        taken.add(candidate)
+        child.attr = candidate

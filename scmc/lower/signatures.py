@@ -8,8 +8,8 @@ from typing import Any
 
 import scmc.expr as X
 from scmc.addresses import AddressError
-from scmc.diagnostics import CompileError, Span, did_you_mean
-from scmc.lower.common import _diag
+from scmc.diagnostics import Span, did_you_mean
+from scmc.lower.common import error_at
 
 
 class SignatureChecks:
@@ -34,7 +34,7 @@ class SignatureChecks:
                     obj, [build_value(a, allow) for a in args], {k: build_value(v, allow) for k, v in kwargs.items()}
                 )
         except (X.ExprError, AddressError) as exc:
-            raise CompileError([_diag(exc.code, exc.message, span, exc.hint)]) from None
+            raise error_at(exc.code, exc.message, span, exc.hint) from None
         except Exception as exc:
             detail = (str(exc).strip().splitlines() or [""])[0]
             hint = "check the values given in `_call_` and `_bind_`"
@@ -48,8 +48,8 @@ class SignatureChecks:
                     if value.is_integer():
                         hint += " (in `eval:`, `//` divides to an integer)"
                     break
-            raise CompileError(
-                [_diag("E0753", f"constructing `{address}` failed: {type(exc).__name__}: {detail}", span, hint)]
+            raise error_at(
+                "E0753", f"constructing `{address}` failed: {type(exc).__name__}: {detail}", span, hint
             ) from None
 
     def _check_signature(self, obj: Any, address: str, args: tuple, kwargs: dict, span: Span, partial: bool) -> None:
@@ -64,15 +64,11 @@ class SignatureChecks:
                 k for k in kwargs if k not in params or sig.parameters[k].kind == inspect.Parameter.POSITIONAL_ONLY
             ]
             if unknown:
-                raise CompileError(
-                    [
-                        _diag(
-                            "E0745",
-                            f"`{address}` has no parameter `{unknown[0]}`",
-                            span,
-                            did_you_mean(unknown[0], params) or f"parameters: {', '.join(params)}",
-                        )
-                    ]
+                raise error_at(
+                    "E0745",
+                    f"`{address}` has no parameter `{unknown[0]}`",
+                    span,
+                    did_you_mean(unknown[0], params) or f"parameters: {', '.join(params)}",
                 )
         try:
             (sig.bind_partial if partial else sig.bind)(*args, **kwargs)
@@ -87,13 +83,9 @@ class SignatureChecks:
                 for n, p in sig.parameters.items()
                 if n in params
             )
-            raise CompileError(
-                [
-                    _diag(
-                        "E0745",
-                        f"arguments do not fit `{address}({shown})`: {exc}",
-                        span,
-                        hint or f"parameters: {', '.join(params)}",
-                    )
-                ]
+            raise error_at(
+                "E0745",
+                f"arguments do not fit `{address}({shown})`: {exc}",
+                span,
+                hint or f"parameters: {', '.join(params)}",
             ) from None

@@ -8,7 +8,7 @@ from typing import Any
 from scmc.diagnostics import CompileError, Diagnostics, Span, did_you_mean
 from scmc.ir import Instance
 from scmc.load import JINJA_KEYS, LAYER_GRAPH_KEYS, LDict, Parameters, Source, plain
-from scmc.lower.common import PACKAGE_KEY, Scope, USER_LAYER_KEYS, _diag
+from scmc.lower.common import PACKAGE_KEY, Scope, USER_LAYER_KEYS, error_at
 from scmc.lower.naming import to_pascal
 from scmc.names import is_name
 
@@ -49,7 +49,7 @@ class UserLayers:
     def _find_layer(self, parts: list[str], scope: Scope, span: Span) -> tuple[LDict, Scope]:
         first, rest = parts[0], parts[1:]
         if first not in scope.layers:
-            raise CompileError([self._unknown_type(first, scope, span)])
+            raise self._unknown_type(first, scope, span)
         definition, def_scope = scope.layers[first]
         def_scope = def_scope or scope
         if not rest:
@@ -59,15 +59,13 @@ class UserLayers:
             inner.layers[key] = (value, inner)
         return self._find_layer(rest, inner, span)
 
-    def _unknown_type(self, name: str, scope: Scope, span: Span):
-        from scmc.diagnostics import Diagnostic
-
+    def _unknown_type(self, name: str, scope: Scope, span: Span) -> CompileError:
         hint = did_you_mean(name, scope.layers) or (
             f"user layers of this file: {', '.join(sorted(scope.layers))}"
             if scope.layers
             else "this file defines no user layers"
         )
-        return Diagnostic("E0700", f"unknown user layer TYPE `{name}`", span, hint)
+        return error_at("E0700", f"unknown user layer TYPE `{name}`", span, hint)
 
     def _lower_user(
         self,
@@ -82,13 +80,7 @@ class UserLayers:
     ) -> Instance:
         if key in scope.chain:
             cycle = " -> ".join((*scope.chain[scope.chain.index(key) :], key))
-            raise CompileError(
-                [
-                    __import__("scmc.diagnostics", fromlist=["Diagnostic"]).Diagnostic(
-                        "E0701", f"user layer TYPE cycle: {cycle}", span, "a user layer cannot contain itself"
-                    )
-                ]
-            )
+            raise error_at("E0701", f"user layer TYPE cycle: {cycle}", span, "a user layer cannot contain itself")
         own = Parameters.from_raw(
             definition.get("PARAMETERS"),
             definition.key_span("PARAMETERS") if "PARAMETERS" in definition else definition.span,
@@ -125,10 +117,10 @@ class UserLayers:
         merged = params.merge(passed)
         passed_default = dict(plain(param_raw).get("DEFAULT") or {}) if isinstance(param_raw, dict) else {}
         if type_name is not None and not isinstance(type_name, str):
-            raise CompileError([_diag("E0703", "TYPE must be a string naming a user layer", spec.value_span("TYPE"))])
+            raise error_at("E0703", "TYPE must be a string naming a user layer", spec.value_span("TYPE"))
         if cfg is not None:
             if not isinstance(cfg, str):
-                raise CompileError([_diag("E0704", "CFG must be a path to a template file", spec.value_span("CFG"))])
+                raise error_at("E0704", "CFG must be a path to a template file", spec.value_span("CFG"))
             path = self._resolve_cfg(cfg, scope.source, spec.value_span("CFG"))
             other = self._read(path)
             other_scope = Scope(other, {}, scope.chain)
@@ -151,9 +143,7 @@ class UserLayers:
                 )
             key = f"{other.display}"
             if key in scope.chain:
-                raise CompileError(
-                    [_diag("E0701", f"CFG cycle: {' -> '.join((*scope.chain, key))}", spec.value_span("CFG"))]
-                )
+                raise error_at("E0701", f"CFG cycle: {' -> '.join((*scope.chain, key))}", spec.value_span("CFG"))
             root = LDict(
                 {k: v for k, v in other.data.items() if k in LAYER_GRAPH_KEYS or k in JINJA_KEYS}, span=other.data.span
             )
@@ -166,16 +156,12 @@ class UserLayers:
             inst.params = passed_default
             return inst
         if not type_name:
-            raise CompileError(
-                [
-                    _diag(
-                        "E0705", "a user layer needs TYPE (or CFG)", span, "write {TYPE: Name, PARAM: {DEFAULT: {...}}}"
-                    )
-                ]
+            raise error_at(
+                "E0705", "a user layer needs TYPE (or CFG)", span, "write {TYPE: Name, PARAM: {DEFAULT: {...}}}"
             )
         parts = type_name.split(".")
         if not all(parts):
-            raise CompileError([_diag("E0703", f"TYPE `{type_name}` is not a name", spec.value_span("TYPE"))])
+            raise error_at("E0703", f"TYPE `{type_name}` is not a name", spec.value_span("TYPE"))
         definition, def_scope = self._find_layer(parts, scope, spec.value_span("TYPE"))
         def_scope = Scope(def_scope.source, def_scope.layers, scope.chain)  # the caller's chain, to catch cycles
         return self._lower_user(
