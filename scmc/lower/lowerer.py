@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from scmc.diagnostics import Diagnostics
 from scmc.ir import Instance
-from scmc.load import JINJA_KEYS, LAYER_GRAPH_KEYS, LDict, Parameters, Source
+from scmc.load import Parameters, Source
 from scmc.lower.common import Options, Scope
 from scmc.lower.files import TemplateFiles, cfg_roots
 from scmc.lower.graphs import GraphLowering
 from scmc.lower.layers import LayerLowering
 from scmc.lower.signatures import SignatureChecks
 from scmc.lower.steps import StepLowering
-from scmc.lower.users import UserLayers, user_layer_defs
+from scmc.lower.users import UserLayers, graph_keys, user_layer_defs
 
 
 class Lowerer(UserLayers, GraphLowering, StepLowering, LayerLowering, SignatureChecks, TemplateFiles):
@@ -45,9 +45,6 @@ class Lowerer(UserLayers, GraphLowering, StepLowering, LayerLowering, SignatureC
             return self._lower_user(
                 definition, def_scope, params, classname, ".".join(parts), source.data.span, is_root=True
             )
-        root = LDict(
-            {k: v for k, v in source.data.items() if k in LAYER_GRAPH_KEYS or k in JINJA_KEYS}, span=source.data.span
+        return self._lower_graph(
+            graph_keys(source.data), scope, params, template=source.display, class_hint=classname, is_root=True
         )
-        root.key_spans = dict(source.data.key_spans)
-        root.value_spans = dict(source.data.value_spans)
-        return self._lower_graph(root, scope, params, template=source.display, class_hint=classname, is_root=True)

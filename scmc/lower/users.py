@@ -13,6 +13,14 @@ from scmc.lower.naming import to_pascal
 from scmc.names import is_name
 
 
+def graph_keys(data: LDict) -> LDict:
+    """The layer graph of a mapping: its layer-graph and Jinja keys (not its user layers), spans kept."""
+    graph = LDict({k: v for k, v in data.items() if k in LAYER_GRAPH_KEYS or k in JINJA_KEYS}, span=data.span)
+    graph.key_spans = dict(data.key_spans)
+    graph.value_spans = dict(data.value_spans)
+    return graph
+
+
 def user_layer_defs(data: LDict, diags: Diagnostics, source: Source) -> dict[str, LDict]:
     """The user layers a mapping defines: every key that is not a layer-graph key."""
     out: dict[str, LDict] = {}
@@ -90,18 +98,14 @@ class UserLayers:
         inner = Scope(scope.source, dict(scope.layers), (*scope.chain, key))
         for name, value in user_layer_defs(definition, self.diags, scope.source).items():
             inner.layers[name] = (value, inner)
-        graph = LDict(
-            {k: v for k, v in definition.items() if k in LAYER_GRAPH_KEYS or k in JINJA_KEYS}, span=definition.span
-        )
-        graph.key_spans = dict(definition.key_spans)
-        graph.value_spans = dict(definition.value_spans)
         inst = self._lower_graph(
-            graph, inner, merged, template=key, class_hint=class_hint, is_root=is_root, use_span=span
+            graph_keys(definition), inner, merged, template=key, class_hint=class_hint, is_root=is_root, use_span=span
         )
         inst.params = dict(passed or {})
         return inst
 
     def _user_child(self, spec: LDict, scope: Scope, params: Parameters, span: Span) -> Instance:
+        """A step's LAYER ``{TYPE: ..., CFG: ..., PARAM: ...}``, lowered with the parent's parameters and PARAM."""
         for k in spec:
             if k not in USER_LAYER_KEYS:
                 self.diags.error(
@@ -119,42 +123,7 @@ class UserLayers:
         if type_name is not None and not isinstance(type_name, str):
             raise error_at("E0703", "TYPE must be a string naming a user layer", spec.value_span("TYPE"))
         if cfg is not None:
-            if not isinstance(cfg, str):
-                raise error_at("E0704", "CFG must be a path to a template file", spec.value_span("CFG"))
-            path = self._resolve_cfg(cfg, scope.source, spec.value_span("CFG"))
-            other = self._read(path)
-            other_scope = Scope(other, {}, scope.chain)
-            for name, value in user_layer_defs(other.data, self.diags, other).items():
-                other_scope.layers[name] = (value, other_scope)
-            own = Parameters.from_raw(other.data.get("PARAMETERS"), other.data.span, self.diags)
-            hint = to_pascal(Path(cfg).stem)
-            if type_name:
-                parts = type_name.split(".")
-                definition, def_scope = self._find_layer(parts, other_scope, spec.value_span("TYPE"))
-                def_scope = Scope(def_scope.source, def_scope.layers, scope.chain)
-                return self._lower_user(
-                    definition,
-                    def_scope,
-                    own.merge(merged),
-                    hint + to_pascal(parts[-1]),
-                    f"{other.display}:{type_name}",
-                    span,
-                    passed_default,
-                )
-            key = f"{other.display}"
-            if key in scope.chain:
-                raise error_at("E0701", f"CFG cycle: {' -> '.join((*scope.chain, key))}", spec.value_span("CFG"))
-            root = LDict(
-                {k: v for k, v in other.data.items() if k in LAYER_GRAPH_KEYS or k in JINJA_KEYS}, span=other.data.span
-            )
-            root.key_spans = dict(other.data.key_spans)
-            root.value_spans = dict(other.data.value_spans)
-            other_scope.chain = (*scope.chain, key)
-            inst = self._lower_graph(
-                root, other_scope, own.merge(merged), template=key, class_hint=hint, is_root=False, use_span=span
-            )
-            inst.params = passed_default
-            return inst
+            return self._cfg_child(spec, cfg, type_name, scope, merged, passed_default, span)
         if not type_name:
             raise error_at(
                 "E0705", "a user layer needs TYPE (or CFG)", span, "write {TYPE: Name, PARAM: {DEFAULT: {...}}}"
@@ -167,3 +136,52 @@ class UserLayers:
         return self._lower_user(
             definition, def_scope, merged, to_pascal(parts[-1]), type_name, spec.value_span("TYPE"), passed_default
         )
+
+    def _cfg_child(
+        self,
+        spec: LDict,
+        cfg: Any,
+        type_name: str | None,
+        scope: Scope,
+        merged: Parameters,
+        passed_default: dict[str, Any],
+        span: Span,
+    ) -> Instance:
+        """``{CFG: file}`` (the file's graph) or ``{CFG: file, TYPE: Name}`` (a user layer of that file)."""
+        if not isinstance(cfg, str):
+            raise error_at("E0704", "CFG must be a path to a template file", spec.value_span("CFG"))
+        path = self._resolve_cfg(cfg, scope.source, spec.value_span("CFG"))
+        other = self._read(path)
+        other_scope = Scope(other, {}, scope.chain)
+        for name, value in user_layer_defs(other.data, self.diags, other).items():
+            other_scope.layers[name] = (value, other_scope)
+        own = Parameters.from_raw(other.data.get("PARAMETERS"), other.data.span, self.diags)
+        hint = to_pascal(Path(cfg).stem)
+        if type_name:
+            parts = type_name.split(".")
+            definition, def_scope = self._find_layer(parts, other_scope, spec.value_span("TYPE"))
+            def_scope = Scope(def_scope.source, def_scope.layers, scope.chain)
+            return self._lower_user(
+                definition,
+                def_scope,
+                own.merge(merged),
+                hint + to_pascal(parts[-1]),
+                f"{other.display}:{type_name}",
+                span,
+                passed_default,
+            )
+        key = f"{other.display}"
+        if key in scope.chain:
+            raise error_at("E0701", f"CFG cycle: {' -> '.join((*scope.chain, key))}", spec.value_span("CFG"))
+        other_scope.chain = (*scope.chain, key)
+        inst = self._lower_graph(
+            graph_keys(other.data),
+            other_scope,
+            own.merge(merged),
+            template=key,
+            class_hint=hint,
+            is_root=False,
+            use_span=span,
+        )
+        inst.params = passed_default
+        return inst
