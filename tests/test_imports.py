@@ -83,6 +83,7 @@ EXPORT_ORDER = tuple(
     for name in (
         "common",
         "request",
+        "report",
         "package",
         "checkpoint",
         "preprocess",

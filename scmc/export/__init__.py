@@ -42,7 +42,7 @@ is checked by :mod:`scmc.artifacts` before torch loads it (``--trust-artifact`` 
 The package, by concern (docs/architecture.md, "scmc/export/"):
 
 - :mod:`~scmc.export.common`: formats, file names, thread count, the error helper;
-- :mod:`~scmc.export.request`: :class:`ExportRequest` and :class:`ExportOutcome`;
+- :mod:`~scmc.export.request`: :class:`ExportRequest`; :mod:`~scmc.export.report`: the report as typed records and :class:`ExportOutcome`;
 - :mod:`~scmc.export.package`: reading a built package (the manifest schema, its files, importing it);
 - :mod:`~scmc.export.checkpoint`: reading a checkpoint and loading its weights;
 - :mod:`~scmc.export.preprocess`: class labels and the preprocessing recorded with an export;
@@ -64,16 +64,9 @@ import sys
 import types
 from typing import Any
 
-from scmc.export.common import (
-    FORMATS,
-    FILE_NAMES,
-    REPORT_NAME,
-    DEFAULT_OPSET,
-    MIN_OPSET,
-    THREADS,
-    INSTALL_HINT,
-)
-from scmc.export.request import ExportRequest, ExportOutcome
+from scmc.export.common import REPORT_NAME, DEFAULT_OPSET, MIN_OPSET, THREADS, INSTALL_HINT
+from scmc.export.request import ExportRequest
+from scmc.export.report import VERIFIED_ONLY, Skipped, Artifact, Report, ExportOutcome
 from scmc.export.package import (
     MAX_MANIFEST_BYTES,
     MAX_LABELS_BYTES,
@@ -100,21 +93,15 @@ from scmc.export.checkpoint import (
     select_weights,
     load_weights,
 )
-from scmc.export.preprocess import (
-    TrainingConfig,
-    read_labels,
-    class_labels,
-    check_checkpoint_config,
-    preprocessing,
-)
-from scmc.export.compare import EXACT_KINDS, flatten_outputs, OutputDiff, tolerance_for, compare_outputs
+from scmc.export.preprocess import TrainingConfig, read_labels, class_labels, check_checkpoint_config, preprocessing
+from scmc.export.compare import TOLERANCES, EXACT_KINDS, flatten_outputs, OutputDiff, tolerance_for, compare_outputs
 from scmc.export.inputs import TRACE_BATCH, SPATIAL_MULTIPLE, Inputs, model_inputs
-from scmc.export.runner import Runner, torch_runner
-from scmc.export.pt2 import torch_export, export_pt2
-from scmc.export.onnx import EXTERNAL_DATA_BYTES, onnx_runner, export_onnx
-from scmc.export.torchscript import export_torchscript
-from scmc.export.aoti import aoti_unavailable, export_aoti
-from scmc.export.formats import check_before_loading, load_runner
+from scmc.export.runner import Runner, torch_runner, FormatJob, Format
+from scmc.export.pt2 import torch_export, export_pt2, load_pt2, PT2
+from scmc.export.onnx import EXTERNAL_DATA_BYTES, onnx_runner, export_onnx, ONNX
+from scmc.export.torchscript import export_torchscript, load_torchscript, TORCHSCRIPT
+from scmc.export.aoti import aoti_unavailable, export_aoti, load_aoti, AOTI
+from scmc.export.formats import REGISTRY, BY_NAME, FORMATS, FILE_NAMES, check_before_loading, load_runner
 from scmc.export.verify import (
     VERIFY_BATCHES,
     LATENCY_BATCHES,
@@ -124,18 +111,21 @@ from scmc.export.verify import (
     worst_by_output,
     measure_latency,
 )
-from scmc.export.pipeline import check_runtimes, export_package
+from scmc.export.pipeline import check_runtimes, export_package, ExportJob
+from scmc.export.report import VERIFIED_ONLY, Skipped, Artifact, Report, ExportOutcome
 from scmc.export.summary import summary, render_errors, run_export
 
 __all__ = [
-    "FORMATS",
-    "FILE_NAMES",
     "REPORT_NAME",
     "DEFAULT_OPSET",
     "MIN_OPSET",
     "THREADS",
     "INSTALL_HINT",
     "ExportRequest",
+    "VERIFIED_ONLY",
+    "Skipped",
+    "Artifact",
+    "Report",
     "ExportOutcome",
     "MAX_MANIFEST_BYTES",
     "MAX_LABELS_BYTES",
@@ -164,6 +154,7 @@ __all__ = [
     "class_labels",
     "check_checkpoint_config",
     "preprocessing",
+    "TOLERANCES",
     "EXACT_KINDS",
     "flatten_outputs",
     "OutputDiff",
@@ -175,14 +166,27 @@ __all__ = [
     "model_inputs",
     "Runner",
     "torch_runner",
+    "FormatJob",
+    "Format",
     "torch_export",
     "export_pt2",
+    "load_pt2",
+    "PT2",
     "EXTERNAL_DATA_BYTES",
     "onnx_runner",
     "export_onnx",
+    "ONNX",
     "export_torchscript",
+    "load_torchscript",
+    "TORCHSCRIPT",
     "aoti_unavailable",
     "export_aoti",
+    "load_aoti",
+    "AOTI",
+    "REGISTRY",
+    "BY_NAME",
+    "FORMATS",
+    "FILE_NAMES",
     "check_before_loading",
     "load_runner",
     "VERIFY_BATCHES",
@@ -194,6 +198,12 @@ __all__ = [
     "measure_latency",
     "check_runtimes",
     "export_package",
+    "ExportJob",
+    "VERIFIED_ONLY",
+    "Skipped",
+    "Artifact",
+    "Report",
+    "ExportOutcome",
     "summary",
     "render_errors",
     "run_export",

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scmc.export.common import THREADS, _short
+from scmc.export.common import THREADS, _quiet, _short
+from scmc.export.pt2 import PT2, export_pt2
+from scmc.export.runner import Format, FormatJob, Runner, torch_runner
 
 _AOTI_SCRIPT = """
 import sys, torch
@@ -71,3 +73,31 @@ def export_aoti(pt2: Path, dest: Path, timeout: float, meta: dict[str, Any]) -> 
         "path_taken": "torch._inductor.aoti_compile_and_package",
         "files": [dest.name, dest.with_suffix(".json").name],
     }
+
+
+def _export(job: FormatJob, dest: Path) -> dict[str, Any]:
+    pt2 = job.staging / PT2.file_name
+    if "pt2" not in job.formats:  # only aoti asked for: the .pt2 it compiles from stays in staging
+        export_pt2(job.ep, pt2)
+    return export_aoti(pt2, dest, job.aoti_timeout, job.export_meta)
+
+
+def load_aoti(path: Path, input_names: list[str], output_names: list[str]) -> Runner:
+    import torch._inductor
+
+    with _quiet():  # "No CUDA runtime is found" on CPU-only machines
+        compiled = torch._inductor.aoti_load_package(str(path))
+    meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
+    return torch_runner(
+        "aoti",
+        compiled,
+        output_names,
+        meta.get("dynamic_batch", True),
+        meta.get("dynamic_spatial", False),
+        meta.get("static_batch_size"),
+    )
+
+
+AOTI = Format(
+    "aoti", "model.aoti.pt2", export=_export, load=load_aoti, traced=True, last=True, title="AOTInductor package"
+)

@@ -1,4 +1,4 @@
-"""What every part of ``scmc export`` shares: the formats and file names, thread count, errors."""
+"""What every part of ``scmc export`` shares: the report's name, opsets, thread count, errors, quiet torch."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from typing import Iterator
 
 from scmc.diagnostics import CompileError, Diagnostic, Span
 
-FORMATS = ("onnx", "torchscript", "pt2", "aoti")
-FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt", "pt2": "model.pt2", "aoti": "model.aoti.pt2"}
 REPORT_NAME = "export_report.json"
 
 # torch.onnx's dynamo exporter emits opset 20 natively (no version conversion pass), and

@@ -1,16 +1,23 @@
-"""The formats: reading an exported artifact back from disk (checked first) as a :class:`Runner`."""
+"""The formats, written once: the registry of :class:`~scmc.export.runner.Format` objects, and
+reading any exported artifact back from disk (checked first) as a :class:`~scmc.export.runner.Runner`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from scmc.diagnostics import CompileError
-from scmc.export.common import _err, _quiet, _short
-from scmc.export.onnx import onnx_runner
+from scmc.export.aoti import AOTI
+from scmc.export.common import _err, _short
+from scmc.export.onnx import ONNX
 from scmc.export.package import _require_path
-from scmc.export.pt2 import _exported_dynamic_dims
-from scmc.export.runner import Runner, torch_runner
+from scmc.export.pt2 import PT2
+from scmc.export.runner import Format, Runner
+from scmc.export.torchscript import TORCHSCRIPT
+
+REGISTRY: tuple[Format, ...] = (ONNX, TORCHSCRIPT, PT2, AOTI)  # the order --format lists them in
+BY_NAME: dict[str, Format] = {f.name: f for f in REGISTRY}
+FORMATS = tuple(BY_NAME)
+FILE_NAMES = {f.name: f.file_name for f in REGISTRY}
 
 
 def check_before_loading(fmt: str, path: Path) -> None:
@@ -36,37 +43,14 @@ def load_runner(fmt: str, path: Path, input_names: list[str], output_names: list
     With ``check`` (the default) the file is first checked by :func:`check_before_loading`:
     ``--verify-only`` may be pointed at files someone else wrote.
     """
-    import torch
-
+    spec = BY_NAME.get(fmt)
+    if spec is None:
+        raise ValueError(fmt)
     _require_path(path, "E1112", f"the exported {fmt} file", directory=False, hint="export again to rewrite it")
     if check:
         check_before_loading(fmt, path)
     try:
-        if fmt == "onnx":
-            return onnx_runner(path, input_names)
-        if fmt == "torchscript":
-            with _quiet():
-                module = torch.jit.load(str(path), map_location="cpu")
-            module.eval()
-            return torch_runner(fmt, module, output_names, True, True, None)
-        if fmt == "pt2":
-            ep = torch.export.load(str(path))
-            batch, spatial, size = _exported_dynamic_dims(ep)
-            return torch_runner(fmt, ep.module(), output_names, batch, spatial, size)
-        if fmt == "aoti":
-            import torch._inductor
-
-            with _quiet():  # "No CUDA runtime is found" on CPU-only machines
-                compiled = torch._inductor.aoti_load_package(str(path))
-            meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
-            return torch_runner(
-                fmt,
-                compiled,
-                output_names,
-                meta.get("dynamic_batch", True),
-                meta.get("dynamic_spatial", False),
-                meta.get("static_batch_size"),
-            )
+        return spec.load(path, input_names, output_names)
     except CompileError:
         raise
     except Exception as exc:
@@ -76,4 +60,3 @@ def load_runner(fmt: str, path: Path, input_names: list[str], output_names: list
             path,
             "export again (without --verify-only) to rewrite it",
         ) from None
-    raise ValueError(fmt)

@@ -9,7 +9,7 @@ from typing import Any
 from scmc.export.common import THREADS, _err, _quiet, _short
 from scmc.export.compare import _to_numpy
 from scmc.export.inputs import Inputs
-from scmc.export.runner import Runner
+from scmc.export.runner import Format, FormatJob, Runner
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; leave room for the graph
 
@@ -140,3 +140,17 @@ def _rename_batch_axis(model: Any) -> str | None:
             if dim.dim_param == old:
                 dim.dim_param = "batch"
     return "batch"
+
+
+def _export(job: FormatJob, dest: Path) -> dict[str, Any]:
+    return export_onnx(job.ep, job.inputs, job.output_names, job.opset, dest, job.metadata)
+
+
+ONNX = Format(
+    "onnx",
+    "model.onnx",
+    export=_export,
+    load=lambda path, input_names, output_names: onnx_runner(path, input_names),
+    traced=True,
+    title="ONNX model",
+)

@@ -6,27 +6,26 @@ import hashlib
 import importlib
 import json
 import os
-import scmc
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import scmc
 from scmc.diagnostics import Diagnostic
-from scmc.export.aoti import export_aoti
 from scmc.export.checkpoint import check_runtime_checkpoint, load_weights, read_checkpoint, select_weights
-from scmc.export.common import FILE_NAMES, FORMATS, INSTALL_HINT, MIN_OPSET, REPORT_NAME, THREADS, _err, _short
+from scmc.export.common import INSTALL_HINT, MIN_OPSET, REPORT_NAME, THREADS, _err, _short
 from scmc.export.compare import TOLERANCES, flatten_outputs
-from scmc.export.formats import load_runner
+from scmc.export.formats import BY_NAME, FILE_NAMES, FORMATS, load_runner
 from scmc.export.inputs import Inputs, model_inputs
-from scmc.export.onnx import export_onnx
 from scmc.export.package import MAX_INPUT_ELEMENTS, PackageInfo, imported_package, read_package
 from scmc.export.preprocess import _config, check_checkpoint_config, class_labels, preprocessing, read_labels
-from scmc.export.pt2 import export_pt2, torch_export
-from scmc.export.request import ExportOutcome, ExportRequest
-from scmc.export.torchscript import export_torchscript
+from scmc.export.pt2 import torch_export
+from scmc.export.report import Artifact, ExportOutcome, Report, Skipped
+from scmc.export.request import ExportRequest
+from scmc.export.runner import FormatJob, Runner
 from scmc.export.verify import REFERENCE_CASE, _case_key, _mismatch_diagnostic, measure_latency, verify, worst_by_output
 
 
@@ -92,11 +91,8 @@ def _metadata(
     return meta
 
 
-def export_package(request: ExportRequest, progress: Callable[[str], None] = lambda _: None) -> ExportOutcome:
-    """Do the export; raise :class:`CompileError` on user errors. Mismatches come back in the outcome."""
-    started = time.perf_counter()
-    import torch
-
+def _checked_formats(request: ExportRequest) -> tuple[str, ...]:
+    """The formats to export (deduplicated, --no-aoti applied); E1110 for a request that cannot be met."""
     formats = tuple(dict.fromkeys(request.formats))
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
@@ -117,6 +113,15 @@ def export_package(request: ExportRequest, progress: Callable[[str], None] = lam
             import_ok = False
         if import_ok and not MIN_OPSET <= request.opset <= max_opset:
             raise _err("E1110", f"--opset {request.opset}: the exporter supports opsets {MIN_OPSET} to {max_opset}")
+    return formats
+
+
+def export_package(request: ExportRequest, progress: Callable[[str], None] = lambda _: None) -> ExportOutcome:
+    """Do the export; raise :class:`CompileError` on user errors. Mismatches come back in the outcome."""
+    started = time.perf_counter()
+    import torch
+
+    formats = _checked_formats(request)
     info = read_package(request.package_dir)
     if request.labels is not None:
         read_labels(request.labels)  # a bad labels file fails now, not after the model is built and run
@@ -170,7 +175,7 @@ def export_package(request: ExportRequest, progress: Callable[[str], None] = lam
             num_classes = int(first_out.shape[-1]) if first_out.dim() == 2 else None
             labels, labels_source = class_labels(info, raw, request.labels, num_classes)
             preprocess = preprocessing(info, raw, inputs.shapes[inputs.names[0]])
-            return _export_and_verify(
+            job = ExportJob(
                 request,
                 formats,
                 info,
@@ -188,201 +193,236 @@ def export_package(request: ExportRequest, progress: Callable[[str], None] = lam
                 notes,
                 started,
                 time.perf_counter() - started,
-                progress,
             )
+            return _export_and_verify(job, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _export_and_verify(
-    request: ExportRequest,
-    formats: tuple[str, ...],
-    info: PackageInfo,
-    model: Any,
-    inputs: Inputs,
-    output_names: list[str],
-    reference: dict[str, Any],
-    labels: list[str] | None,
-    labels_source: str,
-    preprocess: dict[str, Any],
-    ckpt_info: dict[str, Any],
-    ckpt_sha: str,
-    out_dir: Path,
-    warnings_: list[str],
-    notes: list[str],
-    started: float,
-    prepare_seconds: float,
-    progress: Callable[[str], None],
-) -> ExportOutcome:
-    artifacts: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
-    export_meta: dict[str, Any] = {}
+@dataclass
+class ExportJob:
+    """One export once the package, the checkpoint and the model are read: what the rest works from."""
+
+    request: ExportRequest
+    formats: tuple[str, ...]  # as asked, deduplicated, --no-aoti applied
+    info: PackageInfo
+    model: Any  # eval mode, the checkpoint's weights loaded
+    inputs: Inputs
+    output_names: list[str]
+    reference: dict[str, Any]  # eager outputs of REFERENCE_CASE, by output name
+    labels: list[str] | None
+    labels_source: str
+    preprocess: dict[str, Any]
+    ckpt_info: dict[str, Any]
+    ckpt_sha: str
+    out_dir: Path
+    warnings: list[str]
+    notes: list[str]
+    started: float  # time.perf_counter() when the export began
+    prepare_seconds: float  # reading the package and checkpoint, building the model
+
+
+def _export_and_verify(job: ExportJob, progress: Callable[[str], None]) -> ExportOutcome:
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        job.out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _err("E1111", f"cannot create the output folder: {_short(exc)}", out_dir) from None
-
-    # aoti is compiled from a saved .pt2, so it goes last; model.pt2 is kept and verified only when
-    # pt2 was asked for too (otherwise it is a staging file, removed with the staging folder).
-    plan: list[str] = [f for f in formats if f != "aoti"] + [f for f in formats if f == "aoti"]
+        raise _err("E1111", f"cannot create the output folder: {_short(exc)}", job.out_dir) from None
     timings: dict[str, float] = {}
-    if request.verify_only:
-        for fmt in plan:
-            path = out_dir / FILE_NAMES[fmt]
-            if not (path.exists() or path.is_symlink()):
-                raise _err("E1112", f"--verify-only: `{path}` does not exist; export it first", path)
-            artifacts.append(
-                {
-                    "format": fmt,
-                    "path": str(path),
-                    "path_taken": "verified only (not exported again)",
-                    "export_seconds": None,
-                }
-            )
+    skipped: list[Skipped] = []
+    export_meta: dict[str, Any] = {}
+    if job.request.verify_only:
+        artifacts = _existing_artifacts(job)
     else:
-        staging = Path(tempfile.mkdtemp(prefix=".scmc-export-", dir=out_dir))
-        try:
-            ep = None
-            if {"onnx", "pt2", "aoti"} & set(formats):
-                progress("torch.export ...")
-                ep_start = time.perf_counter()
-                ep, export_meta = torch_export(model, inputs, request.static_batch, request.dynamic_spatial)
-                timings["torch_export"] = time.perf_counter() - ep_start  # shared by onnx, pt2 and aoti
-                if request.dynamic_spatial and not export_meta["dynamic_spatial"]:
-                    warnings_.append(
-                        "--dynamic-spatial: torch.export kept the spatial sizes static (the model "
-                        "specializes on them)"
-                    )
-            output_shapes = {n: _output_shape(t, export_meta or {"dynamic_batch": True}) for n, t in reference.items()}
-            metadata = _metadata(
-                info,
-                inputs,
-                export_meta or {"dynamic_batch": True, "dynamic_spatial": False, "static_batch_size": None},
-                output_shapes,
-                labels,
-                preprocess,
-                ckpt_info,
-                ckpt_sha,
-            )
-            for fmt in plan:
-                dest = staging / FILE_NAMES[fmt]
-                progress(f"export {fmt} ...")
-                fmt_start = time.perf_counter()
-                if fmt == "onnx":
-                    entry = export_onnx(ep, inputs, output_names, request.opset, dest, metadata)
-                elif fmt == "torchscript":
-                    entry = export_torchscript(model, inputs, dest)
-                elif fmt == "pt2":
-                    entry = export_pt2(ep, dest)
-                else:
-                    pt2 = staging / FILE_NAMES["pt2"]
-                    if "pt2" not in formats:  # only aoti asked for: the .pt2 it compiles from stays in staging
-                        export_pt2(ep, pt2)
-                    entry = export_aoti(pt2, dest, request.aoti_timeout, export_meta)
-                    if "skipped" in entry:
-                        skipped.append(
-                            {
-                                "format": "aoti",
-                                "reason": entry["skipped"],
-                                "seconds": time.perf_counter() - fmt_start,
-                            }
-                        )
-                        warnings_.append(f"AOTInductor package skipped: {entry['skipped']}")
-                        continue
-                for note in entry.get("notes", []):
-                    warnings_.append(f"{fmt}: {note}")
-                entry = {"format": fmt, **entry, "export_seconds": time.perf_counter() - fmt_start}
-                artifacts.append(entry)
-            # Move the finished files into place (same file system: renames).
-            for entry in artifacts:
-                for name in entry["files"]:
-                    os.replace(staging / name, out_dir / name)
-                entry["path"] = str(out_dir / FILE_NAMES[entry["format"]])
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-    errors: list[Diagnostic] = []
-    runners = []
-    eager_outputs: dict[str, Any] = {_case_key(REFERENCE_CASE): reference}
-    timings.update(prepare=prepare_seconds, load_and_export=time.perf_counter() - started)
-    for entry in artifacts:
-        verify_start = time.perf_counter()
-        path = Path(entry["path"])
-        entry["bytes"] = sum((path.parent / f).stat().st_size for f in entry.get("files", [path.name]))
-        progress(f"verify {entry['format']} ...")
-        # What --verify-only finds was not written by this run: it is checked (scmc.artifacts)
-        # unless --trust-artifact. Files this run just wrote are loaded as they are.
-        runner = load_runner(
-            entry["format"], path, inputs.names, output_names, check=request.verify_only and not request.trust_artifact
-        )
-        entry["dynamic_batch"] = runner.dynamic_batch
-        entry["dynamic_spatial"] = runner.dynamic_spatial
-        if not runner.dynamic_batch:
-            entry["static_batch_size"] = runner.static_batch_size
-        entry["verification"] = verify(runner, model, inputs, output_names, eager_outputs)
-        entry["worst"] = worst_by_output(entry["verification"])
-        runners.append(runner)
-        entry["verification"]["seconds"] = entry["verify_seconds"] = time.perf_counter() - verify_start
-        if not entry["verification"]["passed"]:
-            errors.append(_mismatch_diagnostic(entry, path))
-    timings["verification"] = time.perf_counter() - started - timings["load_and_export"]
-    latency: dict[str, Any] = {}
-    if request.latency_rounds > 0 and runners:
+        artifacts, export_meta = _write_artifacts(job, timings, skipped, progress)
+    timings.update(prepare=job.prepare_seconds, load_and_export=time.perf_counter() - job.started)
+    errors, runners = _verify_artifacts(job, artifacts, progress)
+    timings["verification"] = time.perf_counter() - job.started - timings["load_and_export"]
+    latency: dict[int, Any] = {}
+    if job.request.latency_rounds > 0 and runners:
         progress("latency ...")
         latency_start = time.perf_counter()
-        latency = measure_latency(model, runners, inputs, request.latency_rounds)
-        for entry in artifacts:
-            fmt = entry["format"]
-            entry["latency"] = {
-                b: {
-                    "median_ms": t["median_ms"][fmt],
-                    "min_ms": t["min_ms"][fmt],
-                    "max_ms": t["max_ms"][fmt],
-                    "ratio_to_eager": t["ratio_to_eager"][fmt],
-                    "eager": {k: t[k]["eager"] for k in ("median_ms", "min_ms", "max_ms")},
-                    # the keys of earlier reports: medians and their ratio
-                    "eager_ms": t["median_ms"]["eager"],
-                    "runtime_ms": t["median_ms"][fmt],
-                    "ratio": t["ratio_to_eager"][fmt],
-                    "rounds": t["rounds"],
-                }
-                for b, t in latency.items()
-                if fmt in t["median_ms"]
-            }
+        latency = measure_latency(job.model, runners, job.inputs, job.request.latency_rounds)
+        _record_latency(artifacts, latency)
         timings["latency"] = time.perf_counter() - latency_start
-    report = {
-        "scmc_version": scmc.__version__,
-        "package": info.name,
-        "package_dir": str(info.root),
-        "package_scmc_version": info.manifest.get("scmc_version"),
-        "templates": info.template_hashes(),
-        "checkpoint": ckpt_info,
-        "inputs": {
+    report = _report(job, export_meta, artifacts, latency, skipped, errors, timings)
+    report_path = job.out_dir / REPORT_NAME
+    tmp = report_path.with_name(f".{REPORT_NAME}.tmp")
+    tmp.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
+    os.replace(tmp, report_path)
+    return ExportOutcome(report, report_path, errors, job.warnings)
+
+
+def _plan(formats: tuple[str, ...]) -> list[str]:
+    """The order formats are exported in: aoti is compiled from a saved .pt2, so it goes last."""
+    return [f for f in formats if not BY_NAME[f].last] + [f for f in formats if BY_NAME[f].last]
+
+
+def _existing_artifacts(job: ExportJob) -> list[Artifact]:
+    """--verify-only: the files already in the output folder, not exported again."""
+    artifacts = []
+    for fmt in _plan(job.formats):
+        path = job.out_dir / FILE_NAMES[fmt]
+        if not (path.exists() or path.is_symlink()):
+            raise _err("E1112", f"--verify-only: `{path}` does not exist; export it first", path)
+        artifacts.append(Artifact(fmt, str(path)))
+    return artifacts
+
+
+def _write_artifacts(
+    job: ExportJob, timings: dict[str, float], skipped: list[Skipped], progress: Callable[[str], None]
+) -> tuple[list[Artifact], dict[str, Any]]:
+    """Export every format into a staging folder, then move the files into place: (entries, torch.export meta).
+
+    model.pt2 is kept and verified only when pt2 was asked for (for aoti alone it is a staging file).
+    """
+    request = job.request
+    artifacts: list[Artifact] = []
+    export_meta: dict[str, Any] = {}
+    staging = Path(tempfile.mkdtemp(prefix=".scmc-export-", dir=job.out_dir))
+    try:
+        ep = None
+        if any(BY_NAME[f].traced for f in job.formats):
+            progress("torch.export ...")
+            ep_start = time.perf_counter()
+            ep, export_meta = torch_export(job.model, job.inputs, request.static_batch, request.dynamic_spatial)
+            timings["torch_export"] = time.perf_counter() - ep_start  # shared by onnx, pt2 and aoti
+            if request.dynamic_spatial and not export_meta["dynamic_spatial"]:
+                job.warnings.append(
+                    "--dynamic-spatial: torch.export kept the spatial sizes static (the model specializes on them)"
+                )
+        output_shapes = {n: _output_shape(t, export_meta or {"dynamic_batch": True}) for n, t in job.reference.items()}
+        metadata = _metadata(
+            job.info,
+            job.inputs,
+            export_meta or {"dynamic_batch": True, "dynamic_spatial": False, "static_batch_size": None},
+            output_shapes,
+            job.labels,
+            job.preprocess,
+            job.ckpt_info,
+            job.ckpt_sha,
+        )
+        format_job = FormatJob(
+            job.model,
+            ep,
+            export_meta,
+            job.inputs,
+            job.output_names,
+            metadata,
+            staging,
+            job.formats,
+            request.opset,
+            request.aoti_timeout,
+        )
+        for fmt in _plan(job.formats):
+            spec = BY_NAME[fmt]
+            progress(f"export {fmt} ...")
+            fmt_start = time.perf_counter()
+            entry = spec.export(format_job, staging / spec.file_name)
+            if "skipped" in entry:
+                skipped.append(Skipped(fmt, entry["skipped"], time.perf_counter() - fmt_start))
+                job.warnings.append(f"{spec.title} skipped: {entry['skipped']}")
+                continue
+            for note in entry.get("notes", []):
+                job.warnings.append(f"{fmt}: {note}")
+            artifacts.append(Artifact(fmt, "", entry, time.perf_counter() - fmt_start))
+        # Move the finished files into place (same file system: renames).
+        for artifact in artifacts:
+            for name in artifact.files:
+                os.replace(staging / name, job.out_dir / name)
+            artifact.path = str(job.out_dir / FILE_NAMES[artifact.format])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return artifacts, export_meta
+
+
+def _verify_artifacts(
+    job: ExportJob, artifacts: list[Artifact], progress: Callable[[str], None]
+) -> tuple[list[Diagnostic], list[Runner]]:
+    """Read each artifact back and compare it with eager PyTorch: (mismatch errors, the runners)."""
+    errors: list[Diagnostic] = []
+    runners = []
+    eager_outputs: dict[str, Any] = {_case_key(REFERENCE_CASE): job.reference}
+    for artifact in artifacts:
+        verify_start = time.perf_counter()
+        path = Path(artifact.path)
+        artifact.bytes = sum((path.parent / f).stat().st_size for f in artifact.files)
+        progress(f"verify {artifact.format} ...")
+        # What --verify-only finds was not written by this run: it is checked (scmc.artifacts)
+        # unless --trust-artifact. Files this run just wrote are loaded as they are.
+        check = job.request.verify_only and not job.request.trust_artifact
+        runner = load_runner(artifact.format, path, job.inputs.names, job.output_names, check=check)
+        artifact.dynamic_batch = runner.dynamic_batch
+        artifact.dynamic_spatial = runner.dynamic_spatial
+        artifact.static_batch_size = runner.static_batch_size
+        artifact.verification = verify(runner, job.model, job.inputs, job.output_names, eager_outputs)
+        artifact.worst = worst_by_output(artifact.verification)
+        runners.append(runner)
+        artifact.verification["seconds"] = artifact.verify_seconds = time.perf_counter() - verify_start
+        if not artifact.passed:
+            errors.append(_mismatch_diagnostic(artifact.format, artifact.verification, path))
+    return errors, runners
+
+
+def _record_latency(artifacts: list[Artifact], latency: dict[int, Any]) -> None:
+    """Each artifact's own rows of the latency table, with eager's beside them."""
+    for artifact in artifacts:
+        fmt = artifact.format
+        artifact.latency = {
+            b: {
+                "median_ms": t["median_ms"][fmt],
+                "min_ms": t["min_ms"][fmt],
+                "max_ms": t["max_ms"][fmt],
+                "ratio_to_eager": t["ratio_to_eager"][fmt],
+                "eager": {k: t[k]["eager"] for k in ("median_ms", "min_ms", "max_ms")},
+                # the keys of earlier reports: medians and their ratio
+                "eager_ms": t["median_ms"]["eager"],
+                "runtime_ms": t["median_ms"][fmt],
+                "ratio": t["ratio_to_eager"][fmt],
+                "rounds": t["rounds"],
+            }
+            for b, t in latency.items()
+            if fmt in t["median_ms"]
+        }
+
+
+def _report(
+    job: ExportJob,
+    export_meta: dict[str, Any],
+    artifacts: list[Artifact],
+    latency: dict[int, Any],
+    skipped: list[Skipped],
+    errors: list[Diagnostic],
+    timings: dict[str, float],
+) -> Report:
+    info, inputs = job.info, job.inputs
+    return Report(
+        scmc_version=scmc.__version__,
+        package=info.name,
+        package_dir=str(info.root),
+        package_scmc_version=info.manifest.get("scmc_version"),
+        templates=info.template_hashes(),
+        checkpoint=job.ckpt_info,
+        inputs={
             n: {"shape": inputs.shapes[n], "dtype": str(inputs.dtypes[n]).replace("torch.", "")} for n in inputs.names
         },
-        "outputs": output_names,
-        "class_labels": labels,
-        "class_labels_source": labels_source,
-        "preprocess": preprocess,
-        "tolerances": {k: {"atol": a, "rtol": r} for k, (a, r) in TOLERANCES.items()},
-        "threads": THREADS,
-        "torch_export": export_meta or None,
-        "artifacts": artifacts,
-        "latency": latency,
-        "skipped": skipped,
-        "warnings": warnings_,
-        "notes": notes,
-        "passed": not errors,
-        "allow_mismatch": request.allow_mismatch,
-        "seconds": time.perf_counter() - started,
-        "timings": timings,
-        "versions": _versions(),
-    }
-    report_path = out_dir / REPORT_NAME
-    tmp = report_path.with_name(f".{REPORT_NAME}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(tmp, report_path)
-    return ExportOutcome(report, report_path, errors, warnings_)
+        outputs=job.output_names,
+        class_labels=job.labels,
+        class_labels_source=job.labels_source,
+        preprocess=job.preprocess,
+        tolerances={k: {"atol": a, "rtol": r} for k, (a, r) in TOLERANCES.items()},
+        threads=THREADS,
+        torch_export=export_meta or None,
+        artifacts=artifacts,
+        latency=latency,
+        skipped=skipped,
+        warnings=job.warnings,
+        notes=job.notes,
+        passed=not errors,
+        allow_mismatch=job.request.allow_mismatch,
+        seconds=time.perf_counter() - job.started,
+        timings=timings,
+        versions=_versions(),
+    )
 
 
 def _output_shape(tensor: Any, meta: dict[str, Any]) -> list[Any]:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from scmc.export.common import _err, _quiet, _short
-from scmc.export.inputs import Inputs, TRACE_BATCH
+from scmc.export.inputs import TRACE_BATCH, Inputs
+from scmc.export.runner import Format, Runner, torch_runner
 
 
 def _exported_dynamic_dims(ep: Any) -> tuple[bool, bool, int | None]:
@@ -80,3 +81,16 @@ def export_pt2(ep: Any, dest: Path) -> dict[str, Any]:
         "path_taken": "torch.export.export + torch.export.save",
         "files": [dest.name],
     }
+
+
+def load_pt2(path: Path, input_names: list[str], output_names: list[str]) -> Runner:
+    import torch
+
+    ep = torch.export.load(str(path))
+    batch, spatial, size = _exported_dynamic_dims(ep)
+    return torch_runner("pt2", ep.module(), output_names, batch, spatial, size)
+
+
+PT2 = Format(
+    "pt2", "model.pt2", export=lambda job, dest: export_pt2(job.ep, dest), load=load_pt2, traced=True, title="pt2"
+)

@@ -1,13 +1,10 @@
-"""What ``scmc export`` is asked to do (:class:`ExportRequest`) and what it hands back."""
+"""What ``scmc export`` is asked to do: :class:`ExportRequest`."""
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from scmc.diagnostics import Diagnostic
 from scmc.export.common import DEFAULT_OPSET
 
 
@@ -30,15 +27,3 @@ class ExportRequest:
     latency_rounds: int = 15
     trust_artifact: bool = False  # load .pt2/TorchScript/AOTInductor files without checking them (scmc.artifacts)
     max_input_elements: int = 0  # per-sample input size limit; 0: MAX_INPUT_ELEMENTS
-
-
-@dataclass
-class ExportOutcome:
-    report: dict[str, Any]
-    report_path: Path
-    errors: list[Diagnostic]  # found after the artifacts were written (numeric mismatches)
-    warnings: list[str]
-
-    @property
-    def passed(self) -> bool:
-        return not self.errors

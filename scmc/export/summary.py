@@ -9,7 +9,8 @@ from typing import Any, Callable, Sequence
 from scmc.diagnostics import CompileError, Diagnostic
 from scmc.export.common import THREADS
 from scmc.export.pipeline import export_package
-from scmc.export.request import ExportOutcome, ExportRequest
+from scmc.export.report import Artifact, ExportOutcome
+from scmc.export.request import ExportRequest
 
 
 def _size(n: int) -> str:
@@ -20,12 +21,12 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _timing_line(entry: dict[str, Any]) -> str:
+def _timing_line(artifact: Artifact) -> str:
     """``onnx: exported in 3.2 s, verified in 1.1 s`` (torch.export's shared trace is not in the export time)."""
-    exported = entry.get("export_seconds")
+    exported = artifact.export_seconds
     done = "not exported again" if exported is None else f"exported in {exported:.1f} s"
-    verified = entry.get("verify_seconds")
-    return f"{entry['format']}: {done}" + (f", verified in {verified:.1f} s" if verified is not None else "")
+    verified = artifact.verify_seconds
+    return f"{artifact.format}: {done}" + (f", verified in {verified:.1f} s" if verified is not None else "")
 
 
 def _spread(table: dict[str, Any], name: str) -> str:
@@ -34,30 +35,29 @@ def _spread(table: dict[str, Any], name: str) -> str:
 
 def summary(outcome: ExportOutcome) -> str:
     r = outcome.report
-    ck = r["checkpoint"]
+    ck = r.checkpoint
     lines = [
-        f"exported {r['package']} ({ck.get('weights')} weights of {ck['path']}) -> {Path(outcome.report_path).parent}"
+        f"exported {r.package} ({ck.get('weights')} weights of {ck['path']}) -> {Path(outcome.report_path).parent}"
     ]
-    for a in r["artifacts"]:
-        batch = "dynamic batch" if a.get("dynamic_batch") else f"batch {a.get('static_batch_size')}"
-        spatial = ", dynamic H/W" if a.get("dynamic_spatial") else ""
-        opset = f", opset {a['opset']}" if "opset" in a else ""
+    for a in r.artifacts:
+        batch = "dynamic batch" if a.dynamic_batch else f"batch {a.static_batch_size}"
+        spatial = ", dynamic H/W" if a.dynamic_spatial else ""
+        opset = f", opset {a.opset}" if a.opset is not None else ""
         lines.append(
-            f"  {a['format']:<11} {Path(a['path']).name:<15} {_size(a.get('bytes', 0)):>9}  "
-            f"{a.get('path_taken', '')}{opset}, {batch}{spatial}"
+            f"  {a.format:<11} {Path(a.path).name:<15} {_size(a.bytes):>9}  {a.path_taken}{opset}, {batch}{spatial}"
         )
-        cases = a["verification"]["cases"]
+        cases = a.verification["cases"]
         shapes = "; ".join(",".join(map(str, next(iter(c["input_shapes"].values())))) for c in cases)
-        for name, w in a.get("worst", {}).items():
+        for name, w in a.worst.items():
             lines.append(
                 f"      {name}: max abs {w['max_abs']:.2g}, max rel {w['max_rel']:.2g} "
                 f"(tolerance atol {w['atol']:g}, rtol {w['rtol']:g}) over [{shapes}]"
             )
-        lines.append(f"      parity: {'ok' if a['verification']['passed'] else 'MISMATCH'}")
+        lines.append(f"      parity: {'ok' if a.passed else 'MISMATCH'}")
         lines.append(f"      {_timing_line(a)}")
-    if (r.get("timings") or {}).get("torch_export") is not None:
-        lines.append(f"  torch.export: traced in {r['timings']['torch_export']:.1f} s (shared by onnx, pt2 and aoti)")
-    latency = r.get("latency") or {}
+    if r.timings.get("torch_export") is not None:
+        lines.append(f"  torch.export: traced in {r.timings['torch_export']:.1f} s (shared by onnx, pt2 and aoti)")
+    latency = r.latency
     if latency:
         rounds = next(iter(latency.values()))["rounds"]
         lines.append(
@@ -68,14 +68,14 @@ def summary(outcome: ExportOutcome) -> str:
                 f"{k} {_spread(t, k)} {t['ratio_to_eager'][k]:.2f}x" for k in t["median_ms"] if k != "eager"
             ]
             lines.append(f"    latency batch {batch_size}: " + ", ".join(cells))
-    for s in r["skipped"]:
-        lines.append(f"  {s['format']:<11} skipped: {s['reason']}")
-    for n in r.get("notes", []):
+    for s in r.skipped:
+        lines.append(f"  {s.format:<11} skipped: {s.reason}")
+    for n in r.notes:
         lines.append(f"note: {n}")
-    for w in r["warnings"]:
+    for w in r.warnings:
         if not w.startswith("AOTInductor package skipped"):
             lines.append(f"warning: {w}")
-    lines.append(f"report: {outcome.report_path}  ({r['seconds']:.1f} s)")
+    lines.append(f"report: {outcome.report_path}  ({r.seconds:.1f} s)")
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from scmc.export.common import _err, _quiet, _short
-from scmc.export.inputs import Inputs, TRACE_BATCH
+from scmc.export.inputs import TRACE_BATCH, Inputs
+from scmc.export.runner import Format, Runner, torch_runner
 
 
 def export_torchscript(model: Any, inputs: Inputs, dest: Path) -> dict[str, Any]:
@@ -40,3 +41,21 @@ def export_torchscript(model: Any, inputs: Inputs, dest: Path) -> dict[str, Any]
     except Exception as exc:
         raise _err("E1111", f"cannot write `{dest}`: {_short(exc)}", dest) from None
     return {"seconds": time.perf_counter() - start, "path_taken": path, "notes": notes, "files": [dest.name]}
+
+
+def load_torchscript(path: Path, input_names: list[str], output_names: list[str]) -> Runner:
+    import torch
+
+    with _quiet():
+        module = torch.jit.load(str(path), map_location="cpu")
+    module.eval()
+    return torch_runner("torchscript", module, output_names, True, True, None)
+
+
+TORCHSCRIPT = Format(
+    "torchscript",
+    "model.pt",
+    export=lambda job, dest: export_torchscript(job.model, job.inputs, dest),
+    load=load_torchscript,
+    title="TorchScript module",
+)

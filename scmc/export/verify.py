@@ -134,9 +134,9 @@ def measure_latency(model: Any, runners: list[Runner], inputs: Inputs, rounds: i
     return table
 
 
-def _mismatch_diagnostic(entry: dict[str, Any], path: Path) -> Diagnostic:
+def _mismatch_diagnostic(fmt: str, verification: dict[str, Any], path: Path) -> Diagnostic:
     parts = []
-    for case in entry["verification"]["cases"]:
+    for case in verification["cases"]:
         shape = ", ".join(f"{n}[{','.join(map(str, s))}]" for n, s in case["input_shapes"].items())
         if "error" in case:
             parts.append(f"at {shape} it failed to run: {case['error']}")
@@ -155,7 +155,7 @@ def _mismatch_diagnostic(entry: dict[str, Any], path: Path) -> Diagnostic:
     shown = "; ".join(parts[:4]) + (f"; ... ({len(parts) - 4} more)" if len(parts) > 4 else "")
     return Diagnostic(
         "E1109",
-        f"{entry['format']} output does not match eager PyTorch: {shown}",
+        f"{fmt} output does not match eager PyTorch: {shown}",
         Span(str(path)),
         "the report lists every case; --allow-mismatch keeps the exit status 0",
     )
