@@ -245,3 +245,39 @@ def test_the_graph_holds_function_local_and_type_checking_imports() -> None:
     assert "scmc.link" in GRAPH["scmc.emit.package"]
     # `import scmc.expr as X` at module level of lower/steps.py
     assert "scmc.expr" in GRAPH["scmc.lower.steps"]
+
+
+def test_the_split_packages_stay_split() -> None:
+    """scmc/export/ and scmc/lower/ were one file each: no module of theirs may grow back into one."""
+    limits = {"scmc.export": 600, "scmc.lower": 800}
+    long = [
+        f"{MODULES[name].relative_to(ROOT)}: {lines} lines (at most {limit})"
+        for name in MODULES
+        for package, limit in limits.items()
+        if name == package or name.startswith(package + ".")
+        for lines in [len(MODULES[name].read_text(encoding="utf-8").splitlines())]
+        if lines > limit
+    ]
+    assert not long, "\n".join(long)
+
+
+def test_lowering_stops_at_a_mistake_through_error_at_only() -> None:
+    """One diagnostic helper in scmc/lower/: `raise error_at(...)`, never a hand-built CompileError([Diagnostic])."""
+    built = []
+    for name, path in MODULES.items():
+        if not name.startswith("scmc.lower"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "CompileError"
+                and node.args
+                and isinstance(node.args[0], ast.List)
+                and node.args[0].elts
+            ):
+                built.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert len([n for n in built if "common.py" in n]) <= 1, built  # error_at itself
+    assert not [n for n in built if "common.py" not in n], "use error_at(code, message, span, hint):\n" + "\n".join(
+        built
+    )
