@@ -7,7 +7,7 @@ reports all three.
 
 A rendered diagnostic shows the line it points at, but only from a file the build read as a
 template (the command line's templates, and the CFG includes that passed the confinement
-check in lower.py): :func:`note_source` records their text as read, and rendering never
+check in lower/files.py): :func:`note_source` records their text as read, and rendering never
 opens a file itself, so a span can never make scmc print a line of some other file (a secret
 next to a template, ``/etc/passwd``). What is shown is bounded: a source line is cut to a
 window of ``MAX_LINE_CHARS`` characters around the caret and a message or hint to

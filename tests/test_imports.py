@@ -43,7 +43,17 @@ LAYERS = {
     "scmc.schema": "schema",
     "scmc.ir": "ir",
     "scmc.interp": "ir",  # runs the IR; used by lowering (constant folding) and materialization
-    "scmc.lower": "lower",
+    "scmc.lower": "lower",  # the package: re-exports Lowerer, Options, cfg_roots and the grammar's keys
+    "scmc.lower.common": "lower",
+    "scmc.lower.naming": "lower",
+    "scmc.lower.grammar": "lower",
+    "scmc.lower.files": "lower",
+    "scmc.lower.signatures": "lower",
+    "scmc.lower.layers": "lower",
+    "scmc.lower.steps": "lower",
+    "scmc.lower.graphs": "lower",
+    "scmc.lower.users": "lower",
+    "scmc.lower.lowerer": "lower",
     "scmc.backward": "lower",  # lowers backward templates to ir.BackwardDef
     "scmc.passes": "passes",
     "scmc.passes.materialize": "passes",
@@ -66,17 +76,41 @@ LAYERS = {
     "scmc.cli": "cli",
     "scmc.__main__": "cli",
 }
-# export reads a built package and a checkpoint, never the compiler's stages
+# export reads a built package and a checkpoint, never the compiler's stages. Inside the package the
+# modules are ordered too, lowest first: each may import only the ones before it (the package's
+# __init__, which re-exports what callers use, comes last).
 EXPORT = "scmc.export"
+EXPORT_ORDER = tuple(
+    f"{EXPORT}.{name}"
+    for name in (
+        "common",
+        "request",
+        "report",
+        "package",
+        "checkpoint",
+        "preprocess",
+        "compare",
+        "inputs",
+        "runner",
+        "pt2",
+        "onnx",
+        "torchscript",
+        "aoti",
+        "formats",
+        "verify",
+        "pipeline",
+        "summary",
+    )
+) + (EXPORT,)
 EXPORT_MAY_IMPORT = {"scmc", "scmc.diagnostics", "scmc.artifacts"}
 
 # (importer, imported): upward imports that remain, each with why and what would remove it.
 ALLOWED_UPWARD = {
     # The build cache records every file a build reads (note_read/note_absent) so that a hit can
-    # check them; load.read_text and the CFG lookup of lower.py report to it. Removing it: a small
+    # check them; load.read_text and the CFG lookup of lower/files.py report to it. Removing it: a small
     # read recorder below load (e.g. scmc/reads.py) that cache.py reads back.
     ("scmc.load", "scmc.cache"): "load.read_text reports reads to the build cache's recorder",
-    ("scmc.lower", "scmc.cache"): "the CFG lookup reports reads and absent candidates to the build cache",
+    ("scmc.lower.files", "scmc.cache"): "the CFG lookup reports reads and absent candidates to the build cache",
     # format_python reuses black's output for a text formatted before (cache.formatted). Removing
     # it: the pipeline passes the memo (or the formatter) into the emitters.
     ("scmc.emit.python", "scmc.cache"): "format_python memoizes black's output in the build cache",
@@ -133,9 +167,9 @@ GRAPH = {name: imports_of(name) for name in MODULES}
 
 
 def test_every_module_has_a_layer() -> None:
-    unmapped = sorted(set(MODULES) - set(LAYERS) - {EXPORT})
+    unmapped = sorted(set(MODULES) - set(LAYERS) - set(EXPORT_ORDER))
     assert not unmapped, f"give these modules a layer in tests/test_imports.py and docs/architecture.md: {unmapped}"
-    stale = sorted(set(LAYERS) - set(MODULES))
+    stale = sorted((set(LAYERS) | set(EXPORT_ORDER)) - set(MODULES))
     assert not stale, f"LAYERS names modules that no longer exist: {stale}"
 
 
@@ -143,10 +177,10 @@ def test_no_module_imports_from_a_higher_layer() -> None:
     rank = {layer: i for i, layer in enumerate(LAYER_ORDER)}
     upward = []
     for name, targets in GRAPH.items():
-        if name == EXPORT:
+        if name in EXPORT_ORDER:
             continue
         for target, line in targets.items():
-            if target == EXPORT:
+            if target in EXPORT_ORDER:
                 if LAYERS[name] != "cli":
                     upward.append(f"{MODULES[name].relative_to(ROOT)}:{line}: {name} imports {target}")
                 continue
@@ -164,8 +198,24 @@ def test_the_known_exceptions_still_occur() -> None:
 
 
 def test_export_depends_only_on_diagnostics_and_the_runtime() -> None:
-    extra = sorted(set(GRAPH[EXPORT]) - EXPORT_MAY_IMPORT)
-    assert not extra, f"scmc/export.py imports {extra}; it may use only {sorted(EXPORT_MAY_IMPORT)}"
+    extra = sorted(
+        f"{MODULES[name].relative_to(ROOT)}:{line}: {target}"
+        for name in EXPORT_ORDER
+        for target, line in GRAPH[name].items()
+        if target not in EXPORT_ORDER and target not in EXPORT_MAY_IMPORT
+    )
+    assert not extra, f"scmc/export/ may use only {sorted(EXPORT_MAY_IMPORT)} of scmc; it imports:\n" + "\n".join(extra)
+
+
+def test_export_modules_import_only_the_ones_before_them() -> None:
+    rank = {name: i for i, name in enumerate(EXPORT_ORDER)}
+    later = sorted(
+        f"{MODULES[name].relative_to(ROOT)}:{line}: {name} imports {target}"
+        for name in EXPORT_ORDER
+        for target, line in GRAPH[name].items()
+        if target in rank and rank[target] >= rank[name]
+    )
+    assert not later, "scmc/export/ imports against EXPORT_ORDER:\n" + "\n".join(later)
 
 
 def test_the_imports_form_no_cycle() -> None:
@@ -195,5 +245,41 @@ def test_the_graph_holds_function_local_and_type_checking_imports() -> None:
     assert {"scmc.cache", "scmc.emit.package", "scmc.link"} <= set(GRAPH["scmc.build"])
     # `if TYPE_CHECKING: from scmc.link import ...` in emit/package.py
     assert "scmc.link" in GRAPH["scmc.emit.package"]
-    # `import scmc.expr as X` at module level of lower.py
-    assert "scmc.expr" in GRAPH["scmc.lower"]
+    # `import scmc.expr as X` at module level of lower/steps.py
+    assert "scmc.expr" in GRAPH["scmc.lower.steps"]
+
+
+def test_the_split_packages_stay_split() -> None:
+    """scmc/export/ and scmc/lower/ were one file each: no module of theirs may grow back into one."""
+    limits = {"scmc.export": 600, "scmc.lower": 800}
+    long = [
+        f"{MODULES[name].relative_to(ROOT)}: {lines} lines (at most {limit})"
+        for name in MODULES
+        for package, limit in limits.items()
+        if name == package or name.startswith(package + ".")
+        for lines in [len(MODULES[name].read_text(encoding="utf-8").splitlines())]
+        if lines > limit
+    ]
+    assert not long, "\n".join(long)
+
+
+def test_lowering_stops_at_a_mistake_through_error_at_only() -> None:
+    """One diagnostic helper in scmc/lower/: `raise error_at(...)`, never a hand-built CompileError([Diagnostic])."""
+    built = []
+    for name, path in MODULES.items():
+        if not name.startswith("scmc.lower"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "CompileError"
+                and node.args
+                and isinstance(node.args[0], ast.List)
+                and node.args[0].elts
+            ):
+                built.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert len([n for n in built if "common.py" in n]) <= 1, built  # error_at itself
+    assert not [n for n in built if "common.py" not in n], "use error_at(code, message, span, hint):\n" + "\n".join(
+        built
+    )

@@ -1,0 +1,46 @@
+"""Naming: class names for user layers, attribute names for unnamed layers."""
+
+from __future__ import annotations
+
+import builtins
+import keyword
+import re
+
+from scmc.ir import ChildInst
+from scmc.lower.common import MODULE_ATTRS
+from scmc.names import to_snake
+
+
+def to_pascal(name: str) -> str:
+    parts = re.split(r"[^0-9A-Za-z]+", name)
+    out = "".join(p[:1].upper() + p[1:] for p in parts if p)
+    if not out or not out[0].isalpha():
+        out = "Layer" + out
+    return out
+
+
+def auto_name(children: list[ChildInst]) -> None:
+    """Give each layer the step did not name an attribute name: snake_case of its class, numbered on collisions."""
+    taken = {c.attr for c in children if c.name_given}
+    counts: dict[str, int] = {}
+    for child in children:
+        if child.name_given:
+            continue
+        if child.kind == "user":
+            base = to_snake(child.instance.class_hint if child.instance else "layer")
+        else:
+            last = child.ctor.address.split(".")[-1]
+            if last.startswith("Lazy") and len(last) > 4:
+                last = last[4:]
+            base = to_snake(last)
+        if base in MODULE_ATTRS or keyword.iskeyword(base) or base in dir(builtins):
+            base = base + "_layer"
+        n = counts.get(base, 0)
+        while True:
+            candidate = base if n == 0 else f"{base}_{n}"
+            n += 1
+            if candidate not in taken:
+                break
+        counts[base] = n
+        taken.add(candidate)
+        child.attr = candidate
