@@ -37,6 +37,7 @@ import os
 import re
 import secrets
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
@@ -356,6 +357,14 @@ def _filled_backward(plain: Mapping[str, Any], current: Mapping[str, Any], names
     return filled
 
 
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every call without a process group that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _broadcast(value: Any) -> Any:
     if not is_distributed():
         return value
@@ -412,7 +421,9 @@ def save_sharded(
         path.parent.mkdir(parents=True, exist_ok=True)
     if is_distributed():
         torch_dist.barrier()  # the folder exists before any rank writes into it
-    dcp.save(tensors, checkpoint_id=str(temporary))  # every rank its shards; rank 0 the metadata last
+    # Every rank its shards; rank 0 the metadata last.
+    with _single_process_quiet():
+        dcp.save(tensors, checkpoint_id=str(temporary), no_dist=not is_distributed())
     if is_distributed():
         torch_dist.barrier()
     if is_main:
@@ -470,7 +481,8 @@ def load_sharded(path: Path, state: Dict[str, Any], model: nn.Module, backward: 
     if ema is not None and "ema" in parts:
         tensors["ema"] = ema.state_dict()
     try:
-        dcp.load(tensors, checkpoint_id=str(folder))
+        with _single_process_quiet():
+            dcp.load(tensors, checkpoint_id=str(folder), no_dist=not is_distributed())
     except Exception as error:  # DCP reports missing or mismatched entries as CheckpointException
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: its shards in {folder.name}/ cannot be read ({reason[:200]})") from None
@@ -509,7 +521,8 @@ def load_consolidated(path: Path) -> Dict[str, Any]:
             where = (metadata.planner_data or {}).get(key, (key,))
             if isinstance(meta, TensorStorageMetadata) and len(where) == 2 and where[0] in tensors:
                 tensors[where[0]][str(where[1])] = torch.empty(meta.size, dtype=meta.properties.dtype)
-        dcp.load(tensors, storage_reader=reader, no_dist=True)
+        with _single_process_quiet():
+            dcp.load(tensors, storage_reader=reader, no_dist=True)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: its shards in {folder.name}/ cannot be read ({reason[:200]})") from None
