@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import build_package
-from tests.test_train import COMMON, DDP_RELATIVE_TOLERANCE, records, train, train_command
+from tests.conftest import build_package, snapshot
+from tests.test_train import COMMON, DDP_RELATIVE_TOLERANCE, children, records, train, train_command
 from tests.train_support import complete_package, python_env, run_many
 
 pytest.importorskip("PIL")
@@ -98,14 +98,37 @@ def kill_after_an_epoch(package: Path, out: Path, cache: Path) -> dict:
             time.sleep(0.02)
         else:
             pytest.fail(f"no end-of-epoch checkpoint before the run ended (exit {process.poll()})")
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+        kill_all(process)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_all(process)
         output = process.communicate(timeout=30)[0]
     assert process.returncode == -signal.SIGKILL, output
     return {"killed": out / "killed", "killed_at": state["epoch"]}
+
+
+def kill_all(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its ranks (each rank runs in a session of its own, out of torchrun's group)."""
+    if process.poll() is not None:
+        return
+    ranks = children(process.pid)
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    for pid in ranks:  # reaped by torchrun before it died, or by init: wait until they are gone
+        deadline = time.monotonic() + 30
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def consolidated(path: Path) -> dict:
@@ -366,6 +389,25 @@ def test_a_sharded_checkpoint_of_two_ranks_resumes_on_two_and_on_one(
     assert list(after) == [s for s in straight if s > 4 * epoch]
     assert list(after.values()) == pytest.approx([straight[s] for s in after], rel=DDP_RELATIVE_TOLERANCE)
     assert_close_weights(consolidated(on_one / "last.pt")["model"], reference["model"], rtol=1e-3, atol=1e-5)
+
+    # A DDP checkpoint is not resumed as a sharded one: one message, exit 1, the run folder untouched.
+    shutil.copytree(out / "ddp", out / "ddp-copy")
+    before = snapshot(out / "ddp-copy")
+    command = train_command(
+        package, *COMMON, "--out", str(out), "--cache-dir", str(digits_cache), *ARGS, "--strategy", "fsdp"
+    )
+    refused = subprocess.run(
+        [*command, "--run-name", "ddp-copy", "--resume", "auto"],
+        env=python_env(package),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=out.parent,
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert "was written with --strategy ddp; resume it with --strategy ddp" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert snapshot(out / "ddp-copy") == before
 
 
 @pytest.mark.slow
