@@ -161,6 +161,35 @@ def test_the_default_fsdp_unit_is_the_most_repeated_generated_block(package: Pat
     assert default_unit(model) == "Block"
 
 
+def test_activation_checkpointing_per_unit_recomputes_blocks_and_leaves_gradients_and_names_unchanged(package: Path):
+    from scmc_runtime.distributed import DistInfo
+    from scmc_runtime.fsdp import shard_model
+    from tests.conftest import import_package
+
+    module = import_package(package, PACKAGE)
+    one = DistInfo(0, 0, 1, torch.device("cpu"), None, True)
+    torch.manual_seed(0)
+    plain = module.Model()
+    checkpointed = module.Model()
+    checkpointed.load_state_dict(plain.state_dict())
+    sharding = shard_model(module.Model(), one, unit="LayerNorm2d")
+    assert (sharding.unit, sharding.units, sharding.sharded) == ("LayerNorm2d", 4, False)
+    assert "not sharded" in sharding.describe()
+    sharding = shard_model(checkpointed, one, activation_checkpointing=True)
+    assert (sharding.unit, sharding.units) == ("Block", 12)
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())
+
+    calls = []
+    block = checkpointed.backbone.block0
+    block.conv_dw.register_forward_hook(lambda *_: calls.append(1))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for model in (plain, checkpointed):
+        model(images)["cls"].square().mean().backward()
+    assert len(calls) == 2  # the block ran again in backward: its activations were not kept
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+
+
 class _Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -394,7 +394,7 @@ def save_sharded(
     ``state`` is what the generated train.py would write to ``path``: its ``model`` (and ``ema``,
     when a :class:`ShardedEma` state) go to the shards, with the optimizer state of ``backward``
     (``None``: no optimizer state, as for ``best.pt``); the rest, with the name of the shards
-    folder, to ``path``. Order: shards into ``.<name>.tmp-*/``, renamed to ``<stem>-shards-*/``,
+    folder, to ``path``. Order: shards into ``.<stem>-shards-<step>-<token>.tmp/``, renamed without the dot and ``.tmp``,
     then ``path`` replaced atomically, then older shards folders of the same ``path`` removed.
     """
     import torch.distributed.checkpoint as dcp
