@@ -217,7 +217,9 @@ def check_checkpoint(
     Checks, in order: the format version is one this runtime reads; ``package`` (when given)
     is the package that wrote it; every key of ``require`` is present (``RESUME_KEYS`` for a
     resume: best.pt holds no optimizer state); ``state["model"]`` is a dict of tensors whose
-    names, shapes and dtypes match ``model`` (a state dict of the model about to load it).
+    names, shapes and dtypes match ``model`` (a state dict of the model about to load it). A
+    sharded checkpoint (``--strategy fsdp``: ``state["sharded"]`` names its DCP folder, see
+    ``scmc_runtime.fsdp``) holds its model and EMA there; its recorded ``signature`` is compared.
     """
     where = Path(path)
     version = state.get("format", 0)
