@@ -24,12 +24,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
-from _common import PYTHON, ROOT, SCMC, Result, goal, main_for, median, progress, rotate, run_process, spread
+from _common import PYTHON, ROOT, SCMC, Result, goal, main_for, median, progress, run_process, spread
 
 GOAL_RATIO = 0.55
 WORLD = 2
@@ -267,5 +266,4 @@ def run(quick: bool) -> Result:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main_for("bench_fsdp", run, __doc__.splitlines()[0])
