@@ -1,7 +1,7 @@
 """--strategy fsdp: FSDP2 training, sharded (DCP) checkpoints across world sizes, export from them.
 
 Every run trains ConvNeXtV2-atto (10 classes, 12 Blocks) with gradient accumulation over 2 steps
-on the embedded digits at 32x32, on CPU with gloo under ``torchrun --standalone``, exactly as a
+and gradient clipping (total norm 0.5, computed over the shards under FSDP) on the embedded digits at 32x32, on CPU with gloo under ``torchrun --standalone``, exactly as a
 user runs it (see tests/test_train.py, whose helpers these tests use). One thread per process,
 deterministic kernels, no data-loading workers.
 """
@@ -44,9 +44,14 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "num_classes=10",
         "-p",
         "accumulate_gradients=2",
+        "-p",
+        "clip_grad_norm=0.5",
         name=PACKAGE,
     )
-    return complete_package(out, PACKAGE, accumulate=2)
+    complete_package(out, PACKAGE, accumulate=2)
+    backward = (out / "src" / PACKAGE / "backward.py").read_text()
+    assert "accumulate = 2" in backward and "clip_grad" in backward  # FSDP: clipping of sharded gradients
+    return out
 
 
 @pytest.fixture(scope="module")
