@@ -424,6 +424,13 @@ def test_a_sharded_checkpoint_of_two_ranks_resumes_on_two_and_on_one(
     assert list(after.values()) == pytest.approx([straight[s] for s in after], rel=DDP_RELATIVE_TOLERANCE)
     assert_close_weights(consolidated(on_one / "last.pt")["model"], reference["model"], rtol=1e-3, atol=1e-5)
 
+    # The same sharded checkpoint under --strategy ddp: loaded through DCP, the same curve as on one FSDP process.
+    as_ddp = out / "as-ddp"
+    shutil.copytree(runs["killed"], as_ddp)
+    train(package, out, digits_cache, *ARGS, "--run-name", "as-ddp", "--resume", "auto")
+    assert step_losses(as_ddp) == step_losses(on_one)
+    assert "sharded" not in torch.load(as_ddp / "last.pt", weights_only=True)  # written as a plain checkpoint
+
     # A DDP checkpoint is not resumed as a sharded one: one message, exit 1, the run folder untouched.
     shutil.copytree(out / "ddp", out / "ddp-copy")
     before = snapshot(out / "ddp-copy")
