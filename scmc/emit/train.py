@@ -81,6 +81,25 @@ FIELDS: tuple[Field, ...] = (
         "speed",
     ),
     Field("threads", "int", 0, "CPU threads per process (0: torch's default)", "speed"),
+    # distributed (docs/fsdp.md)
+    Field(
+        "strategy",
+        "str",
+        "ddp",
+        "ddp: every rank holds the whole model; fsdp: parameters, gradients and optimizer state sharded over ranks",
+        "distributed",
+    ),
+    Field(
+        "fsdp_unit",
+        "str",
+        "",
+        "model.py class whose instances are FSDP units (default: the most repeated)",
+        "distributed",
+    ),
+    Field("reshard_after_forward", "bool", True, "fsdp: free the gathered parameters after forward", "distributed"),
+    Field(
+        "activation_checkpointing", "bool", False, "fsdp: recompute each unit's activations in backward", "distributed"
+    ),
     # runs, checkpoints, logging
     Field("out", "str", "runs", "folder of runs; a run writes <out>/<run-name>/", "output"),
     Field("run_name", "str", "", "name of the run folder (default: the package name, then -2, -3, ...)", "output"),

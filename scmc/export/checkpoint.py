@@ -49,6 +49,27 @@ def read_checkpoint(path: Path) -> Any:
         ) from None
 
 
+def consolidate_sharded(obj: Any, path: Path) -> Any:
+    """A sharded checkpoint of ``--strategy fsdp`` (a file naming its DCP shards folder) as a plain one, with
+    full tensors (``scmc_runtime.fsdp.load_consolidated``); anything else as it is. E1150 if the shards are unusable."""
+    if not isinstance(obj, dict) or obj.get("sharded") is None:
+        return obj
+    from scmc_runtime.checkpoint import CheckpointError
+    from scmc_runtime.fsdp import load_consolidated
+
+    try:
+        return load_consolidated(path)
+    except CheckpointError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else "the shards cannot be read"
+        message = message[len(f"{path}: ") :] if message.startswith(f"{path}: ") else message
+        raise _err(
+            "E1150",
+            f"checkpoint `{path}`: {message}",
+            path,
+            "a sharded checkpoint is the file and the shards folder it names, side by side: copy both",
+        ) from None
+
+
 def check_runtime_checkpoint(obj: Any, path: Path, package: str) -> None:
     """E1106 unless the runtime's ``check_checkpoint`` (what train.py's ``--resume`` runs) accepts OBJ.
 

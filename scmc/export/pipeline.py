@@ -15,7 +15,13 @@ from typing import Any, Callable, Sequence
 
 import scmc
 from scmc.diagnostics import Diagnostic
-from scmc.export.checkpoint import check_runtime_checkpoint, load_weights, read_checkpoint, select_weights
+from scmc.export.checkpoint import (
+    check_runtime_checkpoint,
+    consolidate_sharded,
+    load_weights,
+    read_checkpoint,
+    select_weights,
+)
 from scmc.export.common import INSTALL_HINT, MIN_OPSET, REPORT_NAME, THREADS, _err, _short
 from scmc.export.compare import TOLERANCES, flatten_outputs
 from scmc.export.formats import BY_NAME, FILE_NAMES, FORMATS, load_runner
@@ -128,6 +134,7 @@ def export_package(request: ExportRequest, progress: Callable[[str], None] = lam
     check_runtimes(formats)
     checkpoint = Path(request.checkpoint)
     raw = read_checkpoint(checkpoint)
+    raw = consolidate_sharded(raw, checkpoint)  # --strategy fsdp: the weights are in a DCP shards folder
     check_runtime_checkpoint(raw, checkpoint, info.name)
     check_checkpoint_config(raw, checkpoint)
     state, ckpt_info = select_weights(raw, request.weights, checkpoint)

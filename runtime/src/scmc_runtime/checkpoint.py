@@ -217,7 +217,9 @@ def check_checkpoint(
     Checks, in order: the format version is one this runtime reads; ``package`` (when given)
     is the package that wrote it; every key of ``require`` is present (``RESUME_KEYS`` for a
     resume: best.pt holds no optimizer state); ``state["model"]`` is a dict of tensors whose
-    names, shapes and dtypes match ``model`` (a state dict of the model about to load it).
+    names, shapes and dtypes match ``model`` (a state dict of the model about to load it). A
+    sharded checkpoint (``--strategy fsdp``: ``state["sharded"]`` names its DCP folder, see
+    ``scmc_runtime.fsdp``) holds its model and EMA there; its recorded ``signature`` is compared.
     """
     where = Path(path)
     version = state.get("format", 0)
@@ -229,12 +231,22 @@ def check_checkpoint(
     written_by = state.get("package")
     if package is not None and written_by is not None and written_by != package:
         raise CheckpointError(f"{where}: a checkpoint of package {written_by}, not of {package}")
-    missing = [key for key in require if key not in state]
+    # A sharded checkpoint (--strategy fsdp): its model, EMA and optimizer state are in the DCP
+    # shards folder it names (scmc_runtime.fsdp); the file itself carries the model's signature.
+    sharded = state.get("sharded") is not None
+    missing = [key for key in require if key not in state and not (sharded and key in ("model", "ema"))]
     if missing:
         hint = " (best.pt holds weights only: resume from last.pt)" if "backward" in missing else ""
         raise CheckpointError(f"{where}: the checkpoint has no {', '.join(missing)}{hint}")
     weights = state.get("model")
-    if "model" in require or weights is not None:
+    if sharded:
+        signature = state.get("signature")
+        if model is not None and signature != model_signature(model):
+            raise CheckpointError(
+                f"{where}: the checkpoint's model does not fit this package's model "
+                f"(signature {signature}, expected {model_signature(model)})"
+            )
+    elif "model" in require or weights is not None:
         if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise CheckpointError(f"{where}: the checkpoint's model entry is not a dict of tensors")
         if model is not None and model_signature(weights) != model_signature(model):
@@ -252,6 +264,10 @@ def load_weights(path: PathLike, model: nn.Module, *, package: Optional[str] = N
     ``weights_only=True`` and checked with :func:`check_checkpoint` first.
     """
     state = load_checkpoint(path)
+    if state.get("sharded") is not None:  # --strategy fsdp: the weights are in a DCP shards folder
+        from scmc_runtime.fsdp import load_consolidated
+
+        state = load_consolidated(path)
     expected = model.state_dict()
     check_checkpoint(state, path, package=package, model=expected)
     weights = state["model"]
