@@ -148,9 +148,11 @@ def standalone(package: Path, digits_cache: Path, tmp_path_factory: pytest.TempP
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("victim", [0, 1], ids=["rank0", "rank1"])
 def test_a_rank_killed_outright_fails_the_job_and_its_mlflow_run_without_a_hang(
-    package: Path, digits_cache: Path, tmp_path: Path
+    package: Path, digits_cache: Path, tmp_path: Path, victim: int
 ):
+    """Rank 1 killed: rank 0 fails in its next collective and ends the run. Rank 0 killed: rank 1 does."""
     out = tmp_path / "runs"
     launch = launcher("--standalone", "--nproc_per_node=2")
     process = job(package, out, digits_cache, launch, "--epochs", "100", "--mlflow", "--run-name", "killed")
@@ -159,7 +161,7 @@ def test_a_rank_killed_outright_fails_the_job_and_its_mlflow_run_without_a_hang(
         ranks = ranks_of(process.pid)
         assert sorted(ranks) == [0, 1], ranks
         killed_at = time.monotonic()
-        os.kill(ranks[1], signal.SIGKILL)
+        os.kill(ranks[victim], signal.SIGKILL)
         output, _ = process.communicate(timeout=EXIT_DEADLINE_S)
         seconds = time.monotonic() - killed_at
         deadline = time.monotonic() + 10
@@ -173,7 +175,7 @@ def test_a_rank_killed_outright_fails_the_job_and_its_mlflow_run_without_a_hang(
     assert seconds < EXIT_DEADLINE_S
     client, runs = mlflow_runs(out)
     [run] = runs
-    assert run.info.status in ("FAILED", "KILLED"), run.info.status
+    assert run.info.status in ("FAILED", "KILLED"), output
     assert run.info.end_time is not None
 
 
