@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from scmc_runtime.elastic import ELASTIC_FILE, elastic_resume, note_elastic_run
 from tests import test_train
 from tests.train_support import python_env
 
@@ -179,6 +180,30 @@ def test_a_rank_killed_outright_fails_the_job_and_its_mlflow_run_without_a_hang(
     assert run.info.end_time is not None
 
 
+@pytest.mark.slow
+def test_sigterm_to_torchrun_itself_saves_and_ends_the_mlflow_run_but_torchrun_exits_1(
+    package: Path, digits_cache: Path, tmp_path: Path
+):
+    """What README and docs/distributed.md tell a scheduler: signal the ranks, not the launcher."""
+    out = tmp_path / "runs"
+    launch = launcher("--standalone", "--nproc_per_node=2")
+    process = job(package, out, digits_cache, launch, "--epochs", "100", "--mlflow", "--run-name", "term")
+    try:
+        wait_until(lambda: len(records(out / "term", "step")) >= 2, process, "two training steps")
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=EXIT_DEADLINE_S)
+    finally:
+        stop(process)
+    # torchrun forwards the signal; the ranks finish the step, save and exit 0 ...
+    assert "stopped by a signal" in output
+    state = load(out / "term" / "last.pt")
+    assert state["world_size"] == 2 and state["step_in_epoch"] >= 2
+    client, runs = mlflow_runs(out)
+    assert [run.info.status for run in runs] == ["KILLED"]
+    # ... but torchrun raises its own SignalException: the exit status a scheduler sees is 1.
+    assert process.returncode == 1 and "SignalException" in output
+
+
 # ---------------------------------------------------------------------------------------------
 # Two torchrun "nodes" (issue 15, item 1)
 
@@ -266,3 +291,56 @@ def test_a_rank_killed_under_max_restarts_restarts_the_job_which_resumes_and_end
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_step_ce_loss")] == list(range(1, 9))
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ce_loss")] == [4, 8]
+
+
+def restarted(monkeypatch: pytest.MonkeyPatch, count: int, job: str = "job-1") -> None:
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(count))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+
+
+def test_the_first_life_and_a_plain_run_keep_their_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "last.pt").write_bytes(b"")
+    plain = elastic_resume(str(tmp_path), "", "", True)
+    assert (plain.run_name, plain.resume, plain.fresh, plain.restarts) == ("", "", True, 0)
+    restarted(monkeypatch, 0)
+    first = elastic_resume(str(tmp_path), "x", "", False)
+    assert (first.run_name, first.resume, first.restarts) == ("x", "", 0)
+
+
+def test_a_restart_finds_the_folder_its_job_wrote_even_after_fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    restarted(monkeypatch, 0)
+    for name, job in (("x", "job-0"), ("x-2", "job-1")):  # another job's run, then this job's (after --fresh)
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+        note_elastic_run(tmp_path / name, f"mlflow-{name}", is_main=True)
+    assert (tmp_path / "x-2" / ELASTIC_FILE).is_file()
+    restarted(monkeypatch, 1, "job-1")
+    again = elastic_resume(str(tmp_path), "x", "", True)
+    assert (again.run_name, again.resume, again.fresh, again.mlflow_run_id) == ("x-2", "auto", False, "mlflow-x-2")
+    assert again.restarts == 1
+
+
+def test_a_restart_resumes_the_runs_own_last_pt_rather_than_the_checkpoint_first_given(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "last.pt").write_bytes(b"")
+    restarted(monkeypatch, 2)
+    given = str(tmp_path / "old" / "last.pt")
+    assert elastic_resume(str(tmp_path), "new", given).resume == given  # the run wrote no last.pt yet
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "last.pt").write_bytes(b"")
+    assert elastic_resume(str(tmp_path), "new", given).resume == str(tmp_path / "new" / "last.pt")
+    assert elastic_resume(str(tmp_path), "new", "auto").resume == "auto"
+
+
+def test_the_default_rendezvous_id_none_marks_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    restarted(monkeypatch, 0, "none")
+    note_elastic_run(tmp_path, "mlflow-run", is_main=True)
+    restarted(monkeypatch, 0, "job-1")
+    note_elastic_run(tmp_path, "mlflow-run", is_main=False)
+    assert not (tmp_path / ELASTIC_FILE).exists()
+    restarted(monkeypatch, 1, "none")
+    assert elastic_resume(str(tmp_path), "", "").run_name == ""
