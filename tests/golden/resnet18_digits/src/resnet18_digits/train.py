@@ -270,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         enabled=cfg.mlflow and dist.is_main,
         run_id=state.get("mlflow_run_id") if state is not None else elastic.mlflow_run_id,
     )
-    note_elastic_run(
-        run_dir, mlflow.run_id, is_main=dist.is_main
-    )  # where a restarted worker continues
+    # The other ranks learn rank 0's MLflow run: they end it as FAILED should rank 0 be killed.
+    mlflow.share_run()
+    # Where a worker restarted by torchrun --max-restarts continues: <run>/elastic.json.
+    note_elastic_run(run_dir, mlflow.run_id, is_main=dist.is_main)
     if state is not None or elastic.restarts:
         metrics_file.drop_after(global_step)
     if dist.is_main:
