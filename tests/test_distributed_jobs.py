@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from scmc_runtime.elastic import ELASTIC_FILE, elastic_resume, note_elastic_run
+from scmc_runtime.signals import deferred_signals
 from tests import test_train
 from tests.train_support import python_env
 
@@ -344,3 +345,18 @@ def test_the_default_rendezvous_id_none_marks_nothing(monkeypatch: pytest.Monkey
     assert not (tmp_path / ELASTIC_FILE).exists()
     restarted(monkeypatch, 1, "none")
     assert elastic_resume(str(tmp_path), "", "").run_name == ""
+
+
+def test_deferred_signals_hold_sigterm_until_the_block_is_done_then_deliver_it_once():
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with deferred_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert received == []
+        assert received == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the handler from before is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -98,7 +98,7 @@ def elastic_resume(out: str, run_name: str, resume: str, fresh: bool = False) ->
         own = (folder if folder is not None else Path(resume).parent) / "last.pt"
         if own.is_file() and own.resolve() != Path(resume).resolve():
             resume = str(own)  # written by an earlier life of this job: newer than the one first given
-    mlflow_run_id = _mlflow_run_of(folder) if folder is not None else None
+    mlflow_run_id = _mlflow_run_of(marked) if marked is not None else None  # this job's run, no other
     return ElasticRun(run_name, resume, fresh, restarts, mlflow_run_id)
 
 
