@@ -11,7 +11,7 @@ import pytest
 import scmc_runtime
 from scmc_runtime._optional import require
 
-TRAINING_MODULES = ["checkpoint", "data", "distributed", "ema", "logging", "metrics", "signals"]
+TRAINING_MODULES = ["checkpoint", "data", "distributed", "elastic", "ema", "logging", "metrics", "signals"]
 OPTIONAL = ["timm", "mlflow", "sklearn", "PIL"]
 
 

@@ -174,6 +174,10 @@ class MlflowLogger:
     ``sqlite:///<run_dir>/mlflow.db`` and artifacts go to ``<run_dir>/mlartifacts``.
     ``run_id`` continues an existing MLflow run (a resumed training) when the store has it;
     otherwise a new run is created.
+
+    Under DDP, :meth:`share_run` tells every rank which run rank 0 opened, so that when rank 0
+    is killed outright (SIGKILL, out of memory) a surviving rank, failing in its next
+    collective, ends the run as FAILED instead of leaving it RUNNING.
     """
 
     def __init__(
@@ -193,6 +197,7 @@ class MlflowLogger:
         self.resumed = False  # True when run_id named a run that this logger continues
         self.recorded_through = -1  # a resumed run skips the steps its first life already recorded
         self._client: Any = None
+        self._shared: Optional[tuple] = None  # (run id, tracking URI) of rank 0's run, on the other ranks
         if not enabled:
             return
         tracking = require("mlflow.tracking", "MlflowLogger", "train")
@@ -247,10 +252,53 @@ class MlflowLogger:
         if self.enabled:
             self._client.log_artifact(self.run_id, str(path))
 
+    def share_run(self) -> None:
+        """Every rank learns rank 0's run id and tracking URI (one broadcast; every rank must call it).
+
+        A no-op single-process. The other ranks only keep the two strings: they open the store
+        only if :meth:`close` is called with FAILED, to end a run that rank 0 cannot end itself.
+        """
+        from scmc_runtime.distributed import is_distributed
+
+        if not is_distributed():
+            return
+        import torch.distributed as torch_dist
+
+        box = [(self.run_id, self.tracking_uri) if self.enabled and self.run_id is not None else None]
+        torch_dist.broadcast_object_list(box, src=0)
+        if not self.enabled and box[0] is not None:
+            self._shared = tuple(box[0])
+
+    def _end_shared_run(self, status: str) -> None:
+        """On a rank other than 0: end rank 0's run with ``status`` if it is still RUNNING (best effort)."""
+        run_id, uri = self._shared
+        self._shared = None
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+            return  # the store is on another node's file system: nothing to open here
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=uri)
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status=status)
+        except Exception:  # the run's fate is reported by rank 0 where it can; this rank is failing anyway
+            pass
+
     def close(self, status: str = "FINISHED") -> None:
+        """End the run with ``status``; on another rank after :meth:`share_run`, FAILED also ends rank 0's run.
+
+        SIGTERM and SIGINT wait until the status is written: torchrun signals the ranks of a
+        failing job, and the run must not stay RUNNING because the signal came first.
+        """
+        from scmc_runtime.signals import deferred_signals
+
         if self.enabled and self.run_id is not None:
-            self._client.set_terminated(self.run_id, status=status)
+            with deferred_signals():
+                self._client.set_terminated(self.run_id, status=status)
             self.run_id = None
+        elif self._shared is not None and status == "FAILED":
+            with deferred_signals():
+                self._end_shared_run(status)
 
     def __enter__(self) -> "MlflowLogger":
         return self

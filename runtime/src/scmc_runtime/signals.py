@@ -14,17 +14,18 @@ SIGTERM still terminates.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from types import FrameType
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as torch_dist
 
 from scmc_runtime.distributed import is_distributed
 
-__all__ = ["GracefulStop"]
+__all__ = ["GracefulStop", "deferred_signals"]
 
 
 class GracefulStop:
@@ -98,3 +99,24 @@ class GracefulStop:
         torch_dist.all_reduce(self._flag, op=torch_dist.ReduceOp.MAX)
         self._stopping = bool(self._flag.item())
         return self._stopping
+
+
+@contextlib.contextmanager
+def deferred_signals(signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """Hold ``signals`` until the block is done, then deliver them to the handlers from before.
+
+    For short writes that must not be cut in half by a launcher's SIGTERM: a failing rank ending
+    its MLflow run while torchrun is stopping the job. A no-op outside the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: List[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)

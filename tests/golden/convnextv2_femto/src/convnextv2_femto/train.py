@@ -35,6 +35,7 @@ from scmc_runtime.checkpoint import (
 )
 from scmc_runtime.data import BadImageError, build_loader, validation_subset
 from scmc_runtime.distributed import seed_everything, setup_distributed
+from scmc_runtime.elastic import elastic_resume, note_elastic_run
 from scmc_runtime.ema import ModelEma
 from scmc_runtime.fsdp import (
     ShardedEma,
@@ -249,14 +250,16 @@ def main(argv: list[str] | None = None) -> int:
         ema = ema_class(net, cfg.ema_decay, warmup=cfg.ema_warmup)
 
     # The run folder, and the checkpoint to resume: read and checked (this package, this model,
-    # the same schedule) before the folder is created or anything in it is written.
+    # the same schedule) before the folder is created or anything in it is written. A worker
+    # restarted by torchrun --max-restarts continues its job's run folder (--resume auto).
+    elastic = elastic_resume(cfg.out, cfg.run_name, cfg.resume, cfg.fresh)
     run_dir, resume_from = resolve_run(
         dist,
         out=cfg.out,
-        run_name=cfg.run_name,
+        run_name=elastic.run_name,
         package=PACKAGE,
-        resume=cfg.resume,
-        fresh=cfg.fresh,
+        resume=elastic.resume,
+        fresh=elastic.fresh,
         create=False,
     )
     config = dataclasses.asdict(cfg)
@@ -313,9 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         run_name=run_dir.name,
         tracking_uri=cfg.mlflow_uri or None,
         enabled=cfg.mlflow and dist.is_main,
-        run_id=state.get("mlflow_run_id") if state is not None else None,
+        run_id=state.get("mlflow_run_id") if state is not None else elastic.mlflow_run_id,
     )
-    if state is not None:
+    # The other ranks learn rank 0's MLflow run: they end it as FAILED should rank 0 be killed.
+    mlflow.share_run()
+    # Where a worker restarted by torchrun --max-restarts continues: <run>/elastic.json.
+    note_elastic_run(run_dir, mlflow.run_id, is_main=dist.is_main)
+    if state is not None or elastic.restarts:
         metrics_file.drop_after(global_step)
     if dist.is_main:
         (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
