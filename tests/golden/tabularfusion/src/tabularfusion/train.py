@@ -35,7 +35,16 @@ from scmc_runtime.checkpoint import (
 )
 from scmc_runtime.data import BadImageError, build_loader, validation_subset
 from scmc_runtime.distributed import seed_everything, setup_distributed
+from scmc_runtime.elastic import elastic_resume, note_elastic_run
 from scmc_runtime.ema import ModelEma
+from scmc_runtime.fsdp import (
+    ShardedEma,
+    averaged_model,
+    check_strategy,
+    load_sharded,
+    save_sharded,
+    shard_model,
+)
 from scmc_runtime.logging import MetricsFile, MlflowLogger, Progress, get_logger
 from scmc_runtime.metrics import MetricAccumulator
 from scmc_runtime.signals import GracefulStop
@@ -113,6 +122,18 @@ class TrainConfig:
         "under DDP on GPUs, BatchNorm statistics over all ranks (torch.nn.SyncBatchNorm); --no-sync-bn: per rank",
     )
     threads: int = flag(0, "CPU threads per process (0: torch's default)")
+    # distributed
+    strategy: str = flag(
+        "ddp",
+        "ddp: every rank holds the whole model; fsdp: parameters, gradients and optimizer state sharded over ranks",
+    )
+    fsdp_unit: str = flag(
+        "", "model.py class whose instances are FSDP units (default: the most repeated)"
+    )
+    reshard_after_forward: bool = flag(True, "fsdp: free the gathered parameters after forward")
+    activation_checkpointing: bool = flag(
+        False, "fsdp: recompute each unit's activations in backward"
+    )
     # output
     out: str = flag("runs", "folder of runs; a run writes <out>/<run-name>/")
     run_name: str = flag("", "name of the run folder (default: the package name, then -2, -3, ...)")
@@ -162,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(TrainConfig, argv, description=__doc__, prog=PROG)
     # Every flag is checked before anything is created: all problems in one message, exit 2.
     validate_config(cfg, losses=LOSSES, metrics=METRICS)
+    check_strategy(cfg)
     started = time.monotonic()
 
     # Distributed setup from torchrun's environment (single process without it), then seeding.
@@ -218,23 +240,40 @@ def main(argv: list[str] | None = None) -> int:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net = net.to(device, memory_format=memory_format)
+    # --strategy fsdp: fully_shard each repeated block, then the root, before the optimizers exist.
+    sharding = None
+    if cfg.strategy == "fsdp":
+        sharding = shard_model(
+            net,
+            dist,
+            unit=cfg.fsdp_unit,
+            reshard_after_forward=cfg.reshard_after_forward,
+            activation_checkpointing=cfg.activation_checkpointing,
+            autocast_dtype=Backward.autocast_dtype,
+        )
+        log.info(sharding.describe())
     criterion = Loss().to(device)
     metric = Metric().to(device)
     updates_per_epoch = math.ceil(steps_per_epoch / Backward.accumulate)
     backward = Backward(
         net, updates_per_epoch=updates_per_epoch, epochs=cfg.epochs, device_type=device.type
     )
-    ema = ModelEma(net, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema else None
+    ema = None
+    if cfg.ema:  # FSDP: each rank averages its own shards
+        ema_class = ShardedEma if sharding is not None else ModelEma
+        ema = ema_class(net, cfg.ema_decay, warmup=cfg.ema_warmup)
 
     # The run folder, and the checkpoint to resume: read and checked (this package, this model,
-    # the same schedule) before the folder is created or anything in it is written.
+    # the same schedule) before the folder is created or anything in it is written. A worker
+    # restarted by torchrun --max-restarts continues its job's run folder (--resume auto).
+    elastic = elastic_resume(cfg.out, cfg.run_name, cfg.resume, cfg.fresh)
     run_dir, resume_from = resolve_run(
         dist,
         out=cfg.out,
-        run_name=cfg.run_name,
+        run_name=elastic.run_name,
         package=PACKAGE,
-        resume=cfg.resume,
-        fresh=cfg.fresh,
+        resume=elastic.resume,
+        fresh=elastic.fresh,
         create=False,
     )
     config = dataclasses.asdict(cfg)
@@ -253,10 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     start_epoch, start_step, global_step = 0, 0, 0
     best = {"metric": cfg.best_metric, "value": None, "epoch": None}
     if state is not None:
-        net.load_state_dict(state["model"])
-        backward.load_state_dict(state["backward"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
+        if state.get("sharded"):  # a DCP checkpoint, resharded to this world size
+            load_sharded(resume_from, state, net, backward, ema)
+        elif sharding is not None:
+            raise TrainError(
+                f"{resume_from} was written with --strategy ddp; resume it with --strategy ddp"
+            )
+        else:
+            net.load_state_dict(state["model"])
+            backward.load_state_dict(state["backward"])
+            if ema is not None and state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
         start_epoch, start_step = state["epoch"], state["step_in_epoch"]
         global_step, best = state["global_step"], state["best"]
         log.info(f"resuming {resume_from} at epoch {start_epoch + 1}, step {start_step}")
@@ -266,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     # DDP averages gradients over ranks during backward(); torch.compile wraps the whole step.
     model = net
     ddp = None
-    if dist.world_size > 1:
+    if dist.world_size > 1 and sharding is None:
         device_ids = [device.index] if device.type == "cuda" else None
         model = ddp = DistributedDataParallel(
             net, device_ids=device_ids, gradient_as_bucket_view=True
@@ -284,9 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         run_name=run_dir.name,
         tracking_uri=cfg.mlflow_uri or None,
         enabled=cfg.mlflow and dist.is_main,
-        run_id=state.get("mlflow_run_id") if state is not None else None,
+        run_id=state.get("mlflow_run_id") if state is not None else elastic.mlflow_run_id,
     )
-    if state is not None:
+    # The other ranks learn rank 0's MLflow run: they end it as FAILED should rank 0 be killed.
+    mlflow.share_run()
+    # Where a worker restarted by torchrun --max-restarts continues: <run>/elastic.json.
+    note_elastic_run(run_dir, mlflow.run_id, is_main=dist.is_main)
+    if state is not None or elastic.restarts:
         metrics_file.drop_after(global_step)
     if dist.is_main:
         (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -338,10 +388,17 @@ def main(argv: list[str] | None = None) -> int:
 
     saved_at = [global_step if state is not None else None]  # the global step last.pt holds, if any
 
+    def save(path, checkpoint: dict, optimizers: bool) -> None:
+        # FSDP: every rank writes its shards (torch.distributed.checkpoint), then rank 0 the file.
+        if sharding is not None:
+            save_sharded(
+                path, checkpoint, net, backward if optimizers else None, is_main=dist.is_main
+            )
+        elif dist.is_main:
+            save_checkpoint(path, checkpoint)  # atomic: temporary file, then rename
+
     def save_last(epoch: int, step_in_epoch: int) -> None:
-        checkpoint = training_state(epoch, step_in_epoch)
-        if dist.is_main:
-            save_checkpoint(run_dir / "last.pt", checkpoint)  # atomic: temporary file, then rename
+        save(run_dir / "last.pt", training_state(epoch, step_in_epoch), optimizers=True)
         saved_at[0] = global_step
 
     def validate(module: torch.nn.Module) -> dict[str, float]:
@@ -398,10 +455,13 @@ def main(argv: list[str] | None = None) -> int:
                     labels = labels.to(device, non_blocking=True)
                     targets = targets.to(device, non_blocking=True)
 
-                    # Gradient accumulation: DDP all-reduces gradients only when the weights update.
+                    # Gradient accumulation: DDP all-reduces gradients only when the weights update;
+                    # FSDP neither reduce-scatters nor reshards between micro-steps.
                     sync = contextlib.nullcontext()
                     if ddp is not None and not backward.will_update(last_in_epoch):
                         sync = ddp.no_sync()
+                    elif sharding is not None and not backward.will_update(last_in_epoch):
+                        sync = sharding.no_sync(net)
                     with sync:
                         # Mixed precision as the backward template sets it (a no-op without AMP).
                         with backward.autocast(device.type):
@@ -454,9 +514,10 @@ def main(argv: list[str] | None = None) -> int:
                     {f"val_{name}": value for name, value in validate(eval_model).items()}
                 )
                 if ema is not None:
-                    record.update(
-                        {f"ema_val_{name}": value for name, value in validate(ema.module).items()}
-                    )
+                    with averaged_model(ema, eval_model) as averaged:
+                        record.update(
+                            {f"ema_val_{name}": value for name, value in validate(averaged).items()}
+                        )
                 record.update({f"lr_{name}": lr for name, lr in backward.learning_rates.items()})
                 record["epoch_seconds"] = time.monotonic() - epoch_started
                 backward.end_epoch(epoch, record)  # per-epoch schedulers step here
@@ -469,19 +530,18 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if improved:
                     best = {"metric": cfg.best_metric, "value": value, "epoch": epoch + 1}
-                    if dist.is_main:
-                        best_state = {
-                            "format": FORMAT_VERSION,
-                            "package": PACKAGE,
-                            "signature": model_signature(net.state_dict()),
-                            "model": net.state_dict(),
-                            "ema": ema.state_dict() if ema is not None else None,
-                            "epoch": epoch + 1,
-                            "metrics": record,
-                            "config": config,
-                            "classes": [str(c) for c in classes],
-                        }
-                        save_checkpoint(run_dir / "best.pt", best_state)
+                    best_state = {
+                        "format": FORMAT_VERSION,
+                        "package": PACKAGE,
+                        "signature": model_signature(net.state_dict()),
+                        "model": net.state_dict(),
+                        "ema": ema.state_dict() if ema is not None else None,
+                        "epoch": epoch + 1,
+                        "metrics": record,
+                        "config": config,
+                        "classes": [str(c) for c in classes],
+                    }
+                    save(run_dir / "best.pt", best_state, optimizers=False)
                 save_last(epoch + 1, 0)
                 metrics_file.write(record)
                 # The step series already holds this step's learning rates when a step log just ran.
