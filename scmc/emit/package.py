@@ -52,6 +52,7 @@ def dependencies(sources: list[str]) -> list[str]:
 def train_context(pkg: "PackageDef"):
     """The context of the generated train.py, or None when the package cannot train (no
     backward or no loss)."""
+    from scmc.emit.backward import compiled_settings
     from scmc.emit.train import TrainContext
 
     training = pkg.training
@@ -77,6 +78,7 @@ def train_context(pkg: "PackageDef"):
         defaults=dict(training.defaults),
         model_class=root.name,
         soft_targets=training.soft_targets,
+        backward=compiled_settings(pkg.backward.backward) if pkg.backward is not None else {},
     )
 
 
