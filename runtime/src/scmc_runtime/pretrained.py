@@ -16,7 +16,7 @@ Untrusted files: ``torch.load(weights_only=True)`` through :func:`scmc_runtime.c
 How tensors are paired with the model's state dict:
 
 1. **by name**, when every name of the model's state dict is in the checkpoint (shapes must agree);
-2. **by order and shape** otherwise: the model's tensors and the checkpoint's, each in its own order
+2. **by order and shape** otherwise (not for ``.safetensors``, which keeps its tensors sorted by name): the model's tensors and the checkpoint's, each in its own order
    (registration order, what ``state_dict()`` gives), pair one to one; the counts must be equal,
    every pair must have the same shape (up to dimensions of size 1: a 1x1 convolution's weight
    fits a linear layer's), and a name both sides have must pair with itself.
@@ -197,6 +197,7 @@ def map_weights(
     head: Sequence[str] = (),
     strict: bool = True,
     path: str = "the checkpoint",
+    ordered: bool = True,
 ) -> WeightMap:
     """Pair the checkpoint's tensors with the model's (see the module docstring); ``PretrainedError`` if they do not."""
     head = list(head)
@@ -229,6 +230,11 @@ def map_weights(
         if strict:
             rows += [("-", k, "-", _shape(theirs[k]), "not in the model (strict)") for k in extra]
         skipped = tuple(old_head) + tuple(k for k in theirs if k not in ours)
+    elif not ordered:
+        how = "name"
+        missing = [k for k in ours if k not in theirs and not k.endswith(OPTIONAL)]
+        rows += [(k, "-", _shape(ours[k]), "-", "not in the file, which keeps no order to pair by") for k in missing]
+        pairs, skipped = [], ()
     else:
         how = "order"
         mine = [k for k in ours if not k.endswith(OPTIONAL)]
@@ -270,7 +276,11 @@ def map_weights(
         raise PretrainedError(
             f"{path} does not map onto the model (matched by {how}; {len(rows)} problem(s)); nothing was loaded:\n"
             + _table(rows)
-            + ("\n  with another class count pass reset_head (train.py: --reset-head)" if not head else "")
+            + (
+                "\n  if only the classifier differs (another class count), pass reset_head (train.py: --reset-head)"
+                if not head
+                else ""
+            )
         )
     paired = {a for a, _ in pairs}
     kept = tuple(head) + tuple(k for k in ours if k not in paired)
@@ -297,7 +307,8 @@ def load_pretrained(
     state = target.state_dict()
     weights = read_weights(path, ema=ema)
     head = head_names(target) if reset_head else []
-    mapping = map_weights(state, weights, head=head, strict=strict, path=str(path))
+    ordered = Path(path).suffix != ".safetensors"  # safetensors stores its tensors sorted by name
+    mapping = map_weights(state, weights, head=head, strict=strict, path=str(path), ordered=ordered)
     for ours, theirs in mapping.pairs:
         value = weights[theirs]
         if state[ours].is_floating_point() != value.is_floating_point():
