@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from scmc_runtime.checkpoint import load_checkpoint
-from scmc_runtime.pretrained import PretrainedError, read_weights
+from scmc_runtime.pretrained import PretrainedError, head_names, read_weights
 from tests.conftest import ROOT, import_package
 from tests.train_support import run_many
 from tests.tune_support import PACKAGE, import_model, train_args, tuned_run
@@ -118,10 +118,11 @@ def test_reset_head_keeps_the_models_classifier_for_another_class_count(run, pkg
         pkg.load_pretrained(model, path)
     assert "head.fc.weight" in str(refused.value) and "[1000, 320]" in str(refused.value)
     assert "(another class count), pass reset_head (train.py: --reset-head)" in str(refused.value)
-    head = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("head.fc") or "fc." in k[-9:]}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     mapping = pkg.load_pretrained(model, path, reset_head=True)
-    assert len(mapping.kept) == 2 and len(mapping.skipped) == 2
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in head.items() if k in mapping.kept)
+    assert mapping.kept == tuple(head_names(model)) and len(mapping.kept) == 2  # the last Linear's weight and bias
+    assert mapping.skipped == ("head.fc.weight", "head.fc.bias")  # timm's 1000-class classifier
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in mapping.kept)
     stem = next(iter(model.state_dict()))
     assert torch.equal(model.state_dict()[stem], reference.state_dict()["stem.0.weight"])
 
@@ -148,8 +149,6 @@ def test_a_mismatched_checkpoint_is_refused_with_a_table_and_nothing_is_loaded(p
 
 
 def test_untrusted_files_are_refused_before_use(tmp_path: Path) -> None:
-    import pickle
-
     class Payload:
         def __reduce__(self):
             return (print, ("ran",))
@@ -167,7 +166,6 @@ def test_untrusted_files_are_refused_before_use(tmp_path: Path) -> None:
         read_weights(tmp_path / "broken.safetensors")
     with pytest.raises(PretrainedError, match="more than the 10 a weights file may have"):
         read_weights(notes, max_bytes=10)
-    assert pickle  # the payload class above is pickled by torch.save
 
 
 def test_train_py_refuses_a_mismatched_init_from_with_the_table_and_exit_1(run, tmp_path: Path) -> None:

@@ -185,9 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(TrainConfig, argv, description=__doc__, prog=PROG)
     # Every flag is checked before anything is created: all problems in one message, exit 2.
     validate_config(cfg, losses=LOSSES, metrics=METRICS)
-    check_run_flags(
-        cfg, Backward.compiled
-    )  # --lr, --precision, ... over what backward.py was compiled with
+    # --lr, --precision, ...: a run's values over what backward.py was compiled with (Backward.compiled).
+    check_run_flags(cfg, Backward.compiled)
     started = time.monotonic()
 
     # Distributed setup from torchrun's environment (single process without it), then seeding.
@@ -233,9 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     # Model, loss, metric and backward (optimizers, schedulers, AMP, accumulation).
     seed_everything(cfg.seed)  # the same initial weights on every rank
     net = Model()
-    if (
-        cfg.init_from
-    ):  # fine-tuning: weights mapped by name, else by order and shape (a resume replaces them)
+    # Fine-tuning: weights mapped by name, else by order and shape (a resume replaces them).
+    if cfg.init_from:
         log.info(init_from(net, cfg.init_from, reset_head=cfg.reset_head))
     if dist.world_size > 1 and device.type != "cpu" and has_batchnorm(net):
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # batch statistics over all ranks
@@ -276,9 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             config=config,
             world_size=dist.world_size,
         )
-        changed = resume_problem(
-            state.get("config") or {}, config, resume_from
-        )  # --lr, --precision, ...
+        # A changed --lr, --precision, ... would not continue the same run: refused.
+        changed = resume_problem(state.get("config") or {}, config, resume_from)
         if changed:
             raise TrainError(changed)
     start_run(dist, run_dir, PACKAGE)
