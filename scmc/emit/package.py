@@ -52,6 +52,7 @@ def dependencies(sources: list[str]) -> list[str]:
 def train_context(pkg: "PackageDef"):
     """The context of the generated train.py, or None when the package cannot train (no
     backward or no loss)."""
+    from scmc.emit.backward import compiled_settings
     from scmc.emit.train import TrainContext
 
     training = pkg.training
@@ -80,6 +81,7 @@ def train_context(pkg: "PackageDef"):
         target=training.target,
         num_features=training.num_features,
         num_targets=training.num_targets,
+        backward=compiled_settings(pkg.backward.backward) if pkg.backward is not None else {},
     )
 
 

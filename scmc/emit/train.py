@@ -68,10 +68,35 @@ FIELDS: tuple[Field, ...] = (
     Field("ema", "bool", True, "keep an exponential moving average of the weights and validate it", "weights"),
     Field("ema_decay", "float", 0.9998, "EMA decay per optimizer update", "weights"),
     Field("ema_warmup", "bool", True, "ramp the EMA decay up from 0 over the first updates", "weights"),
+    Field(
+        "init_from",
+        "str",
+        "",
+        "start from these weights: a state dict, a scmc/timm/torchvision checkpoint or .safetensors "
+        "(mapped by name, else by order and shape)",
+        "weights",
+    ),
+    Field(
+        "reset_head",
+        "bool",
+        False,
+        "with --init-from: keep this model's own classifier (another class count)",
+        "weights",
+    ),
+    # optimizer: the values backward.py was compiled with, changed for one run (no rebuild)
+    Field("lr", "float | None", None, "base learning rate of every optimizer", "optimizer"),
+    Field("weight_decay", "float | None", None, "weight decay of every optimizer", "optimizer"),
+    Field("warmup_epochs", "float | None", None, "epochs of learning-rate warmup", "optimizer"),
+    Field("clip_grad", "float | None", None, "clip gradients to this norm (none: no clipping)", "optimizer"),
+    Field("grad_accum_steps", "int", 1, "training steps per optimizer update", "optimizer"),
+    Field(
+        "precision", "str", "float32", "float32, bfloat16 or float16 autocast (float16 adds a GradScaler)", "optimizer"
+    ),
     # speed
     Field("device", "str", "auto", "auto, cpu, cuda or cuda:N (under torchrun: the GPU of LOCAL_RANK)", "speed"),
     Field("compile", "bool", False, "torch.compile the model", "speed"),
     Field("compile_mode", "str", "default", "default, reduce-overhead or max-autotune", "speed"),
+    Field("matmul_precision", "str", "highest", "float32 matmuls: highest, high (TF32) or medium", "speed"),
     Field("channels_last", "bool", False, "channels-last memory format (faster convolutions on GPU)", "speed"),
     Field(
         "sync_bn",
@@ -117,6 +142,7 @@ FIELDS: tuple[Field, ...] = (
         "start a new run in a new folder even where a run (or a broken checkpoint) exists",
         "output",
     ),
+    Field("val_every", "int", 1, "validate every N epochs (and after the last one)", "output"),
     Field("save_every", "int", 0, "also save last.pt every N updates (0: only at epoch ends)", "output"),
     Field("best_metric", "str", "val_loss", "validation metric that picks best.pt", "output"),
     Field("best_mode", "str", "min", "max or min: whether a larger best_metric is better", "output"),
@@ -161,6 +187,12 @@ class TrainContext:
     target: str = ""  # empty: images and class labels only
     num_features: int = 0
     num_targets: int = 0
+    # Backward.compiled (scmc.emit.backward.compiled_settings): the defaults of the optimizer flags
+    backward: dict[str, Any] = field(default_factory=dict)
+
+
+# optimizer flag -> the key of Backward.compiled that gives its default and the --help text's "compiled:"
+OVERRIDE_FLAGS = ("lr", "weight_decay", "warmup_epochs", "clip_grad", "grad_accum_steps", "precision")
 
 
 def _check_names(ctx: TrainContext) -> None:
@@ -218,6 +250,8 @@ def _fields(ctx: TrainContext) -> list[Field]:
             f"train.py: unknown training default(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELD_NAMES))}"
         )
     defaults = dict(ctx.defaults)
+    compiled = {k: ctx.backward[k] for k in OVERRIDE_FLAGS if ctx.backward.get(k) is not None}
+    defaults = {**compiled, **defaults}
     if "best_metric" not in defaults:
         if ctx.metric_outputs:
             defaults["best_metric"] = f"val_{ctx.metric_outputs[0]}"
@@ -230,15 +264,25 @@ def _fields(ctx: TrainContext) -> list[Field]:
     out = []
     for f in FIELDS:
         value = defaults.get(f.name, f.default)
+        help_text = f.help
+        if f.name in OVERRIDE_FLAGS and ctx.backward:
+            shown = ctx.backward.get(f.name)
+            if shown is None and f.name in ("lr", "weight_decay"):
+                help_text += " (default: each optimizer's value in backward.py)"
+            else:
+                help_text += f" (default: {'none' if shown is None else shown}, as compiled into backward.py)"
+        if value is None and f.type.endswith("| None"):
+            out.append(Field(f.name, f.type, value, help_text, f.group))
+            continue
         if f.type.startswith("tuple"):
             value = tuple(float(v) for v in value)
-        elif f.type == "float":
+        elif f.type in ("float", "float | None"):
             value = float(value)
         elif not isinstance(value, {"int": int, "str": str, "bool": bool}[f.type]) or (
             f.type == "int" and isinstance(value, bool)
         ):
             raise ValueError(f"train.py: default {f.name}={value!r} is not a{'n' if f.type == 'int' else ''} {f.type}")
-        out.append(Field(f.name, f.type, value, f.help, f.group))
+        out.append(Field(f.name, f.type, value, help_text, f.group))
     by_name = {f.name: f.default for f in out}
     if by_name["best_mode"] not in ("max", "min"):
         raise ValueError(f"train.py: best_mode must be max or min, not {by_name['best_mode']!r}")

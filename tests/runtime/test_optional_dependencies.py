@@ -11,8 +11,20 @@ import pytest
 import scmc_runtime
 from scmc_runtime._optional import require
 
-TRAINING_MODULES = ["checkpoint", "data", "distributed", "elastic", "ema", "logging", "metrics", "signals"]
-OPTIONAL = ["timm", "mlflow", "sklearn", "PIL"]
+TRAINING_MODULES = [
+    "checkpoint",
+    "curves",
+    "data",
+    "distributed",
+    "elastic",
+    "ema",
+    "logging",
+    "metrics",
+    "overrides",
+    "pretrained",
+    "signals",
+]
+OPTIONAL = ["timm", "mlflow", "sklearn", "PIL", "matplotlib", "safetensors"]
 
 
 def test_importing_the_training_modules_imports_no_optional_dependency():

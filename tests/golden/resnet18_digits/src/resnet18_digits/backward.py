@@ -3,8 +3,8 @@
 """ResNet backward, compiled by scmc 0.1.0."""
 
 import torch
-import contextlib
 import scmc_runtime.optim
+import scmc_runtime.overrides
 
 __all__ = ["Backward"]
 
@@ -13,10 +13,23 @@ class Backward:
     """Optimizer logic compiled from `cfg/backwards/ResNet.yaml`.
 
     Every training step: loss -> backward.
-    Every step: optimizer step -> zero_grad -> scheduler step."""
+    Every step: optimizer step -> zero_grad -> scheduler step.
+
+    These are the compiled defaults (``compiled``); ``overrides`` (train.py's --lr, --weight-decay,
+    --warmup-epochs, --clip-grad, --grad-accum-steps, --precision) change them for one run."""
 
     accumulate = 1
     autocast_dtype = None
+    compiled = {
+        "lr": 0.1,
+        "weight_decay": 0.0001,
+        "warmup_epochs": 1.0,
+        "has_schedule": True,
+        "clip_grad": None,
+        "clip_mode": "norm",
+        "grad_accum_steps": 1,
+        "precision": "float32",
+    }
 
     def __init__(
         self,
@@ -25,44 +38,57 @@ class Backward:
         updates_per_epoch: int,
         epochs: int | None = None,
         device_type: str = "cpu",
+        overrides: dict | None = None,
     ) -> None:
+        run = scmc_runtime.overrides.RunSettings(self.compiled, overrides)
+        self.settings = run
+        self.accumulate = run.grad_accum_steps  # steps per optimizer update
+        self.autocast_dtype = run.autocast_dtype
         self.optimizer = scmc_runtime.optim.as_optimization(
             scmc_runtime.optim.create_with_scheduler(
                 scmc_runtime.optim.named_parameters(model),
-                optimizer_kwargs={
-                    "opt": "sgd",
-                    "nesterov": True,
-                    "weight_decay_regexes": [],
-                    "no_weight_decay_regexes": [
-                        "^(?:\\w+\\.)*bias$",
-                        "^(?:\\w+\\.)*bn\\d*\\.weight$",
-                    ],
-                    "layer_decay": None,
-                    "layer_group_regexes": [],
-                    "lr": 0.1,
-                    "momentum": 0.9,
-                    "weight_decay": 0.0001,
-                },
-                scheduler_kwargs={
-                    "name": "cosine",
-                    "min_lr": 1e-06,
-                    "warmup_lr": 0.0001,
-                    "warmup_prefix": False,
-                    "step_on_epochs": False,
-                    "criterion": "ce_loss",
-                    "warmup_epochs": 1,
-                    "num_epochs": 6,
-                },
+                optimizer_kwargs=run.optimizer_kwargs(
+                    {
+                        "opt": "sgd",
+                        "nesterov": True,
+                        "weight_decay_regexes": [],
+                        "no_weight_decay_regexes": [
+                            "^(?:\\w+\\.)*bias$",
+                            "^(?:\\w+\\.)*bn\\d*\\.weight$",
+                        ],
+                        "layer_decay": None,
+                        "layer_group_regexes": [],
+                        "lr": 0.1,
+                        "momentum": 0.9,
+                        "weight_decay": 0.0001,
+                    }
+                ),
+                scheduler_kwargs=run.scheduler_kwargs(
+                    {
+                        "name": "cosine",
+                        "min_lr": 1e-06,
+                        "warmup_lr": 0.0001,
+                        "warmup_prefix": False,
+                        "step_on_epochs": False,
+                        "criterion": "ce_loss",
+                        "warmup_epochs": 1,
+                        "num_epochs": 6,
+                    }
+                ),
                 updates_per_epoch=updates_per_epoch,
                 num_epochs=epochs,
             )
         )
+        self.scaler = run.grad_scaler(device_type)
+        self.grad_norms: dict[str, torch.Tensor] = {}  # before clipping, at the last update
         self.updates = 0  # optimizer updates so far
         self.pending = 0  # steps since the last update
 
     def autocast(self, device_type: str):
-        """The autocast context for forward passes."""
-        return contextlib.nullcontext()
+        """The autocast context for forward passes (a no-op in float32)."""
+        return torch.autocast(
+            device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        )
 
     def will_update(self, last_in_epoch: bool = False) -> bool:
         """Whether the next call steps the optimizers (DDP syncs gradients only then)."""
@@ -72,10 +98,17 @@ class Backward:
         """Back-propagate one training step; returns True when the optimizers stepped."""
         update = self.will_update(last_in_epoch)
         self.pending += 1
-        (ce_loss).backward()
+        self.scaler.scale(ce_loss / self.accumulate).backward()
         if not update:
             return False
-        self.optimizer.step()
+        if self.pending < self.accumulate:  # a partial window at the end of an epoch
+            scmc_runtime.optim.scale_gradients(self.optimizer, self.accumulate / self.pending)
+        self.scaler.unscale_(self.optimizer.optimizer)
+        self.grad_norms["optimizer"] = scmc_runtime.overrides.clip_gradients(
+            self.optimizer, max_value=self.settings.clip_value(None), mode="norm", norm_type=2.0
+        )
+        self.scaler.step(self.optimizer.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.pending = 0
         self.updates += 1
@@ -92,7 +125,7 @@ class Backward:
 
     @property
     def grad_scalers(self) -> dict:
-        return {}
+        return {"scaler": self.scaler} if self.scaler.is_enabled() else {}
 
     @property
     def learning_rates(self) -> dict[str, float]:
@@ -113,11 +146,14 @@ class Backward:
     def state_dict(self) -> dict:
         return {
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "updates": self.updates,
             "pending": self.pending,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.updates = state["updates"]
         self.pending = state["pending"]

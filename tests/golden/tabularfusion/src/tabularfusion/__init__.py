@@ -15,7 +15,15 @@ else:
     scmc_runtime.check_version(">=0.1.0,<0.2", package="tabularfusion")
 
 __version__ = "0.1.0"
-__all__ = ["Model", "Loss", "Metric", "Backward", "load_checkpoint", "__version__"]
+__all__ = [
+    "Model",
+    "Loss",
+    "Metric",
+    "Backward",
+    "load_checkpoint",
+    "load_pretrained",
+    "__version__",
+]
 
 _MODULES = {
     "Model": "model",
@@ -42,3 +50,16 @@ def load_checkpoint(path, ema: bool = True):
     from scmc_runtime.checkpoint import load_weights
 
     return load_weights(path, __getattr__("Model")(), package=__name__, ema=ema)
+
+
+def load_pretrained(model, path, *, reset_head: bool = False, strict: bool = True):
+    """Copy the weights of a state dict, a scmc/timm/torchvision checkpoint or a ``.safetensors`` file into ``model``.
+
+    Tensors are paired by name where every name agrees, else by order and shape; a mismatch or an
+    ambiguity raises ``scmc_runtime.pretrained.PretrainedError`` with a table, and nothing is loaded.
+    ``reset_head=True`` keeps the model's own classifier (another class count); ``strict=False``
+    skips checkpoint tensors the model lacks. Returns the mapping that was used (``.pairs``, ``.how``).
+    """
+    from scmc_runtime.pretrained import load_pretrained as load
+
+    return load(model, path, reset_head=reset_head, strict=strict)

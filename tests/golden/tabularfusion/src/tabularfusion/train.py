@@ -33,6 +33,7 @@ from scmc_runtime.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from scmc_runtime.curves import RunCurves
 from scmc_runtime.data import BadImageError, build_loader, validation_subset
 from scmc_runtime.distributed import seed_everything, setup_distributed
 from scmc_runtime.elastic import elastic_resume, note_elastic_run
@@ -47,6 +48,14 @@ from scmc_runtime.fsdp import (
 )
 from scmc_runtime.logging import MetricsFile, MlflowLogger, Progress, get_logger
 from scmc_runtime.metrics import MetricAccumulator
+from scmc_runtime.overrides import (
+    RunSettings,
+    check_run_flags,
+    resume_problem,
+    run_overrides,
+    step_metrics,
+)
+from scmc_runtime.pretrained import init_from
 from scmc_runtime.signals import GracefulStop
 from scmc_runtime.tabular import build_table_datasets, evaluate_table
 from scmc_runtime.train import (
@@ -112,10 +121,40 @@ class TrainConfig:
     ema: bool = flag(True, "keep an exponential moving average of the weights and validate it")
     ema_decay: float = flag(0.998, "EMA decay per optimizer update")
     ema_warmup: bool = flag(True, "ramp the EMA decay up from 0 over the first updates")
+    init_from: str = flag(
+        "",
+        "start from these weights: a state dict, a scmc/timm/torchvision checkpoint or .safetensors (mapped by name, else by order and shape)",
+    )
+    reset_head: bool = flag(
+        False, "with --init-from: keep this model's own classifier (another class count)"
+    )
+    # optimizer
+    lr: float | None = flag(
+        0.005,
+        "base learning rate of every optimizer (default: 0.005, as compiled into backward.py)",
+    )
+    weight_decay: float | None = flag(
+        0.05, "weight decay of every optimizer (default: 0.05, as compiled into backward.py)"
+    )
+    warmup_epochs: float | None = flag(
+        0.0, "epochs of learning-rate warmup (default: 0.0, as compiled into backward.py)"
+    )
+    clip_grad: float | None = flag(
+        None,
+        "clip gradients to this norm (none: no clipping) (default: none, as compiled into backward.py)",
+    )
+    grad_accum_steps: int = flag(
+        1, "training steps per optimizer update (default: 1, as compiled into backward.py)"
+    )
+    precision: str = flag(
+        "float32",
+        "float32, bfloat16 or float16 autocast (float16 adds a GradScaler) (default: float32, as compiled into backward.py)",
+    )
     # speed
     device: str = flag("auto", "auto, cpu, cuda or cuda:N (under torchrun: the GPU of LOCAL_RANK)")
     compile: bool = flag(False, "torch.compile the model")
     compile_mode: str = flag("default", "default, reduce-overhead or max-autotune")
+    matmul_precision: str = flag("highest", "float32 matmuls: highest, high (TF32) or medium")
     channels_last: bool = flag(False, "channels-last memory format (faster convolutions on GPU)")
     sync_bn: bool = flag(
         True,
@@ -144,6 +183,7 @@ class TrainConfig:
     fresh: bool = flag(
         False, "start a new run in a new folder even where a run (or a broken checkpoint) exists"
     )
+    val_every: int = flag(1, "validate every N epochs (and after the last one)")
     save_every: int = flag(0, "also save last.pt every N updates (0: only at epoch ends)")
     best_metric: str = flag("val_acc1", "validation metric that picks best.pt")
     best_mode: str = flag("max", "max or min: whether a larger best_metric is better")
@@ -184,12 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     # Every flag is checked before anything is created: all problems in one message, exit 2.
     validate_config(cfg, losses=LOSSES, metrics=METRICS)
     check_strategy(cfg)
+    # --lr, --precision, ...: a run's values over what backward.py was compiled with (Backward.compiled).
+    check_run_flags(cfg, Backward.compiled)
     started = time.monotonic()
 
     # Distributed setup from torchrun's environment (single process without it), then seeding.
     dist = setup_distributed(cfg.device)  # gloo on CPU, nccl on GPU
     device = dist.device
     configure_torch(device, threads=cfg.threads, deterministic=cfg.deterministic)
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
     log = get_logger(PACKAGE, dist.is_main)
 
     # Cheap checks of the model and the data before any file is written: the image size fits
@@ -235,11 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     # Model, loss, metric and backward (optimizers, schedulers, AMP, accumulation).
     seed_everything(cfg.seed)  # the same initial weights on every rank
     net = Model()
+    # Fine-tuning: weights mapped by name, else by order and shape (a resume replaces them).
+    if cfg.init_from:
+        log.info(init_from(net, cfg.init_from, reset_head=cfg.reset_head))
     # Under DDP on GPUs, BatchNorm statistics over all ranks (--no-sync-bn: per rank; on CPU per rank, with a warning).
     if use_sync_batchnorm(net, dist, enabled=cfg.sync_bn, log=log.warning):
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net = net.to(device, memory_format=memory_format)
+    # The optimizer flags override what backward.py was compiled with (Backward.compiled), for this run.
+    overrides = run_overrides(cfg, Backward.compiled)
     # --strategy fsdp: fully_shard each repeated block, then the root, before the optimizers exist.
     sharding = None
     if cfg.strategy == "fsdp":
@@ -249,14 +297,18 @@ def main(argv: list[str] | None = None) -> int:
             unit=cfg.fsdp_unit,
             reshard_after_forward=cfg.reshard_after_forward,
             activation_checkpointing=cfg.activation_checkpointing,
-            autocast_dtype=Backward.autocast_dtype,
+            autocast_dtype=RunSettings(Backward.compiled, overrides).autocast_dtype,  # --precision
         )
         log.info(sharding.describe())
     criterion = Loss().to(device)
     metric = Metric().to(device)
-    updates_per_epoch = math.ceil(steps_per_epoch / Backward.accumulate)
+    updates_per_epoch = math.ceil(steps_per_epoch / cfg.grad_accum_steps)
     backward = Backward(
-        net, updates_per_epoch=updates_per_epoch, epochs=cfg.epochs, device_type=device.type
+        net,
+        updates_per_epoch=updates_per_epoch,
+        epochs=cfg.epochs,
+        device_type=device.type,
+        overrides=overrides,
     )
     ema = None
     if cfg.ema:  # FSDP: each rank averages its own shards
@@ -286,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
             config=config,
             world_size=dist.world_size,
         )
+        # A changed --lr, --precision, ... would not continue the same run: refused.
+        changed = resume_problem(state.get("config") or {}, config, resume_from)
+        if changed:
+            raise TrainError(changed)
     start_run(dist, run_dir, PACKAGE)
 
     # Resume: weights, optimizer/scheduler/scaler, EMA, position in the data and RNG states.
@@ -338,6 +394,21 @@ def main(argv: list[str] | None = None) -> int:
     note_elastic_run(run_dir, mlflow.run_id, is_main=dist.is_main)
     if state is not None or elastic.restarts:
         metrics_file.drop_after(global_step)
+    # curves.png in the run folder (and MLflow): loss, metrics and learning rate, redrawn every epoch.
+    curves = RunCurves(
+        run_dir,
+        losses=LOSSES,
+        metrics=METRICS,
+        title=PACKAGE,
+        enabled=dist.is_main,
+        warn=log.warning,
+    )
+
+    def draw_curves() -> None:
+        picture = curves.draw()
+        if picture is not None:
+            mlflow.log_artifact(picture)
+
     if dist.is_main:
         (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if not mlflow.resumed:
@@ -486,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
                         logged.update(
                             {f"lr_{name}": lr for name, lr in backward.learning_rates.items()}
                         )
+                        logged.update(
+                            step_metrics(backward)
+                        )  # grad_norm (before clipping), amp_scale
                         window.reset()
                         metrics_file.write(
                             {"event": "step", "epoch": epoch + 1, "step": global_step, **logged}
@@ -510,14 +584,20 @@ def main(argv: list[str] | None = None) -> int:
                 record.update(
                     {f"train_{name}": value for name, value in train_meter.compute().items()}
                 )
-                record.update(
-                    {f"val_{name}": value for name, value in validate(eval_model).items()}
-                )
-                if ema is not None:
-                    with averaged_model(ema, eval_model) as averaged:
-                        record.update(
-                            {f"ema_val_{name}": value for name, value in validate(averaged).items()}
-                        )
+                if (
+                    epoch + 1
+                ) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:  # --val-every N epochs
+                    record.update(
+                        {f"val_{name}": value for name, value in validate(eval_model).items()}
+                    )
+                    if ema is not None:
+                        with averaged_model(ema, eval_model) as averaged:
+                            record.update(
+                                {
+                                    f"ema_val_{name}": value
+                                    for name, value in validate(averaged).items()
+                                }
+                            )
                 record.update({f"lr_{name}": lr for name, lr in backward.learning_rates.items()})
                 record["epoch_seconds"] = time.monotonic() - epoch_started
                 backward.end_epoch(epoch, record)  # per-epoch schedulers step here
@@ -544,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
                     save(run_dir / "best.pt", best_state, optimizers=False)
                 save_last(epoch + 1, 0)
                 metrics_file.write(record)
+                draw_curves()
                 # The step series already holds this step's learning rates when a step log just ran.
                 logged_lr = global_step % cfg.log_every == 0
                 epoch_metrics = {
@@ -574,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
     seconds = time.monotonic() - started
+    draw_curves()
     if stopping:
         log.info(f"stopped by a signal at step {global_step}; continue with --resume auto")
         mlflow.close("KILLED")
