@@ -61,10 +61,64 @@ def validation_diagnostics(
 # --------------------------------------------------------------------------- presets
 
 
-class DatasetPreset(BaseModel):
-    """``--dataset`` / ``PACKAGE: {DATASET: ...}``: where train.py's images come from and how they look."""
+Probability = Field(default=None, ge=0.0, le=1.0)
+Interpolation = Literal["random", "bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"]
+
+
+class RecipeKeys(BaseModel):
+    """timm's data-pipeline keys (scmc_runtime.recipe), in either form of a dataset preset; None: not set.
+
+    Any of them set makes train.py default to ``--data-pipeline timm``. ``resplit``, ``aug_splits``
+    and ``persistent_workers`` are accepted at their timm defaults only (see docs/recipes.md).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    no_aug: bool | None = None
+    scale: tuple[float, float] | None = None
+    ratio: tuple[float, float] | None = None
+    train_crop_mode: Literal["rrc", "rkrc", "rkrr"] | None = None
+    train_interpolation: Interpolation | None = None
+    interpolation: Interpolation | Literal[""] | None = None  # "": bicubic
+    hflip: float | None = Probability
+    vflip: float | None = Probability
+    color_jitter: float | None = Field(default=None, ge=0.0)
+    color_jitter_prob: float | None = Probability
+    grayscale_prob: float | None = Probability
+    gaussian_blur_prob: float | None = Probability
+    auto_augment: str | None = None
+    reprob: float | None = Probability
+    remode: Literal["const", "rand", "pixel"] | None = None
+    recount: PositiveInt | None = None
+    resplit: Literal[False] | None = None
+    mixup: float | None = Field(default=None, ge=0.0)
+    cutmix: float | None = Field(default=None, ge=0.0)
+    cutmix_minmax: tuple[float, float] | None = None
+    mixup_prob: float | None = Probability
+    mixup_switch_prob: float | None = Probability
+    mixup_mode: Literal["batch", "pair", "elem"] | None = None
+    mixup_off_epoch: NonNegativeInt | None = None
+    label_smoothing: float | None = Field(default=None, ge=0.0, lt=1.0)
+    aug_splits: Literal[0] | None = None
+    crop_pct: float | None = Field(default=None, gt=0.0, le=1.0)
+    pin_memory: bool | None = None
+    persistent_workers: Literal[False] | None = None
+    use_prefetcher: bool | None = None
+    channels_last: bool | None = None
+    image_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    @property
+    def recipe_given(self) -> bool:
+        return bool(self.model_fields_set & set(RecipeKeys.model_fields))
+
+    @property
+    def soft_keys(self) -> tuple[str, ...]:
+        """The keys that make soft targets (mixup, cutmix, label smoothing), where they are on."""
+        return tuple(k for k in ("mixup", "cutmix", "cutmix_minmax", "label_smoothing") if getattr(self, k))
+
+
+class DatasetPreset(RecipeKeys):
+    """``--dataset`` / ``PACKAGE: {DATASET: ...}``: where train.py's images come from and how they look."""
 
     kind: Literal["digits", "image_folder", "timm"]  # digits: the embedded 8x8 digits
     name: str | None = None  # timm only: the timm dataset name, e.g. torch/cifar10
@@ -78,6 +132,60 @@ class DatasetPreset(BaseModel):
     num_classes: PositiveInt | None = None  # checked against the model's output by the link stage
     classes: tuple[str, ...] | None = None  # class labels, for predict.py and `scmc export`
     targets: Literal["class", "soft"] = "class"  # soft: the loss is fed one-hot probabilities
+
+
+class TimmDatasetPreset(RecipeKeys):
+    """A dataset preset in structcast-model's form (``cfg/datasets/default_timm.yaml``): no ``kind``.
+
+    ``dataset`` is a timm dataset name (``torch/cifar10``), or empty for an ImageFolder at
+    ``dataset_dir``; ``input_size`` is ``[C, H, W]``; ``repeats`` is timm's repeated augmentation;
+    ``num_samples`` caps the training images per epoch; ``training: false`` turns augmentation off.
+    """
+
+    training: bool = True
+    epochs: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
+    dataset: str = ""
+    dataset_dir: str | None = None
+    num_classes: PositiveInt | None = None
+    input_size: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None
+    seed: NonNegativeInt | None = None
+    repeats: NonNegativeInt | None = None
+    num_samples: PositiveInt | None = None
+    device: str | None = None
+    workers: NonNegativeInt | None = None
+    mean: tuple[float, ...] | None = Field(default=None, min_length=1)
+    std: tuple[float, ...] | None = Field(default=None, min_length=1)
+
+    # the DatasetPreset view the link stage reads
+    @property
+    def kind(self) -> str:
+        return "timm" if self.dataset else "image_folder"
+
+    @property
+    def name(self) -> str | None:
+        return self.dataset or None
+
+    @property
+    def root(self) -> str | None:
+        return self.dataset_dir
+
+    @property
+    def image_size(self) -> int | None:
+        return self.input_size[-1] if self.input_size else None
+
+    @property
+    def classes(self) -> None:
+        return None
+
+    @property
+    def targets(self) -> str:
+        return "class"
+
+
+def dataset_schema(config: Any) -> type[BaseModel]:
+    """A mapping without ``kind`` is a preset in structcast-model's form."""
+    return TimmDatasetPreset if isinstance(config, dict) and "kind" not in config else DatasetPreset
 
 
 class EmaPreset(BaseModel):
@@ -115,4 +223,18 @@ TRAIN_FIELDS: dict[str, dict[str, str]] = {
     },
     "ema": {"enabled": "ema", "decay": "ema_decay", "warmup": "ema_warmup"},
     "compile": {"enabled": "compile", "mode": "compile_mode"},
+}
+# recipe keys (either dataset form) whose TrainConfig field has another name; the others keep theirs
+RECIPE_FIELDS: dict[str, str] = {"hflip": "hflip_prob", "aug_splits": "", "resplit": "", "persistent_workers": ""}
+# the structcast-model form's own keys (input_size, num_samples, training: see scmc/link.py)
+TIMM_DATASET_FIELDS: dict[str, str] = {
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "workers": "workers",
+    "device": "device",
+    "mean": "mean",
+    "std": "std",
+    "repeats": "num_aug_repeats",
+    "dataset": "timm_dataset",
 }
