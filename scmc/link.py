@@ -187,7 +187,9 @@ def _key(part: Compiled, key: str) -> Span:
     return locate(part.tree, (key,), part.source.data.span)
 
 
-def _check_dataset(part: Compiled, preset: DatasetPreset | TimmDatasetPreset, channels: int, diags: Diagnostics) -> None:
+def _check_dataset(
+    part: Compiled, preset: DatasetPreset | TimmDatasetPreset, channels: int, diags: Diagnostics
+) -> None:
     given = preset.model_fields_set
     if isinstance(preset, TimmDatasetPreset):
         if not preset.dataset and not preset.dataset_dir:

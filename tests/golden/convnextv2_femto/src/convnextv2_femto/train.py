@@ -37,6 +37,13 @@ from scmc_runtime.distributed import seed_everything, setup_distributed
 from scmc_runtime.ema import ModelEma
 from scmc_runtime.logging import MetricsFile, MlflowLogger, Progress, get_logger
 from scmc_runtime.metrics import MetricAccumulator
+from scmc_runtime.recipe import (
+    BatchRecipe,
+    build_transforms,
+    check_recipe,
+    collate_fn,
+    train_sampler,
+)
 from scmc_runtime.signals import GracefulStop
 from scmc_runtime.train import (
     TrainError,
@@ -67,6 +74,7 @@ PACKAGE = "convnextv2_femto"
 PROG = "python -m convnextv2_femto.train"
 LOSSES = ["ce_loss"]  # the names validation reports as val_<name>
 METRICS = ["acc1", "acc5"]
+SOFT_TARGETS = 0  # > 0: the loss takes probabilities over this many classes
 
 
 @dataclass
@@ -89,6 +97,44 @@ class TrainConfig:
         False, "train even when the data's class count differs from the model head's outputs"
     )
     workers: int = flag(0, "data-loading processes per rank (0: load in the training process)")
+    # augmentation
+    data_pipeline: str = flag("basic", "basic: resize, --translate, --hflip; timm: the flags below")
+    no_aug: bool = flag(False, "timm: no training augmentation (resize and center crop only)")
+    scale: tuple[float, ...] = flag((0.08, 1.0), "random-resized-crop area range")
+    ratio: tuple[float, ...] = flag((0.75, 1.3333333333333333), "random-resized-crop aspect range")
+    train_crop_mode: str = flag("rrc", "rrc, rkrc or rkrr (timm's random-resized-crop variants)")
+    train_interpolation: str = flag("random", "resize interpolation of training images")
+    interpolation: str = flag("bicubic", "resize interpolation of validation images")
+    hflip_prob: float = flag(0.5, "probability of a horizontal flip")
+    vflip: float = flag(0.0, "probability of a vertical flip")
+    color_jitter: float = flag(0.4, "color jitter strength (used without --auto-augment)")
+    color_jitter_prob: float = flag(1.0, "probability of applying the color jitter")
+    grayscale_prob: float = flag(0.0, "probability of a grayscale image")
+    gaussian_blur_prob: float = flag(0.0, "probability of a gaussian blur")
+    auto_augment: str = flag(
+        "", "policy, e.g. rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w4-d2, 3a"
+    )
+    reprob: float = flag(0.0, "random erasing probability")
+    remode: str = flag("pixel", "random erasing fill: const, rand or pixel")
+    recount: int = flag(1, "at most this many erased regions per image")
+    crop_pct: float = flag(0.875, "validation: resize to image_size / crop_pct, then center crop")
+    mixup: float = flag(0.0, "mixup alpha (0: off); makes soft targets")
+    cutmix: float = flag(0.0, "cutmix alpha (0: off); makes soft targets")
+    cutmix_minmax: tuple[float, ...] = flag(
+        (), "cutmix box area min max (instead of --cutmix's alpha)"
+    )
+    mixup_prob: float = flag(1.0, "probability of mixing a batch")
+    mixup_switch_prob: float = flag(0.5, "probability of cutmix instead of mixup when both are on")
+    mixup_mode: str = flag("batch", "one mix per batch, pair or elem(ent)")
+    mixup_off_epoch: int = flag(0, "stop mixing from this epoch on (0: never)")
+    label_smoothing: float = flag(0.0, "label smoothing of the soft targets")
+    num_aug_repeats: int = flag(
+        0, "repeated augmentation: each image this many times per epoch (0: off)"
+    )
+    # loader
+    pin_memory: bool = flag(True, "pin host memory of batches when training on CUDA")
+    use_prefetcher: bool = flag(False, "timm: uint8 batches, normalized and erased on the device")
+    image_dtype: str = flag("float32", "dtype of the training images: float32, bfloat16 or float16")
     # schedule
     epochs: int = flag(6, "passes over the training data")
     batch_size: int = flag(32, "global batch per step, split evenly over the ranks")
@@ -151,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(TrainConfig, argv, description=__doc__, prog=PROG)
     # Every flag is checked before anything is created: all problems in one message, exit 2.
     validate_config(cfg, losses=LOSSES, metrics=METRICS)
+    # timm's recipe (--data-pipeline timm): mixup, cutmix and label smoothing need a soft-target loss.
+    recipe = check_recipe(
+        cfg, soft_loss=SOFT_TARGETS > 0, autocast=Backward.autocast_dtype is not None
+    )
     started = time.monotonic()
 
     # Distributed setup from torchrun's environment (single process without it), then seeding.
@@ -175,17 +225,32 @@ def main(argv: list[str] | None = None) -> int:
         seed=cfg.seed,
         skip_bad_images=cfg.skip_bad_images,
         log=log.warning,
+        transforms=build_transforms(recipe) if recipe.timm else None,
     )
     check_classes(classes, output_shapes, allow=cfg.allow_class_mismatch)
     # --max-val-steps: a random subset of the validation images, the same for every epoch and seed.
     val_set = validation_subset(val_set, cfg.max_val_steps * cfg.batch_size, seed=cfg.seed)
     batch_per_rank = cfg.batch_size // dist.world_size
+    repeats = train_sampler(
+        train_set,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=cfg.seed,
+        repeats=recipe.num_aug_repeats,
+    )
+    loader_args = dict(workers=cfg.workers, seed=cfg.seed, pin_memory=cfg.pin_memory)
     train_loader = build_loader(
-        train_set, batch_per_rank, True, dist, workers=cfg.workers, seed=cfg.seed
+        train_set,
+        batch_per_rank,
+        True,
+        dist,
+        sampler=repeats,
+        collate_fn=collate_fn(recipe),
+        **loader_args,
     )
-    val_loader = build_loader(
-        val_set, batch_per_rank, False, dist, workers=cfg.workers, seed=cfg.seed
-    )
+    val_loader = build_loader(val_set, batch_per_rank, False, dist, **loader_args)
+    # On the device: normalization and erasing (--use-prefetcher), dtype, mixup/cutmix, soft targets.
+    prepare_batch = BatchRecipe(recipe, len(classes), device, seed=cfg.seed, rank=dist.rank)
     steps_per_epoch = min(len(train_loader), cfg.max_steps) if cfg.max_steps else len(train_loader)
     if steps_per_epoch == 0:
         raise TrainError(
@@ -372,8 +437,8 @@ def main(argv: list[str] | None = None) -> int:
                 batches = itertools.islice(train_loader, steps_per_epoch - first_step)
                 for step, (images, labels) in enumerate(batches, start=first_step):
                     last_in_epoch = step == steps_per_epoch - 1
-                    images = images.to(device, non_blocking=True, memory_format=memory_format)
-                    labels = labels.to(device, non_blocking=True)
+                    # targets feed the loss ([B, C] when mixed or smoothed); labels (the dominant class) the metrics.
+                    images, targets, labels = prepare_batch(images, labels, epoch=epoch, step=step)
 
                     # Gradient accumulation: DDP all-reduces gradients only when the weights update.
                     sync = contextlib.nullcontext()
@@ -383,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                         # Mixed precision as the backward template sets it (a no-op without AMP).
                         with backward.autocast(device.type):
                             outputs = model(images)
-                            losses = compute_losses(criterion, outputs, labels)
+                            losses = compute_losses(criterion, outputs, targets)
                         updated = backward(ce_loss=losses["ce_loss"], last_in_epoch=last_in_epoch)
                     if updated and ema is not None:
                         ema.update(net, step=backward.updates)
