@@ -189,22 +189,36 @@ def dataset_schema(config: Any) -> type[BaseModel]:
 
 
 class EmaPreset(BaseModel):
-    """``PACKAGE: {EMA: ...}``: defaults of train.py's EMA flags."""
+    """``PACKAGE: {EMA: ...}``: defaults of train.py's EMA flags (timm ``ModelEmaV3``'s knobs).
+
+    structcast-model's keys (decay, min_decay, update_after_step, use_warmup, warmup_gamma,
+    warmup_power, foreach, exclude_buffers), plus ``enabled`` and ``warmup`` (``use_warmup``'s
+    older name).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
     decay: float | None = Field(default=None, gt=0.0, lt=1.0)
     warmup: bool | None = None
+    min_decay: float | None = Field(default=None, ge=0.0, lt=1.0)
+    update_after_step: NonNegativeInt | None = None
+    use_warmup: bool | None = None
+    warmup_gamma: float | None = Field(default=None, gt=0.0)
+    warmup_power: float | None = Field(default=None, gt=0.0)
+    foreach: bool | None = None
+    exclude_buffers: bool | None = None
 
 
 class CompilePreset(BaseModel):
-    """``PACKAGE: {COMPILE: ...}``: defaults of train.py's torch.compile flags."""
+    """``PACKAGE: {COMPILE: ...}``: defaults of train.py's torch.compile flags (mode, backend, fullgraph)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = False
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    backend: str | None = Field(default=None, min_length=1)
+    fullgraph: bool | None = None
 
 
 PRESETS: dict[str, type[BaseModel]] = {"dataset": DatasetPreset, "ema": EmaPreset, "compile": CompilePreset}
@@ -221,8 +235,24 @@ TRAIN_FIELDS: dict[str, dict[str, str]] = {
         "root": "data",  # a timm dataset's root is its cache_dir (scmc/link.py)
         "name": "timm_dataset",
     },
-    "ema": {"enabled": "ema", "decay": "ema_decay", "warmup": "ema_warmup"},
-    "compile": {"enabled": "compile", "mode": "compile_mode"},
+    "ema": {
+        "enabled": "ema",
+        "decay": "ema_decay",
+        "warmup": "ema_warmup",
+        "use_warmup": "ema_warmup",
+        "min_decay": "ema_min_decay",
+        "update_after_step": "ema_update_after_step",
+        "warmup_gamma": "ema_warmup_gamma",
+        "warmup_power": "ema_warmup_power",
+        "foreach": "ema_foreach",
+        "exclude_buffers": "ema_exclude_buffers",
+    },
+    "compile": {
+        "enabled": "compile",
+        "mode": "compile_mode",
+        "backend": "compile_backend",
+        "fullgraph": "compile_fullgraph",
+    },
 }
 # recipe keys (either dataset form) whose TrainConfig field has another name; the others keep theirs
 RECIPE_FIELDS: dict[str, str] = {"hflip": "hflip_prob", "aug_splits": "", "resplit": "", "persistent_workers": ""}

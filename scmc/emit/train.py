@@ -120,10 +120,18 @@ FIELDS: tuple[Field, ...] = (
     Field("ema", "bool", True, "keep an exponential moving average of the weights and validate it", "weights"),
     Field("ema_decay", "float", 0.9998, "EMA decay per optimizer update", "weights"),
     Field("ema_warmup", "bool", True, "ramp the EMA decay up from 0 over the first updates", "weights"),
+    Field("ema_min_decay", "float", 0.0, "lowest EMA decay during the warmup", "weights"),
+    Field("ema_update_after_step", "int", 0, "the EMA copies the weights until this many updates", "weights"),
+    Field("ema_warmup_gamma", "float", 1.0, "EMA warmup: decay = 1 - (1 + step / gamma) ** -power", "weights"),
+    Field("ema_warmup_power", "float", 2 / 3, "EMA warmup power", "weights"),
+    Field("ema_foreach", "bool", True, "update the EMA with fused foreach kernels", "weights"),
+    Field("ema_exclude_buffers", "bool", False, "copy buffers (BatchNorm statistics) instead of averaging", "weights"),
     # speed
     Field("device", "str", "auto", "auto, cpu, cuda or cuda:N (under torchrun: the GPU of LOCAL_RANK)", "speed"),
     Field("compile", "bool", False, "torch.compile the model", "speed"),
     Field("compile_mode", "str", "default", "default, reduce-overhead or max-autotune", "speed"),
+    Field("compile_backend", "str", "inductor", "torch.compile backend (inductor, aot_eager, eager, ...)", "speed"),
+    Field("compile_fullgraph", "bool", False, "torch.compile: one graph, an error at any graph break", "speed"),
     Field("channels_last", "bool", False, "channels-last memory format (faster convolutions on GPU)", "speed"),
     Field("threads", "int", 0, "CPU threads per process (0: torch's default)", "speed"),
     # runs, checkpoints, logging

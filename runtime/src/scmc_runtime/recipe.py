@@ -208,11 +208,31 @@ def check_recipe(cfg: Any, *, soft_loss: bool, autocast: bool, world_size: int =
 
     recipe = Recipe.from_config(cfg)
     problems = recipe_problems(recipe, soft_loss=soft_loss, autocast=autocast, world_size=world_size)
+    problems += _ema_compile_problems(cfg)
     if len(problems) == 1:
         raise UsageError(problems[0])
     if problems:
         raise UsageError(f"{len(problems)} problems with the flags:\n  " + "\n  ".join(problems))
     return recipe
+
+
+def _ema_compile_problems(cfg: Any) -> List[str]:
+    """The EMA and torch.compile flags of the structcast-model presets (--ema-min-decay, --compile-backend, ...)."""
+    problems = []
+    value = getattr(cfg, "ema_min_decay", 0.0)
+    if not 0.0 <= value < 1.0:
+        problems.append(f"--ema-min-decay {value}: must be in [0, 1)")
+    for name in ("ema_warmup_gamma", "ema_warmup_power"):
+        value = getattr(cfg, name, 1.0)
+        if value <= 0:
+            problems.append(f"--{name.replace('_', '-')} {value}: must be positive")
+    if getattr(cfg, "ema_update_after_step", 0) < 0:
+        problems.append(f"--ema-update-after-step {cfg.ema_update_after_step}: must be at least 0")
+    backend = getattr(cfg, "compile_backend", "inductor")
+    if getattr(cfg, "compile", False) and backend not in torch._dynamo.list_backends(exclude_tags=()):
+        known = ", ".join(torch._dynamo.list_backends())
+        problems.append(f"--compile-backend {backend}: not a torch.compile backend here (known: {known})")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
