@@ -464,6 +464,18 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
                     "remove `targets: soft`, or use a loss on probabilities such as timm.loss.SoftTargetCrossEntropy",
                 )
 
+    # the best-checkpoint criterion of the dataset preset names what validation reports
+    if dataset is not None and dataset.best_metric and loss is not None and backward is not None:
+        names = [*loss.root.outputs, *(metric.root.outputs if metric is not None else ())]
+        reported = [f"{prefix}{n}" for prefix in ("val_", "ema_val_", "train_") for n in names]
+        if dataset.best_metric not in reported:
+            diags.error(
+                "E1222",
+                f"`best_metric: {dataset.best_metric}` is not reported by train.py (it reports {', '.join(reported)})",
+                _key(presets["dataset"][0], "best_metric"),
+                did_you_mean(dataset.best_metric, reported) or f"name one of {', '.join(reported[:4])}",
+            )
+
     # the backward: its losses are loss outputs, its model is the package's model
     if backward is not None and backward.backward is not None:
         bdef = backward.backward

@@ -106,10 +106,13 @@ class RecipeKeys(BaseModel):
     use_prefetcher: bool | None = None
     channels_last: bool | None = None
     image_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # the best-checkpoint criterion (not a loader key): val_<loss or metric>, ema_val_..., train_...
+    best_metric: str | None = Field(default=None, min_length=1)
+    best_mode: Literal["max", "min"] | None = None
 
     @property
     def recipe_given(self) -> bool:
-        return bool(self.model_fields_set & set(RecipeKeys.model_fields))
+        return bool(self.model_fields_set & (set(RecipeKeys.model_fields) - {"best_metric", "best_mode"}))
 
     @property
     def soft_keys(self) -> tuple[str, ...]:

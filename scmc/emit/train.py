@@ -245,6 +245,9 @@ def _fields(ctx: TrainContext) -> list[Field]:
             f"train.py: unknown training default(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELD_NAMES))}"
         )
     defaults = dict(ctx.defaults)
+    if "best_metric" in defaults and "best_mode" not in defaults:  # a metric is better larger, a loss smaller
+        name = str(defaults["best_metric"]).split("val_", 1)[-1].removeprefix("train_")
+        defaults["best_mode"] = "max" if name in ctx.metric_outputs else "min"
     if "best_metric" not in defaults:
         if ctx.metric_outputs:
             defaults["best_metric"] = f"val_{ctx.metric_outputs[0]}"

@@ -148,10 +148,22 @@ class TrainConfig:
     ema: bool = flag(True, "keep an exponential moving average of the weights and validate it")
     ema_decay: float = flag(0.998, "EMA decay per optimizer update")
     ema_warmup: bool = flag(True, "ramp the EMA decay up from 0 over the first updates")
+    ema_min_decay: float = flag(0.0, "lowest EMA decay during the warmup")
+    ema_update_after_step: int = flag(0, "the EMA copies the weights until this many updates")
+    ema_warmup_gamma: float = flag(1.0, "EMA warmup: decay = 1 - (1 + step / gamma) ** -power")
+    ema_warmup_power: float = flag(0.6666666666666666, "EMA warmup power")
+    ema_foreach: bool = flag(True, "update the EMA with fused foreach kernels")
+    ema_exclude_buffers: bool = flag(
+        False, "copy buffers (BatchNorm statistics) instead of averaging"
+    )
     # speed
     device: str = flag("auto", "auto, cpu, cuda or cuda:N (under torchrun: the GPU of LOCAL_RANK)")
     compile: bool = flag(False, "torch.compile the model")
     compile_mode: str = flag("default", "default, reduce-overhead or max-autotune")
+    compile_backend: str = flag(
+        "inductor", "torch.compile backend (inductor, aot_eager, eager, ...)"
+    )
+    compile_fullgraph: bool = flag(False, "torch.compile: one graph, an error at any graph break")
     channels_last: bool = flag(False, "channels-last memory format (faster convolutions on GPU)")
     threads: int = flag(0, "CPU threads per process (0: torch's default)")
     # output
@@ -270,7 +282,19 @@ def main(argv: list[str] | None = None) -> int:
     backward = Backward(
         net, updates_per_epoch=updates_per_epoch, epochs=cfg.epochs, device_type=device.type
     )
-    ema = ModelEma(net, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema else None
+    ema = None
+    if cfg.ema:
+        ema = ModelEma(
+            net,
+            cfg.ema_decay,
+            warmup=cfg.ema_warmup,
+            min_decay=cfg.ema_min_decay,
+            update_after_step=cfg.ema_update_after_step,
+            warmup_gamma=cfg.ema_warmup_gamma,
+            warmup_power=cfg.ema_warmup_power,
+            foreach=cfg.ema_foreach,
+            exclude_buffers=cfg.ema_exclude_buffers,
+        )
 
     # The run folder, and the checkpoint to resume: read and checked (this package, this model,
     # the same schedule) before the folder is created or anything in it is written.
@@ -317,9 +341,15 @@ def main(argv: list[str] | None = None) -> int:
         model = ddp = DistributedDataParallel(
             net, device_ids=device_ids, gradient_as_bucket_view=True
         )
+    # --compile-mode is inductor's; other backends take none.
+    compile_args = dict(
+        backend=cfg.compile_backend,
+        fullgraph=cfg.compile_fullgraph,
+        mode=cfg.compile_mode if cfg.compile_backend == "inductor" else None,
+    )
     if cfg.compile:
-        model = torch.compile(model, mode=cfg.compile_mode)
-    eval_model = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
+        model = torch.compile(model, **compile_args)
+    eval_model = torch.compile(net, **compile_args) if cfg.compile else net
 
     # Logging: metrics.jsonl and MLflow, on rank 0 only. A resumed run drops the records of
     # the steps it trains again, so no step is recorded twice.
