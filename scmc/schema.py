@@ -11,7 +11,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from scmc.diagnostics import Diagnostic, Span, did_you_mean
 from scmc.load import LDict, LList
@@ -90,7 +99,7 @@ class RecipeKeys(BaseModel):
     reprob: float | None = Probability
     remode: Literal["const", "rand", "pixel"] | None = None
     recount: PositiveInt | None = None
-    resplit: Literal[False] | None = None
+    resplit: bool | None = None
     mixup: float | None = Field(default=None, ge=0.0)
     cutmix: float | None = Field(default=None, ge=0.0)
     cutmix_minmax: tuple[float, float] | None = None
@@ -99,16 +108,29 @@ class RecipeKeys(BaseModel):
     mixup_mode: Literal["batch", "pair", "elem"] | None = None
     mixup_off_epoch: NonNegativeInt | None = None
     label_smoothing: float | None = Field(default=None, ge=0.0, lt=1.0)
-    aug_splits: Literal[0] | None = None
+    aug_splits: NonNegativeInt | None = None
     crop_pct: float | None = Field(default=None, gt=0.0, le=1.0)
     pin_memory: bool | None = None
-    persistent_workers: Literal[False] | None = None
+    persistent_workers: bool | None = None
     use_prefetcher: bool | None = None
     channels_last: bool | None = None
     image_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     # the best-checkpoint criterion (not a loader key): val_<loss or metric>, ema_val_..., train_...
     best_metric: str | None = Field(default=None, min_length=1)
     best_mode: Literal["max", "min"] | None = None
+
+    @field_validator("resplit", "aug_splits", "persistent_workers")
+    @classmethod
+    def _timm_default_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value:
+            why = {
+                "resplit": "augmentation splits (AugMix with a JSD loss) are not implemented; keep false",
+                "aug_splits": "augmentation splits (AugMix with a JSD loss) are not implemented; keep 0",
+                "persistent_workers": "persistent workers would not see the epoch that seeds the augmentation; "
+                "keep false",
+            }[info.field_name]
+            raise ValueError(f"not supported: {why}")
+        return value
 
     @property
     def recipe_given(self) -> bool:

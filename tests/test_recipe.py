@@ -9,6 +9,7 @@ digits, one folder per class.
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import signal
@@ -21,7 +22,7 @@ import torch
 
 from tests.test_errors import diagnostic_lines
 from tests.test_link import build
-from tests.train_support import python_env
+from tests.train_support import python_env, run_many
 
 pytest.importorskip("timm")
 pytest.importorskip("PIL")
@@ -188,14 +189,37 @@ def test_a_corrupt_jpeg_stops_with_its_path_or_is_skipped_and_counted(soft_packa
 def test_a_class_index_loss_on_a_mixup_run_is_refused_at_start_up(images: Path, tmp_path: Path):
     package = golden("convnextv2_femto", tmp_path)
     out = tmp_path / "runs"
-    result = run(package, out, "--data", str(images), "--data-pipeline", "timm", "--mixup", "0.8")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "--mixup 0.8: these make soft targets (a probability per class), but this package's loss takes" in (
-        result.stderr
+    common = [*COMMON, "--out", str(out), "--data", str(images)]
+    hard, basic, dtype = run_many(
+        package,
+        [
+            [*common, "--data-pipeline", "timm", "--mixup", "0.8"],
+            [*common, "--cutmix", "1.0"],
+            [*common, "--data-pipeline", "timm", "--image-dtype", "bfloat16", "--mixup-mode", "row"],
+        ],
+        tmp_path,
     )
-    assert "--loss cfg/losses/soft_cls.yaml" in result.stderr and not out.exists()
-    basic = run(package, out, "--data", str(images), "--cutmix", "1.0")
-    assert basic.returncode == 2 and "--cutmix: timm's recipe flags need --data-pipeline timm" in basic.stderr
+    assert hard["code"] == 2 and "Traceback" not in hard["stderr"]
+    assert "--mixup 0.8: these make soft targets (a probability per class), but this package's loss takes" in (
+        hard["stderr"]
+    )
+    assert "--loss cfg/losses/soft_cls.yaml" in hard["stderr"]
+    assert basic["code"] == 2 and "--cutmix: timm's recipe flags need --data-pipeline timm" in basic["stderr"]
+    assert dtype["code"] == 2 and "2 problems with the flags" in dtype["stderr"]
+    assert "--image-dtype bfloat16: the model's weights are float32" in dtype["stderr"]
+    assert "--mixup-mode row: must be one of batch, pair, elem" in dtype["stderr"]
+    assert not out.exists()
+
+
+def train_defaults(source: str) -> dict:
+    """TrainConfig's field defaults in a generated train.py, read from its source."""
+    tree = ast.parse(source)
+    config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
+    return {
+        field.target.id: ast.literal_eval(field.value.args[0])
+        for field in config.body
+        if isinstance(field, ast.AnnAssign)
+    }
 
 
 TINY_MODEL = """\
@@ -237,24 +261,42 @@ def test_the_structcast_model_presets_build_into_train_py_defaults_and_train(
     images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     result = build(
-        tmp_path, monkeypatch, "--name", "recipe_presets", "-p", "image_size=32", "-p", "batch_size=8", **preset_files(images)
+        tmp_path,
+        monkeypatch,
+        "--name",
+        "recipe_presets",
+        "-p",
+        "image_size=32",
+        "-p",
+        "batch_size=8",
+        **preset_files(images),
     )
     assert result.exit_code == 0, result.output
     package = tmp_path / "out"
     train = (package / "src" / "recipe_presets" / "train.py").read_text()
-    for default in (
-        'data_pipeline: str = flag("timm",',
-        "label_smoothing: float = flag(0.1,",
-        'auto_augment: str = flag(\n        "rand-m9-mstd0.5-inc1",',
-        "use_prefetcher: bool = flag(True,",
-        "seed: int = flag(42,",
-        f'data: str = flag(\n        "{images}",',
-        "ema_decay: float = flag(0.998,",
-        "ema_warmup: bool = flag(True,",
-        'compile_backend: str = flag("inductor",',
-        "SOFT_TARGETS = 10",
-    ):
-        assert default in train, default
+    defaults = train_defaults(train)
+    expected = {
+        "data_pipeline": "timm",
+        "data": str(images),
+        "image_size": 32,
+        "batch_size": 8,
+        "label_smoothing": 0.1,
+        "auto_augment": "rand-m9-mstd0.5-inc1",
+        "use_prefetcher": True,
+        "pin_memory": False,
+        "seed": 42,
+        "hflip_prob": 0.5,
+        "interpolation": "bicubic",
+        "ema_decay": 0.998,
+        "ema_warmup": True,
+        "ema_warmup_power": 0.6666666666666666,
+        "ema_exclude_buffers": False,
+        "compile_backend": "inductor",
+        "compile_fullgraph": False,
+        "compile_mode": "default",
+    }
+    assert {k: defaults[k] for k in expected} == expected
+    assert "SOFT_TARGETS = 10" in train
     renamed = tmp_path / "recipe_presets"
     package.rename(renamed)
     out = tmp_path / "runs"
@@ -274,10 +316,13 @@ def test_preset_mistakes_are_located_diagnostics(images: Path, tmp_path: Path, m
     )
     result = build(tmp_path / "a", monkeypatch, **files)
     assert result.exit_code == 1
-    lines = diagnostic_lines(result.stderr)
-    assert any(":error[E1203]: `aug_splits`: Input should be 0" in line.replace(" error", "error") for line in lines)
-    assert any("unknown key `mixup_alpha` in the dataset preset" in line for line in lines)
-    assert "= help: did you mean `mixup`?" in result.stderr or "mixup" in result.stderr
+    assert diagnostic_lines(result.stderr) == [
+        "dataset.yaml:24:1: error[E1203]: `aug_splits`: Value error, not supported: augmentation splits (AugMix with "
+        "a JSD loss) are not implemented; keep 0 (in the output of this Jinja block)",
+        "dataset.yaml:24:1: error[E1203]: unknown key `mixup_alpha` in the dataset preset (in the output of this "
+        "Jinja block)",
+    ]
+    assert "= help: did you mean `mixup_prob`?" in result.stderr
 
     files = preset_files(images)
     files["loss_yaml"] = (
@@ -286,6 +331,7 @@ def test_preset_mistakes_are_located_diagnostics(images: Path, tmp_path: Path, m
     result = build(tmp_path / "b", monkeypatch, **files)
     assert result.exit_code == 1
     assert [line for line in diagnostic_lines(result.stderr) if "E1220" in line] == [
-        "dataset.yaml:32:1: error[E1220]: `label_smoothing` in the dataset preset makes soft targets "
-        "(a probability per class), but `torch.nn.NLLLoss` takes class indices"
+        "dataset.yaml:24:1: error[E1220]: `label_smoothing` in the dataset preset makes soft targets "
+        "(a probability per class), but `torch.nn.NLLLoss` takes class indices (in the output of this Jinja block)"
     ]
+    assert "= help: use a loss on probabilities (scmc build ... --loss cfg/losses/soft_cls.yaml)" in result.stderr
