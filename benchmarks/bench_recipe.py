@@ -55,6 +55,9 @@ import torch, timm
 from timm.data import Mixup, create_dataset, create_loader
 from timm.loss import SoftTargetCrossEntropy
 
+from scmc_runtime.recipe import pillow_posterize_compat
+
+pillow_posterize_compat()  # timm's Posterize ops on Pillow 13 (0 bits kept raises there); same fix as scmc's
 cfg = json.loads(sys.argv[1])
 torch.set_num_threads(cfg["threads"])
 torch.manual_seed(0)
@@ -164,9 +167,10 @@ def loader_ms_per_step(data: Path, steps: int) -> Dict[str, float]:
 
     from scmc_runtime.data import ImageFolderDataset, build_loader
     from scmc_runtime.distributed import DistInfo
-    from scmc_runtime.recipe import BatchRecipe, Recipe, build_transforms
+    from scmc_runtime.recipe import BatchRecipe, Recipe, build_transforms, pillow_posterize_compat
 
     torch.set_num_threads(THREADS)
+    pillow_posterize_compat()
     recipe = Recipe(data_pipeline="timm", image_size=IMAGE_SIZE, **RECIPE)
     train_tf, _ = build_transforms(recipe)
     dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None, is_main=True)

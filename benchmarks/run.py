@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 
 from _common import BENCH_DIR, PYTHON, ROOT, machine, markdown_table, render_markdown, verdict
 
-BENCHMARKS = ["build", "forward", "families", "runtime", "export", "train"]  # what a plain run (make bench) runs, in this order
+BENCHMARKS = ["build", "forward", "families", "runtime", "export", "train", "recipe"]  # what a plain run (make bench) runs, in this order
 
 
 def available() -> List[str]:

@@ -221,3 +221,16 @@ def test_problems_name_the_flags():
         "--mixup-mode z",
         "--scale 0.5 0.1",
     ]
+
+
+def test_timm_posterize_keeping_zero_bits_gives_a_black_image_instead_of_pillows_error():
+    from timm.data import auto_augment
+
+    from scmc_runtime.recipe import pillow_posterize_compat
+
+    pillow_posterize_compat()
+    op = auto_augment.NAME_TO_OP["PosterizeIncreasing"]
+    image = picture(16)
+    assert np.asarray(op(image, 0)).max() == 0  # level 10 of rand-m9-mstd0.5-inc1: no bit kept
+    assert np.array_equal(np.asarray(op(image, 4)), np.asarray(image) & 0xF0)
+    assert op(image, 8) is image

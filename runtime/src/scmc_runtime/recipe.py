@@ -301,6 +301,38 @@ class TimmTransform:
         return f"TimmTransform({self.transform!r})"
 
 
+def _posterize_keeping_zero_bits(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's ``posterize`` op as Pillow < 13 ran it: 0 bits kept is a black image, not a ValueError."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def pillow_posterize_compat() -> bool:
+    """Route timm's Posterize ops through :func:`_posterize_keeping_zero_bits` where Pillow refuses 0 bits.
+
+    ``rand-m9-mstd0.5-inc1`` draws magnitudes up to 10, which ``PosterizeIncreasing`` maps to 0
+    bits; Pillow 13 raises for that in ``ImageOps.posterize``, so timm's own policy would stop
+    training at a random step. Returns whether the ops were rerouted.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+        return False
+    except ValueError:
+        pass
+    auto_augment = require("timm.data.auto_augment", "--auto-augment", "timm")
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize_keeping_zero_bits
+    return True
+
+
 def build_transforms(recipe: Recipe) -> Tuple[TimmTransform, TimmTransform]:
     """(training, validation) transforms from ``timm.data.create_transform``; validation never augments.
 
@@ -309,6 +341,8 @@ def build_transforms(recipe: Recipe) -> Tuple[TimmTransform, TimmTransform]:
     """
     timm_data = require("timm.data", "--data-pipeline timm", "timm")
     r = recipe
+    if r.auto_augment:
+        pillow_posterize_compat()
     train = timm_data.create_transform(
         r.image_size,
         is_training=True,
