@@ -241,25 +241,33 @@ def _ema_compile_problems(cfg: Any) -> List[str]:
 
 @contextlib.contextmanager
 def seeded(seed: int, device: Optional[torch.device] = None) -> Iterator[None]:
-    """Run the block with ``random``, ``numpy`` and ``torch`` (and ``device``'s CUDA RNG) seeded; restore after."""
+    """Run the block with ``random``, ``numpy`` and ``torch`` (and ``device``'s CUDA RNG) seeded; restore after.
+
+    Only the CPU generator (and ``device``'s, when it is a CUDA device) is touched:
+    ``torch.manual_seed`` would also queue a lazy seeding of every CUDA device, which records a
+    traceback each time (milliseconds per image in a loader worker).
+    """
     import numpy
 
     seed = int(seed) % (2**63)
     py_state = random.getstate()
     np_state = numpy.random.get_state()
+    cpu_state = torch.get_rng_state()
     cuda = device is not None and device.type == "cuda"
-    devices = [device] if cuda else []
-    with torch.random.fork_rng(devices=devices, enabled=True):
+    cuda_state = torch.cuda.get_rng_state(device) if cuda else None
+    try:
         random.seed(seed)
         numpy.random.seed(seed % (2**32))
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         if cuda:
-            torch.cuda.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            numpy.random.set_state(np_state)
+            torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+        yield
+    finally:
+        random.setstate(py_state)
+        numpy.random.set_state(np_state)
+        torch.set_rng_state(cpu_state)
+        if cuda:
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def mix_seed(*parts: int) -> int:
