@@ -14,8 +14,8 @@ Recipe: RandAugment ``rand-m9-mstd0.5-inc1``, random-resized crop, flips, mixup 
 label smoothing 0.1, random erasing 0.25 (pixel). Same on-disk data for both: an ImageFolder of
 PNG files (scikit-learn's digits upsampled to 64 x 64, written before timing). Images/s is
 training images over the training time of the measured epochs by each process's own clock
-(the subject's ``epoch_seconds`` include a one-batch validation; the reference times the same
-span). ``loader ms/step`` is measured apart, in this process: iterating each pipeline's training
+(the subject's ``epoch_seconds``: training plus a one-batch validation, ``--max-val-steps 1``; the
+reference times the same span, with a one-batch validation through timm's eval loader). ``loader ms/step`` is measured apart, in this process: iterating each pipeline's training
 loader alone (no model) for the same steps, so it is the cost the data pipeline adds per step
 when it cannot hide behind the model.
 
@@ -70,6 +70,11 @@ loader = create_loader(
     auto_augment=r["auto_augment"], interpolation="random", num_workers=cfg["workers"],
     distributed=False, crop_pct=0.875, pin_memory=False, persistent_workers=False,
 )
+val_loader = create_loader(
+    create_dataset("", root=cfg["data"], split="validation", is_training=False),
+    input_size=(3, cfg["size"], cfg["size"]), batch_size=cfg["batch"], is_training=False, use_prefetcher=False,
+    interpolation="bicubic", crop_pct=0.875, num_workers=cfg["workers"], distributed=False,
+)
 mixup = Mixup(mixup_alpha=r["mixup"], cutmix_alpha=r["cutmix"], label_smoothing=r["label_smoothing"], num_classes=10)
 model = timm.create_model("convnextv2_atto", num_classes=10)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -86,6 +91,10 @@ for epoch in range(cfg["epochs"]):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps += 1
+    model.eval()
+    with torch.no_grad():  # one validation batch, as the subject's --max-val-steps 1
+        for images, labels in itertools.islice(val_loader, 1):
+            torch.nn.functional.cross_entropy(model(images), labels)
     epochs.append({"steps": steps, "seconds": time.perf_counter() - began})
 print("BENCH_RESULT " + json.dumps({"epochs": epochs}), flush=True)
 """
