@@ -335,3 +335,21 @@ def test_preset_mistakes_are_located_diagnostics(images: Path, tmp_path: Path, m
         "(a probability per class), but `torch.nn.NLLLoss` takes class indices (in the output of this Jinja block)"
     ]
     assert "= help: use a loss on probabilities (scmc build ... --loss cfg/losses/soft_cls.yaml)" in result.stderr
+
+
+def test_soft_targets_need_num_classes_and_the_best_metric_must_be_reported(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    files = preset_files(images)
+    assert "  num_classes: {{ num_classes }}\n" in files["dataset_yaml"]
+    files["dataset_yaml"] = files["dataset_yaml"].replace(
+        "  num_classes: {{ num_classes }}\n", "  best_metric: val_top1\n"
+    )
+    result = build(tmp_path, monkeypatch, **files)
+    assert result.exit_code == 1
+    assert diagnostic_lines(result.stderr) == [
+        "dataset.yaml:24:1: error[E1221]: `label_smoothing` makes soft targets (a probability per class), so the "
+        "preset needs `num_classes` (in the output of this Jinja block)",
+        "dataset.yaml:24:1: error[E1222]: `best_metric: val_top1` is not reported by train.py (it reports "
+        "val_ce_loss, ema_val_ce_loss, train_ce_loss) (in the output of this Jinja block)",
+    ]

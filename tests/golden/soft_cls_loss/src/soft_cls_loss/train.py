@@ -263,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     val_loader = build_loader(val_set, batch_per_rank, False, dist, **loader_args)
     # On the device: normalization and erasing (--use-prefetcher), dtype, mixup/cutmix, soft targets.
-    prepare_batch = BatchRecipe(recipe, len(classes), device, seed=cfg.seed, rank=dist.rank)
+    # Soft targets span the classes the loss was compiled for (the preset's num_classes), if any.
+    prepare_batch = BatchRecipe(
+        recipe, SOFT_TARGETS or len(classes), device, seed=cfg.seed, rank=dist.rank
+    )
     steps_per_epoch = min(len(train_loader), cfg.max_steps) if cfg.max_steps else len(train_loader)
     if steps_per_epoch == 0:
         raise TrainError(
