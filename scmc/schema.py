@@ -209,8 +209,14 @@ class TimmDatasetPreset(RecipeKeys):
 
 
 def dataset_schema(config: Any) -> type[BaseModel]:
-    """A mapping without ``kind`` is a preset in structcast-model's form."""
-    return TimmDatasetPreset if isinstance(config, dict) and "kind" not in config else DatasetPreset
+    """A mapping without ``kind`` is a preset in structcast-model's form, unless it has scmc's own keys.
+
+    (Then ``kind`` is what is missing, and the scmc schema says so.)
+    """
+    if not isinstance(config, dict) or "kind" in config:
+        return DatasetPreset
+    scmc_only = set(DatasetPreset.model_fields) - set(TimmDatasetPreset.model_fields)
+    return DatasetPreset if scmc_only & set(config) else TimmDatasetPreset
 
 
 class EmaPreset(BaseModel):

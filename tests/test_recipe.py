@@ -353,3 +353,9 @@ def test_soft_targets_need_num_classes_and_the_best_metric_must_be_reported(
         "dataset.yaml:24:1: error[E1222]: `best_metric: val_top1` is not reported by train.py (it reports "
         "val_ce_loss, ema_val_ce_loss, train_ce_loss) (in the output of this Jinja block)",
     ]
+
+
+def test_a_preset_with_scmc_keys_but_no_kind_still_asks_for_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    result = build(tmp_path, monkeypatch, dataset_yaml="root: images\nimage_size: 16\n")
+    assert result.exit_code == 1
+    assert diagnostic_lines(result.stderr) == ["dataset.yaml:1:1: error[E1203]: the dataset preset needs `kind`"]
