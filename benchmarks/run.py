@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 from _common import BENCH_DIR, PYTHON, ROOT, machine, markdown_table, render_markdown, verdict
 
 # what a plain run (make bench) runs, in this order
-BENCHMARKS = ["build", "forward", "families", "runtime", "export", "train", "inspect", "watch", "fsdp"]
+BENCHMARKS = ["build", "forward", "families", "runtime", "export", "train", "inspect", "watch", "fsdp", "recipe"]
 
 
 def available() -> List[str]:

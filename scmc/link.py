@@ -26,7 +26,20 @@ from scmc.addresses import AddressError, AllowList, resolve
 from scmc.diagnostics import CompileError, Diagnostic, Diagnostics, Span, did_you_mean
 from scmc.ir import BackwardDef, ModuleDef, Node, Program, node_reads, out_names
 from scmc.load import LDict, Source
-from scmc.schema import PRESETS, TRAIN_FIELDS, CompilePreset, DatasetPreset, EmaPreset, locate, validation_diagnostics
+from scmc.schema import (
+    PRESETS,
+    RECIPE_FIELDS,
+    TIMM_DATASET_FIELDS,
+    TRAIN_FIELDS,
+    CompilePreset,
+    DatasetPreset,
+    EmaPreset,
+    RecipeKeys,
+    TimmDatasetPreset,
+    dataset_schema,
+    locate,
+    validation_diagnostics,
+)
 
 PRESET_ROLES = tuple(PRESETS)  # dataset, ema, compile
 
@@ -153,7 +166,7 @@ def _label_layer(graph: Compiled, label: str, allow: AllowList) -> tuple[str, An
 
 def validate_preset(part: Compiled, diags: Diagnostics) -> BaseModel | None:
     """The preset as its pydantic schema, or None after reporting each mistake at its key."""
-    schema = PRESETS[part.role]
+    schema = dataset_schema(part.config) if part.role == "dataset" else PRESETS[part.role]
     tree = part.tree
     span = part.source.data.span
     if not isinstance(part.config, dict):
@@ -179,7 +192,54 @@ def _key(part: Compiled, key: str) -> Span:
     return locate(part.tree, (key,), part.source.data.span)
 
 
-def _check_dataset(part: Compiled, preset: DatasetPreset, channels: int, diags: Diagnostics) -> None:
+def _check_dataset(
+    part: Compiled, preset: DatasetPreset | TimmDatasetPreset, channels: int, diags: Diagnostics
+) -> None:
+    given = preset.model_fields_set
+    if isinstance(preset, TimmDatasetPreset):
+        if not preset.dataset and not preset.dataset_dir:
+            diags.error(
+                "E1208",
+                "an ImageFolder preset (empty `dataset`) needs `dataset_dir`, the folder holding train/ and val/",
+                _key(part, "dataset"),
+                "add `dataset_dir: path/to/images`, or name a timm dataset (`dataset: torch/cifar10`)",
+            )
+        if preset.input_size is not None and preset.input_size[0] != channels:
+            diags.error(
+                "E1208",
+                f"`input_size` has {preset.input_size[0]} channels, but the model takes {channels}",
+                _key(part, "input_size"),
+                f"give [{channels}, H, W]",
+            )
+    else:
+        _check_scmc_dataset(part, preset, diags)
+    for key in ("mean", "std"):
+        values = getattr(preset, key)
+        if values is not None and len(values) != channels:
+            diags.error(
+                "E1208",
+                f"`{key}` has {len(values)} value{'s' if len(values) != 1 else ''}, but the images have "
+                f"{channels} channels",
+                _key(part, key),
+                f"give one value per channel ({channels})",
+            )
+    if preset.targets == "soft" and preset.num_classes is None and preset.classes is None:
+        diags.error(
+            "E1210",
+            "`targets: soft` makes one-hot probabilities, so the preset needs `num_classes`",
+            _key(part, "targets"),
+            "add `num_classes: N`",
+        )
+    if preset.soft_keys and preset.num_classes is None and preset.classes is None:
+        diags.error(
+            "E1221",
+            f"`{preset.soft_keys[0]}` makes soft targets (a probability per class), so the preset needs `num_classes`",
+            _key(part, preset.soft_keys[0]),
+            "add `num_classes: N`",
+        )
+
+
+def _check_scmc_dataset(part: Compiled, preset: DatasetPreset, diags: Diagnostics) -> None:
     given = preset.model_fields_set
     if preset.kind == "digits" and "root" in given:
         diags.error(
@@ -209,41 +269,30 @@ def _check_dataset(part: Compiled, preset: DatasetPreset, channels: int, diags: 
             _key(part, "name"),
             "remove `name`, or use `kind: timm`",
         )
-    for key in ("mean", "std"):
-        values = getattr(preset, key)
-        if values is not None and len(values) != channels:
-            diags.error(
-                "E1208",
-                f"`{key}` has {len(values)} value{'s' if len(values) != 1 else ''}, but the images have "
-                f"{channels} channels",
-                _key(part, key),
-                f"give one value per channel ({channels})",
-            )
     if preset.classes is not None and preset.num_classes is not None and len(preset.classes) != preset.num_classes:
         diags.error(
             "E1208",
             f"`classes` names {len(preset.classes)} classes, but `num_classes` is {preset.num_classes}",
             _key(part, "classes"),
         )
-    if preset.targets == "soft" and preset.num_classes is None and preset.classes is None:
-        diags.error(
-            "E1210",
-            "`targets: soft` makes one-hot probabilities, so the preset needs `num_classes`",
-            _key(part, "targets"),
-            "add `num_classes: N`",
-        )
 
 
 def _train_defaults(presets: dict[str, tuple[Compiled, BaseModel]], model: Compiled) -> dict[str, Any]:
     defaults: dict[str, Any] = {}
     for role, (_, preset) in presets.items():
-        mapping = dict(TRAIN_FIELDS[role])
+        mapping = dict(TIMM_DATASET_FIELDS if isinstance(preset, TimmDatasetPreset) else TRAIN_FIELDS[role])
+        if isinstance(preset, RecipeKeys):
+            mapping.update({key: RECIPE_FIELDS.get(key, key) for key in RecipeKeys.model_fields})
+            if preset.recipe_given or isinstance(preset, TimmDatasetPreset):
+                defaults["data_pipeline"] = "timm"
         if role == "dataset" and preset.kind == "timm":
             mapping["root"] = "cache_dir"  # a timm dataset's root is where it is cached
         for key in sorted(preset.model_fields_set, key=list(type(preset).model_fields).index):
-            if key in mapping and getattr(preset, key) is not None:
+            if mapping.get(key) and getattr(preset, key) not in (None, ""):  # "": timm's default
                 value = getattr(preset, key)
                 defaults[mapping[key]] = list(value) if isinstance(value, tuple) else value
+        if isinstance(preset, TimmDatasetPreset):
+            defaults.update(_timm_form_defaults(preset))
     if "image_size" not in defaults and model.input_shapes:
         first = model.input_shapes[model.root.inputs[0]]["shape"]
         defaults["image_size"] = int(first[-1])
@@ -346,6 +395,20 @@ def _check_table(model: Compiled, graphs: list[Compiled], part: Compiled, preset
                         node.span,
                         f"build the regression head for the data: -p num_targets={preset.num_targets}",
                     )
+
+
+def _timm_form_defaults(preset: TimmDatasetPreset) -> dict[str, Any]:
+    """The structcast-model form's keys that are not one TrainConfig field each."""
+    out: dict[str, Any] = {}
+    if preset.dataset_dir is not None:
+        out["cache_dir" if preset.dataset else "data"] = preset.dataset_dir
+    if preset.input_size is not None:
+        out["image_size"] = int(preset.input_size[-1])
+    if not preset.training:
+        out["no_aug"] = True
+    if preset.num_samples is not None and preset.batch_size:
+        out["max_steps"] = max(1, preset.num_samples // preset.batch_size)  # at most num_samples images an epoch
+    return out
 
 
 # --------------------------------------------------------------------------- link
@@ -474,7 +537,8 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
                 )
 
     # label kinds: what the data yields vs what the loss takes
-    soft = dataset is not None and dataset.targets == "soft"
+    recipe_soft = dataset.soft_keys if dataset is not None else ()  # mixup, cutmix, label smoothing
+    soft = dataset is not None and (dataset.targets == "soft" or bool(recipe_soft))
     if loss is not None and backward is not None and label in loss.root.inputs:
         found = _label_layer(loss, label, allow)
         if found is not None:
@@ -492,13 +556,35 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
                     "set `targets: soft` in the dataset preset (for cfg/datasets/digits.yaml: -p targets=soft) "
                     "to feed it one-hot probabilities, or use a loss on class indices such as torch.nn.CrossEntropyLoss",
                 )
-            if soft and any(obj is o for o in _objects(CLASS_TARGET_LAYERS)):
+            if recipe_soft and any(obj is o for o in _objects(CLASS_TARGET_LAYERS)):
+                key = recipe_soft[0]
+                diags.error(
+                    "E1220",
+                    f"`{key}` in the dataset preset makes soft targets (a probability per class), but `{address}` "
+                    "takes class indices",
+                    _key(presets["dataset"][0], key),
+                    "use a loss on probabilities (scmc build ... --loss cfg/losses/soft_cls.yaml), "
+                    f"or set `{key}: 0`",
+                )
+            elif soft and any(obj is o for o in _objects(CLASS_TARGET_LAYERS)):
                 diags.error(
                     "E1202",
                     f"the dataset preset says `targets: soft`, but `{address}` takes class indices",
                     _key(presets["dataset"][0], "targets"),
                     "remove `targets: soft`, or use a loss on probabilities such as timm.loss.SoftTargetCrossEntropy",
                 )
+
+    # the best-checkpoint criterion of the dataset preset names what validation reports
+    if dataset is not None and dataset.best_metric and loss is not None and backward is not None:
+        names = [*loss.root.outputs, *(metric.root.outputs if metric is not None else ())]
+        reported = [f"{prefix}{n}" for prefix in ("val_", "ema_val_", "train_") for n in names]
+        if dataset.best_metric not in reported:
+            diags.error(
+                "E1222",
+                f"`best_metric: {dataset.best_metric}` is not reported by train.py (it reports {', '.join(reported)})",
+                _key(presets["dataset"][0], "best_metric"),
+                did_you_mean(dataset.best_metric, reported) or f"name one of {', '.join(reported[:4])}",
+            )
 
     # the backward: its losses are loss outputs, its model is the package's model
     if backward is not None and backward.backward is not None:

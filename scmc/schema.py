@@ -11,7 +11,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from scmc.diagnostics import Diagnostic, Span, did_you_mean
 from scmc.load import LDict, LList
@@ -61,10 +70,80 @@ def validation_diagnostics(
 # --------------------------------------------------------------------------- presets
 
 
-class DatasetPreset(BaseModel):
-    """``--dataset`` / ``PACKAGE: {DATASET: ...}``: where train.py's images come from and how they look."""
+Probability = Field(default=None, ge=0.0, le=1.0)
+Interpolation = Literal["random", "bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"]
+
+
+class RecipeKeys(BaseModel):
+    """timm's data-pipeline keys (scmc_runtime.recipe), in either form of a dataset preset; None: not set.
+
+    Any of them set makes train.py default to ``--data-pipeline timm``. ``resplit``, ``aug_splits``
+    and ``persistent_workers`` are accepted at their timm defaults only (see docs/recipes.md).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    no_aug: bool | None = None
+    scale: tuple[float, float] | None = None
+    ratio: tuple[float, float] | None = None
+    train_crop_mode: Literal["rrc", "rkrc", "rkrr"] | None = None
+    train_interpolation: Interpolation | None = None
+    interpolation: Interpolation | Literal[""] | None = None  # "": bicubic
+    hflip: float | None = Probability
+    vflip: float | None = Probability
+    color_jitter: float | None = Field(default=None, ge=0.0)
+    color_jitter_prob: float | None = Probability
+    grayscale_prob: float | None = Probability
+    gaussian_blur_prob: float | None = Probability
+    auto_augment: str | None = None
+    reprob: float | None = Probability
+    remode: Literal["const", "rand", "pixel"] | None = None
+    recount: PositiveInt | None = None
+    resplit: bool | None = None
+    mixup: float | None = Field(default=None, ge=0.0)
+    cutmix: float | None = Field(default=None, ge=0.0)
+    cutmix_minmax: tuple[float, float] | None = None
+    mixup_prob: float | None = Probability
+    mixup_switch_prob: float | None = Probability
+    mixup_mode: Literal["batch", "pair", "elem"] | None = None
+    mixup_off_epoch: NonNegativeInt | None = None
+    label_smoothing: float | None = Field(default=None, ge=0.0, lt=1.0)
+    aug_splits: NonNegativeInt | None = None
+    crop_pct: float | None = Field(default=None, gt=0.0, le=1.0)
+    pin_memory: bool | None = None
+    persistent_workers: bool | None = None
+    use_prefetcher: bool | None = None
+    channels_last: bool | None = None
+    image_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # the best-checkpoint criterion (not a loader key): val_<loss or metric>, ema_val_..., train_...
+    best_metric: str | None = Field(default=None, min_length=1)
+    best_mode: Literal["max", "min"] | None = None
+
+    @field_validator("resplit", "aug_splits", "persistent_workers")
+    @classmethod
+    def _timm_default_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value:
+            why = {
+                "resplit": "augmentation splits (AugMix with a JSD loss) are not implemented; keep false",
+                "aug_splits": "augmentation splits (AugMix with a JSD loss) are not implemented; keep 0",
+                "persistent_workers": "persistent workers would not see the epoch that seeds the augmentation; "
+                "keep false",
+            }[info.field_name]
+            raise ValueError(f"not supported: {why}")
+        return value
+
+    @property
+    def recipe_given(self) -> bool:
+        return bool(self.model_fields_set & (set(RecipeKeys.model_fields) - {"best_metric", "best_mode"}))
+
+    @property
+    def soft_keys(self) -> tuple[str, ...]:
+        """The keys that make soft targets (mixup, cutmix, label smoothing), where they are on."""
+        return tuple(k for k in ("mixup", "cutmix", "cutmix_minmax", "label_smoothing") if getattr(self, k))
+
+
+class DatasetPreset(RecipeKeys):
+    """``--dataset`` / ``PACKAGE: {DATASET: ...}``: where train.py's images come from and how they look."""
 
     kind: Literal["digits", "image_folder", "timm", "image_table"]  # digits: the embedded 8x8 digits
     name: str | None = None  # timm only: the timm dataset name, e.g. torch/cifar10
@@ -83,23 +162,97 @@ class DatasetPreset(BaseModel):
     num_targets: PositiveInt | None = None  # the regression targets the loss takes as `target`
 
 
+class TimmDatasetPreset(RecipeKeys):
+    """A dataset preset in structcast-model's form (``cfg/datasets/default_timm.yaml``): no ``kind``.
+
+    ``dataset`` is a timm dataset name (``torch/cifar10``), or empty for an ImageFolder at
+    ``dataset_dir``; ``input_size`` is ``[C, H, W]``; ``repeats`` is timm's repeated augmentation;
+    ``num_samples`` caps the training images per epoch; ``training: false`` turns augmentation off.
+    """
+
+    training: bool = True
+    epochs: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
+    dataset: str = ""
+    dataset_dir: str | None = None
+    num_classes: PositiveInt | None = None
+    input_size: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None
+    seed: NonNegativeInt | None = None
+    repeats: NonNegativeInt | None = None
+    num_samples: PositiveInt | None = None
+    device: str | None = None
+    workers: NonNegativeInt | None = None
+    mean: tuple[float, ...] | None = Field(default=None, min_length=1)
+    std: tuple[float, ...] | None = Field(default=None, min_length=1)
+
+    # the DatasetPreset view the link stage reads
+    @property
+    def kind(self) -> str:
+        return "timm" if self.dataset else "image_folder"
+
+    @property
+    def name(self) -> str | None:
+        return self.dataset or None
+
+    @property
+    def root(self) -> str | None:
+        return self.dataset_dir
+
+    @property
+    def image_size(self) -> int | None:
+        return self.input_size[-1] if self.input_size else None
+
+    @property
+    def classes(self) -> None:
+        return None
+
+    @property
+    def targets(self) -> str:
+        return "class"
+
+
+def dataset_schema(config: Any) -> type[BaseModel]:
+    """A mapping without ``kind`` is a preset in structcast-model's form, unless it has scmc's own keys.
+
+    (Then ``kind`` is what is missing, and the scmc schema says so.)
+    """
+    if not isinstance(config, dict) or "kind" in config:
+        return DatasetPreset
+    scmc_only = set(DatasetPreset.model_fields) - set(TimmDatasetPreset.model_fields)
+    return DatasetPreset if scmc_only & set(config) else TimmDatasetPreset
+
+
 class EmaPreset(BaseModel):
-    """``PACKAGE: {EMA: ...}``: defaults of train.py's EMA flags."""
+    """``PACKAGE: {EMA: ...}``: defaults of train.py's EMA flags (timm ``ModelEmaV3``'s knobs).
+
+    structcast-model's keys (decay, min_decay, update_after_step, use_warmup, warmup_gamma,
+    warmup_power, foreach, exclude_buffers), plus ``enabled`` and ``warmup`` (``use_warmup``'s
+    older name).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
     decay: float | None = Field(default=None, gt=0.0, lt=1.0)
     warmup: bool | None = None
+    min_decay: float | None = Field(default=None, ge=0.0, lt=1.0)
+    update_after_step: NonNegativeInt | None = None
+    use_warmup: bool | None = None
+    warmup_gamma: float | None = Field(default=None, gt=0.0)
+    warmup_power: float | None = Field(default=None, gt=0.0)
+    foreach: bool | None = None
+    exclude_buffers: bool | None = None
 
 
 class CompilePreset(BaseModel):
-    """``PACKAGE: {COMPILE: ...}``: defaults of train.py's torch.compile flags."""
+    """``PACKAGE: {COMPILE: ...}``: defaults of train.py's torch.compile flags (mode, backend, fullgraph)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = False
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    backend: str | None = Field(default=None, min_length=1)
+    fullgraph: bool | None = None
 
 
 PRESETS: dict[str, type[BaseModel]] = {"dataset": DatasetPreset, "ema": EmaPreset, "compile": CompilePreset}
@@ -116,6 +269,36 @@ TRAIN_FIELDS: dict[str, dict[str, str]] = {
         "root": "data",  # a timm dataset's root is its cache_dir (scmc/link.py)
         "name": "timm_dataset",
     },
-    "ema": {"enabled": "ema", "decay": "ema_decay", "warmup": "ema_warmup"},
-    "compile": {"enabled": "compile", "mode": "compile_mode"},
+    "ema": {
+        "enabled": "ema",
+        "decay": "ema_decay",
+        "warmup": "ema_warmup",
+        "use_warmup": "ema_warmup",
+        "min_decay": "ema_min_decay",
+        "update_after_step": "ema_update_after_step",
+        "warmup_gamma": "ema_warmup_gamma",
+        "warmup_power": "ema_warmup_power",
+        "foreach": "ema_foreach",
+        "exclude_buffers": "ema_exclude_buffers",
+    },
+    "compile": {
+        "enabled": "compile",
+        "mode": "compile_mode",
+        "backend": "compile_backend",
+        "fullgraph": "compile_fullgraph",
+    },
+}
+# recipe keys (either dataset form) whose TrainConfig field has another name; the others keep theirs
+RECIPE_FIELDS: dict[str, str] = {"hflip": "hflip_prob", "aug_splits": "", "resplit": "", "persistent_workers": ""}
+# the structcast-model form's own keys (input_size, num_samples, training: see scmc/link.py)
+TIMM_DATASET_FIELDS: dict[str, str] = {
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "workers": "workers",
+    "device": "device",
+    "mean": "mean",
+    "std": "std",
+    "repeats": "num_aug_repeats",
+    "dataset": "timm_dataset",
 }

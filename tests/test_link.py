@@ -76,16 +76,16 @@ def test_unknown_and_invalid_keys_of_ema_and_compile_presets_are_errors_at_their
         tmp_path,
         monkeypatch,
         ema_yaml="enabled: true\ndecay: 1.5\nwarmup_steps: 100\n",
-        compile_yaml="enabled: false\nmode: default\nfullgraph: true\n",
+        compile_yaml="enabled: false\nmode: default\nfull_graph: true\n",
     )
     assert result.exit_code == 1
     assert diagnostic_lines(result.stderr) == [
         "ema.yaml:2:1: error[E1203]: `decay`: Input should be less than 1",
         "ema.yaml:3:1: error[E1203]: unknown key `warmup_steps` in the ema preset",
-        "compile.yaml:3:1: error[E1203]: unknown key `fullgraph` in the compile preset",
+        "compile.yaml:3:1: error[E1203]: unknown key `full_graph` in the compile preset",
     ]
-    assert "= help: did you mean `warmup`?" in result.stderr
-    assert "= help: known keys: enabled, mode" in result.stderr
+    assert "= help: did you mean `warmup_power`?" in result.stderr
+    assert "= help: did you mean `fullgraph`?" in result.stderr
     assert result.stderr.rstrip().endswith("3 errors; nothing was written.")
     assert not (tmp_path / "out").exists()
 

@@ -51,6 +51,58 @@ FIELDS: tuple[Field, ...] = (
         "data",
     ),
     Field("workers", "int", 2, "data-loading processes per rank (0: load in the training process)", "data"),
+    # augmentation: timm's training recipe (scmc_runtime.recipe), with --data-pipeline timm
+    Field(
+        "data_pipeline", "str", "basic", "basic: resize, --translate, --hflip; timm: the flags below", "augmentation"
+    ),
+    Field("no_aug", "bool", False, "timm: no training augmentation (resize and center crop only)", "augmentation"),
+    Field("scale", "tuple[float, ...]", (0.08, 1.0), "random-resized-crop area range", "augmentation"),
+    Field("ratio", "tuple[float, ...]", (0.75, 1.3333333333333333), "random-resized-crop aspect range", "augmentation"),
+    Field("train_crop_mode", "str", "rrc", "rrc, rkrc or rkrr (timm's random-resized-crop variants)", "augmentation"),
+    Field("train_interpolation", "str", "random", "resize interpolation of training images", "augmentation"),
+    Field("interpolation", "str", "bicubic", "resize interpolation of validation images", "augmentation"),
+    Field("hflip_prob", "float", 0.5, "probability of a horizontal flip", "augmentation"),
+    Field("vflip", "float", 0.0, "probability of a vertical flip", "augmentation"),
+    Field("color_jitter", "float", 0.4, "color jitter strength (used without --auto-augment)", "augmentation"),
+    Field("color_jitter_prob", "float", 1.0, "probability of applying the color jitter", "augmentation"),
+    Field("grayscale_prob", "float", 0.0, "probability of a grayscale image", "augmentation"),
+    Field("gaussian_blur_prob", "float", 0.0, "probability of a gaussian blur", "augmentation"),
+    Field(
+        "auto_augment",
+        "str",
+        "",
+        "policy, e.g. rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w4-d2, 3a",
+        "augmentation",
+    ),
+    Field("reprob", "float", 0.0, "random erasing probability", "augmentation"),
+    Field("remode", "str", "pixel", "random erasing fill: const, rand or pixel", "augmentation"),
+    Field("recount", "int", 1, "at most this many erased regions per image", "augmentation"),
+    Field("crop_pct", "float", 0.875, "validation: resize to image_size / crop_pct, then center crop", "augmentation"),
+    Field("mixup", "float", 0.0, "mixup alpha (0: off); makes soft targets", "augmentation"),
+    Field("cutmix", "float", 0.0, "cutmix alpha (0: off); makes soft targets", "augmentation"),
+    Field(
+        "cutmix_minmax",
+        "tuple[float, ...]",
+        (),
+        "cutmix box area min max (instead of --cutmix's alpha)",
+        "augmentation",
+    ),
+    Field("mixup_prob", "float", 1.0, "probability of mixing a batch", "augmentation"),
+    Field("mixup_switch_prob", "float", 0.5, "probability of cutmix instead of mixup when both are on", "augmentation"),
+    Field("mixup_mode", "str", "batch", "one mix per batch, pair or elem(ent)", "augmentation"),
+    Field("mixup_off_epoch", "int", 0, "stop mixing from this epoch on (0: never)", "augmentation"),
+    Field("label_smoothing", "float", 0.0, "label smoothing of the soft targets", "augmentation"),
+    Field(
+        "num_aug_repeats",
+        "int",
+        0,
+        "repeated augmentation: each image this many times per epoch (0: off)",
+        "augmentation",
+    ),
+    # loader
+    Field("pin_memory", "bool", True, "pin host memory of batches when training on CUDA", "loader"),
+    Field("use_prefetcher", "bool", False, "timm: uint8 batches, normalized and erased on the device", "loader"),
+    Field("image_dtype", "str", "float32", "dtype of the training images: float32, bfloat16 or float16", "loader"),
     # schedule
     Field("epochs", "int", 10, "passes over the training data", "schedule"),
     Field("batch_size", "int", 64, "global batch per step, split evenly over the ranks", "schedule"),
@@ -92,11 +144,19 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "precision", "str", "float32", "float32, bfloat16 or float16 autocast (float16 adds a GradScaler)", "optimizer"
     ),
+    Field("ema_min_decay", "float", 0.0, "lowest EMA decay during the warmup", "weights"),
+    Field("ema_update_after_step", "int", 0, "the EMA copies the weights until this many updates", "weights"),
+    Field("ema_warmup_gamma", "float", 1.0, "EMA warmup: decay = 1 - (1 + step / gamma) ** -power", "weights"),
+    Field("ema_warmup_power", "float", 2 / 3, "EMA warmup power", "weights"),
+    Field("ema_foreach", "bool", True, "update the EMA with fused foreach kernels", "weights"),
+    Field("ema_exclude_buffers", "bool", False, "copy buffers (BatchNorm statistics) instead of averaging", "weights"),
     # speed
     Field("device", "str", "auto", "auto, cpu, cuda or cuda:N (under torchrun: the GPU of LOCAL_RANK)", "speed"),
     Field("compile", "bool", False, "torch.compile the model", "speed"),
     Field("compile_mode", "str", "default", "default, reduce-overhead or max-autotune", "speed"),
     Field("matmul_precision", "str", "highest", "float32 matmuls: highest, high (TF32) or medium", "speed"),
+    Field("compile_backend", "str", "inductor", "torch.compile backend (inductor, aot_eager, eager, ...)", "speed"),
+    Field("compile_fullgraph", "bool", False, "torch.compile: one graph, an error at any graph break", "speed"),
     Field("channels_last", "bool", False, "channels-last memory format (faster convolutions on GPU)", "speed"),
     Field(
         "sync_bn",
@@ -252,6 +312,9 @@ def _fields(ctx: TrainContext) -> list[Field]:
     defaults = dict(ctx.defaults)
     compiled = {k: ctx.backward[k] for k in OVERRIDE_FLAGS if ctx.backward.get(k) is not None}
     defaults = {**compiled, **defaults}
+    if "best_metric" in defaults and "best_mode" not in defaults:  # a metric is better larger, a loss smaller
+        name = str(defaults["best_metric"]).split("val_", 1)[-1].removeprefix("train_")
+        defaults["best_mode"] = "max" if name in ctx.metric_outputs else "min"
     if "best_metric" not in defaults:
         if ctx.metric_outputs:
             defaults["best_metric"] = f"val_{ctx.metric_outputs[0]}"
@@ -293,7 +356,7 @@ def _source(name: str, ctx: TrainContext, soft: bool = False) -> str:
     """The expression in train.py that holds the graph input ``name`` (``soft``: for the loss)."""
     if name == ctx.label:
         if soft and ctx.soft_targets:
-            return f"torch.nn.functional.one_hot(labels, {int(ctx.soft_targets)}).float()"
+            return f"as_soft_targets(labels, {int(ctx.soft_targets)})"
         return "labels"
     if name in ctx.model_outputs:
         if ctx.model_structured:

@@ -13,7 +13,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -185,10 +185,13 @@ class BadImageError(RuntimeError):
         return last.split(prefix, 1)[1] if prefix in last else last
 
 
-def _load_rgb(path: Path) -> torch.Tensor:
+def _load_rgb(path: Path, pil: bool = False) -> Any:
     Image = require("PIL.Image", "ImageFolderDataset", "data")
     with Image.open(path) as image:
         rgb = image.convert("RGB")
+        if pil:  # a transform that takes PIL images (timm's): the decoded image as it is
+            rgb.load()
+            return rgb
         data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
         return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
 
@@ -249,7 +252,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         try:
-            image = _load_rgb(path)
+            image = _load_rgb(path, pil=getattr(self.transform, "takes_pil", False))
         except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... for damaged files
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise BadImageError(f"{path}: cannot read the image ({reason[:200]})") from None
@@ -332,15 +335,23 @@ def build_loader(
     dist: DistInfo,
     workers: int = 0,
     seed: int = 0,
+    *,
+    sampler: Optional[Sampler[int]] = None,
+    collate_fn: Optional[Callable[[List[Any]], Any]] = None,
+    pin_memory: bool = True,
 ) -> DataLoader:
     """DataLoader for this rank: shuffled, sharded and resumable for training; in order for eval.
 
     Training uses ``DistributedSampler`` (also single-process, for one shuffling rule) with
     ``drop_last`` so every rank runs the same number of steps. Evaluation uses
     :class:`ShardSampler`, which never repeats an item. Per epoch, call
-    ``loader.sampler.set_epoch(epoch, skip_batches=...)``.
+    ``loader.sampler.set_epoch(epoch, skip_batches=...)``. ``sampler`` replaces the training
+    sampler (timm's ``RepeatAugSampler``, see scmc_runtime.recipe), ``collate_fn`` the default
+    collate; ``pin_memory`` pins batches when training on CUDA.
     """
-    if train:
+    if train and sampler is not None:
+        inner: Sampler[int] = sampler
+    elif train:
         inner: Sampler[int] = DistributedSampler(
             dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed, drop_last=True
         )
@@ -355,7 +366,8 @@ def build_loader(
         sampler=sampler,
         drop_last=train,
         num_workers=workers,
-        pin_memory=dist.device.type == "cuda",
+        pin_memory=pin_memory and dist.device.type == "cuda",
+        collate_fn=collate_fn,
         worker_init_fn=worker_init_fn if workers > 0 else None,
         # A private generator: creating an iterator draws a worker base seed from it, which
         # would otherwise consume the global torch RNG that dropout and init rely on.

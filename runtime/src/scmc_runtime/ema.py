@@ -54,6 +54,7 @@ class ModelEma:
         update_after_step: int = 0,
         device: Optional[torch.device] = None,
         foreach: bool = True,
+        exclude_buffers: bool = False,
         use_timm: Optional[bool] = None,
     ) -> None:
         source = unwrap(model)
@@ -68,6 +69,7 @@ class ModelEma:
         self.min_decay = min_decay
         self.update_after_step = update_after_step
         self.foreach = foreach
+        self.exclude_buffers = exclude_buffers  # buffers (BatchNorm statistics) copied, not averaged
         self._timm: Any = None
         if timm_class is not None:
             self._timm = timm_class(
@@ -80,6 +82,7 @@ class ModelEma:
                 warmup_power=warmup_power,
                 device=device,
                 foreach=foreach,
+                exclude_buffers=exclude_buffers,
             )
             self.module: nn.Module = self._timm.module
         else:
@@ -117,9 +120,11 @@ class ModelEma:
         weight = 1.0 - self.get_decay(step)
         ema_values: List[torch.Tensor] = []
         model_values: List[torch.Tensor] = []
-        for ema_v, model_v in zip(self.module.state_dict().values(), source.state_dict().values()):
-            model_v = model_v.to(device=ema_v.device)
-            if ema_v.is_floating_point():
+        buffers = {id(b) for b in self.module.buffers()} if self.exclude_buffers else set()
+        for ema_v, model_v in zip(self.module.state_dict(keep_vars=True).values(), source.state_dict().values()):
+            averaged = id(ema_v) not in buffers
+            ema_v, model_v = ema_v.data, model_v.to(device=ema_v.device)
+            if ema_v.is_floating_point() and averaged:
                 ema_values.append(ema_v)
                 model_values.append(model_v.to(dtype=ema_v.dtype))
             else:

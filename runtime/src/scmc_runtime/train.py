@@ -463,6 +463,7 @@ def build_datasets(
     seed: int = 0,
     skip_bad_images: bool = False,
     log: Optional[Callable[[str], None]] = None,
+    transforms: Optional[Tuple[Any, Any]] = None,
 ) -> Tuple[Dataset, Dataset, List[str]]:
     """(train set, validation set, class names) from one of three sources, checked where it is cheap.
 
@@ -479,8 +480,10 @@ def build_datasets(
     """
     if data and timm_dataset:
         raise UsageError("--data and --timm-dataset: pass one data source, not both")
-    train_tf = ImageTransform(image_size, mean=mean, std=std, translate=translate, hflip=hflip)
-    val_tf = ImageTransform(image_size, mean=mean, std=std)
+    train_tf: Any = ImageTransform(image_size, mean=mean, std=std, translate=translate, hflip=hflip)
+    val_tf: Any = ImageTransform(image_size, mean=mean, std=std)
+    if transforms is not None:  # (train, validation), e.g. timm's (scmc_runtime.recipe.build_transforms)
+        train_tf, val_tf = transforms
     if timm_dataset:
         root = Path(cache_dir)
         if dist.local_rank == 0:  # one download per node; the others read what it wrote

@@ -56,9 +56,17 @@ from scmc_runtime.overrides import (
     step_metrics,
 )
 from scmc_runtime.pretrained import init_from
+from scmc_runtime.recipe import (
+    BatchRecipe,
+    build_transforms,
+    check_recipe,
+    collate_fn,
+    train_sampler,
+)
 from scmc_runtime.signals import GracefulStop
 from scmc_runtime.train import (
     TrainError,
+    UsageError,
     build_datasets,
     check_classes,
     compiled_hyperparameters,
@@ -85,6 +93,7 @@ PACKAGE = "resnet18_digits"
 PROG = "python -m resnet18_digits.train"
 LOSSES = ["ce_loss"]  # the names validation reports as val_<name>
 METRICS = ["acc1", "acc5"]
+SOFT_TARGETS = 0  # > 0: the loss takes probabilities over this many classes
 
 
 @dataclass
@@ -107,6 +116,44 @@ class TrainConfig:
         False, "train even when the data's class count differs from the model head's outputs"
     )
     workers: int = flag(0, "data-loading processes per rank (0: load in the training process)")
+    # augmentation
+    data_pipeline: str = flag("basic", "basic: resize, --translate, --hflip; timm: the flags below")
+    no_aug: bool = flag(False, "timm: no training augmentation (resize and center crop only)")
+    scale: tuple[float, ...] = flag((0.08, 1.0), "random-resized-crop area range")
+    ratio: tuple[float, ...] = flag((0.75, 1.3333333333333333), "random-resized-crop aspect range")
+    train_crop_mode: str = flag("rrc", "rrc, rkrc or rkrr (timm's random-resized-crop variants)")
+    train_interpolation: str = flag("random", "resize interpolation of training images")
+    interpolation: str = flag("bicubic", "resize interpolation of validation images")
+    hflip_prob: float = flag(0.5, "probability of a horizontal flip")
+    vflip: float = flag(0.0, "probability of a vertical flip")
+    color_jitter: float = flag(0.4, "color jitter strength (used without --auto-augment)")
+    color_jitter_prob: float = flag(1.0, "probability of applying the color jitter")
+    grayscale_prob: float = flag(0.0, "probability of a grayscale image")
+    gaussian_blur_prob: float = flag(0.0, "probability of a gaussian blur")
+    auto_augment: str = flag(
+        "", "policy, e.g. rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w4-d2, 3a"
+    )
+    reprob: float = flag(0.0, "random erasing probability")
+    remode: str = flag("pixel", "random erasing fill: const, rand or pixel")
+    recount: int = flag(1, "at most this many erased regions per image")
+    crop_pct: float = flag(0.875, "validation: resize to image_size / crop_pct, then center crop")
+    mixup: float = flag(0.0, "mixup alpha (0: off); makes soft targets")
+    cutmix: float = flag(0.0, "cutmix alpha (0: off); makes soft targets")
+    cutmix_minmax: tuple[float, ...] = flag(
+        (), "cutmix box area min max (instead of --cutmix's alpha)"
+    )
+    mixup_prob: float = flag(1.0, "probability of mixing a batch")
+    mixup_switch_prob: float = flag(0.5, "probability of cutmix instead of mixup when both are on")
+    mixup_mode: str = flag("batch", "one mix per batch, pair or elem(ent)")
+    mixup_off_epoch: int = flag(0, "stop mixing from this epoch on (0: never)")
+    label_smoothing: float = flag(0.0, "label smoothing of the soft targets")
+    num_aug_repeats: int = flag(
+        0, "repeated augmentation: each image this many times per epoch (0: off)"
+    )
+    # loader
+    pin_memory: bool = flag(True, "pin host memory of batches when training on CUDA")
+    use_prefetcher: bool = flag(False, "timm: uint8 batches, normalized and erased on the device")
+    image_dtype: str = flag("float32", "dtype of the training images: float32, bfloat16 or float16")
     # schedule
     epochs: int = flag(6, "passes over the training data")
     batch_size: int = flag(32, "global batch per step, split evenly over the ranks")
@@ -126,6 +173,14 @@ class TrainConfig:
     )
     reset_head: bool = flag(
         False, "with --init-from: keep this model's own classifier (another class count)"
+    )
+    ema_min_decay: float = flag(0.0, "lowest EMA decay during the warmup")
+    ema_update_after_step: int = flag(0, "the EMA copies the weights until this many updates")
+    ema_warmup_gamma: float = flag(1.0, "EMA warmup: decay = 1 - (1 + step / gamma) ** -power")
+    ema_warmup_power: float = flag(0.6666666666666666, "EMA warmup power")
+    ema_foreach: bool = flag(True, "update the EMA with fused foreach kernels")
+    ema_exclude_buffers: bool = flag(
+        False, "copy buffers (BatchNorm statistics) instead of averaging"
     )
     # optimizer
     lr: float | None = flag(
@@ -153,6 +208,10 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile the model")
     compile_mode: str = flag("default", "default, reduce-overhead or max-autotune")
     matmul_precision: str = flag("highest", "float32 matmuls: highest, high (TF32) or medium")
+    compile_backend: str = flag(
+        "inductor", "torch.compile backend (inductor, aot_eager, eager, ...)"
+    )
+    compile_fullgraph: bool = flag(False, "torch.compile: one graph, an error at any graph break")
     channels_last: bool = flag(False, "channels-last memory format (faster convolutions on GPU)")
     sync_bn: bool = flag(
         True,
@@ -218,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     check_strategy(cfg)
     # --lr, --precision, ...: a run's values over what backward.py was compiled with (Backward.compiled).
     check_run_flags(cfg, Backward.compiled)
+    # timm's recipe (--data-pipeline timm): mixup, cutmix and label smoothing need a soft-target loss.
+    recipe = check_recipe(cfg, soft_loss=SOFT_TARGETS > 0, autocast=cfg.precision != "float32")
     started = time.monotonic()
 
     # Distributed setup from torchrun's environment (single process without it), then seeding.
@@ -243,16 +304,34 @@ def main(argv: list[str] | None = None) -> int:
         seed=cfg.seed,
         skip_bad_images=cfg.skip_bad_images,
         log=log.warning,
+        transforms=build_transforms(recipe) if recipe.timm else None,
     )
     check_classes(classes, output_shapes, allow=cfg.allow_class_mismatch)
     # --max-val-steps: a random subset of the validation images, the same for every epoch and seed.
     val_set = validation_subset(val_set, cfg.max_val_steps * cfg.batch_size, seed=cfg.seed)
     batch_per_rank = cfg.batch_size // dist.world_size
-    train_loader = build_loader(
-        train_set, batch_per_rank, True, dist, workers=cfg.workers, seed=cfg.seed
+    repeats = train_sampler(
+        train_set,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=cfg.seed,
+        repeats=recipe.num_aug_repeats,
     )
-    val_loader = build_loader(
-        val_set, batch_per_rank, False, dist, workers=cfg.workers, seed=cfg.seed
+    loader_args = dict(workers=cfg.workers, seed=cfg.seed, pin_memory=cfg.pin_memory)
+    train_loader = build_loader(
+        train_set,
+        batch_per_rank,
+        True,
+        dist,
+        sampler=repeats,
+        collate_fn=collate_fn(recipe),
+        **loader_args,
+    )
+    val_loader = build_loader(val_set, batch_per_rank, False, dist, **loader_args)
+    # On the device: normalization and erasing (--use-prefetcher), dtype, mixup/cutmix, soft targets.
+    # Soft targets span the classes the loss was compiled for (the preset's num_classes), if any.
+    prepare_batch = BatchRecipe(
+        recipe, SOFT_TARGETS or len(classes), device, seed=cfg.seed, rank=dist.rank
     )
     steps_per_epoch = min(len(train_loader), cfg.max_steps) if cfg.max_steps else len(train_loader)
     if steps_per_epoch == 0:
@@ -296,9 +375,20 @@ def main(argv: list[str] | None = None) -> int:
         overrides=overrides,
     )
     ema = None
-    if cfg.ema:  # FSDP: each rank averages its own shards
-        ema_class = ShardedEma if sharding is not None else ModelEma
-        ema = ema_class(net, cfg.ema_decay, warmup=cfg.ema_warmup)
+    if cfg.ema and sharding is not None:  # FSDP: each rank averages its own shards
+        ema = ShardedEma(net, cfg.ema_decay, warmup=cfg.ema_warmup)
+    elif cfg.ema:
+        ema = ModelEma(
+            net,
+            cfg.ema_decay,
+            warmup=cfg.ema_warmup,
+            min_decay=cfg.ema_min_decay,
+            update_after_step=cfg.ema_update_after_step,
+            warmup_gamma=cfg.ema_warmup_gamma,
+            warmup_power=cfg.ema_warmup_power,
+            foreach=cfg.ema_foreach,
+            exclude_buffers=cfg.ema_exclude_buffers,
+        )
 
     # The run folder, and the checkpoint to resume: read and checked (this package, this model,
     # the same schedule) before the folder is created or anything in it is written. A worker
@@ -358,9 +448,15 @@ def main(argv: list[str] | None = None) -> int:
         model = ddp = DistributedDataParallel(
             net, device_ids=device_ids, gradient_as_bucket_view=True
         )
+    # --compile-mode is inductor's; other backends take none.
+    compile_args = dict(
+        backend=cfg.compile_backend,
+        fullgraph=cfg.compile_fullgraph,
+        mode=cfg.compile_mode if cfg.compile_backend == "inductor" else None,
+    )
     if cfg.compile:
-        model = torch.compile(model, mode=cfg.compile_mode)
-    eval_model = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
+        model = torch.compile(model, **compile_args)
+    eval_model = torch.compile(net, **compile_args) if cfg.compile else net
 
     # Logging: metrics.jsonl and MLflow, on rank 0 only. A resumed run drops the records of
     # the steps it trains again, so no step is recorded twice.
@@ -504,8 +600,10 @@ def main(argv: list[str] | None = None) -> int:
                 batches = itertools.islice(train_loader, steps_per_epoch - first_step)
                 for step, (images, labels) in enumerate(batches, start=first_step):
                     last_in_epoch = step == steps_per_epoch - 1
-                    images = images.to(device, non_blocking=True, memory_format=memory_format)
-                    labels = labels.to(device, non_blocking=True)
+                    # loss_targets feed the loss ([B, C] when mixed or smoothed); labels (the dominant class) the metrics.
+                    images, loss_targets, labels = prepare_batch(
+                        images, labels, epoch=epoch, step=step
+                    )
 
                     # Gradient accumulation: DDP all-reduces gradients only when the weights update;
                     # FSDP neither reduce-scatters nor reshards between micro-steps.
@@ -518,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
                         # Mixed precision as the backward template sets it (a no-op without AMP).
                         with backward.autocast(device.type):
                             outputs = model(images)
-                            losses = compute_losses(criterion, outputs, labels)
+                            losses = compute_losses(criterion, outputs, loss_targets)
                         updated = backward(ce_loss=losses["ce_loss"], last_in_epoch=last_in_epoch)
                     if updated and ema is not None:
                         ema.update(net, step=backward.updates)

@@ -56,10 +56,18 @@ from scmc_runtime.overrides import (
     step_metrics,
 )
 from scmc_runtime.pretrained import init_from
+from scmc_runtime.recipe import (
+    BatchRecipe,
+    build_transforms,
+    check_recipe,
+    collate_fn,
+    train_sampler,
+)
 from scmc_runtime.signals import GracefulStop
 from scmc_runtime.tabular import build_table_datasets, evaluate_table
 from scmc_runtime.train import (
     TrainError,
+    UsageError,
     check_classes,
     compiled_hyperparameters,
     configure_torch,
@@ -84,6 +92,7 @@ PACKAGE = "tabularfusion"
 PROG = "python -m tabularfusion.train"
 LOSSES = ["ce_loss", "reg_loss", "loss"]  # the names validation reports as val_<name>
 METRICS = ["acc1", "acc5"]
+SOFT_TARGETS = 0  # > 0: the loss takes probabilities over this many classes
 NUM_FEATURES = 4  # the model's second input: one row of the image table
 NUM_TARGETS = 2  # the regression targets the loss takes as `target`
 
@@ -108,6 +117,44 @@ class TrainConfig:
         False, "train even when the data's class count differs from the model head's outputs"
     )
     workers: int = flag(0, "data-loading processes per rank (0: load in the training process)")
+    # augmentation
+    data_pipeline: str = flag("basic", "basic: resize, --translate, --hflip; timm: the flags below")
+    no_aug: bool = flag(False, "timm: no training augmentation (resize and center crop only)")
+    scale: tuple[float, ...] = flag((0.08, 1.0), "random-resized-crop area range")
+    ratio: tuple[float, ...] = flag((0.75, 1.3333333333333333), "random-resized-crop aspect range")
+    train_crop_mode: str = flag("rrc", "rrc, rkrc or rkrr (timm's random-resized-crop variants)")
+    train_interpolation: str = flag("random", "resize interpolation of training images")
+    interpolation: str = flag("bicubic", "resize interpolation of validation images")
+    hflip_prob: float = flag(0.5, "probability of a horizontal flip")
+    vflip: float = flag(0.0, "probability of a vertical flip")
+    color_jitter: float = flag(0.4, "color jitter strength (used without --auto-augment)")
+    color_jitter_prob: float = flag(1.0, "probability of applying the color jitter")
+    grayscale_prob: float = flag(0.0, "probability of a grayscale image")
+    gaussian_blur_prob: float = flag(0.0, "probability of a gaussian blur")
+    auto_augment: str = flag(
+        "", "policy, e.g. rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w4-d2, 3a"
+    )
+    reprob: float = flag(0.0, "random erasing probability")
+    remode: str = flag("pixel", "random erasing fill: const, rand or pixel")
+    recount: int = flag(1, "at most this many erased regions per image")
+    crop_pct: float = flag(0.875, "validation: resize to image_size / crop_pct, then center crop")
+    mixup: float = flag(0.0, "mixup alpha (0: off); makes soft targets")
+    cutmix: float = flag(0.0, "cutmix alpha (0: off); makes soft targets")
+    cutmix_minmax: tuple[float, ...] = flag(
+        (), "cutmix box area min max (instead of --cutmix's alpha)"
+    )
+    mixup_prob: float = flag(1.0, "probability of mixing a batch")
+    mixup_switch_prob: float = flag(0.5, "probability of cutmix instead of mixup when both are on")
+    mixup_mode: str = flag("batch", "one mix per batch, pair or elem(ent)")
+    mixup_off_epoch: int = flag(0, "stop mixing from this epoch on (0: never)")
+    label_smoothing: float = flag(0.0, "label smoothing of the soft targets")
+    num_aug_repeats: int = flag(
+        0, "repeated augmentation: each image this many times per epoch (0: off)"
+    )
+    # loader
+    pin_memory: bool = flag(True, "pin host memory of batches when training on CUDA")
+    use_prefetcher: bool = flag(False, "timm: uint8 batches, normalized and erased on the device")
+    image_dtype: str = flag("float32", "dtype of the training images: float32, bfloat16 or float16")
     # schedule
     epochs: int = flag(6, "passes over the training data")
     batch_size: int = flag(32, "global batch per step, split evenly over the ranks")
@@ -127,6 +174,14 @@ class TrainConfig:
     )
     reset_head: bool = flag(
         False, "with --init-from: keep this model's own classifier (another class count)"
+    )
+    ema_min_decay: float = flag(0.0, "lowest EMA decay during the warmup")
+    ema_update_after_step: int = flag(0, "the EMA copies the weights until this many updates")
+    ema_warmup_gamma: float = flag(1.0, "EMA warmup: decay = 1 - (1 + step / gamma) ** -power")
+    ema_warmup_power: float = flag(0.6666666666666666, "EMA warmup power")
+    ema_foreach: bool = flag(True, "update the EMA with fused foreach kernels")
+    ema_exclude_buffers: bool = flag(
+        False, "copy buffers (BatchNorm statistics) instead of averaging"
     )
     # optimizer
     lr: float | None = flag(
@@ -155,6 +210,10 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile the model")
     compile_mode: str = flag("default", "default, reduce-overhead or max-autotune")
     matmul_precision: str = flag("highest", "float32 matmuls: highest, high (TF32) or medium")
+    compile_backend: str = flag(
+        "inductor", "torch.compile backend (inductor, aot_eager, eager, ...)"
+    )
+    compile_fullgraph: bool = flag(False, "torch.compile: one graph, an error at any graph break")
     channels_last: bool = flag(False, "channels-last memory format (faster convolutions on GPU)")
     sync_bn: bool = flag(
         True,
@@ -226,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     check_strategy(cfg)
     # --lr, --precision, ...: a run's values over what backward.py was compiled with (Backward.compiled).
     check_run_flags(cfg, Backward.compiled)
+    # timm's recipe (--data-pipeline timm): mixup, cutmix and label smoothing need a soft-target loss.
+    recipe = check_recipe(cfg, soft_loss=SOFT_TARGETS > 0, autocast=cfg.precision != "float32")
+    if recipe.timm:
+        raise UsageError(
+            "--data-pipeline timm: an image-table package trains with the basic pipeline; leave it out"
+        )
     started = time.monotonic()
 
     # Distributed setup from torchrun's environment (single process without it), then seeding.
@@ -263,11 +328,28 @@ def main(argv: list[str] | None = None) -> int:
     # --max-val-steps: a random subset of the validation images, the same for every epoch and seed.
     val_set = validation_subset(val_set, cfg.max_val_steps * cfg.batch_size, seed=cfg.seed)
     batch_per_rank = cfg.batch_size // dist.world_size
-    train_loader = build_loader(
-        train_set, batch_per_rank, True, dist, workers=cfg.workers, seed=cfg.seed
+    repeats = train_sampler(
+        train_set,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=cfg.seed,
+        repeats=recipe.num_aug_repeats,
     )
-    val_loader = build_loader(
-        val_set, batch_per_rank, False, dist, workers=cfg.workers, seed=cfg.seed
+    loader_args = dict(workers=cfg.workers, seed=cfg.seed, pin_memory=cfg.pin_memory)
+    train_loader = build_loader(
+        train_set,
+        batch_per_rank,
+        True,
+        dist,
+        sampler=repeats,
+        collate_fn=collate_fn(recipe),
+        **loader_args,
+    )
+    val_loader = build_loader(val_set, batch_per_rank, False, dist, **loader_args)
+    # On the device: normalization and erasing (--use-prefetcher), dtype, mixup/cutmix, soft targets.
+    # Soft targets span the classes the loss was compiled for (the preset's num_classes), if any.
+    prepare_batch = BatchRecipe(
+        recipe, SOFT_TARGETS or len(classes), device, seed=cfg.seed, rank=dist.rank
     )
     steps_per_epoch = min(len(train_loader), cfg.max_steps) if cfg.max_steps else len(train_loader)
     if steps_per_epoch == 0:
@@ -311,9 +393,20 @@ def main(argv: list[str] | None = None) -> int:
         overrides=overrides,
     )
     ema = None
-    if cfg.ema:  # FSDP: each rank averages its own shards
-        ema_class = ShardedEma if sharding is not None else ModelEma
-        ema = ema_class(net, cfg.ema_decay, warmup=cfg.ema_warmup)
+    if cfg.ema and sharding is not None:  # FSDP: each rank averages its own shards
+        ema = ShardedEma(net, cfg.ema_decay, warmup=cfg.ema_warmup)
+    elif cfg.ema:
+        ema = ModelEma(
+            net,
+            cfg.ema_decay,
+            warmup=cfg.ema_warmup,
+            min_decay=cfg.ema_min_decay,
+            update_after_step=cfg.ema_update_after_step,
+            warmup_gamma=cfg.ema_warmup_gamma,
+            warmup_power=cfg.ema_warmup_power,
+            foreach=cfg.ema_foreach,
+            exclude_buffers=cfg.ema_exclude_buffers,
+        )
 
     # The run folder, and the checkpoint to resume: read and checked (this package, this model,
     # the same schedule) before the folder is created or anything in it is written. A worker
@@ -373,9 +466,15 @@ def main(argv: list[str] | None = None) -> int:
         model = ddp = DistributedDataParallel(
             net, device_ids=device_ids, gradient_as_bucket_view=True
         )
+    # --compile-mode is inductor's; other backends take none.
+    compile_args = dict(
+        backend=cfg.compile_backend,
+        fullgraph=cfg.compile_fullgraph,
+        mode=cfg.compile_mode if cfg.compile_backend == "inductor" else None,
+    )
     if cfg.compile:
-        model = torch.compile(model, mode=cfg.compile_mode)
-    eval_model = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
+        model = torch.compile(model, **compile_args)
+    eval_model = torch.compile(net, **compile_args) if cfg.compile else net
 
     # Logging: metrics.jsonl and MLflow, on rank 0 only. A resumed run drops the records of
     # the steps it trains again, so no step is recorded twice.
