@@ -1,5 +1,8 @@
 """BackwardDef -> backward.py: the optimizer/step class, written out step by step.
 
+What to emit is decided here, into a :class:`BackwardContext`; the text is
+``templates/backward.py.j2``, rendered through the one environment of :mod:`scmc.emit.jinja`.
+
 Per training step: (loss / N) -> scale (float16 only) -> backward. On update steps (every
 N-th step, and the last step of an epoch, which flushes a partial window): unscale -> clip
 -> optimizer step -> scaler update -> zero_grad -> per-update scheduler step.
@@ -7,9 +10,14 @@ N-th step, and the last step of an epoch, which flushes a partial window): unsca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from scmc.addresses import module_of
+from scmc.emit.jinja import environment
 from scmc.emit.python import _docstring, addresses_in, format_python, literal, minimal_imports
 from scmc.ir import BackwardDef, OptimizerDef
+
+TEMPLATE = "backward.py.j2"
 
 
 def _params_expr(opt: OptimizerDef) -> str:
@@ -127,153 +135,104 @@ def _factory_call(opt: OptimizerDef) -> str:
     return f"{opt.factory.address}({', '.join(args)})"
 
 
-def emit_backward(bdef: BackwardDef, header: list[str], docstring: str) -> str:
+@dataclass(frozen=True)
+class OptimizerCode:
+    """One optimizer of the generated class: its attribute, its factory call and how it clips."""
+
+    name: str
+    factory: str  # the factory call, open to the run's overrides
+    custom_clip: str | None  # a CLIP call emitted as written (its limit is not a run-time setting)
+    max_value: str  # else clip_gradients' compiled limit (`None`: no clipping), mode and norm type, as literals
+    mode: str
+    norm_type: str
+
+
+@dataclass(frozen=True)
+class StepCode:
+    """One ``backward`` call of a training step."""
+
+    loss: str
+    kwargs: tuple[tuple[str, str], ...]  # name -> Python literal
+
+
+@dataclass(frozen=True)
+class BackwardContext:
+    """What ``templates/backward.py.j2`` prints; every decision is made in :func:`backward_context`."""
+
+    header: tuple[str, ...]
+    module_docstring: str  # a docstring literal
+    imports: tuple[str, ...]
+    classname: str
+    class_docstring: str  # a docstring literal
+    accumulate: int
+    autocast_dtype: str  # an expression: `torch.float16`, `None`
+    compiled: str  # a dict literal
+    models: tuple[str, ...]
+    losses: tuple[str, ...]
+    optimizers: tuple[OptimizerCode, ...]
+    steps: tuple[StepCode, ...]
+    scaler_kwargs: tuple[tuple[str, str], ...]  # name -> Python literal
+
+
+def _summary(bdef: BackwardDef) -> str:
+    """The class docstring: the step sequence as compiled."""
     n = bdef.accumulate
     scaled = bdef.scaler_kwargs is not None
+    loss_div = f"(loss / {n})" if n > 1 else "loss"
+    when = f"Every {n} steps, and at the last step of an epoch" if n > 1 else "Every step"
+    clip = "clip -> " if any(o.clip for o in bdef.optimizers) else ""
+    unscale, update = ("unscale -> ", " -> scaler update") if scaled else ("", "")
+    return "\n".join(
+        [
+            f"Optimizer logic compiled from `{bdef.template}`.",
+            "",
+            f"Every training step: {loss_div}{' -> scale' if scaled else ''} -> backward.",
+            f"{when}: {unscale}{clip}optimizer step{update} -> zero_grad -> scheduler step.",
+            "",
+            "These are the compiled defaults (``compiled``); ``overrides`` (train.py's --lr, --weight-decay,",
+            "--warmup-epochs, --clip-grad, --grad-accum-steps, --precision) change them for one run.",
+        ]
+    )
+
+
+def _optimizer_code(opt: OptimizerDef) -> OptimizerCode:
+    settings = _clip_settings(opt.clip)
+    if opt.clip is not None and settings is None:  # a CLIP whose limit is not a run-time setting
+        custom = _call(opt.clip, f"scmc_runtime.optim.parameters(self.{opt.name})")
+        return OptimizerCode(opt.name, _factory_call(opt), custom, "None", "'norm'", "2.0")
+    value, mode, norm_type = settings if settings is not None else (None, "norm", 2.0)
+    return OptimizerCode(opt.name, _factory_call(opt), None, literal(value), literal(mode), literal(norm_type))
+
+
+def backward_context(bdef: BackwardDef, header: list[str], docstring: str) -> BackwardContext:
+    """The typed context of ``backward.py`` for ``bdef``."""
+    optimizers = tuple(_optimizer_code(o) for o in bdef.optimizers)
     modules = ["torch", "scmc_runtime.optim", "scmc_runtime.overrides"]
-    clips = {o.name: _clip_settings(o.clip) for o in bdef.optimizers}
-    for opt in bdef.optimizers:
-        for ctor in (opt.factory, opt.clip if clips[opt.name] is None else None):
+    for opt, code in zip(bdef.optimizers, optimizers, strict=True):
+        for ctor in (opt.factory, opt.clip if code.custom_clip is not None else None):
             if ctor is not None:
-                for address in addresses_in(ctor):
-                    modules.append(module_of(address, None)[0])
+                modules.extend(module_of(address, None)[0] for address in addresses_in(ctor))
     for _, value in bdef.scaler_kwargs or ():
         modules.extend(module_of(a, None)[0] for a in addresses_in(value))
-    names = [o.name for o in bdef.optimizers]
-    compiled = compiled_settings(bdef)
+    return BackwardContext(
+        header=tuple(header),
+        module_docstring=_docstring(docstring),
+        imports=tuple(minimal_imports(modules)),
+        classname=bdef.classname,
+        class_docstring=_docstring(_summary(bdef)),
+        accumulate=bdef.accumulate,
+        autocast_dtype=f"torch.{bdef.autocast_dtype}" if bdef.autocast_dtype else "None",
+        compiled=literal(compiled_settings(bdef)),
+        models=tuple(bdef.models),
+        losses=tuple(bdef.losses),
+        optimizers=optimizers,
+        steps=tuple(StepCode(s.loss, tuple((k, literal(v)) for k, v in s.kwargs)) for s in bdef.steps),
+        scaler_kwargs=tuple((k, literal(v)) for k, v in bdef.scaler_kwargs or ()),
+    )
 
-    summary = [f"Optimizer logic compiled from `{bdef.template}`.", ""]
-    loss_div = f"(loss / {n})" if n > 1 else "loss"
-    summary.append(f"Every training step: {loss_div}{' -> scale' if scaled else ''} -> backward.")
-    when = f"Every {n} steps, and at the last step of an epoch" if n > 1 else "Every step"
-    clip = " -> clip" if any(o.clip for o in bdef.optimizers) else ""
-    summary.append(
-        f"{when}: {'unscale -> ' if scaled else ''}{clip.strip(' ->') + ' -> ' if clip else ''}"
-        f"optimizer step{' -> scaler update' if scaled else ''} -> zero_grad -> scheduler step."
-    )
-    summary += [
-        "",
-        "These are the compiled defaults (``compiled``); ``overrides`` (train.py's --lr, --weight-decay,",
-        "--warmup-epochs, --clip-grad, --grad-accum-steps, --precision) change them for one run.",
-    ]
-    models = ", ".join(f"{m}: torch.nn.Module" for m in bdef.models)
-    losses = ", ".join(f"{l}: torch.Tensor" for l in bdef.losses)
 
-    lines = [f"class {bdef.classname}:", f"    {_docstring(chr(10).join(summary))}", ""]
-    lines.append(f"    accumulate = {n}")
-    lines.append(f"    autocast_dtype = {'torch.' + bdef.autocast_dtype if bdef.autocast_dtype else 'None'}")
-    lines.append(f"    compiled = {literal(compiled)}")
-    lines.append("")
-    lines.append(
-        f"    def __init__(self, {models}, *, updates_per_epoch: int, epochs: int | None = None, "
-        f'device_type: str = "cpu", overrides: dict | None = None) -> None:'
-    )
-    lines.append("        run = scmc_runtime.overrides.RunSettings(self.compiled, overrides)")
-    lines.append("        self.settings = run")
-    lines.append("        self.accumulate = run.grad_accum_steps  # steps per optimizer update")
-    lines.append("        self.autocast_dtype = run.autocast_dtype")
-    for opt in bdef.optimizers:
-        lines.append(f"        self.{opt.name} = scmc_runtime.optim.as_optimization({_factory_call(opt)})")
-    # one scaler for all optimizers, updated once per step (torch.amp's rule); enabled for float16 only
-    kwargs = "".join(f", {k}={literal(v)}" for k, v in bdef.scaler_kwargs or ())
-    lines.append(f"        self.scaler = run.grad_scaler(device_type{kwargs})")
-    lines.append("        self.grad_norms: dict[str, torch.Tensor] = {}  # before clipping, at the last update")
-    lines.append("        self.updates = 0  # optimizer updates so far")
-    lines.append("        self.pending = 0  # steps since the last update")
-    lines.append("")
-    lines.append("    def autocast(self, device_type: str):")
-    lines.append('        """The autocast context for forward passes (a no-op in float32)."""')
-    lines.append(
-        "        return torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)"
-    )
-    lines.append("")
-    lines.append("    def will_update(self, last_in_epoch: bool = False) -> bool:")
-    lines.append('        """Whether the next call steps the optimizers (DDP syncs gradients only then)."""')
-    lines.append("        return last_in_epoch or self.pending + 1 >= self.accumulate")
-    lines.append("")
-    lines.append(f"    def __call__(self, {losses}, *, last_in_epoch: bool = False) -> bool:")
-    lines.append('        """Back-propagate one training step; returns True when the optimizers stepped."""')
-    lines.append("        update = self.will_update(last_in_epoch)")
-    lines.append("        self.pending += 1")
-    for step in bdef.steps:
-        kwargs = ", ".join(f"{k}={literal(v)}" for k, v in step.kwargs)
-        lines.append(f"        self.scaler.scale({step.loss} / self.accumulate).backward({kwargs})")
-    lines.append("        if not update:")
-    lines.append("            return False")
-    lines.append("        if self.pending < self.accumulate:  # a partial window at the end of an epoch")
-    for name in names:
-        lines.append(f"            scmc_runtime.optim.scale_gradients(self.{name}, self.accumulate / self.pending)")
-    for opt in bdef.optimizers:
-        inner = f"self.{opt.name}.optimizer"
-        lines.append(f"        self.scaler.unscale_({inner})")
-        settings = clips[opt.name]
-        if opt.clip is not None and settings is None:  # a CLIP whose limit is not a run-time setting
-            lines.append(f"        self.grad_norms[{opt.name!r}] = scmc_runtime.overrides.grad_norm(self.{opt.name})")
-            lines.append(f"        {_call(opt.clip, f'scmc_runtime.optim.parameters(self.{opt.name})')}")
-        else:
-            value, mode, norm_type = settings if settings is not None else (None, "norm", 2.0)
-            lines.append(
-                f"        self.grad_norms[{opt.name!r}] = scmc_runtime.overrides.clip_gradients(self.{opt.name}, "
-                f"max_value=self.settings.clip_value({value!r}), "
-                f"mode={mode!r}, norm_type={norm_type!r})"
-            )
-        lines.append(f"        self.scaler.step({inner})")
-    lines.append("        self.scaler.update()")
-    for name in names:
-        lines.append(f"        self.{name}.zero_grad(set_to_none=True)")
-    lines.append("        self.pending = 0")
-    lines.append("        self.updates += 1")
-    for name in names:
-        lines.append(f"        self.{name}.step_update(self.updates)")
-    lines.append("        return True")
-    lines.append("")
-    lines.append("    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:")
-    lines.append('        """Step the per-epoch schedulers after epoch `epoch` (0-based) with its metrics."""')
-    for name in names:
-        lines.append(f'        self.{name}.step_epoch(epoch + 1, metrics.get(self.{name}.criterion or ""))')
-    lines.append("")
-    dict_of = lambda suffix: "{" + ", ".join(f"{nm!r}: self.{nm}{suffix}" for nm in names) + "}"  # noqa: E731
-    lines.append("    @property")
-    lines.append("    def optimizers(self) -> dict:")
-    lines.append(f"        return {dict_of('')}")
-    lines.append("")
-    lines.append("    @property")
-    lines.append("    def grad_scalers(self) -> dict:")
-    lines.append("        return {'scaler': self.scaler} if self.scaler.is_enabled() else {}")
-    lines.append("")
-    lines.append("    @property")
-    lines.append("    def learning_rates(self) -> dict[str, float]:")
-    lines.append('        """The learning rate of every parameter group, keyed `optimizer/group`."""')
-    lines.append(
-        '        return {f"{name}/{i}": group["lr"] for name, opt in self.optimizers.items() '
-        "for i, group in enumerate(opt.param_groups)}"
-    )
-    lines.append("")
-    lines.append("    @property")
-    lines.append("    def param_groups(self) -> dict[str, list[dict]]:")
-    lines.append(
-        '        return {name: [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] '
-        "for name, opt in self.optimizers.items()}"
-    )
-    lines.append("")
-    lines.append("    def state_dict(self) -> dict:")
-    state = ", ".join(
-        [f"{nm!r}: self.{nm}.state_dict()" for nm in names]
-        + ["'scaler': self.scaler.state_dict()", "'updates': self.updates", "'pending': self.pending"]
-    )
-    lines.append(f"        return {{{state}}}")
-    lines.append("")
-    lines.append("    def load_state_dict(self, state: dict) -> None:")
-    for nm in names:
-        lines.append(f"        self.{nm}.load_state_dict(state[{nm!r}])")
-    lines.append("        if state.get('scaler'):")
-    lines.append("            self.scaler.load_state_dict(state['scaler'])")
-    lines.append("        self.updates = state['updates']")
-    lines.append("        self.pending = state['pending']")
-
-    parts = ["\n".join(f"# {line}" for line in header), _docstring(docstring), ""]
-    parts += [f"import {m}" for m in minimal_imports(modules)]
-    parts += ["", f"__all__ = [{bdef.classname!r}]", "", ""]
-    parts += lines
-    source = "\n".join(parts) + "\n"
+def emit_backward(bdef: BackwardDef, header: list[str], docstring: str) -> str:
+    """Black-formatted source of ``backward.py``: :func:`backward_context` rendered by ``templates/backward.py.j2``."""
+    context = backward_context(bdef, header, docstring)
+    source = environment().get_template(TEMPLATE).render(b=context)
     return format_python(source)

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
 TEMPLATES = Path(__file__).parent / "templates"
 
 
+@functools.cache
 def environment():
+    """The one environment of every generated file's template (shared: templates compile once per process)."""
     import jinja2
 
     env = jinja2.Environment(
