@@ -65,7 +65,7 @@ class BackwardTemplate(BaseModel):
 def _as_mapping(item: LList, keys: tuple[str, ...]) -> LDict:
     """A tuple-form item as the mapping it stands for; each key takes its element's span."""
     out = LDict(span=item.span)
-    for index, (key, value) in enumerate(zip(keys, item)):
+    for index, (key, value) in enumerate(zip(keys, item, strict=True)):
         if key == "**":  # the backward() keyword arguments that end a 3- or 4-element BACKWARDS item
             for k, v in value.items():
                 out[k] = v

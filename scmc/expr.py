@@ -368,7 +368,7 @@ def evaluate(expr: Expr, env: dict[str, Any], allow: AllowList) -> Any:
             return value
         if isinstance(node, ast.Compare):
             left = go(node.left)
-            for op, comp in zip(node.ops, node.comparators):
+            for op, comp in zip(node.ops, node.comparators, strict=True):
                 right = go(comp)
                 if not _CMP[type(op)](left, right):
                     return False
@@ -385,7 +385,7 @@ def evaluate(expr: Expr, env: dict[str, Any], allow: AllowList) -> Any:
         if isinstance(node, ast.List):
             return guard_value([go(e) for e in node.elts])
         if isinstance(node, ast.Dict):
-            return guard_value({go(k): go(v) for k, v in zip(node.keys, node.values)})  # type: ignore[arg-type]
+            return guard_value({go(k): go(v) for k, v in zip(node.keys, node.values, strict=True)})  # type: ignore[arg-type]
         if isinstance(node, ast.Call):
             if isinstance(node.func, ast.Name) and node.func.id in flow:
                 raise ExprError(

@@ -308,7 +308,7 @@ def _optimizer_state_bytes(loaded: Loaded, model: Any) -> tuple[int, str]:
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
     backward = loaded.backward_module.Backward(model, updates_per_epoch=1, epochs=1)
-    optimizers = list(getattr(backward, "optimizers", {}).values()) or [getattr(backward, "optimizer")]
+    optimizers = list(getattr(backward, "optimizers", {}).values()) or [backward.optimizer]
     total = 0
     for optimizer in optimizers:
         optimizer.step()
@@ -445,7 +445,9 @@ def _table(columns: list[str], rows: list[list[str]], right: set[int]) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=False))
+        )
 
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in rows)]).rstrip()
 

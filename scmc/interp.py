@@ -28,7 +28,6 @@ from scmc.ir import (
     ModuleDef,
     Node,
     Out,
-    OutDict,
     OutName,
     OutTuple,
     Param,
@@ -45,7 +44,6 @@ def build_value(value: Any, allow: AllowList, params: dict[str, Any] | None = No
     if isinstance(value, Param):
         return (params or {})[value.name]
     if isinstance(value, ParamExpr):
-        import ast
 
         from scmc.expr import Expr
 
@@ -126,14 +124,14 @@ class GraphModule(torch.nn.Module):
             values = list(value)
             if len(values) != len(out.items):
                 raise ValueError(f"expected {len(out.items)} values to unpack, got {len(values)}")
-            for item, v in zip(out.items, values):
+            for item, v in zip(out.items, values, strict=True):
                 self._bind(item, v, env)
         else:
             for name, key in out.pairs:
                 env[name] = value[key]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        env: dict[str, Any] = dict(zip(self._inputs, args))
+        env: dict[str, Any] = dict(zip(self._inputs, args, strict=False))
         env.update(kwargs)
         graph = self._flow if (self.training or self._inference is None) else self._inference
         for node in graph:

@@ -14,6 +14,7 @@ YAML file.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import os
@@ -21,7 +22,6 @@ import re
 import stat
 import sys
 import time
-import contextvars
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -462,7 +462,7 @@ def _construct(
     diags: Diagnostics,
     guard: "_Expansion | None" = None,
 ) -> Any:
-    from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
+    from ruamel.yaml.nodes import MappingNode, SequenceNode
 
     mark = node.start_mark
     span = Span(display, mark.line + 1 + line_offset, mark.column + 1, note)
@@ -935,7 +935,7 @@ def report_unused_overrides(
         known |= defined_keys(blocks)
         for block in blocks:
             groups.update(str(k) for k in block)
-    for override, was_used in zip(overrides, used):
+    for override, was_used in zip(overrides, used, strict=True):
         first = sources[0] if sources else None
         span = None
         if first is not None:
@@ -1570,7 +1570,6 @@ class _JsonInt(ValueError):
 
 def _json_block(text: str, span: Span) -> Any:
     """The value of a `_jinja_json_` block: integers and nesting bounded like YAML's."""
-    from scmc.limits import limit
 
     def parse_int(digits: str) -> int:
         message = int_too_long(len(digits.lstrip("-")))

@@ -278,7 +278,7 @@ def manifest(pkg: "PackageDef", dependencies: list[str]) -> dict[str, Any]:
                 seen.add(source.display)
                 digest = hashlib.sha256(source.text.encode()).hexdigest()
                 inputs.append({"role": role, "path": recorded_path(source.path), "sha256": digest})
-        for stem, path in sorted(c.files.items()):
+        for _stem, path in sorted(c.files.items()):
             inputs.append({"role": "layer file", "path": recorded_path(path), "sha256": _sha256(path)})
     model = pkg.model
     return {
@@ -368,7 +368,7 @@ def check_keyword_inputs(compiled: list["Compiled"]) -> None:
                 "rename the output, e.g. to `debug`",
             )
         emitted = forward_parameters(c.text, root.name)
-        for name, param in zip(root.inputs, emitted):
+        for name, param in zip(root.inputs, emitted, strict=False):
             if name != param:
                 diags.error(
                     "E0930",

@@ -34,13 +34,13 @@ def onnx_runner(path: Path, input_names: list[str]) -> Runner:
     dynamic_spatial = any(not isinstance(d, int) for d in first[2:])
 
     def prepare(tensors: list[Any]) -> dict[str, Any]:
-        return {n: _to_numpy(t) for n, t in zip(input_names, tensors)}
+        return {n: _to_numpy(t) for n, t in zip(input_names, tensors, strict=False)}
 
     def call_prepared(feed: dict[str, Any]) -> list[Any]:
         return session.run(outputs, feed)
 
     def call(tensors: list[Any]) -> dict[str, Any]:
-        return dict(zip(outputs, call_prepared(prepare(tensors))))
+        return dict(zip(outputs, call_prepared(prepare(tensors)), strict=True))
 
     return Runner(
         "onnx",

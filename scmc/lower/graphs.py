@@ -6,7 +6,7 @@ from typing import Any
 
 from scmc.addresses import AddressError, check_address, resolve
 from scmc.diagnostics import CompileError, Span, did_you_mean
-from scmc.ir import ChildInst, INPUT_DTYPES, Instance, Node, node_reads, out_names
+from scmc.ir import INPUT_DTYPES, ChildInst, Instance, Node, node_reads, out_names
 from scmc.load import LAYER_GRAPH_KEYS, LDict, LList, Parameters, expand
 from scmc.lower.common import GraphContext, Scope, error_at
 from scmc.lower.naming import auto_name

@@ -199,7 +199,6 @@ class LayerLowering:
                 if call is None:
 
                     return Ctor("functools.partial", (Ref(address), *bind_args), tuple(bind_kwargs.items()))
-                import torch
                 from torch.nn.modules.lazy import LazyModuleMixin
 
                 if inspect.isclass(obj) and issubclass(obj, LazyModuleMixin):

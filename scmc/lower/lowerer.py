@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 from scmc.diagnostics import Diagnostics
 from scmc.ir import Instance
 from scmc.load import Parameters, Source
