@@ -8,6 +8,7 @@ import scmc.expr as X
 from scmc.diagnostics import CompileError, Span, did_you_mean
 from scmc.ir import Arg, ChildInst, Const, ExprArg, Index, Instance, ListArg, Node, Var
 from scmc.load import LDict, LList
+from scmc.lower.base import LowererBase
 from scmc.lower.common import MAX_CONSTANT_DEPTH, GraphContext, _meta_device, error_at
 from scmc.lower.grammar import StepForm, check_layer_name, defined_name, nesting_depth, step_form, step_outputs
 from scmc.names import is_name
@@ -39,7 +40,7 @@ def _check_user_call(inst: Instance, args: list, kwargs: list, span: Span) -> No
         )
 
 
-class StepLowering:
+class StepLowering(LowererBase):
     """FLOW steps -> Nodes: the step forms, their inputs (flow names, `eval:`, `constant:`) and outputs.
 
     A part of :class:`~scmc.lower.lowerer.Lowerer`.

@@ -8,6 +8,7 @@ from typing import Any
 from scmc.diagnostics import CompileError, Diagnostics, Span, did_you_mean
 from scmc.ir import Instance
 from scmc.load import JINJA_KEYS, LAYER_GRAPH_KEYS, LDict, Parameters, Source, plain
+from scmc.lower.base import LowererBase
 from scmc.lower.common import PACKAGE_KEY, USER_LAYER_KEYS, Scope, error_at
 from scmc.lower.naming import to_pascal
 from scmc.names import is_name
@@ -30,7 +31,7 @@ def user_layer_defs(data: LDict, diags: Diagnostics, source: Source) -> dict[str
         if not isinstance(key, str) or not is_name(key):
             diags.error("E0760", f"user layer name `{key}` is not a valid Python identifier", data.key_span(key))
             continue
-        if not isinstance(value, dict):
+        if not isinstance(value, LDict):  # the loader reads every mapping as an LDict
             hint = did_you_mean(key, LAYER_GRAPH_KEYS)
             diags.error(
                 "E0761",
@@ -48,7 +49,7 @@ def user_layer_defs(data: LDict, diags: Diagnostics, source: Source) -> dict[str
     return out
 
 
-class UserLayers:
+class UserLayers(LowererBase):
     """User layers: TYPE lookups through the scopes, CFG includes, and their instances.
 
     A part of :class:`~scmc.lower.lowerer.Lowerer`.
