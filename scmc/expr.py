@@ -354,7 +354,7 @@ def evaluate(expr: Expr, env: dict[str, Any], allow: AllowList) -> Any:
             return call_checked(_UNARY[type(node.op)], [go(node.operand)], {})
         if isinstance(node, ast.BoolOp):
             if isinstance(node.op, ast.And):
-                value: Any = True
+                value = True
                 for v in node.values:
                     value = go(v)
                     if not value:
@@ -551,6 +551,9 @@ def _factory_numel(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> int | No
     if name in ("arange", "range"):
         numbers = [kwargs.get(k) for k in ("start", "end", "step")]
         given = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        start: Any
+        end: Any
+        step: Any
         if len(given) == 1:
             start, end, step = 0, given[0], 1
         elif given:
@@ -627,7 +630,8 @@ def _on_meta(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any
         kwargs = {**kwargs, "device": "meta"}
     elif inspect.isclass(fn) and args:  # `torch.nn.Linear(4, 4, True, "cpu")`
         try:
-            bound = _signature(fn).bind_partial(*args, **kwargs)
+            # isclass() narrows fn to type[object], whose unbound __hash__ mypy finds unhashable
+            bound = _signature(fn).bind_partial(*args, **kwargs)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             return args, kwargs
         if "device" in bound.arguments:

@@ -80,6 +80,7 @@ def export_onnx(
             None,
             "an operator may have no ONNX translation at this opset; try a newer --opset, or export torchscript/pt2",
         ) from None
+    assert program is not None  # dynamo=True always returns an ONNXProgram
     params_bytes = sum(t.numel() * t.element_size() for t in ep.state_dict.values()) + sum(
         t.numel() * t.element_size() for t in ep.constants.values() if isinstance(t, torch.Tensor)
     )
