@@ -25,7 +25,6 @@ from scmc.ir import (
     Index,
     Instance,
     ListArg,
-    ModuleDef,
     Node,
     Out,
     OutName,
@@ -84,6 +83,8 @@ class StepFailed(Exception):
 
 class GraphModule(torch.nn.Module):
     """Runs a forward graph node by node."""
+
+    instance: Instance  # the lowered graph it runs, set by build_instance
 
     def __init__(
         self,
@@ -213,7 +214,7 @@ def build_instance(
     gm = GraphModule(inst.inputs, inst.outputs, inst.structured, inst.flow, inst.inference, functions, allow)
     for name, module in modules.items():
         gm.add_module(name, module)
-    gm.instance = inst  # type: ignore[assignment]
+    gm.instance = inst
     return gm
 
 
@@ -252,7 +253,3 @@ def build_program(
     for name, module in modules.items():
         gm.add_module(name, module)
     return gm
-
-
-def module_def_of(program: Program, name: str) -> ModuleDef:
-    return program.module(name)

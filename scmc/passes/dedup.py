@@ -196,10 +196,11 @@ class Deduplicator:
                     break
             if choice is None and all(isinstance(v, int) and not isinstance(v, bool) for v in column):
                 for key in candidates:
-                    base = [m.params.get(key) for m in group.members]
-                    if all(isinstance(b, int) and not isinstance(b, bool) and b != 0 for b in base):
-                        factor = column[0] // base[0] if base[0] else 0
-                        if factor > 1 and all(b * factor == v for b, v in zip(base, column, strict=True)):
+                    given = [m.params.get(key) for m in group.members]
+                    ints = [b for b in given if isinstance(b, int) and not isinstance(b, bool) and b != 0]
+                    if len(ints) == len(given):
+                        factor = column[0] // ints[0]
+                        if factor > 1 and all(b * factor == v for b, v in zip(ints, column, strict=True)):
                             choice = ParamExpr(f"{key} * {factor}", (key,))
                             break
             if choice is None:

@@ -66,6 +66,7 @@ def materialize(root: Instance, allow: AllowList) -> None:
     if not shapes:
         if lazies:
             first = lazies[0]
+            assert first.ctor is not None  # a lazy layer is built by a constructor
             raise CompileError(
                 [
                     Diagnostic(
@@ -134,6 +135,7 @@ def materialize(root: Instance, allow: AllowList) -> None:
     for child, module, cls in record.values():
         if not child.lazy:
             continue
+        assert child.ctor is not None  # a lazy layer is built by a constructor
         try:
             spec = concrete_constructor(module, cls)
         except RuntimeError:
