@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -465,11 +466,13 @@ def _compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowLis
         except CompileError as exc:
             diags.extend(exc.diagnostics)
     diags.raise_if_any()
-    used = current_budget().groups_used
-    check_group_overrides(overrides, used, sources, diags)  # a group value never goes unused
+    groups_used = current_budget().groups_used
+    check_group_overrides(overrides, groups_used, sources, diags)  # a group value never goes unused
     diags.raise_if_any()
     for c, params in zip(compiled, param_sets, strict=True):  # the manifest records the groups really used
-        c.groups = {g: dict(params.group(g)) for g in sorted(used) if g != "default" and params.group(g) is not None}
+        c.groups = {
+            g: dict(values) for g in sorted(groups_used) if g != "default" and (values := params.group(g)) is not None
+        }
     return name, compiled, allow
 
 
@@ -540,7 +543,7 @@ def default_output(name: str) -> Path:
     return Path("artifacts") / name
 
 
-def write_package(plan: Plan, destination: Path, force: bool, inputs: list[Path] = ()) -> None:
+def write_package(plan: Plan, destination: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
     """Write all files into a temporary sibling directory, then swap it into place.
 
     What may be replaced is decided by `guard_destination` first (with `force`: only a package
@@ -741,7 +744,7 @@ def foreign_files(directory: Path, name: str) -> list[str]:
 
 
 @_output_errors
-def guard_destination(destination: Path, force: bool, inputs: list[Path] = ()) -> None:
+def guard_destination(destination: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
     """Refuse, before anything is compiled or written, an -o directory that is not scmc's to replace.
 
     Never replaced: the working directory or a parent of it, a directory that is or holds one

@@ -69,7 +69,7 @@ class Diagnostic:
         if self.span and self.span.note:
             text += f" ({shorten(self.span.note)})"
         line = source_line(self.span)
-        if line is not None:
+        if line is not None and self.span is not None:  # a line is found only through a span
             shown, caret = _window(line, max(self.span.col, 1))
             number = str(self.span.line)
             pad = " " * len(number)
