@@ -7,8 +7,7 @@ from typing import Any
 
 from scmc.diagnostics import Span
 from scmc.load import Source, read_template
-from scmc.lower.base import LowererBase
-from scmc.lower.common import error_at
+from scmc.lower.common import LowererBase, error_at
 from scmc.names import is_name
 
 

@@ -8,8 +8,7 @@ from scmc.addresses import AddressError, check_address, resolve
 from scmc.diagnostics import CompileError, Span, did_you_mean
 from scmc.ir import INPUT_DTYPES, ChildInst, Instance, Node, node_reads, out_names
 from scmc.load import LAYER_GRAPH_KEYS, LDict, LList, Parameters, expand
-from scmc.lower.base import LowererBase
-from scmc.lower.common import GraphContext, Scope, error_at
+from scmc.lower.common import GraphContext, LowererBase, Scope, error_at
 from scmc.lower.naming import auto_name
 from scmc.names import is_name
 

@@ -10,8 +10,7 @@ from scmc.addresses import AddressError, check_address, resolve
 from scmc.diagnostics import Span, did_you_mean
 from scmc.ir import ChildInst, Ctor, Ref
 from scmc.load import LDict, plain
-from scmc.lower.base import LowererBase
-from scmc.lower.common import PATTERN_KEYS, USER_LAYER_KEYS, GraphContext, _meta_device, error_at
+from scmc.lower.common import PATTERN_KEYS, USER_LAYER_KEYS, GraphContext, LowererBase, _meta_device, error_at
 from scmc.names import is_name
 
 

@@ -9,8 +9,7 @@ from typing import Any
 import scmc.expr as X
 from scmc.addresses import AddressError
 from scmc.diagnostics import Span, did_you_mean
-from scmc.lower.base import LowererBase
-from scmc.lower.common import error_at
+from scmc.lower.common import LowererBase, error_at
 
 
 class SignatureChecks(LowererBase):

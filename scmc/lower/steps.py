@@ -8,8 +8,7 @@ import scmc.expr as X
 from scmc.diagnostics import CompileError, Span, did_you_mean
 from scmc.ir import Arg, ChildInst, Const, ExprArg, Index, Instance, ListArg, Node, Var
 from scmc.load import LDict, LList
-from scmc.lower.base import LowererBase
-from scmc.lower.common import MAX_CONSTANT_DEPTH, GraphContext, _meta_device, error_at
+from scmc.lower.common import MAX_CONSTANT_DEPTH, GraphContext, LowererBase, _meta_device, error_at
 from scmc.lower.grammar import StepForm, check_layer_name, defined_name, nesting_depth, step_form, step_outputs
 from scmc.names import is_name
 

@@ -8,8 +8,7 @@ from typing import Any
 from scmc.diagnostics import CompileError, Diagnostics, Span, did_you_mean
 from scmc.ir import Instance
 from scmc.load import JINJA_KEYS, LAYER_GRAPH_KEYS, LDict, Parameters, Source, plain
-from scmc.lower.base import LowererBase
-from scmc.lower.common import PACKAGE_KEY, USER_LAYER_KEYS, Scope, error_at
+from scmc.lower.common import PACKAGE_KEY, USER_LAYER_KEYS, LowererBase, Scope, error_at
 from scmc.lower.naming import to_pascal
 from scmc.names import is_name
 
