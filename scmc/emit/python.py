@@ -182,7 +182,7 @@ class ModuleEmitter:
             return ", ".join(self.target(o) for o in out.items)
         raise EmitError("mapping outputs are bound by the caller")
 
-    def node(self, node: Node, temp_counter: dict[str, int]) -> list[str]:
+    def node(self, node: Node) -> list[str]:
         args = [self.arg(a) for a in node.args]
         kwargs = [f"{k}={self.arg(v)}" for k, v in node.kwargs]
         if node.layer is None:
@@ -210,9 +210,8 @@ class ModuleEmitter:
 
     def graph(self, nodes: Iterable[Node]) -> list[str]:
         lines: list[str] = []
-        counter: dict[str, int] = {}
         for node in nodes:
-            lines.extend(self.node(node, counter))
+            lines.extend(self.node(node))
         return lines
 
     def returns(self) -> tuple[str, str]:

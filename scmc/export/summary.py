@@ -80,8 +80,7 @@ def summary(outcome: ExportOutcome) -> str:
 
 
 def render_errors(diagnostics: Sequence[Diagnostic], wrote_report: Path | None = None) -> str:
-    cache: dict[str, list[str]] = {}
-    body = "\n\n".join(d.render(cache) for d in diagnostics)
+    body = "\n\n".join(d.render() for d in diagnostics)
     count = len(diagnostics)
     tail = f"; the report is in {wrote_report}" if wrote_report else "; nothing was exported"
     return f"{body}\n\n{count} error{'s' if count != 1 else ''}{tail}."
