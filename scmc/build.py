@@ -413,9 +413,7 @@ def _compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowLis
             source.data["PARAMETERS"] = block
             blocks = [block]
         for i, override in enumerate(overrides):
-            if apply_override(
-                blocks, override, diags, request.allow_new_params and source is sources[0], source.display
-            ):
+            if apply_override(blocks, override, request.allow_new_params and source is sources[0]):
                 used[i] = True
     report_unused_overrides(overrides, used, sources, diags)
     diags.raise_if_any()
@@ -952,7 +950,7 @@ def _early_output(request: BuildRequest) -> Path | None:
         source = read_template(request.parts[0].path)
         blocks = parameter_blocks(source.data)
         for text in request.params:  # one for another template (-p target_loss=...) leaves the name as it is
-            apply_override(blocks, parse_override(text), Diagnostics(), request.allow_new_params, source.display)
+            apply_override(blocks, parse_override(text), request.allow_new_params)
         diags = Diagnostics()
         raw = source.data.get("PARAMETERS")
         params = Parameters.from_raw(raw, source.data.span, diags)

@@ -801,9 +801,7 @@ def defined_keys(blocks: list[LDict]) -> set[str]:
     return keys
 
 
-def apply_override(
-    blocks: list[LDict], override: Override, diags: Diagnostics, allow_new: bool, source_display: str
-) -> bool:
+def apply_override(blocks: list[LDict], override: Override, allow_new: bool) -> bool:
     """Apply one override to a template's PARAMETERS blocks. Returns whether it applied.
 
     The rule (docs/template-language.md, "Parameters and -p precedence"): a value given on the
