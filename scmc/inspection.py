@@ -169,8 +169,8 @@ def load(target: Path, params: list[str], shapes: dict[str, Any], allow_modules:
             raise InspectError(f"{manifests[0]}: unreadable manifest ({exc})") from None
         if shapes:
             manifest["input_shapes"] = shapes
-        with _imported(name, src=target / "src") as package:
-            yield _loaded(str(target), name, manifest, package)
+        with _imported(name, src=target / "src"):
+            yield _loaded(str(target), name, manifest)
         return
     if not target.is_file():
         raise InspectError(f"{target}: no such template or package directory")
@@ -187,11 +187,11 @@ def load(target: Path, params: list[str], shapes: dict[str, Any], allow_modules:
         if path.startswith(prefix) and (rel := path[len(prefix) :]).endswith(".py") and "/" not in rel
     }
     manifest = json.loads(plan.files[prefix + "manifest.json"].decode("utf-8"))
-    with _imported(plan.name, finder=_MemoryModules(plan.name, sources)) as package:
-        yield _loaded(str(target), plan.name, manifest, package)
+    with _imported(plan.name, finder=_MemoryModules(plan.name, sources)):
+        yield _loaded(str(target), plan.name, manifest)
 
 
-def _loaded(source: str, name: str, manifest: dict[str, Any], package: Any) -> Loaded:
+def _loaded(source: str, name: str, manifest: dict[str, Any]) -> Loaded:
     model_module = importlib.import_module(f"{name}.model")
     backward_module = None
     if importlib.util.find_spec(f"{name}.backward") is not None:
