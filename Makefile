@@ -45,8 +45,11 @@ bench: $(STAMP)
 golden: $(STAMP)
 	$(PY) tests/golden/regenerate.py
 
+# black, then ruff and mypy (their settings, and which files they check, are in pyproject.toml).
 lint: $(STAMP)
 	$(PY) -m black --check scmc runtime/src tests benchmarks scripts
+	$(PY) -m ruff check scmc runtime/src
+	$(PY) -m mypy
 
 clean:
 	rm -rf artifacts/*/ runs .pytest_cache

@@ -61,7 +61,20 @@ def build_and_checkpoint(tmp: Path) -> Dict[str, Any]:
     from scmc.export import imported_package, read_package
 
     package = tmp / "femto"
-    run_process(_scmc() + ["build", "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=femto", "-p", "num_classes=10", "-o", str(package), "-q"])
+    run_process(
+        _scmc()
+        + [
+            "build",
+            "cfg/models/ConvNeXtV2.yaml",
+            "-p",
+            "backbone=femto",
+            "-p",
+            "num_classes=10",
+            "-o",
+            str(package),
+            "-q",
+        ]
+    )
     info = read_package(package)
     with imported_package(info) as module:
         torch.manual_seed(0)

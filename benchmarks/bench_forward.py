@@ -49,7 +49,10 @@ BUDGET_SECONDS = 45.0  # per configuration: past it, stop after MIN_ROUNDS (a lo
 
 def build_femto(out: Path) -> Path:
     scmc = [SCMC] if SCMC else [PYTHON, "-m", "scmc"]
-    run_process(scmc + ["build", "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=femto", "-p", "num_classes=10", "-o", str(out), "-q"])
+    run_process(
+        scmc
+        + ["build", "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=femto", "-p", "num_classes=10", "-o", str(out), "-q"]
+    )
     return next(out.glob("src/*/model.py"))
 
 
@@ -102,7 +105,9 @@ def run(quick: bool) -> Result:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     references = {
-        "timm conv_mlp=False": timm.create_model("convnextv2_femto", pretrained=False, conv_mlp=False, num_classes=10).eval(),
+        "timm conv_mlp=False": timm.create_model(
+            "convnextv2_femto", pretrained=False, conv_mlp=False, num_classes=10
+        ).eval(),
         "timm default": timm.create_model("convnextv2_femto", pretrained=False, num_classes=10).eval(),
     }
     # The generated model gets the same-architecture reference's weights; the default one gets

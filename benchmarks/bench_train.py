@@ -150,7 +150,10 @@ print("BENCH_RESULT " + json.dumps({"epochs": epochs}), flush=True)
 
 def build_femto(out: Path) -> Path:
     scmc = [SCMC] if SCMC else [PYTHON, "-m", "scmc"]
-    run_process(scmc + ["build", "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=femto", "-p", "num_classes=10", "-o", str(out), "-q"])
+    run_process(
+        scmc
+        + ["build", "cfg/models/ConvNeXtV2.yaml", "-p", "backbone=femto", "-p", "num_classes=10", "-o", str(out), "-q"]
+    )
     return out / "src"
 
 

@@ -65,7 +65,7 @@ class BackwardTemplate(BaseModel):
 def _as_mapping(item: LList, keys: tuple[str, ...]) -> LDict:
     """A tuple-form item as the mapping it stands for; each key takes its element's span."""
     out = LDict(span=item.span)
-    for index, (key, value) in enumerate(zip(keys, item)):
+    for index, (key, value) in enumerate(zip(keys, item, strict=True)):
         if key == "**":  # the backward() keyword arguments that end a 3- or 4-element BACKWARDS item
             for k, v in value.items():
                 out[k] = v
@@ -261,13 +261,13 @@ def lower_backward(source: Source, params: Parameters, classname: str, options: 
 
     models = list(spec.MODELS)
     spans = [(f"model {m}", locate(tree, ("MODELS", i), source.data.span)) for i, m in enumerate(models)]
-    for opt in optimizers:
-        for layer in opt.layers:
+    for odef in optimizers:
+        for layer in odef.layers:
             root = layer.split(".")[0]
-            spans.append((f"layer {layer}", layer_spans[opt.name]))
+            spans.append((f"layer {layer}", layer_spans[odef.name]))
             if root not in models:
                 models.append(root)
-                spans.append((f"model {root}", layer_spans[opt.name]))
+                spans.append((f"model {root}", layer_spans[odef.name]))
     losses = list(spec.LOSSES) or []
     spans += [(f"loss {n}", locate(tree, ("LOSSES", i), source.data.span)) for i, n in enumerate(losses)]
     for step in steps:
@@ -348,7 +348,7 @@ def _check_regexes(obj: Any, bind_args: list, bind_kwargs: dict, tree: Any, span
     exponentially would hang training in C, where nothing can stop it (E1009)."""
     from scmc_runtime.optim import REGEX_FIELDS, regex_problem
 
-    from scmc.limits import limit
+    from scmc.limits import int_limit
 
     if not any(obj is taker for taker in _regex_takers()):
         return
@@ -357,7 +357,7 @@ def _check_regexes(obj: Any, bind_args: list, bind_kwargs: dict, tree: Any, span
     except TypeError:
         return  # reported by _check_signature
     places = [bound, bound.get("optimizer_kwargs")]
-    maximum = limit("SCMC_MAX_REGEX_LENGTH")
+    maximum = int_limit("SCMC_MAX_REGEX_LENGTH")
     diags = Diagnostics()
     for place in places:
         if not isinstance(place, dict):

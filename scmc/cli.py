@@ -314,7 +314,7 @@ def format_(template: Path, params: tuple[str, ...], output: Path | None, allow_
         diags = Diagnostics()
         overrides = [parse_override(p) for p in params]
         blocks = parameter_blocks(source.data)
-        used = [apply_override(blocks, o, diags, allow_new_params, source.display) for o in overrides]
+        used = [apply_override(blocks, o, allow_new_params) for o in overrides]
         report_unused_overrides(overrides, used, [source], diags)
         diags.raise_if_any()
         parameters = Parameters.from_raw(source.data.get("PARAMETERS"), source.data.span, diags)

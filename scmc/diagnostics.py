@@ -60,16 +60,15 @@ class Diagnostic:
     hint: str = ""
     severity: str = "error"
 
-    def render(self, source_cache: dict[str, list[str]] | None = None) -> str:
+    def render(self) -> str:
         """``path:line:col: error[CODE]: message``, the source line with a caret (for a file read
-        as a template), and ``= help:``. SOURCE_CACHE is accepted for callers of the earlier
-        API and not needed: lines come from the texts recorded by :func:`note_source`."""
+        as a template: lines come from the texts recorded by :func:`note_source`), and ``= help:``."""
         where = f"{self.span}: " if self.span else ""
         text = f"{where}{self.severity}[{self.code}]: {shorten(self.message)}"
         if self.span and self.span.note:
             text += f" ({shorten(self.span.note)})"
         line = source_line(self.span)
-        if line is not None:
+        if line is not None and self.span is not None:  # a line is found only through a span
             shown, caret = _window(line, max(self.span.col, 1))
             number = str(self.span.line)
             pad = " " * len(number)
@@ -186,16 +185,14 @@ class CompileError(Exception):
         self.diagnostics = diagnostics
 
     def render(self) -> str:
-        cache: dict[str, list[str]] = {}
-        body = "\n\n".join(d.render(cache) for d in self.diagnostics)
+        body = "\n\n".join(d.render() for d in self.diagnostics)
         count = len(self.diagnostics)
         return f"{body}\n\n{count} error{'s' if count != 1 else ''}; nothing was written."
 
 
 def render_warnings(warnings: Iterable[Diagnostic]) -> str:
     """Warnings of a build that went on, each with its source line, as errors are shown."""
-    cache: dict[str, list[str]] = {}
-    return "\n\n".join(d.render(cache) for d in warnings)
+    return "\n\n".join(d.render() for d in warnings)
 
 
 def fail(code: str, message: str, span: Span | None = None, hint: str = "") -> CompileError:

@@ -354,7 +354,7 @@ def evaluate(expr: Expr, env: dict[str, Any], allow: AllowList) -> Any:
             return call_checked(_UNARY[type(node.op)], [go(node.operand)], {})
         if isinstance(node, ast.BoolOp):
             if isinstance(node.op, ast.And):
-                value: Any = True
+                value = True
                 for v in node.values:
                     value = go(v)
                     if not value:
@@ -368,7 +368,7 @@ def evaluate(expr: Expr, env: dict[str, Any], allow: AllowList) -> Any:
             return value
         if isinstance(node, ast.Compare):
             left = go(node.left)
-            for op, comp in zip(node.ops, node.comparators):
+            for op, comp in zip(node.ops, node.comparators, strict=True):
                 right = go(comp)
                 if not _CMP[type(op)](left, right):
                     return False
@@ -385,7 +385,7 @@ def evaluate(expr: Expr, env: dict[str, Any], allow: AllowList) -> Any:
         if isinstance(node, ast.List):
             return guard_value([go(e) for e in node.elts])
         if isinstance(node, ast.Dict):
-            return guard_value({go(k): go(v) for k, v in zip(node.keys, node.values)})  # type: ignore[arg-type]
+            return guard_value({go(k): go(v) for k, v in zip(node.keys, node.values, strict=True)})  # type: ignore[arg-type]
         if isinstance(node, ast.Call):
             if isinstance(node.func, ast.Name) and node.func.id in flow:
                 raise ExprError(
@@ -551,6 +551,9 @@ def _factory_numel(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> int | No
     if name in ("arange", "range"):
         numbers = [kwargs.get(k) for k in ("start", "end", "step")]
         given = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        start: Any
+        end: Any
+        step: Any
         if len(given) == 1:
             start, end, step = 0, given[0], 1
         elif given:
@@ -627,7 +630,8 @@ def _on_meta(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any
         kwargs = {**kwargs, "device": "meta"}
     elif inspect.isclass(fn) and args:  # `torch.nn.Linear(4, 4, True, "cpu")`
         try:
-            bound = _signature(fn).bind_partial(*args, **kwargs)
+            # isclass() narrows fn to type[object], whose unbound __hash__ mypy finds unhashable
+            bound = _signature(fn).bind_partial(*args, **kwargs)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             return args, kwargs
         if "device" in bound.arguments:

@@ -160,7 +160,6 @@ def layer_graph(
     source: str = "",
 ) -> LayerGraph:
     """The drawable graph of MODEL (built on the meta device) at INPUTS (meta tensors by name)."""
-    import torch
 
     def user_layer(module: Any) -> bool:
         return type(module).__module__.startswith(package + ".")

@@ -169,8 +169,8 @@ def load(target: Path, params: list[str], shapes: dict[str, Any], allow_modules:
             raise InspectError(f"{manifests[0]}: unreadable manifest ({exc})") from None
         if shapes:
             manifest["input_shapes"] = shapes
-        with _imported(name, src=target / "src") as package:
-            yield _loaded(str(target), name, manifest, package)
+        with _imported(name, src=target / "src"):
+            yield _loaded(str(target), name, manifest)
         return
     if not target.is_file():
         raise InspectError(f"{target}: no such template or package directory")
@@ -187,11 +187,11 @@ def load(target: Path, params: list[str], shapes: dict[str, Any], allow_modules:
         if path.startswith(prefix) and (rel := path[len(prefix) :]).endswith(".py") and "/" not in rel
     }
     manifest = json.loads(plan.files[prefix + "manifest.json"].decode("utf-8"))
-    with _imported(plan.name, finder=_MemoryModules(plan.name, sources)) as package:
-        yield _loaded(str(target), plan.name, manifest, package)
+    with _imported(plan.name, finder=_MemoryModules(plan.name, sources)):
+        yield _loaded(str(target), plan.name, manifest)
 
 
-def _loaded(source: str, name: str, manifest: dict[str, Any], package: Any) -> Loaded:
+def _loaded(source: str, name: str, manifest: dict[str, Any]) -> Loaded:
     model_module = importlib.import_module(f"{name}.model")
     backward_module = None
     if importlib.util.find_spec(f"{name}.backward") is not None:
@@ -308,7 +308,7 @@ def _optimizer_state_bytes(loaded: Loaded, model: Any) -> tuple[int, str]:
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
     backward = loaded.backward_module.Backward(model, updates_per_epoch=1, epochs=1)
-    optimizers = list(getattr(backward, "optimizers", {}).values()) or [getattr(backward, "optimizer")]
+    optimizers = list(getattr(backward, "optimizers", {}).values()) or [backward.optimizer]
     total = 0
     for optimizer in optimizers:
         optimizer.step()
@@ -445,7 +445,9 @@ def _table(columns: list[str], rows: list[list[str]], right: set[int]) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=False))
+        )
 
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in rows)]).rstrip()
 

@@ -25,10 +25,8 @@ from scmc.ir import (
     Index,
     Instance,
     ListArg,
-    ModuleDef,
     Node,
     Out,
-    OutDict,
     OutName,
     OutTuple,
     Param,
@@ -45,7 +43,6 @@ def build_value(value: Any, allow: AllowList, params: dict[str, Any] | None = No
     if isinstance(value, Param):
         return (params or {})[value.name]
     if isinstance(value, ParamExpr):
-        import ast
 
         from scmc.expr import Expr
 
@@ -87,6 +84,8 @@ class StepFailed(Exception):
 class GraphModule(torch.nn.Module):
     """Runs a forward graph node by node."""
 
+    instance: Instance  # the lowered graph it runs, set by build_instance
+
     def __init__(
         self,
         inputs: list[str],
@@ -126,14 +125,14 @@ class GraphModule(torch.nn.Module):
             values = list(value)
             if len(values) != len(out.items):
                 raise ValueError(f"expected {len(out.items)} values to unpack, got {len(values)}")
-            for item, v in zip(out.items, values):
+            for item, v in zip(out.items, values, strict=True):
                 self._bind(item, v, env)
         else:
             for name, key in out.pairs:
                 env[name] = value[key]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        env: dict[str, Any] = dict(zip(self._inputs, args))
+        env: dict[str, Any] = dict(zip(self._inputs, args, strict=False))
         env.update(kwargs)
         graph = self._flow if (self.training or self._inference is None) else self._inference
         for node in graph:
@@ -215,7 +214,7 @@ def build_instance(
     gm = GraphModule(inst.inputs, inst.outputs, inst.structured, inst.flow, inst.inference, functions, allow)
     for name, module in modules.items():
         gm.add_module(name, module)
-    gm.instance = inst  # type: ignore[assignment]
+    gm.instance = inst
     return gm
 
 
@@ -254,7 +253,3 @@ def build_program(
     for name, module in modules.items():
         gm.add_module(name, module)
     return gm
-
-
-def module_def_of(program: Program, name: str) -> ModuleDef:
-    return program.module(name)

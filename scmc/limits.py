@@ -66,6 +66,12 @@ def limit(env: str) -> float:
     return int(value) if spec.integer else value
 
 
+def int_limit(env: str) -> int:
+    """:func:`limit` for a limit that counts (every one but the seconds of Jinja rendering)."""
+    assert LIMITS[env].integer, env
+    return int(limit(env))
+
+
 def exceeded(env: str) -> str:
     """The end of a diagnostic's hint: how to raise the limit ``env``."""
     return f"the limit is {shown(env)}; set {env} to raise it"

@@ -14,6 +14,7 @@ YAML file.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import os
@@ -21,7 +22,6 @@ import re
 import stat
 import sys
 import time
-import contextvars
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,13 +48,13 @@ class Budget:
     is an error, see :func:`check_group_overrides`)."""
 
     def __init__(self) -> None:
-        from scmc.limits import limit
+        from scmc.limits import int_limit, limit
 
         self.seconds = limit("SCMC_MAX_JINJA_SECONDS")
-        self.chars = limit("SCMC_MAX_JINJA_BUILD_CHARS")
-        self.block_chars = limit("SCMC_MAX_JINJA_BLOCK_CHARS")
-        self.passes = limit("SCMC_MAX_JINJA_PASSES")
-        self.nesting = limit("SCMC_MAX_JINJA_NESTING")
+        self.chars = int_limit("SCMC_MAX_JINJA_BUILD_CHARS")
+        self.block_chars = int_limit("SCMC_MAX_JINJA_BLOCK_CHARS")
+        self.passes = int_limit("SCMC_MAX_JINJA_PASSES")
+        self.nesting = int_limit("SCMC_MAX_JINJA_NESTING")
         _set_value_limits()
         self.spent = 0.0  # seconds of finished expand() calls
         self.started: float | None = None  # when the running outermost expand() began
@@ -72,9 +72,10 @@ _BUDGET: "contextvars.ContextVar[Budget | None]" = contextvars.ContextVar("scmc_
 @contextmanager
 def build_budget() -> Iterator[Budget]:
     """One build: every expand() inside shares the time and output budget."""
-    token = _BUDGET.set(Budget())
+    budget = Budget()
+    token = _BUDGET.set(budget)
     try:
-        yield _BUDGET.get()
+        yield budget
     finally:
         _BUDGET.reset(token)
 
@@ -208,9 +209,9 @@ def _not_a_file(display: str, mode: int) -> CompileError:
 def read_text(path: Path, display: str) -> str:
     """The text of a template file. Only a regular file is read (a FIFO or a device could block or
     never end), and only when its size, taken before reading, is within SCMC_MAX_TEMPLATE_BYTES."""
-    from scmc.limits import exceeded, limit
+    from scmc.limits import exceeded, int_limit
 
-    maximum = limit("SCMC_MAX_TEMPLATE_BYTES")
+    maximum = int_limit("SCMC_MAX_TEMPLATE_BYTES")
     try:
         info = os.stat(path)
         if stat.S_ISDIR(info.st_mode):
@@ -342,9 +343,9 @@ class _Nested(Exception):
 
 def int_too_long(digits: int) -> str | None:
     """The message for an integer literal of ``digits`` digits beyond SCMC_MAX_INT_DIGITS, else None."""
-    from scmc.limits import exceeded, limit
+    from scmc.limits import exceeded, int_limit
 
-    if digits <= limit("SCMC_MAX_INT_DIGITS"):
+    if digits <= int_limit("SCMC_MAX_INT_DIGITS"):
         return None
     return f"an integer of {digits:,} digits is too long ({exceeded('SCMC_MAX_INT_DIGITS')})"
 
@@ -354,10 +355,10 @@ class _Expansion:
     anchors (the "billion laughs") could otherwise expand to billions of values."""
 
     def __init__(self) -> None:
-        from scmc.limits import limit
+        from scmc.limits import int_limit
 
-        self.maximum = limit("SCMC_MAX_YAML_VALUES")
-        self.max_depth = limit("SCMC_MAX_YAML_DEPTH")
+        self.maximum = int_limit("SCMC_MAX_YAML_VALUES")
+        self.max_depth = int_limit("SCMC_MAX_YAML_DEPTH")
         self.left = self.maximum
         self.open: set[int] = set()
 
@@ -431,9 +432,9 @@ def _plain_data(value: Any, depth: int = 0, bounds: tuple[int, int] | None = Non
     """Only plain values, nested within SCMC_MAX_YAML_DEPTH, integers within SCMC_MAX_INT_DIGITS
     (anything else is parsed again by the composer path, which reports it with its position)."""
     if bounds is None:
-        from scmc.limits import limit
+        from scmc.limits import int_limit
 
-        bounds = (limit("SCMC_MAX_YAML_DEPTH"), limit("SCMC_MAX_INT_DIGITS"))
+        bounds = (int_limit("SCMC_MAX_YAML_DEPTH"), int_limit("SCMC_MAX_INT_DIGITS"))
     if isinstance(value, (dict, list)) and depth >= bounds[0]:
         return False
     if isinstance(value, dict):
@@ -462,7 +463,7 @@ def _construct(
     diags: Diagnostics,
     guard: "_Expansion | None" = None,
 ) -> Any:
-    from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
+    from ruamel.yaml.nodes import MappingNode, SequenceNode
 
     mark = node.start_mark
     span = Span(display, mark.line + 1 + line_offset, mark.column + 1, note)
@@ -800,9 +801,7 @@ def defined_keys(blocks: list[LDict]) -> set[str]:
     return keys
 
 
-def apply_override(
-    blocks: list[LDict], override: Override, diags: Diagnostics, allow_new: bool, source_display: str
-) -> bool:
+def apply_override(blocks: list[LDict], override: Override, allow_new: bool) -> bool:
     """Apply one override to a template's PARAMETERS blocks. Returns whether it applied.
 
     The rule (docs/template-language.md, "Parameters and -p precedence"): a value given on the
@@ -811,6 +810,7 @@ def apply_override(
     SHARED for that group, as in structcast-model (the command line's groups are merged over the
     template's, SHARED already applied): the key is moved out of SHARED into every group, with
     SHARED's value, before the given group gets its own."""
+    items: list[tuple[str | None, str | None, Any]]
     if override.groups is not None:
         items = [(group, key, value) for group, values in override.groups.items() for key, value in values.items()]
     else:
@@ -935,7 +935,7 @@ def report_unused_overrides(
         known |= defined_keys(blocks)
         for block in blocks:
             groups.update(str(k) for k in block)
-    for override, was_used in zip(overrides, used):
+    for override, was_used in zip(overrides, used, strict=True):
         first = sources[0] if sources else None
         span = None
         if first is not None:
@@ -1060,12 +1060,12 @@ MAX_JINJA_BITS = 65_536  # the largest integer `**` may build
 
 
 def _set_value_limits() -> None:
-    from scmc.limits import limit
+    from scmc.limits import int_limit
 
     global MAX_JINJA_INT, MAX_JINJA_LENGTH, MAX_JINJA_BITS
-    MAX_JINJA_INT = limit("SCMC_MAX_JINJA_ARGUMENT")
-    MAX_JINJA_LENGTH = limit("SCMC_MAX_JINJA_VALUE")
-    MAX_JINJA_BITS = limit("SCMC_MAX_JINJA_BITS")
+    MAX_JINJA_INT = int_limit("SCMC_MAX_JINJA_ARGUMENT")
+    MAX_JINJA_LENGTH = int_limit("SCMC_MAX_JINJA_VALUE")
+    MAX_JINJA_BITS = int_limit("SCMC_MAX_JINJA_BITS")
 
 
 _WIDE_FORMAT = re.compile(r"%[-#0 +]*(\*|\d{6,})|%[-#0 +]*\d*\.(\*|\d{6,})|\{[^{}]*:[^{}]*(\d{6,}|\{)")
@@ -1176,8 +1176,8 @@ def _estimate(name: str, text: Any, args: tuple, kwargs: dict) -> int:
     if not isinstance(text, str):
         if name == "join" and isinstance(text, (list, tuple, range)):  # the join filter: value|join(sep)
             sep = args[0] if args else kwargs.get("d", "")
-            items = len(text) * 7 if isinstance(text, range) else _sized(text)
-            return items + (len(sep) if isinstance(sep, str) else 0) * len(text)
+            count = len(text) * 7 if isinstance(text, range) else _sized(text)
+            return count + (len(sep) if isinstance(sep, str) else 0) * len(text)
         return 0
     width = next((a for a in (*args, *kwargs.values()) if isinstance(a, int) and not isinstance(a, bool)), 0)
     if name == "indent":
@@ -1570,7 +1570,6 @@ class _JsonInt(ValueError):
 
 def _json_block(text: str, span: Span) -> Any:
     """The value of a `_jinja_json_` block: integers and nesting bounded like YAML's."""
-    from scmc.limits import limit
 
     def parse_int(digits: str) -> int:
         message = int_too_long(len(digits.lstrip("-")))
@@ -1687,7 +1686,7 @@ def expand(data: Any, params: Parameters, default: str = "default") -> Any:
     try:
         return canonical_patterns(_expand(data, params, default, budget))
     finally:
-        if outer:
+        if outer and budget.started is not None:
             budget.spent += time.monotonic() - budget.started
             budget.started = None
         if token is not None:

@@ -249,7 +249,7 @@ def _wheel_identity(path: Path) -> str | None:
 def _place(made: list[Path], output: Path) -> list[Path]:
     """Move the built wheels into OUTPUT, replacing only earlier builds of the same wheels."""
     targets = [output / w.name for w in made]
-    for wheel, target in zip(made, targets):
+    for wheel, target in zip(made, targets, strict=True):
         if target.is_symlink() or (target.exists() and not target.is_file()):
             raise fail("E1303", f"{_display(target)} exists and is not a file", hint="choose another -o folder")
         if target.exists() and _wheel_identity(target) != _wheel_identity(wheel):
@@ -260,7 +260,7 @@ def _place(made: list[Path], output: Path) -> list[Path]:
             )
     try:
         output.mkdir(parents=True, exist_ok=True)
-        for wheel, target in zip(made, targets):
+        for wheel, target in zip(made, targets, strict=True):
             staged = output / f".{target.name}.tmp-{os.getpid()}"
             shutil.copyfile(wheel, staged)
             os.replace(staged, target)
@@ -278,7 +278,9 @@ def build_wheels(
     try:
         meta = tomllib.loads((package_dir / "pyproject.toml").read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise fail("E1300", f"pyproject.toml is not valid TOML: {exc}", Span(_display(package_dir / "pyproject.toml")))
+        raise fail(
+            "E1300", f"pyproject.toml is not valid TOML: {exc}", Span(_display(package_dir / "pyproject.toml"))
+        ) from exc
     extras = tuple(sorted(meta.get("project", {}).get("optional-dependencies", {})))
     inside = output.resolve()
     if inside == package_dir.resolve() or package_dir.resolve() in inside.parents:

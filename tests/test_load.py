@@ -193,7 +193,7 @@ def overridden(*params: str, text: str = GROUPS, allow_new: bool = False) -> dic
     diags = Diagnostics()
     overrides = [parse_override(p) for p in params]
     blocks = parameter_blocks(data)
-    used = [apply_override(blocks, o, diags, allow_new, "t.yaml") for o in overrides]
+    used = [apply_override(blocks, o, allow_new) for o in overrides]
     report_unused_overrides(overrides, used, [source], diags)
     diags.raise_if_any()
     params_ = Parameters.from_raw(data["PARAMETERS"], data.span, diags)

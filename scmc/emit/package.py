@@ -58,6 +58,7 @@ def train_context(pkg: "PackageDef"):
     training = pkg.training
     if training is None:
         return None
+    assert pkg.loss is not None  # a package trains only with a loss
     root, loss_root = pkg.model.root, pkg.loss.root
     metric_root = pkg.metric.root if pkg.metric is not None else None
     return TrainContext(
@@ -106,7 +107,10 @@ def predict_source(pkg: "PackageDef", train: Any) -> str:
 
 
 def class_name(c: "Compiled") -> str:
-    return c.program.root if c.program is not None else c.backward.classname
+    if c.program is not None:
+        return c.program.root
+    assert c.backward is not None  # a compiled part is a layer graph or a backward template
+    return c.backward.classname
 
 
 def rebuild_command(pkg: "PackageDef") -> str:
@@ -223,6 +227,7 @@ def package_files(pkg: "PackageDef") -> dict[str, bytes]:
         )
         .encode()
     )
+    assert model.program is not None  # the model part is a layer graph
     root = model.program.module(model.program.root)
     shapes = sorted((model.input_shapes or {}).items())
     example = ", ".join(f"torch.randn(2, {', '.join(str(d) for d in spec['shape'])})" for _, spec in shapes) or "..."
@@ -280,7 +285,7 @@ def manifest(pkg: "PackageDef", dependencies: list[str]) -> dict[str, Any]:
                 seen.add(source.display)
                 digest = hashlib.sha256(source.text.encode()).hexdigest()
                 inputs.append({"role": role, "path": recorded_path(source.path), "sha256": digest})
-        for stem, path in sorted(c.files.items()):
+        for _stem, path in sorted(c.files.items()):
             inputs.append({"role": "layer file", "path": recorded_path(path), "sha256": _sha256(path)})
     model = pkg.model
     return {
@@ -370,7 +375,7 @@ def check_keyword_inputs(compiled: list["Compiled"]) -> None:
                 "rename the output, e.g. to `debug`",
             )
         emitted = forward_parameters(c.text, root.name)
-        for name, param in zip(root.inputs, emitted):
+        for name, param in zip(root.inputs, emitted, strict=False):
             if name != param:
                 diags.error(
                     "E0930",
@@ -424,11 +429,11 @@ def check_class_names(files: dict[str, bytes], src: str, classes: list[str]) -> 
         while stack:
             table = stack.pop()
             stack.extend(table.get_children())
-            node = functions.get((table.get_name(), table.get_lineno()))
-            if table.get_type() != "function" or node is None:
+            function = functions.get((table.get_name(), table.get_lineno()))
+            if table.get_type() != "function" or function is None:
                 continue
             local = {sym.get_name() for sym in table.get_symbols() if sym.is_assigned() or sym.is_parameter()}
-            for use in ast.walk(node):
+            for use in ast.walk(function):
                 target = (
                     use.func if isinstance(use, ast.Call) else use.value if isinstance(use, ast.Attribute) else None
                 )

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import ast
 import builtins
-import re
 import keyword
 import math
+import re
 from typing import Any, Iterable
 
 from scmc.addresses import module_of
@@ -21,7 +21,6 @@ from scmc.diagnostics import printable
 from scmc.expr import rename as rename_expr
 from scmc.ir import (
     Arg,
-    Child,
     Const,
     Ctor,
     ExprArg,
@@ -183,7 +182,7 @@ class ModuleEmitter:
             return ", ".join(self.target(o) for o in out.items)
         raise EmitError("mapping outputs are bound by the caller")
 
-    def node(self, node: Node, temp_counter: dict[str, int]) -> list[str]:
+    def node(self, node: Node) -> list[str]:
         args = [self.arg(a) for a in node.args]
         kwargs = [f"{k}={self.arg(v)}" for k, v in node.kwargs]
         if node.layer is None:
@@ -211,9 +210,8 @@ class ModuleEmitter:
 
     def graph(self, nodes: Iterable[Node]) -> list[str]:
         lines: list[str] = []
-        counter: dict[str, int] = {}
         for node in nodes:
-            lines.extend(self.node(node, counter))
+            lines.extend(self.node(node))
         return lines
 
     def returns(self) -> tuple[str, str]:
@@ -223,7 +221,7 @@ class ModuleEmitter:
         if self.m.structured:
             value_types = set(out_types)
             value = out_types[0] if len(value_types) == 1 else "Any"
-            body = "{" + ", ".join(f"{o!r}: {n}" for o, n in zip(self.m.outputs, outs)) + "}"
+            body = "{" + ", ".join(f"{o!r}: {n}" for o, n in zip(self.m.outputs, outs, strict=True)) + "}"
             return f"Dict[str, {value}]", body
         if len(outs) == 1:
             return out_types[0], outs[0]
@@ -254,13 +252,13 @@ class ModuleEmitter:
         body: list[str] = []
         if m.inference is not None:
             body.append("if self.training:")
-            body.extend("    " + l for l in (self.graph(m.flow) or ["pass"]))
+            body.extend("    " + ln for ln in (self.graph(m.flow) or ["pass"]))
             body.append("else:")
-            body.extend("    " + l for l in (self.graph(m.inference) or ["pass"]))
+            body.extend("    " + ln for ln in (self.graph(m.inference) or ["pass"]))
         else:
             body.extend(self.graph(m.flow))
         body.append(f"return {ret_value}")
-        lines.extend("        " + l for l in body)
+        lines.extend("        " + ln for ln in body)
         return "\n".join(lines) + "\n"
 
 

@@ -64,56 +64,55 @@ import sys
 import types
 from typing import Any
 
-from scmc.export.common import REPORT_NAME, DEFAULT_OPSET, MIN_OPSET, THREADS, INSTALL_HINT
-from scmc.export.request import ExportRequest
-from scmc.export.report import VERIFIED_ONLY, Skipped, Artifact, Report, ExportOutcome
-from scmc.export.package import (
-    MAX_MANIFEST_BYTES,
-    MAX_LABELS_BYTES,
-    MAX_SOURCE_BYTES,
-    MAX_PACKAGE_FILES,
-    MAX_INPUT_ELEMENTS,
-    MAX_INPUT_DIMS,
-    PackageInfo,
-    read_bounded,
-    DTYPES,
-    InputSpec,
-    DatasetPreset,
-    Presets,
-    TemplateHash,
-    Manifest,
-    read_package,
-    imported_package,
-)
+from scmc.export.aoti import AOTI, aoti_unavailable, export_aoti, load_aoti
 from scmc.export.checkpoint import (
     PREFIXES,
-    read_checkpoint,
     check_runtime_checkpoint,
-    strip_prefixes,
-    select_weights,
     load_weights,
+    read_checkpoint,
+    select_weights,
+    strip_prefixes,
 )
-from scmc.export.preprocess import TrainingConfig, read_labels, class_labels, check_checkpoint_config, preprocessing
-from scmc.export.compare import TOLERANCES, EXACT_KINDS, flatten_outputs, OutputDiff, tolerance_for, compare_outputs
-from scmc.export.inputs import TRACE_BATCH, SPATIAL_MULTIPLE, Inputs, model_inputs
-from scmc.export.runner import Runner, torch_runner, FormatJob, Format
-from scmc.export.pt2 import torch_export, export_pt2, load_pt2, PT2
-from scmc.export.onnx import EXTERNAL_DATA_BYTES, onnx_runner, export_onnx, ONNX
-from scmc.export.torchscript import export_torchscript, load_torchscript, TORCHSCRIPT
-from scmc.export.aoti import aoti_unavailable, export_aoti, load_aoti, AOTI
-from scmc.export.formats import REGISTRY, BY_NAME, FORMATS, FILE_NAMES, check_before_loading, load_runner
+from scmc.export.common import DEFAULT_OPSET, INSTALL_HINT, MIN_OPSET, REPORT_NAME, THREADS
+from scmc.export.compare import EXACT_KINDS, TOLERANCES, OutputDiff, compare_outputs, flatten_outputs, tolerance_for
+from scmc.export.formats import BY_NAME, FILE_NAMES, FORMATS, REGISTRY, check_before_loading, load_runner
+from scmc.export.inputs import SPATIAL_MULTIPLE, TRACE_BATCH, Inputs, model_inputs
+from scmc.export.onnx import EXTERNAL_DATA_BYTES, ONNX, export_onnx, onnx_runner
+from scmc.export.package import (
+    DTYPES,
+    MAX_INPUT_DIMS,
+    MAX_INPUT_ELEMENTS,
+    MAX_LABELS_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_PACKAGE_FILES,
+    MAX_SOURCE_BYTES,
+    DatasetPreset,
+    InputSpec,
+    Manifest,
+    PackageInfo,
+    Presets,
+    TemplateHash,
+    imported_package,
+    read_bounded,
+    read_package,
+)
+from scmc.export.pipeline import ExportJob, check_runtimes, export_package
+from scmc.export.preprocess import TrainingConfig, check_checkpoint_config, class_labels, preprocessing, read_labels
+from scmc.export.pt2 import PT2, export_pt2, load_pt2, torch_export
+from scmc.export.report import VERIFIED_ONLY, Artifact, ExportOutcome, Report, Skipped
+from scmc.export.request import ExportRequest
+from scmc.export.runner import Format, FormatJob, Runner, torch_runner
+from scmc.export.summary import render_errors, run_export, summary
+from scmc.export.torchscript import TORCHSCRIPT, export_torchscript, load_torchscript
 from scmc.export.verify import (
-    VERIFY_BATCHES,
     LATENCY_BATCHES,
     REFERENCE_CASE,
+    VERIFY_BATCHES,
+    measure_latency,
     verification_cases,
     verify,
     worst_by_output,
-    measure_latency,
 )
-from scmc.export.pipeline import check_runtimes, export_package, ExportJob
-from scmc.export.report import VERIFIED_ONLY, Skipped, Artifact, Report, ExportOutcome
-from scmc.export.summary import summary, render_errors, run_export
 
 __all__ = [
     "REPORT_NAME",

@@ -124,6 +124,7 @@ def strip_prefixes(state: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
 def select_weights(obj: Any, weights: str, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The state_dict to export and a description of where it came from."""
     info: dict[str, Any] = {"path": str(path)}
+    state: Any  # checked to be a state_dict before it is used
     if isinstance(obj, dict) and "model" in obj and not _is_state_dict(obj):
         info["kind"] = "training checkpoint"
         for key in ("package", "epoch", "global_step"):

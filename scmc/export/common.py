@@ -50,5 +50,5 @@ def _quiet() -> Iterator[None]:
             with contextlib.redirect_stdout(io.StringIO()):
                 yield
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)

@@ -139,6 +139,7 @@ def compare_outputs(expected: dict[str, Any], actual: dict[str, Any]) -> list[Ou
         if structural:  # nothing to compare: every element counts as mismatched
             diffs.append(OutputDiff(name, dtype, shape, math.inf, math.inf, math.inf, exp.size, atol, rtol, structural))
             continue
+        assert act is not None  # a missing output is structural
         e = exp.astype(np.float64)
         a = act.astype(np.float64)
         e_nan, a_nan = np.isnan(e), np.isnan(a)

@@ -34,13 +34,13 @@ def onnx_runner(path: Path, input_names: list[str]) -> Runner:
     dynamic_spatial = any(not isinstance(d, int) for d in first[2:])
 
     def prepare(tensors: list[Any]) -> dict[str, Any]:
-        return {n: _to_numpy(t) for n, t in zip(input_names, tensors)}
+        return {n: _to_numpy(t) for n, t in zip(input_names, tensors, strict=False)}
 
     def call_prepared(feed: dict[str, Any]) -> list[Any]:
         return session.run(outputs, feed)
 
     def call(tensors: list[Any]) -> dict[str, Any]:
-        return dict(zip(outputs, call_prepared(prepare(tensors))))
+        return dict(zip(outputs, call_prepared(prepare(tensors)), strict=True))
 
     return Runner(
         "onnx",
@@ -80,6 +80,7 @@ def export_onnx(
             None,
             "an operator may have no ONNX translation at this opset; try a newer --opset, or export torchscript/pt2",
         ) from None
+    assert program is not None  # dynamo=True always returns an ONNXProgram
     params_bytes = sum(t.numel() * t.element_size() for t in ep.state_dict.values()) + sum(
         t.numel() * t.element_size() for t in ep.constants.values() if isinstance(t, torch.Tensor)
     )

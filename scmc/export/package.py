@@ -256,7 +256,9 @@ def read_package(path: Path) -> PackageInfo:
             ]
         )
     root = package_dir.parent.parent if package_dir.parent.name == "src" else package_dir.parent
-    return PackageInfo(root=root, src=package_dir.parent, name=name, manifest_path=manifest_path, manifest=manifest)
+    return PackageInfo(
+        root=root, src=package_dir.parent, name=manifest["package"], manifest_path=manifest_path, manifest=manifest
+    )
 
 
 def _package_file_problems(package_dir: Path) -> list[tuple[str, str]]:

@@ -244,7 +244,7 @@ def _export_and_verify(job: ExportJob, progress: Callable[[str], None]) -> Expor
     timings.update(prepare=job.prepare_seconds, load_and_export=time.perf_counter() - job.started)
     errors, runners = _verify_artifacts(job, artifacts, progress)
     timings["verification"] = time.perf_counter() - job.started - timings["load_and_export"]
-    latency: dict[int, Any] = {}
+    latency: dict[str, Any] = {}
     if job.request.latency_rounds > 0 and runners:
         progress("latency ...")
         latency_start = time.perf_counter()
@@ -370,7 +370,7 @@ def _verify_artifacts(
     return errors, runners
 
 
-def _record_latency(artifacts: list[Artifact], latency: dict[int, Any]) -> None:
+def _record_latency(artifacts: list[Artifact], latency: dict[str, Any]) -> None:
     """Each artifact's own rows of the latency table, with eager's beside them."""
     for artifact in artifacts:
         fmt = artifact.format
@@ -396,7 +396,7 @@ def _report(
     job: ExportJob,
     export_meta: dict[str, Any],
     artifacts: list[Artifact],
-    latency: dict[int, Any],
+    latency: dict[str, Any],
     skipped: list[Skipped],
     errors: list[Diagnostic],
     timings: dict[str, float],

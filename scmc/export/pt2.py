@@ -13,7 +13,6 @@ from scmc.export.runner import Format, Runner, torch_runner
 
 def _exported_dynamic_dims(ep: Any) -> tuple[bool, bool, int | None]:
     """(batch dynamic, spatial dynamic, static batch size) of an ExportedProgram's first user input."""
-    import torch
 
     sig = ep.graph_signature
     user_inputs = set(sig.user_inputs)
@@ -63,7 +62,7 @@ def torch_export(model: Any, inputs: Inputs, static_batch: bool, dynamic_spatial
         "dynamic_batch": dyn_batch,
         "dynamic_spatial": dyn_spatial,
         "static_batch_size": size,
-        "trace_shapes": {n: list(t.shape) for n, t in zip(inputs.names, example)},
+        "trace_shapes": {n: list(t.shape) for n, t in zip(inputs.names, example, strict=False)},
     }
     return ep, meta
 

@@ -42,7 +42,7 @@ class Artifact:
     verification: dict[str, Any] = field(default_factory=dict)  # scmc.export.verify.verify's result
     worst: dict[str, dict[str, float]] = field(default_factory=dict)  # per output, over the cases
     verify_seconds: float | None = None
-    latency: dict[int, dict[str, Any]] | None = None  # per batch size; None: not timed
+    latency: dict[str, dict[str, Any]] | None = None  # per batch size; None: not timed
 
     @property
     def path_taken(self) -> str:
@@ -97,7 +97,7 @@ class Report:
     threads: int
     torch_export: dict[str, Any] | None  # the shared trace: seconds, dynamic dims, trace shapes
     artifacts: list[Artifact]
-    latency: dict[int, dict[str, Any]]  # per batch size: median/min/max ms per runtime, ratio to eager
+    latency: dict[str, dict[str, Any]]  # per batch size (a string key): median/min/max ms per runtime, ratio to eager
     skipped: list[Skipped]
     warnings: list[str]
     notes: list[str]

@@ -21,8 +21,8 @@ class Runner:
     dynamic_batch: bool
     dynamic_spatial: bool
     static_batch_size: int | None
-    prepare: Callable[[list[Any]], Any] | None = None  # inputs -> what call_prepared takes (timing)
-    call_prepared: Callable[[Any], Any] | None = None
+    prepare: Callable[[list[Any]], Any]  # inputs -> what call_prepared takes (timing)
+    call_prepared: Callable[[Any], Any]
 
 
 def torch_runner(

@@ -13,7 +13,7 @@ from scmc.export.report import Artifact, ExportOutcome
 from scmc.export.request import ExportRequest
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -72,16 +72,15 @@ def summary(outcome: ExportOutcome) -> str:
         lines.append(f"  {s.format:<11} skipped: {s.reason}")
     for n in r.notes:
         lines.append(f"note: {n}")
-    for w in r.warnings:
-        if not w.startswith("AOTInductor package skipped"):
-            lines.append(f"warning: {w}")
+    for warning in r.warnings:
+        if not warning.startswith("AOTInductor package skipped"):
+            lines.append(f"warning: {warning}")
     lines.append(f"report: {outcome.report_path}  ({r.seconds:.1f} s)")
     return "\n".join(lines)
 
 
 def render_errors(diagnostics: Sequence[Diagnostic], wrote_report: Path | None = None) -> str:
-    cache: dict[str, list[str]] = {}
-    body = "\n\n".join(d.render(cache) for d in diagnostics)
+    body = "\n\n".join(d.render() for d in diagnostics)
     count = len(diagnostics)
     tail = f"; the report is in {wrote_report}" if wrote_report else "; nothing was exported"
     return f"{body}\n\n{count} error{'s' if count != 1 else ''}{tail}."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -18,7 +19,7 @@ VERIFY_BATCHES = (1, 2, 7)
 LATENCY_BATCHES = (1, 8)
 
 
-REFERENCE_CASE = {"batch": 2, "spatial": None, "seed": 101}
+REFERENCE_CASE: dict[str, Any] = {"batch": 2, "spatial": None, "seed": 101}
 
 
 def _case_key(case: dict[str, Any]) -> str:
@@ -26,7 +27,7 @@ def _case_key(case: dict[str, Any]) -> str:
 
 
 def verification_cases(runner: Runner, inputs: Inputs) -> list[dict[str, Any]]:
-    cases = []
+    cases: list[dict[str, Any]] = []
     if runner.dynamic_batch:
         for n, batch in enumerate(VERIFY_BATCHES):
             cases.append({"batch": batch, "spatial": None, "seed": 100 + n})
@@ -111,8 +112,7 @@ def measure_latency(model: Any, runners: list[Runner], inputs: Inputs, rounds: i
         for r in runners:
             if not r.dynamic_batch and (r.static_batch_size or 1) != batch:
                 continue
-            prepared = r.prepare(tensors) if r.prepare else tensors
-            subjects[r.fmt] = lambda rr=r, p=prepared: rr.call_prepared(p)
+            subjects[r.fmt] = functools.partial(r.call_prepared, r.prepare(tensors))
         for fn in subjects.values():  # warm-up: first calls allocate, plan, profile and pick kernels
             for _ in range(3):
                 fn()

@@ -1,15 +1,20 @@
-"""What every part of lowering shares: the grammar's keys, the options, the scope, the diagnostic helper."""
+"""What every part of lowering shares: the grammar's keys, the options, the scope, the diagnostic helper,
+and :class:`LowererBase`, the state and cross-part methods of the parts of :class:`~scmc.lower.lowerer.Lowerer`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scmc.addresses import AllowList
-from scmc.diagnostics import CompileError, Diagnostic, Span
+from scmc.diagnostics import CompileError, Diagnostic, Diagnostics, Span
 from scmc.ir import ChildInst
 from scmc.load import LDict, Parameters, Source
+
+if TYPE_CHECKING:
+    import scmc.expr as X
+    from scmc.ir import Instance, Node
 
 STEP_KEYS = ("INPUTS", "OUTPUTS", "NAME", "LAYER")
 PACKAGE_KEY = "PACKAGE"  # scmc: default loss/metric/backward/data presets of a model template
@@ -73,3 +78,59 @@ def error_at(code: str, message: str, span: Span | None, hint: str = "") -> Comp
     build's :class:`~scmc.diagnostics.Diagnostics` with ``diags.error(...)`` instead.
     """
     return CompileError([Diagnostic(code, message, span, hint)])
+
+
+class LowererBase:
+    """What one build part's lowering holds; set by :meth:`Lowerer.__init__ <scmc.lower.lowerer.Lowerer>`.
+
+    Each part of the Lowerer (one class per concern: graphs, steps, layers, user layers,
+    signatures, files) derives from it. Besides the state it declares, for the type checker, the
+    methods one part calls on another; each is implemented by the part named in its comment.
+    """
+
+    options: Options
+    diags: Diagnostics
+    instances: int  # user-layer instances lowered so far (--max-instances)
+    layers: int  # layers lowered so far (--max-instances)
+    templates: dict[Path, Source]  # CFG-included templates, by resolved path
+    cfg_roots: tuple[Path, ...]  # where CFG may read: the root template's folder + --allow-cfg-dir
+    files: dict[str, Path]  # `_file_` modules: stem -> path
+
+    if TYPE_CHECKING:  # implemented by the parts named in each comment
+
+        # GraphLowering
+        def _lower_graph(
+            self,
+            raw: LDict,
+            scope: Scope,
+            params: Parameters,
+            template: str,
+            class_hint: str,
+            is_root: bool,
+            use_span: Span | None = None,
+        ) -> Instance: ...
+
+        # StepLowering
+        def _flow(self, graph: LDict, key: str, ctx: GraphContext) -> list[Node]: ...
+
+        def _expr(self, text: str, span: Span, imports: dict[str, str], flow: bool) -> X.Expr: ...
+
+        # LayerLowering
+        def _layer(self, raw: Any, span: Span, ctx: GraphContext, name: str | None) -> ChildInst: ...
+
+        # UserLayers
+        def _user_child(self, spec: LDict, scope: Scope, params: Parameters, span: Span) -> Instance: ...
+
+        # SignatureChecks
+        def _check_constructs(self, obj: Any, address: str, args: tuple, kwargs: dict, span: Span) -> None: ...
+
+        def _check_signature(
+            self, obj: Any, address: str, args: tuple, kwargs: dict, span: Span, partial: bool
+        ) -> None: ...
+
+        # TemplateFiles
+        def _resolve_cfg(self, cfg: str, source: Source, span: Span) -> Path: ...
+
+        def _read(self, path: Path) -> Source: ...
+
+        def _file_module(self, file: Any, span: Span, folder: Path | None) -> str: ...

@@ -7,7 +7,7 @@ from typing import Any
 
 from scmc.diagnostics import Span
 from scmc.load import Source, read_template
-from scmc.lower.common import error_at
+from scmc.lower.common import LowererBase, error_at
 from scmc.names import is_name
 
 
@@ -29,7 +29,7 @@ def cfg_roots(source: Source, allowed: tuple[Path, ...] = ()) -> tuple[Path, ...
     return (source.directory.resolve(), *(Path(d).resolve() for d in allowed))
 
 
-class TemplateFiles:
+class TemplateFiles(LowererBase):
     """The files a template reads: CFG templates (inside the allowed folders) and `_file_` modules.
 
     A part of :class:`~scmc.lower.lowerer.Lowerer`.

@@ -6,9 +6,9 @@ from typing import Any
 
 from scmc.addresses import AddressError, check_address, resolve
 from scmc.diagnostics import CompileError, Span, did_you_mean
-from scmc.ir import ChildInst, INPUT_DTYPES, Instance, Node, node_reads, out_names
+from scmc.ir import INPUT_DTYPES, ChildInst, Instance, Node, node_reads, out_names
 from scmc.load import LAYER_GRAPH_KEYS, LDict, LList, Parameters, expand
-from scmc.lower.common import GraphContext, Scope, error_at
+from scmc.lower.common import GraphContext, LowererBase, Scope, error_at
 from scmc.lower.naming import auto_name
 from scmc.names import is_name
 
@@ -33,7 +33,7 @@ def _first_reads(flow: list[Node]) -> list[str]:
     return reads
 
 
-class GraphLowering:
+class GraphLowering(LowererBase):
     """A layer graph -> an Instance: its keys, IMPORTS, INPUTS/OUTPUTS, INPUT_SHAPES and data flow.
 
     A part of :class:`~scmc.lower.lowerer.Lowerer`.

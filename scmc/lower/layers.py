@@ -10,7 +10,7 @@ from scmc.addresses import AddressError, check_address, resolve
 from scmc.diagnostics import Span, did_you_mean
 from scmc.ir import ChildInst, Ctor, Ref
 from scmc.load import LDict, plain
-from scmc.lower.common import PATTERN_KEYS, USER_LAYER_KEYS, GraphContext, _meta_device, error_at
+from scmc.lower.common import PATTERN_KEYS, USER_LAYER_KEYS, GraphContext, LowererBase, _meta_device, error_at
 from scmc.names import is_name
 
 
@@ -30,14 +30,14 @@ def _as_value(value: Any, expr: X.Expr, span: Span) -> Any:
     )
 
 
-class LayerLowering:
+class LayerLowering(LowererBase):
     """LAYER values: `_obj_` patterns and their constructor arguments.
 
     A part of :class:`~scmc.lower.lowerer.Lowerer`.
     """
 
     def _layer(self, raw: Any, span: Span, ctx: GraphContext, name: str | None) -> ChildInst:
-        if isinstance(raw, dict) and any(k in raw for k in USER_LAYER_KEYS):
+        if isinstance(raw, LDict) and any(k in raw for k in USER_LAYER_KEYS):  # every loaded mapping is one
             inst = self._user_child(raw, ctx.scope, ctx.params, span)
             return ChildInst(name or "", "user", instance=inst, span=span, name_given=name is not None)
         if isinstance(raw, list) and raw and raw[0] == "_obj_":
@@ -199,7 +199,6 @@ class LayerLowering:
                 if call is None:
 
                     return Ctor("functools.partial", (Ref(address), *bind_args), tuple(bind_kwargs.items()))
-                import torch
                 from torch.nn.modules.lazy import LazyModuleMixin
 
                 if inspect.isclass(obj) and issubclass(obj, LazyModuleMixin):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 from scmc.diagnostics import Diagnostics
 from scmc.ir import Instance
 from scmc.load import Parameters, Source
@@ -35,7 +36,7 @@ class Lowerer(UserLayers, GraphLowering, StepLowering, LayerLowering, SignatureC
 
     def lower_root(self, source: Source, params: Parameters, classname: str, sublayer: str | None = None) -> Instance:
         self.cfg_roots = cfg_roots(source, self.options.cfg_dirs)
-        scope = Scope(source, {k: (v, None) for k, v in user_layer_defs(source.data, self.diags, source).items()})
+        scope = Scope(source, {k: (v, None) for k, v in user_layer_defs(source.data, self.diags).items()})
         for key in scope.layers:
             scope.layers[key] = (scope.layers[key][0], scope)
         if sublayer:

@@ -29,6 +29,7 @@ def auto_name(children: list[ChildInst]) -> None:
         if child.kind == "user":
             base = to_snake(child.instance.class_hint if child.instance else "layer")
         else:
+            assert child.ctor is not None  # module and function children are built by a constructor
             last = child.ctor.address.split(".")[-1]
             if last.startswith("Lazy") and len(last) > 4:
                 last = last[4:]

@@ -9,10 +9,10 @@ from typing import Any
 import scmc.expr as X
 from scmc.addresses import AddressError
 from scmc.diagnostics import Span, did_you_mean
-from scmc.lower.common import error_at
+from scmc.lower.common import LowererBase, error_at
 
 
-class SignatureChecks:
+class SignatureChecks(LowererBase):
     """Constructor and call signatures, checked at build time (the meta device).
 
     A part of :class:`~scmc.lower.lowerer.Lowerer`.

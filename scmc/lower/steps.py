@@ -8,7 +8,7 @@ import scmc.expr as X
 from scmc.diagnostics import CompileError, Span, did_you_mean
 from scmc.ir import Arg, ChildInst, Const, ExprArg, Index, Instance, ListArg, Node, Var
 from scmc.load import LDict, LList
-from scmc.lower.common import MAX_CONSTANT_DEPTH, GraphContext, _meta_device, error_at
+from scmc.lower.common import MAX_CONSTANT_DEPTH, GraphContext, LowererBase, _meta_device, error_at
 from scmc.lower.grammar import StepForm, check_layer_name, defined_name, nesting_depth, step_form, step_outputs
 from scmc.names import is_name
 
@@ -39,7 +39,7 @@ def _check_user_call(inst: Instance, args: list, kwargs: list, span: Span) -> No
         )
 
 
-class StepLowering:
+class StepLowering(LowererBase):
     """FLOW steps -> Nodes: the step forms, their inputs (flow names, `eval:`, `constant:`) and outputs.
 
     A part of :class:`~scmc.lower.lowerer.Lowerer`.
@@ -118,9 +118,7 @@ class StepLowering:
         return child
 
     def _step_node(self, form: StepForm, child: ChildInst | None, span: Span, ctx: GraphContext) -> Node:
-        args, kwargs = self._inputs(
-            form.inputs, span, ctx.imports, layer_is_function=child is not None and child.kind == "function"
-        )
+        args, kwargs = self._inputs(form.inputs, span, ctx.imports)
         out = step_outputs(form.outputs, span)
         if child is None:
             if kwargs or len(args) != 1:
@@ -134,21 +132,19 @@ class StepLowering:
             _check_user_call(child.instance, args, kwargs, span)
         return Node(str(id(child)) if child is not None else None, tuple(args), tuple(kwargs), out, span)
 
-    def _inputs(
-        self, raw: Any, span: Span, imports: dict[str, str], layer_is_function: bool
-    ) -> tuple[list[Arg], list[tuple[str, Arg]]]:
+    def _inputs(self, raw: Any, span: Span, imports: dict[str, str]) -> tuple[list[Arg], list[tuple[str, Arg]]]:
         if isinstance(raw, dict):
             kwargs = []
             for k, v in raw.items():
                 if not is_name(k):
                     raise error_at("E0732", f"keyword `{k}` is not a valid Python identifier", span)
-                kwargs.append((k, self._arg(v, span, imports, top=True)))
+                kwargs.append((k, self._arg(v, span, imports)))
             return [], kwargs
         if isinstance(raw, list):
-            return [self._arg(v, span, imports, top=True) for v in raw], []
-        return [self._arg(raw, span, imports, top=True)], []
+            return [self._arg(v, span, imports) for v in raw], []
+        return [self._arg(raw, span, imports)], []
 
-    def _arg(self, raw: Any, span: Span, imports: dict[str, str], top: bool = False) -> Arg:
+    def _arg(self, raw: Any, span: Span, imports: dict[str, str]) -> Arg:
         if isinstance(raw, list):
             return ListArg(tuple(self._arg(v, span, imports) for v in raw))
         if isinstance(raw, str):

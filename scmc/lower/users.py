@@ -7,8 +7,8 @@ from typing import Any
 
 from scmc.diagnostics import CompileError, Diagnostics, Span, did_you_mean
 from scmc.ir import Instance
-from scmc.load import JINJA_KEYS, LAYER_GRAPH_KEYS, LDict, Parameters, Source, plain
-from scmc.lower.common import PACKAGE_KEY, Scope, USER_LAYER_KEYS, error_at
+from scmc.load import JINJA_KEYS, LAYER_GRAPH_KEYS, LDict, Parameters, plain
+from scmc.lower.common import PACKAGE_KEY, USER_LAYER_KEYS, LowererBase, Scope, error_at
 from scmc.lower.naming import to_pascal
 from scmc.names import is_name
 
@@ -21,7 +21,7 @@ def graph_keys(data: LDict) -> LDict:
     return graph
 
 
-def user_layer_defs(data: LDict, diags: Diagnostics, source: Source) -> dict[str, LDict]:
+def user_layer_defs(data: LDict, diags: Diagnostics) -> dict[str, LDict]:
     """The user layers a mapping defines: every key that is not a layer-graph key."""
     out: dict[str, LDict] = {}
     for key, value in data.items():
@@ -30,7 +30,7 @@ def user_layer_defs(data: LDict, diags: Diagnostics, source: Source) -> dict[str
         if not isinstance(key, str) or not is_name(key):
             diags.error("E0760", f"user layer name `{key}` is not a valid Python identifier", data.key_span(key))
             continue
-        if not isinstance(value, dict):
+        if not isinstance(value, LDict):  # the loader reads every mapping as an LDict
             hint = did_you_mean(key, LAYER_GRAPH_KEYS)
             diags.error(
                 "E0761",
@@ -48,7 +48,7 @@ def user_layer_defs(data: LDict, diags: Diagnostics, source: Source) -> dict[str
     return out
 
 
-class UserLayers:
+class UserLayers(LowererBase):
     """User layers: TYPE lookups through the scopes, CFG includes, and their instances.
 
     A part of :class:`~scmc.lower.lowerer.Lowerer`.
@@ -63,7 +63,7 @@ class UserLayers:
         if not rest:
             return definition, def_scope
         inner = Scope(def_scope.source, dict(def_scope.layers), def_scope.chain)
-        for key, value in user_layer_defs(definition, self.diags, def_scope.source).items():
+        for key, value in user_layer_defs(definition, self.diags).items():
             inner.layers[key] = (value, inner)
         return self._find_layer(rest, inner, span)
 
@@ -96,7 +96,7 @@ class UserLayers:
         )
         merged = own.merge(params)
         inner = Scope(scope.source, dict(scope.layers), (*scope.chain, key))
-        for name, value in user_layer_defs(definition, self.diags, scope.source).items():
+        for name, value in user_layer_defs(definition, self.diags).items():
             inner.layers[name] = (value, inner)
         inst = self._lower_graph(
             graph_keys(definition), inner, merged, template=key, class_hint=class_hint, is_root=is_root, use_span=span
@@ -153,7 +153,7 @@ class UserLayers:
         path = self._resolve_cfg(cfg, scope.source, spec.value_span("CFG"))
         other = self._read(path)
         other_scope = Scope(other, {}, scope.chain)
-        for name, value in user_layer_defs(other.data, self.diags, other).items():
+        for name, value in user_layer_defs(other.data, self.diags).items():
             other_scope.layers[name] = (value, other_scope)
         own = Parameters.from_raw(other.data.get("PARAMETERS"), other.data.span, self.diags)
         hint = to_pascal(Path(cfg).stem)

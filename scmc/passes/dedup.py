@@ -15,7 +15,6 @@ from typing import Any
 
 from scmc.ir import (
     Child,
-    ChildInst,
     Ctor,
     Instance,
     ModuleDef,
@@ -144,7 +143,7 @@ class Deduplicator:
         group.members.append(inst)
         self.group_of[id(inst)] = group
         self.leaf_values[id(inst)] = values
-        self.leaf_labels[id(inst)] = [f"{l}" for l in labels]
+        self.leaf_labels[id(inst)] = [f"{label}" for label in labels]
         return group
 
     # phase 2: constants -> literals or parameters
@@ -192,20 +191,21 @@ class Deduplicator:
                 continue
             choice: Any = None
             for key in candidates:
-                if all(key in m.params and _same(m.params[key], v) for m, v in zip(group.members, column)):
+                if all(key in m.params and _same(m.params[key], v) for m, v in zip(group.members, column, strict=True)):
                     choice = Param(key)
                     break
             if choice is None and all(isinstance(v, int) and not isinstance(v, bool) for v in column):
                 for key in candidates:
-                    base = [m.params.get(key) for m in group.members]
-                    if all(isinstance(b, int) and not isinstance(b, bool) and b != 0 for b in base):
-                        factor = column[0] // base[0] if base[0] else 0
-                        if factor > 1 and all(b * factor == v for b, v in zip(base, column)):
+                    given = [m.params.get(key) for m in group.members]
+                    ints = [b for b in given if isinstance(b, int) and not isinstance(b, bool) and b != 0]
+                    if len(ints) == len(given):
+                        factor = column[0] // ints[0]
+                        if factor > 1 and all(b * factor == v for b, v in zip(ints, column, strict=True)):
                             choice = ParamExpr(f"{key} * {factor}", (key,))
                             break
             if choice is None:
                 for name, vals in lifted_values.items():
-                    if all(_same(a, b) for a, b in zip(vals, column)):
+                    if all(_same(a, b) for a, b in zip(vals, column, strict=True)):
                         choice = Param(name)
                         break
             if choice is None:

@@ -13,7 +13,7 @@ import warnings
 from typing import Any
 
 from scmc.addresses import AddressError, AllowList
-from scmc.diagnostics import CompileError, Diagnostic, Span
+from scmc.diagnostics import CompileError, Diagnostic
 from scmc.expr import ExprError
 from scmc.ir import ChildInst, Ctor, Instance
 
@@ -41,7 +41,11 @@ def _output_shapes(root: Instance, result: Any) -> dict[str, tuple[int, ...]]:
         values = [result]
     else:
         values = list(result) if isinstance(result, (tuple, list)) else []
-    return {n: tuple(int(d) for d in v.shape[1:]) for n, v in zip(root.outputs, values) if isinstance(v, torch.Tensor)}
+    return {
+        n: tuple(int(d) for d in v.shape[1:])
+        for n, v in zip(root.outputs, values, strict=False)
+        if isinstance(v, torch.Tensor)
+    }
 
 
 def _dtype(name: str):
@@ -52,16 +56,17 @@ def _dtype(name: str):
 
 def materialize(root: Instance, allow: AllowList) -> None:
     import torch
+    from scmc_runtime.layers import concrete_constructor
     from torch.utils import flop_counter
 
     from scmc.interp import GraphModule, StepFailed, build_instance
-    from scmc_runtime.layers import concrete_constructor
 
     lazies = lazy_children(root)
     shapes = root.input_shapes
     if not shapes:
         if lazies:
             first = lazies[0]
+            assert first.ctor is not None  # a lazy layer is built by a constructor
             raise CompileError(
                 [
                     Diagnostic(
@@ -130,6 +135,7 @@ def materialize(root: Instance, allow: AllowList) -> None:
     for child, module, cls in record.values():
         if not child.lazy:
             continue
+        assert child.ctor is not None  # a lazy layer is built by a constructor
         try:
             spec = concrete_constructor(module, cls)
         except RuntimeError:
