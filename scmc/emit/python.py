@@ -51,6 +51,62 @@ RESERVED = (
 LINE_LENGTH = 100
 
 
+# Stateless library layers that hand-written code spells as an operator or a tensor method: a step
+# through one of them is emitted inline (`inp + residual`, `x.permute(0, 2, 3, 1)`) and the layer
+# gets no attribute. They hold no parameters or buffers, so the state_dict keys stay the same.
+OPERATORS = {"scmc_runtime.layers.Add": " + ", "scmc_runtime.layers.Multiply": " * "}
+PERMUTE = "scmc_runtime.layers.Permute"
+CONCATENATE = ("scmc_runtime.layers.Concatenate", "scmc_runtime.layers.Concat")
+
+
+def _concat_dim(ctor: Ctor) -> int | None:
+    dim = ctor.kwarg("dim", ctor.args[0] if len(ctor.args) == 1 else -1)
+    return dim if len(ctor.args) + len(ctor.kwargs) <= 1 and type(dim) is int else None
+
+
+def _permute_dims(ctor: Ctor) -> tuple[int, ...] | None:
+    dims = ctor.kwarg("dims", ctor.args[0] if len(ctor.args) == 1 else None)
+    if len(ctor.args) + len(ctor.kwargs) != 1 or not isinstance(dims, (tuple, list)):
+        return None
+    return tuple(dims) if all(type(d) is int for d in dims) else None
+
+
+def _inline_step(child: Child, node: Node) -> bool:
+    """Whether NODE, a call of CHILD, is emitted as an operator expression instead of a layer call."""
+    if child.kind != "module" or node.kwargs or len(node.args) != 1 or not isinstance(node.out, OutName):
+        return False
+    if child.ctor.address in OPERATORS:
+        arg = node.args[0]
+        return not child.ctor.args and not child.ctor.kwargs and isinstance(arg, ListArg) and bool(arg.items)
+    if child.ctor.address == PERMUTE:
+        return _permute_dims(child.ctor) is not None and not isinstance(node.args[0], ListArg)
+    if child.ctor.address in CONCATENATE:
+        return _concat_dim(child.ctor) is not None
+    return False
+
+
+def inline_children(mdef: ModuleDef) -> set[str]:
+    """Attributes of MDEF whose every call is emitted inline: no `self.attr = ...` for them."""
+    calls: dict[str, list[Node]] = {}
+    for graph in (mdef.flow, mdef.inference or ()):
+        for node in graph:
+            if node.layer is not None:
+                calls.setdefault(node.layer, []).append(node)
+    return {c.attr for c in mdef.children if c.attr in calls and all(_inline_step(c, node) for node in calls[c.attr])}
+
+
+def _operand(text: str, receiver: bool = False) -> str:
+    """TEXT as an operand of `+`/`*` (or, RECEIVER, of a method call), parenthesized only if needed."""
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError:  # pragma: no cover - every emitted argument parses
+        return f"({text})"
+    atoms: tuple[type, ...] = (ast.Name, ast.Attribute, ast.Subscript, ast.Call, ast.List)
+    if isinstance(tree, atoms) or (not receiver and isinstance(tree, ast.Constant)):
+        return text
+    return f"({text})"
+
+
 class EmitError(Exception):
     """Something the emitter cannot express: a bug in scmc (internal compiler error)."""
 
@@ -122,6 +178,7 @@ class ModuleEmitter:
         self.program = program
         self.reserved = set(RESERVED) | set(reserved)  # + the modules the file imports
         self.children = {c.attr: c for c in mdef.children}
+        self.inline = inline_children(mdef)
         self.names: dict[str, str] = {}
         used = set(self.reserved) | {c.attr for c in mdef.children} | {p for p, _ in mdef.params}
         for graph in (mdef.flow, mdef.inference or ()):
@@ -188,6 +245,8 @@ class ModuleEmitter:
         kwargs = [f"{k}={self.arg(v)}" for k, v in node.kwargs]
         if node.layer is None:
             call = args[0]
+        elif node.layer in self.inline:
+            call = self.inline_call(self.children[node.layer], node.args[0])
         else:
             child = self.children[node.layer]
             if child.kind == "function":
@@ -208,6 +267,15 @@ class ModuleEmitter:
                 lines.append(f"{self.names[name]} = {temp}[{key!r}]")
             return lines
         return [f"{self.target(node.out)} = {call}"]
+
+    def inline_call(self, child: Child, arg: Arg) -> str:
+        if child.ctor.address == PERMUTE:
+            dims = ", ".join(str(d) for d in (0, *(_permute_dims(child.ctor) or ())))
+            return f"{_operand(self.arg(arg), receiver=True)}.permute({dims})"
+        if child.ctor.address in CONCATENATE:
+            return f"torch.cat({self.arg(arg)}, dim={_concat_dim(child.ctor)})"
+        assert isinstance(arg, ListArg)
+        return OPERATORS[child.ctor.address].join(_operand(self.arg(item)) for item in arg.items)
 
     def graph(self, nodes: Iterable[Node]) -> list[str]:
         lines: list[str] = []
@@ -243,7 +311,7 @@ class ModuleEmitter:
         lines.append(f"    def __init__(self{params}) -> None:")
         lines.append("        super().__init__()")
         for child in m.children:
-            if child.kind == "function":
+            if child.kind == "function" or child.attr in self.inline:
                 continue
             lines.append(f"        self.{child.attr} = {literal(child.ctor)}")
         lines.append("")
@@ -346,7 +414,10 @@ def imports_of(program: Program) -> list[str]:
             modules.append(module)
 
     for m in program.modules:
+        inline = inline_children(m)
         for child in m.children:
+            if child.attr in inline:
+                continue
             if child.kind == "user":
                 for _, v in child.ctor.kwargs:
                     for a in addresses_in(v):

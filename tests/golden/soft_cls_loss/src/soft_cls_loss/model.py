@@ -5,7 +5,6 @@
 from typing import Dict
 
 import torch
-import scmc_runtime.layers
 import timm.layers.grn
 
 __all__ = ["Model"]
@@ -16,14 +15,12 @@ class LayerNorm2d(torch.nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.to_channels_last = scmc_runtime.layers.Permute(dims=(2, 3, 1))
         self.norm = timm.layers.LayerNorm(num_channels=channels, eps=1e-06)
-        self.to_channels_first = scmc_runtime.layers.Permute(dims=(3, 1, 2))
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        x = self.to_channels_last(inp)
+        x = inp.permute(0, 2, 3, 1)
         x = self.norm(x)
-        out = self.to_channels_first(x)
+        out = x.permute(0, 3, 1, 2)
         return out
 
 
@@ -64,27 +61,24 @@ class Block(torch.nn.Module):
         self.conv_dw = torch.nn.Conv2d(
             in_channels=fout, out_channels=fout, kernel_size=7, padding=3, groups=fout
         )
-        self.to_channels_last = scmc_runtime.layers.Permute(dims=(2, 3, 1))
         self.norm = timm.layers.LayerNorm(num_channels=fout, eps=1e-06)
         self.fc1 = torch.nn.Linear(in_features=fout, out_features=fout * 4, bias=True)
         self.act = timm.layers.GELU()
         self.grn = timm.layers.grn.GlobalResponseNorm(dim=fout * 4, eps=1e-06, channels_last=True)
         self.fc2 = torch.nn.Linear(in_features=fout * 4, out_features=fout, bias=True)
-        self.to_channels_first = scmc_runtime.layers.Permute(dims=(3, 1, 2))
         self.drop_path = DropPath()
-        self.add = scmc_runtime.layers.Add()
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
         x = self.conv_dw(inp)
-        x = self.to_channels_last(x)
+        x = x.permute(0, 2, 3, 1)
         x = self.norm(x)
         x = self.fc1(x)
         x = self.act(x)
         x = self.grn(x)
         x = self.fc2(x)
-        x = self.to_channels_first(x)
+        x = x.permute(0, 3, 1, 2)
         residual = self.drop_path(x)
-        out = self.add([inp, residual])
+        out = inp + residual
         return out
 
 

@@ -1,0 +1,100 @@
+"""The generated model.py reads like hand-written PyTorch (timm's convnext.py side by side):
+operators and tensor methods for stateless steps, `nn.Identity` for a zero drop rate, ..."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from scmc.build import BuildRequest, Part, plan_package
+
+GOLDEN = Path(__file__).parent / "golden" / "convnextv2_femto" / "src" / "convnextv2_femto" / "model.py"
+
+
+def compiled(tmp_path: Path, text: str) -> str:
+    """model.py compiled from the template TEXT (written to tmp_path/t.yaml)."""
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    request = BuildRequest(parts=[Part("model", path, "Model")], params=[], presets=False)
+    plan = plan_package(request)
+    return next(data.decode() for name, data in plan.files.items() if name.endswith("/model.py"))
+
+
+def run(source: str, where: Path, training: bool = False) -> torch.nn.Module:
+    """Model() of SOURCE, imported from a file in WHERE (TorchScript reads the source back)."""
+    import importlib.util
+
+    path = where / f"generated_{abs(hash(source))}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # our own output under test
+    return module.Model().train(training)
+
+
+def layer(name: str, kwargs: str = "") -> str:
+    call = f"{{_call_: {{{kwargs}}}}}" if kwargs else "_call_"
+    return f"[_obj_, {{_addr_: structcast_model.torch.layers.{name}}}, {call}]"
+
+
+OPS = f"""
+INPUTS: [a, b]
+OUTPUTS: [out]
+INPUT_SHAPES: {{a: [2, 3, 4], b: [2, 3, 4]}}
+FLOW:
+  - [[[a, b]], s, add, {layer("Add")}]
+  - [[[s, b, a]], p, mul, {layer("Multiply")}]
+  - [p, q, to_last, {layer("ToChannelLast")}]
+  - [[[q, q]], c, cat, {layer("Concatenate", "dim: 1")}]
+  - [c, out, to_first, {layer("ToChannelFirst")}]
+"""
+
+
+def test_stateless_steps_are_operators_and_tensor_methods_without_attributes(tmp_path: Path) -> None:
+    source = compiled(tmp_path, OPS)
+    assert "s = a + b" in source
+    assert "p = s * b * a" in source
+    assert "q = p.permute(0, 2, 3, 1)" in source
+    assert "c = torch.cat([q, q], dim=1)" in source
+    assert "out = c.permute(0, 3, 1, 2)" in source
+    assert "scmc_runtime" not in source  # no layer object left, so no import of the runtime layers
+    a, b = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    model = run(source, tmp_path)
+    assert list(model.state_dict()) == [] and list(model.children()) == []
+    q = ((a + b) * b * a).permute(0, 2, 3, 1)
+    assert torch.equal(model(a, b), torch.cat([q, q], dim=1).permute(0, 3, 1, 2))
+    assert torch.equal(torch.jit.script(model)(a, b), model(a, b))
+
+
+def test_a_list_value_or_an_expression_operand_keeps_the_meaning(tmp_path: Path) -> None:
+    text = f"""
+INPUTS: [a, b]
+OUTPUTS: [out, t]
+INPUT_SHAPES: {{a: [4], b: [4]}}
+FLOW:
+  - [[[a, b]], pair]
+  - [[pair], s, add, {layer("Add")}]
+  - [[["eval: a - b", b]], t, mul, {layer("Multiply")}]
+  - [[[s, t]], out, add]
+"""
+    source = compiled(tmp_path, text)
+    # a list held in a name: the layer stays (called twice, so both calls keep it)
+    assert "self.add = scmc_runtime.layers.Add()" in source
+    assert "s = self.add(pair)" in source and "out = self.add([s, t])" in source
+    assert "t = (a - b) * b" in source
+    a, b = torch.randn(2, 4), torch.randn(2, 4)
+    out, t = run(source, tmp_path)(a, b)
+    assert torch.equal(t, (a - b) * b) and torch.equal(out, a + b + t)
+
+
+def test_the_femto_golden_has_no_operator_layers_and_timms_state_dict_keys(tmp_path: Path) -> None:
+    source = GOLDEN.read_text()
+    assert "out = inp + residual" in source and "x = x.permute(0, 2, 3, 1)" in source
+    assert "Permute(" not in source and "Add(" not in source and "scmc_runtime" not in source
+    model = run(source, tmp_path)
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        reference = timm.create_model("convnextv2_femto", pretrained=False, num_classes=10)
+    assert len(model.state_dict()) == len(reference.state_dict())
