@@ -5,7 +5,6 @@
 from typing import Dict
 
 import torch
-import scmc_runtime.layers
 
 __all__ = ["Model"]
 
@@ -29,7 +28,6 @@ class Model(torch.nn.Module):
         self.flatten = torch.nn.Flatten()
         self.tab_fc = torch.nn.Linear(in_features=4, out_features=32)
         self.tab_act = torch.nn.GELU()
-        self.concat = scmc_runtime.layers.Concatenate(dim=1)
         self.fuse = torch.nn.Linear(in_features=64, out_features=64)
         self.fuse_act = torch.nn.GELU()
         self.cls_head = torch.nn.Linear(in_features=64, out_features=10)
@@ -46,7 +44,7 @@ class Model(torch.nn.Module):
         image_features = self.flatten(x)
         x = self.tab_fc(tabular)
         tabular_features = self.tab_act(x)
-        x = self.concat([image_features, tabular_features])
+        x = torch.cat([image_features, tabular_features], dim=1)
         x = self.fuse(x)
         fused = self.fuse_act(x)
         cls = self.cls_head(fused)
