@@ -244,6 +244,7 @@ def compile_part(
     from scmc.link import Compiled
     from scmc.lower import Lowerer, Options
     from scmc.passes.dedup import deduplicate
+    from scmc.passes.identity import identities
     from scmc.passes.materialize import materialize
 
     diags = Diagnostics()
@@ -292,6 +293,7 @@ def compile_part(
     program = deduplicate(
         root, part.classname, reserved=set(RESERVED)
     )  # a user layer `List` must not shadow typing.List
+    program = identities(program)  # zero-rate dropouts (and layers left doing nothing) as torch.nn.Identity()
     try:
         verify(program)
     except Exception as exc:

@@ -98,3 +98,60 @@ def test_the_femto_golden_has_no_operator_layers_and_timms_state_dict_keys(tmp_p
     with torch.device("meta"):
         reference = timm.create_model("convnextv2_femto", pretrained=False, num_classes=10)
     assert len(model.state_dict()) == len(reference.state_dict())
+
+
+def drop(rate: float) -> str:
+    return f"[_obj_, {{_addr_: timm.layers.DropPath}}, {{_call_: {{drop_prob: {rate}}}}}]"
+
+
+PATH_DROP = drop("{{ rate }}")  # a Jinja expression: the rate is the layer's PARAM
+DROPS = f"""
+INPUTS: [x]
+OUTPUTS: [out]
+INPUT_SHAPES: {{x: [4]}}
+FLOW:
+  - [x, a, path0, {{TYPE: Path, PARAM: {{DEFAULT: {{rate: 0.0}}}}}}]
+  - [a, b, dropout, [_obj_, {{_addr_: torch.nn.Dropout}}, {{_call_: {{p: 0.0}}}}]]
+  - [b, c, kept, [_obj_, {{_addr_: torch.nn.Dropout}}, {{_call_: {{p: 0.5}}}}]]
+  - [c, out, fc, [_obj_, {{_addr_: torch.nn.Linear}}, {{_call_: {{in_features: 4, out_features: 4}}}}]]
+
+# stochastic depth while training; the identity at inference
+Path:
+  _jinja_yaml_: |-
+    FLOW: [[inp, out, drop, {PATH_DROP}]]
+  INFERENCE_FLOW: [[inp, out]]
+"""
+
+
+def test_a_zero_rate_dropout_is_an_identity_and_a_layer_that_does_nothing_goes(tmp_path: Path) -> None:
+    source = compiled(tmp_path, DROPS)
+    assert "self.path0 = torch.nn.Identity()" in source
+    assert "self.dropout = torch.nn.Identity()" in source
+    assert "self.kept = torch.nn.Dropout(p=0.5)" in source
+    assert "class Path" not in source  # the wrapper only dropped with rate 0: nothing left to define
+    model = run(source, tmp_path)
+    assert list(model.state_dict()) == ["fc.weight", "fc.bias"]
+    x = torch.randn(3, 4)
+    assert torch.equal(model(x), model.fc(x))
+
+
+def test_a_nonzero_rate_keeps_the_drop_path_layer(tmp_path: Path) -> None:
+    source = compiled(tmp_path, DROPS.replace("rate: 0.0", "rate: 0.25"))
+    assert "class Path(torch.nn.Module):" in source
+    assert "timm.layers.DropPath(drop_prob=0.25)" in source and "self.path0 = Path()" in source
+
+
+def test_a_class_with_nothing_to_construct_has_no_init_and_annotations_are_builtin_generics(tmp_path: Path) -> None:
+    source = compiled(tmp_path, OPS.replace("OUTPUTS: [out]", "OUTPUTS: [out, s]\nSTRUCTURED_OUTPUT: true"))
+    assert "def __init__" not in source and "super()" not in source
+    assert "-> dict[str, torch.Tensor]:" in source
+    assert "typing" not in source and "Dict" not in source
+
+
+def test_the_femto_golden_reads_like_timms_convnext() -> None:
+    source = GOLDEN.read_text()
+    assert "self.drop_path = torch.nn.Identity()" in source and "class DropPath" not in source
+    assert "import timm.layers\nimport timm.layers.grn\n" in source  # each module as the code spells it
+    assert "from typing" not in source and "-> dict[str, torch.Tensor]:" in source
+    body = source.split("class ")[1:]
+    assert all("def __init__(self) -> None:\n        super().__init__()\n\n" not in c for c in body)

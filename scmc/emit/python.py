@@ -168,8 +168,7 @@ def addresses_in(value: Any) -> Iterable[str]:
 def annotation(observed: str | None) -> str:
     if not observed or observed == "torch.Tensor":
         return "torch.Tensor"
-    text = observed.replace("list[", "List[").replace("dict[", "Dict[").replace("tuple[", "Tuple[")
-    return text
+    return observed  # builtin generics (`dict[str, torch.Tensor]`), as TorchScript reads them
 
 
 class ModuleEmitter:
@@ -292,10 +291,10 @@ class ModuleEmitter:
             value_types = set(out_types)
             value = out_types[0] if len(value_types) == 1 else "Any"
             body = "{" + ", ".join(f"{o!r}: {n}" for o, n in zip(self.m.outputs, outs)) + "}"
-            return f"Dict[str, {value}]", body
+            return f"dict[str, {value}]", body
         if len(outs) == 1:
             return out_types[0], outs[0]
-        return f"Tuple[{', '.join(out_types)}]", ", ".join(outs)
+        return f"tuple[{', '.join(out_types)}]", ", ".join(outs)
 
     # ---------------------------------------------------------------- class
 
@@ -308,13 +307,16 @@ class ModuleEmitter:
             lines.append(f"    {_docstring(doc)}")
             lines.append("")
         params = "".join(f", {n}: {t}" for n, t in m.params)
-        lines.append(f"    def __init__(self{params}) -> None:")
-        lines.append("        super().__init__()")
-        for child in m.children:
-            if child.kind == "function" or child.attr in self.inline:
-                continue
-            lines.append(f"        self.{child.attr} = {literal(child.ctor)}")
-        lines.append("")
+        attributes = [
+            f"        self.{child.attr} = {literal(child.ctor)}"
+            for child in m.children
+            if child.kind != "function" and child.attr not in self.inline
+        ]
+        if attributes or m.params:  # no `__init__` that only calls super
+            lines.append(f"    def __init__(self{params}) -> None:")
+            lines.append("        super().__init__()")
+            lines.extend(attributes)
+            lines.append("")
         types = dict(m.types)
         sig = "".join(f", {self.names[i]}: {annotation(types.get(i))}" for i in m.inputs)
         ret_type, ret_value = self.returns()
@@ -446,18 +448,13 @@ def _expr_addresses(arg: Arg) -> Iterable[str]:
 
 
 def minimal_imports(modules: list[str]) -> list[str]:
-    """`import` lines needed: drop a module another import already loads (`timm.layers` under
-    `timm.layers.grn`, `torch.nn` under `torch`), torch first, then sorted."""
-    unique = sorted(set(modules))
-    keep = []
-    for module in unique:
-        if module.startswith(FILE_PACKAGE):
-            keep.append(module)
-            continue
-        if module.startswith("torch.nn") or module == "torch.nn":
+    """`import` lines needed, each module as the code spells it (`import timm.layers` for
+    `timm.layers.LayerNorm` beside `import timm.layers.grn` for `timm.layers.grn.GlobalResponseNorm`);
+    `torch.nn...` comes with `import torch`; torch first, then sorted."""
+    keep: list[str] = []
+    for module in sorted(set(modules)):
+        if not module.startswith(FILE_PACKAGE) and (module == "torch" or module.startswith("torch.nn")):
             module = "torch"
-        if any(other != module and other.startswith(module + ".") for other in unique) and module != "torch":
-            continue
         if module not in keep:
             keep.append(module)
     return sorted(keep, key=lambda name: (name != "torch", name))
@@ -471,7 +468,7 @@ def emit_module_file(program: Program, header: list[str], docstring: str) -> str
     program = safe_parameter_names(program, taken)
     classes = [ModuleEmitter(mdef, program, taken).emit() for mdef in program.modules]
     body = "\n\n".join(classes)
-    typing_names = [n for n in ("Any", "Dict", "List", "Tuple") if re.search(rf"\b{n}\[|\b{n}\b(?!\()", body)]
+    typing_names = [n for n in ("Any",) if re.search(rf"\b{n}\[|\b{n}\b(?!\()", body)]
     parts: list[str] = [comment_block(header), _docstring(docstring), ""]
     if typing_names:
         parts.append(f"from typing import {', '.join(typing_names)}")

@@ -2,9 +2,8 @@
 # Parameters: backbone=femto num_classes=10
 """ConvNeXtV2 model, compiled by scmc 0.1.0."""
 
-from typing import Dict
-
 import torch
+import timm.layers
 import timm.layers.grn
 
 __all__ = ["Model"]
@@ -38,21 +37,6 @@ class Stem(torch.nn.Module):
         return out
 
 
-class DropPath(torch.nn.Module):
-    """User layer `DropPath` of `cfg/models/ConvNeXtV2.yaml`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.drop = timm.layers.DropPath(drop_prob=0.0)
-
-    def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            out = self.drop(inp)
-        else:
-            out = inp
-        return out
-
-
 class Block(torch.nn.Module):
     """User layer `Block` of `cfg/models/ConvNeXtV2.yaml`."""
 
@@ -66,7 +50,7 @@ class Block(torch.nn.Module):
         self.act = timm.layers.GELU()
         self.grn = timm.layers.grn.GlobalResponseNorm(dim=fout * 4, eps=1e-06, channels_last=True)
         self.fc2 = torch.nn.Linear(in_features=fout * 4, out_features=fout, bias=True)
-        self.drop_path = DropPath()
+        self.drop_path = torch.nn.Identity()
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
         x = self.conv_dw(inp)
@@ -118,7 +102,7 @@ class Backbone(torch.nn.Module):
         self.block10 = Block(fout=384)
         self.block11 = Block(fout=384)
 
-    def forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         feat1 = self.stem(image)
         feat1 = self.block0(feat1)
         feat1 = self.block1(feat1)
@@ -149,7 +133,7 @@ class Model(torch.nn.Module):
         self.norm = timm.layers.LayerNorm(num_channels=384, eps=1e-06)
         self.head = torch.nn.Linear(in_features=384, out_features=10, bias=True)
 
-    def forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         backbone_out = self.backbone(image)
         feature = backbone_out["feat4"]
         x = self.pool(feature)

@@ -2,8 +2,6 @@
 # Parameters: backbone=resnet18 num_classes=10
 """ResNet model, compiled by scmc 0.1.0."""
 
-from typing import Dict
-
 import torch
 
 __all__ = ["Model"]
@@ -100,7 +98,7 @@ class Model(torch.nn.Module):
         self.flatten = torch.nn.Flatten()
         self.fc = torch.nn.Linear(in_features=512, out_features=10)
 
-    def forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.conv1(image)
         x = self.bn1(x)
         x = self.relu(x)

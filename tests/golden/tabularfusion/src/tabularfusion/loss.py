@@ -2,8 +2,6 @@
 # Parameters: (template defaults)
 """cls_reg loss, compiled by scmc 0.1.0."""
 
-from typing import Tuple
-
 import torch
 
 __all__ = ["Loss"]
@@ -19,7 +17,7 @@ class Loss(torch.nn.Module):
 
     def forward(
         self, label: torch.Tensor, cls: torch.Tensor, target: torch.Tensor, reg: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ce_loss = self.ce(target=label, input=cls)
         reg_loss = self.regression(target=target, input=reg)
         loss = ce_loss + 1.0 * reg_loss

@@ -2,8 +2,6 @@
 # Parameters: (template defaults)
 """TabularFusion model, compiled by scmc 0.1.0."""
 
-from typing import Dict
-
 import torch
 
 __all__ = ["Model"]
@@ -33,7 +31,7 @@ class Model(torch.nn.Module):
         self.cls_head = torch.nn.Linear(in_features=64, out_features=10)
         self.reg_head = torch.nn.Linear(in_features=64, out_features=2)
 
-    def forward(self, image: torch.Tensor, tabular: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, tabular: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.conv1(image)
         x = self.bn1(x)
         x = self.act1(x)

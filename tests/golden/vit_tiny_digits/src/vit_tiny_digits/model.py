@@ -2,8 +2,6 @@
 # Parameters: backbone=tiny num_classes=10
 """ViT model, compiled by scmc 0.1.0."""
 
-from typing import Dict
-
 import torch
 import scmc_runtime.layers
 import timm.layers
@@ -56,7 +54,7 @@ class Model(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(normalized_shape=192, eps=1e-06)
         self.head = torch.nn.Linear(in_features=192, out_features=10)
 
-    def forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.patch_embed(image)
         x = self.cls_token(x)
         x = self.pos_embed(x)
