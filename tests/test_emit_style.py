@@ -155,3 +155,43 @@ def test_the_femto_golden_reads_like_timms_convnext() -> None:
     assert "from typing" not in source and "-> dict[str, torch.Tensor]:" in source
     body = source.split("class ")[1:]
     assert all("def __init__(self) -> None:\n        super().__init__()\n\n" not in c for c in body)
+
+
+COMMENTED = """# A two-layer perceptron.
+#
+# Build it with `scmc build t.yaml`.
+INPUTS: [x]
+OUTPUTS: [out]
+INPUT_SHAPES: {x: [4]}
+FLOW:
+  # the hidden layer, with "quotes" and a backslash \\
+  - [x, h, hidden, {TYPE: Hidden}]
+  - [h, out, fc, [_obj_, {_addr_: torch.nn.Linear}, {_call_: {in_features: 8, out_features: 2}}]]
+
+# Linear then GELU:
+#   the hidden representation.
+Hidden:
+  OUTPUTS: [out]
+  FLOW:
+    - [inp, _, fc, [_obj_, {_addr_: torch.nn.Linear}, {_call_: {in_features: 4, out_features: 8}}]]
+    # a smooth activation
+    - [_, out, act, [_obj_, {_addr_: torch.nn.GELU}, _call_]]
+"""
+
+
+def test_template_comments_open_the_docstrings_and_annotate_the_steps(tmp_path: Path) -> None:
+    source = compiled(tmp_path, COMMENTED)
+    assert '    """Linear then GELU:\n      the hidden representation.\n\n    User layer `Hidden` of `' in source
+    assert '    """A two-layer perceptron.\n\n    The root layer graph of `' in source  # the first paragraph only
+    assert "scmc build t.yaml" not in source
+    assert '        # the hidden layer, with "quotes" and a backslash \\\n        h = self.hidden(x)\n' in source
+    assert "        # a smooth activation\n        out = self.act(x)\n" in source
+    model = run(source, tmp_path)
+    assert "Linear then GELU" in type(model.hidden).__doc__
+
+
+def test_a_comment_on_a_jinja_block_is_not_carried() -> None:
+    source = GOLDEN.read_text()
+    # cfg/models/ConvNeXtV2.yaml: "# The outer pass picks the parameter group; ..." sits on a Jinja block
+    assert "outer pass" not in source
+    assert '"""LayerNorm over the channels of an NCHW tensor.\n\n    User layer `LayerNorm2d` of' in source

@@ -280,6 +280,7 @@ class ModuleEmitter:
         lines: list[str] = []
         counter: dict[str, int] = {}
         for node in nodes:
+            lines.extend(f"# {comment_text(text)}" if text else "#" for text in node.comment.splitlines())
             lines.extend(self.node(node, counter))
         return lines
 
@@ -304,7 +305,7 @@ class ModuleEmitter:
         doc = m.doc or (f"Compiled from the template `{m.template}`." if m.template else "")
         lines.append(f"class {m.name}(torch.nn.Module):")
         if doc:
-            lines.append(f"    {_docstring(doc)}")
+            lines.append(_indented_docstring(doc, "    "))
             lines.append("")
         params = "".join(f", {n}: {t}" for n, t in m.params)
         attributes = [
@@ -392,6 +393,14 @@ def _docstring(text: str) -> str:
     """A docstring literal for any text: backslashes and quotes escaped, control characters spelled out."""
     safe = "".join(_escape_char(c) if c != "\n" else c for c in text.replace("\\", "\\\\").replace('"', '\\"'))
     return f'"""{safe}"""'
+
+
+def _indented_docstring(text: str, indent: str) -> str:
+    """A class docstring at INDENT: one line, or a summary, the rest and the closing quotes indented."""
+    if "\n" not in text:
+        return indent + _docstring(text)
+    literal = _docstring(text + "\n")
+    return "\n".join(indent + line if line else "" for line in literal.split("\n")[:-1]) + "\n" + indent + '"""'
 
 
 def _escape_char(char: str) -> str:

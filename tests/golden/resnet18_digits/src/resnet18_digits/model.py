@@ -8,7 +8,10 @@ __all__ = ["Model"]
 
 
 class BasicBlock(torch.nn.Module):
-    """User layer `BasicBlock` of `cfg/models/ResNet.yaml`."""
+    """Two 3x3 convolutions and a shortcut (resnet18, resnet34).
+
+    User layer `BasicBlock` of `cfg/models/ResNet.yaml`.
+    """
 
     def __init__(self, fin: int) -> None:
         super().__init__()
@@ -33,7 +36,10 @@ class BasicBlock(torch.nn.Module):
 
 
 class Downsample(torch.nn.Module):
-    """User layer `Downsample` of `cfg/models/ResNet.yaml`."""
+    """The projection shortcut: a strided 1x1 convolution and BatchNorm.
+
+    User layer `Downsample` of `cfg/models/ResNet.yaml`.
+    """
 
     def __init__(self, fout: int, in_channels: int) -> None:
         super().__init__()
@@ -49,7 +55,10 @@ class Downsample(torch.nn.Module):
 
 
 class BasicBlock2(torch.nn.Module):
-    """User layer `BasicBlock` of `cfg/models/ResNet.yaml`."""
+    """Two 3x3 convolutions and a shortcut (resnet18, resnet34).
+
+    User layer `BasicBlock` of `cfg/models/ResNet.yaml`.
+    """
 
     def __init__(self, fin: int, planes: int) -> None:
         super().__init__()
@@ -76,7 +85,10 @@ class BasicBlock2(torch.nn.Module):
 
 
 class Model(torch.nn.Module):
-    """The root layer graph of `cfg/models/ResNet.yaml`."""
+    """ResNet (He et al., 2015) as a layer-graph template.
+
+    The root layer graph of `cfg/models/ResNet.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()

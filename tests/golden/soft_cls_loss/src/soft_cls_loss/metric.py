@@ -9,7 +9,11 @@ __all__ = ["Metric"]
 
 
 class Metric(torch.nn.Module):
-    """The root layer graph of `cfg/metrics/topk.yaml`."""
+    """Top-1 and top-k accuracy of `cls` logits against integer `label`s.
+      forward(label, cls) -> acc1, acc5
+
+    The root layer graph of `cfg/metrics/topk.yaml`.
+    """
 
     def forward(self, label: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         acc1 = scmc_runtime.layers.sparse_categorical_accuracy(y_true=label, y_pred=cls)

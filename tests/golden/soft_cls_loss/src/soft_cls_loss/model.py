@@ -10,7 +10,10 @@ __all__ = ["Model"]
 
 
 class LayerNorm2d(torch.nn.Module):
-    """User layer `LayerNorm2d` of `cfg/models/ConvNeXtV2.yaml`."""
+    """LayerNorm over the channels of an NCHW tensor.
+
+    User layer `LayerNorm2d` of `cfg/models/ConvNeXtV2.yaml`.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -38,7 +41,10 @@ class Stem(torch.nn.Module):
 
 
 class Block(torch.nn.Module):
-    """User layer `Block` of `cfg/models/ConvNeXtV2.yaml`."""
+    """depthwise conv -> LayerNorm -> Linear(4x) -> GELU -> GRN -> Linear -> DropPath, residual.
+
+    User layer `Block` of `cfg/models/ConvNeXtV2.yaml`.
+    """
 
     def __init__(self, fout: int) -> None:
         super().__init__()
@@ -81,7 +87,10 @@ class DownSample(torch.nn.Module):
 
 
 class Backbone(torch.nn.Module):
-    """User layer `Backbone` of `cfg/models/ConvNeXtV2.yaml`."""
+    """stem -> stage 1 -> (downsample -> stage) x 3; returns every stage's features.
+
+    User layer `Backbone` of `cfg/models/ConvNeXtV2.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -123,7 +132,10 @@ class Backbone(torch.nn.Module):
 
 
 class Model(torch.nn.Module):
-    """The root layer graph of `cfg/models/ConvNeXtV2.yaml`."""
+    """ConvNeXt V2 (Woo et al., 2023) as a layer-graph template.
+
+    The root layer graph of `cfg/models/ConvNeXtV2.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()

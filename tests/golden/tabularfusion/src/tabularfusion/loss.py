@@ -8,7 +8,14 @@ __all__ = ["Loss"]
 
 
 class Loss(torch.nn.Module):
-    """The root layer graph of `cfg/losses/cls_reg.yaml`."""
+    """Cross-entropy on the class head plus a weighted regression loss on the regression head.
+      forward(label, cls, target, reg) -> ce_loss, reg_loss, loss
+    `label` is fed the integer class labels and `target` the regression targets of the dataset
+    (see \"Multi-input packages\" in docs/template-language.md). Both parts are reported
+    (train_ce_loss, val_reg_loss, ...); the backward optimizes `loss`, their weighted sum.
+
+    The root layer graph of `cfg/losses/cls_reg.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()

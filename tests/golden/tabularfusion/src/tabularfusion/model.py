@@ -8,7 +8,10 @@ __all__ = ["Model"]
 
 
 class Model(torch.nn.Module):
-    """The root layer graph of `cfg/models/TabularFusion.yaml`."""
+    """An image and a tabular vector in, a class and a regression vector out.
+
+    The root layer graph of `cfg/models/TabularFusion.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()

@@ -10,7 +10,10 @@ __all__ = ["Model"]
 
 
 class Block(torch.nn.Module):
-    """User layer `Block` of `cfg/models/ViT.yaml`."""
+    """x + attn(norm1(x)), then x + mlp(norm2(x)); stochastic depth on both branches when drop_path > 0.
+
+    User layer `Block` of `cfg/models/ViT.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -30,7 +33,10 @@ class Block(torch.nn.Module):
 
 
 class Model(torch.nn.Module):
-    """The root layer graph of `cfg/models/ViT.yaml`."""
+    """Vision Transformer (Dosovitskiy et al., 2020) as a layer-graph template.
+
+    The root layer graph of `cfg/models/ViT.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
