@@ -195,3 +195,13 @@ def test_a_comment_on_a_jinja_block_is_not_carried() -> None:
     # cfg/models/ConvNeXtV2.yaml: "# The outer pass picks the parameter group; ..." sits on a Jinja block
     assert "outer pass" not in source
     assert '"""LayerNorm over the channels of an NCHW tensor.\n\n    User layer `LayerNorm2d` of' in source
+
+
+def test_a_do_nothing_layer_called_by_keyword_stays_a_class(tmp_path: Path) -> None:
+    text = DROPS.replace("  - [x, a, path0,", "  - [{inp: x}, a, path0,")
+    source = compiled(tmp_path, text)
+    assert "class Path(torch.nn.Module):" in source and "a = self.path0(inp=x)" in source
+    assert "self.drop = torch.nn.Identity()" in source  # its zero-rate drop is still an identity
+    x = torch.randn(3, 4)
+    model = run(source, tmp_path)
+    assert torch.equal(model(x), model.fc(x))

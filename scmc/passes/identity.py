@@ -101,6 +101,12 @@ def _uses(value: Any, name: str) -> bool:
     return False
 
 
+def _positional_calls(module: ModuleDef, attr: str) -> bool:
+    """Whether MODULE calls its layer ATTR only as `attr(x)` (`torch.nn.Identity` takes `input`, not `inp=`)."""
+    graphs = (module.flow,) if module.inference is None else (module.flow, module.inference)
+    return all(len(n.args) == 1 and not n.kwargs for g in graphs for n in g if n.layer == attr)
+
+
 def identities(program: Program) -> Program:
     """PROGRAM with zero-rate dropouts, and user layers that reduce to the identity, as `torch.nn.Identity()`."""
     gone: set[str] = set()  # classes that compute the identity
@@ -108,7 +114,7 @@ def identities(program: Program) -> Program:
     for module in program.modules:  # leaves first: a class is decided before its users
         children = []
         for child in module.children:
-            if child.kind == "user" and child.ctor.address in gone and not child.ctor.kwargs:
+            if child.kind == "user" and child.ctor.address in gone and _positional_calls(module, child.attr):
                 children.append(Child(child.attr, "module", IDENTITY, child.span))
             elif child.kind != "function":
                 children.append(dataclasses.replace(child, ctor=_replace(child.ctor)))
