@@ -244,7 +244,9 @@ def compile_part(
     from scmc.interp import build_program
     from scmc.link import Compiled
     from scmc.lower import Lowerer, Options
+    from scmc.passes.comments import carry_comments
     from scmc.passes.dedup import deduplicate
+    from scmc.passes.identity import identities
     from scmc.passes.materialize import materialize
 
     diags = Diagnostics()
@@ -293,6 +295,7 @@ def compile_part(
     program = deduplicate(
         root, part.classname, reserved=set(RESERVED)
     )  # a user layer `List` must not shadow typing.List
+    program = identities(program)  # zero-rate dropouts (and layers left doing nothing) as torch.nn.Identity()
     try:
         verify(program)
     except Exception as exc:
@@ -309,7 +312,8 @@ def compile_part(
         ) from exc
     doc = f"{source.path.stem} {part.role}, compiled by scmc {scmc.__version__}."
     includes = [t for t in lowerer.templates.values() if t.path != source.path]
-    text = emit_module_file(_recorded_templates(program, [source, *includes]), header, doc)
+    commented = carry_comments(program, [source, *includes])  # the template's comments, as docstrings
+    text = emit_module_file(_recorded_templates(commented, [source, *includes]), header, doc)
     return Compiled(
         part.role,
         source,

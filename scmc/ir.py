@@ -122,6 +122,7 @@ class Node:
     kwargs: tuple[tuple[str, Arg], ...]
     out: Out
     span: Span = field(compare=False, hash=False, default=Span("<none>"))
+    comment: str = field(compare=False, hash=False, default="")  # the template's comment on the step
 
 
 def arg_names(arg: Arg) -> list[str]:

@@ -58,6 +58,8 @@ LAYERS = {
     "scmc.passes": "passes",
     "scmc.passes.materialize": "passes",
     "scmc.passes.dedup": "passes",
+    "scmc.passes.identity": "passes",
+    "scmc.passes.comments": "passes",
     "scmc.link": "passes",  # the link stage: the lowered parts -> one PackageDef
     "scmc.emit": "emit",
     "scmc.emit.jinja": "emit",

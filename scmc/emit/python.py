@@ -21,6 +21,7 @@ from scmc.diagnostics import printable
 from scmc.expr import rename as rename_expr
 from scmc.ir import (
     Arg,
+    Child,
     Const,
     Ctor,
     ExprArg,
@@ -48,6 +49,62 @@ RESERVED = (
 
 
 LINE_LENGTH = 100
+
+
+# Stateless library layers that hand-written code spells as an operator or a tensor method: a step
+# through one of them is emitted inline (`inp + residual`, `x.permute(0, 2, 3, 1)`) and the layer
+# gets no attribute. They hold no parameters or buffers, so the state_dict keys stay the same.
+OPERATORS = {"scmc_runtime.layers.Add": " + ", "scmc_runtime.layers.Multiply": " * "}
+PERMUTE = "scmc_runtime.layers.Permute"
+CONCATENATE = ("scmc_runtime.layers.Concatenate", "scmc_runtime.layers.Concat")
+
+
+def _concat_dim(ctor: Ctor) -> int | None:
+    dim = ctor.kwarg("dim", ctor.args[0] if len(ctor.args) == 1 else -1)
+    return dim if len(ctor.args) + len(ctor.kwargs) <= 1 and type(dim) is int else None
+
+
+def _permute_dims(ctor: Ctor) -> tuple[int, ...] | None:
+    dims = ctor.kwarg("dims", ctor.args[0] if len(ctor.args) == 1 else None)
+    if len(ctor.args) + len(ctor.kwargs) != 1 or not isinstance(dims, (tuple, list)):
+        return None
+    return tuple(dims) if all(type(d) is int for d in dims) else None
+
+
+def _inline_step(child: Child, node: Node) -> bool:
+    """Whether NODE, a call of CHILD, is emitted as an operator expression instead of a layer call."""
+    if child.kind != "module" or node.kwargs or len(node.args) != 1 or not isinstance(node.out, OutName):
+        return False
+    if child.ctor.address in OPERATORS:
+        arg = node.args[0]
+        return not child.ctor.args and not child.ctor.kwargs and isinstance(arg, ListArg) and bool(arg.items)
+    if child.ctor.address == PERMUTE:
+        return _permute_dims(child.ctor) is not None and not isinstance(node.args[0], ListArg)
+    if child.ctor.address in CONCATENATE:
+        return _concat_dim(child.ctor) is not None
+    return False
+
+
+def inline_children(mdef: ModuleDef) -> set[str]:
+    """Attributes of MDEF whose every call is emitted inline: no `self.attr = ...` for them."""
+    calls: dict[str, list[Node]] = {}
+    for graph in (mdef.flow, mdef.inference or ()):
+        for node in graph:
+            if node.layer is not None:
+                calls.setdefault(node.layer, []).append(node)
+    return {c.attr for c in mdef.children if c.attr in calls and all(_inline_step(c, node) for node in calls[c.attr])}
+
+
+def _operand(text: str, receiver: bool = False) -> str:
+    """TEXT as an operand of `+`/`*` (or, RECEIVER, of a method call), parenthesized only if needed."""
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError:  # pragma: no cover - every emitted argument parses
+        return f"({text})"
+    atoms: tuple[type, ...] = (ast.Name, ast.Attribute, ast.Subscript, ast.Call, ast.List)
+    if isinstance(tree, atoms) or (not receiver and isinstance(tree, ast.Constant)):
+        return text
+    return f"({text})"
 
 
 class EmitError(Exception):
@@ -111,8 +168,7 @@ def addresses_in(value: Any) -> Iterable[str]:
 def annotation(observed: str | None) -> str:
     if not observed or observed == "torch.Tensor":
         return "torch.Tensor"
-    text = observed.replace("list[", "List[").replace("dict[", "Dict[").replace("tuple[", "Tuple[")
-    return text
+    return observed  # builtin generics (`dict[str, torch.Tensor]`), as TorchScript reads them
 
 
 class ModuleEmitter:
@@ -121,6 +177,7 @@ class ModuleEmitter:
         self.program = program
         self.reserved = set(RESERVED) | set(reserved)  # + the modules the file imports
         self.children = {c.attr: c for c in mdef.children}
+        self.inline = inline_children(mdef)
         self.names: dict[str, str] = {}
         used = set(self.reserved) | {c.attr for c in mdef.children} | {p for p, _ in mdef.params}
         for graph in (mdef.flow, mdef.inference or ()):
@@ -187,6 +244,8 @@ class ModuleEmitter:
         kwargs = [f"{k}={self.arg(v)}" for k, v in node.kwargs]
         if node.layer is None:
             call = args[0]
+        elif node.layer in self.inline:
+            call = self.inline_call(self.children[node.layer], node.args[0])
         else:
             child = self.children[node.layer]
             if child.kind == "function":
@@ -208,9 +267,19 @@ class ModuleEmitter:
             return lines
         return [f"{self.target(node.out)} = {call}"]
 
+    def inline_call(self, child: Child, arg: Arg) -> str:
+        if child.ctor.address == PERMUTE:
+            dims = ", ".join(str(d) for d in (0, *(_permute_dims(child.ctor) or ())))
+            return f"{_operand(self.arg(arg), receiver=True)}.permute({dims})"
+        if child.ctor.address in CONCATENATE:
+            return f"torch.cat({self.arg(arg)}, dim={_concat_dim(child.ctor)})"
+        assert isinstance(arg, ListArg)
+        return OPERATORS[child.ctor.address].join(_operand(self.arg(item)) for item in arg.items)
+
     def graph(self, nodes: Iterable[Node]) -> list[str]:
         lines: list[str] = []
         for node in nodes:
+            lines.extend(f"# {comment_text(text)}" if text else "#" for text in node.comment.splitlines())
             lines.extend(self.node(node))
         return lines
 
@@ -222,10 +291,10 @@ class ModuleEmitter:
             value_types = set(out_types)
             value = out_types[0] if len(value_types) == 1 else "Any"
             body = "{" + ", ".join(f"{o!r}: {n}" for o, n in zip(self.m.outputs, outs, strict=True)) + "}"
-            return f"Dict[str, {value}]", body
+            return f"dict[str, {value}]", body
         if len(outs) == 1:
             return out_types[0], outs[0]
-        return f"Tuple[{', '.join(out_types)}]", ", ".join(outs)
+        return f"tuple[{', '.join(out_types)}]", ", ".join(outs)
 
     # ---------------------------------------------------------------- class
 
@@ -235,16 +304,19 @@ class ModuleEmitter:
         doc = m.doc or (f"Compiled from the template `{m.template}`." if m.template else "")
         lines.append(f"class {m.name}(torch.nn.Module):")
         if doc:
-            lines.append(f"    {_docstring(doc)}")
+            lines.append(_indented_docstring(doc, "    "))
             lines.append("")
         params = "".join(f", {n}: {t}" for n, t in m.params)
-        lines.append(f"    def __init__(self{params}) -> None:")
-        lines.append("        super().__init__()")
-        for child in m.children:
-            if child.kind == "function":
-                continue
-            lines.append(f"        self.{child.attr} = {literal(child.ctor)}")
-        lines.append("")
+        attributes = [
+            f"        self.{child.attr} = {literal(child.ctor)}"
+            for child in m.children
+            if child.kind != "function" and child.attr not in self.inline
+        ]
+        if attributes or m.params:  # no `__init__` that only calls super
+            lines.append(f"    def __init__(self{params}) -> None:")
+            lines.append("        super().__init__()")
+            lines.extend(attributes)
+            lines.append("")
         types = dict(m.types)
         sig = "".join(f", {self.names[i]}: {annotation(types.get(i))}" for i in m.inputs)
         ret_type, ret_value = self.returns()
@@ -322,6 +394,14 @@ def _docstring(text: str) -> str:
     return f'"""{safe}"""'
 
 
+def _indented_docstring(text: str, indent: str) -> str:
+    """A class docstring at INDENT: one line, or a summary, the rest and the closing quotes indented."""
+    if "\n" not in text:
+        return indent + _docstring(text)
+    literal = _docstring(text + "\n")
+    return "\n".join(indent + line if line else "" for line in literal.split("\n")[:-1]) + "\n" + indent + '"""'
+
+
 def _escape_char(char: str) -> str:
     return printable(char)
 
@@ -344,7 +424,10 @@ def imports_of(program: Program) -> list[str]:
             modules.append(module)
 
     for m in program.modules:
+        inline = inline_children(m)
         for child in m.children:
+            if child.attr in inline:
+                continue
             if child.kind == "user":
                 for _, v in child.ctor.kwargs:
                     for a in addresses_in(v):
@@ -373,18 +456,13 @@ def _expr_addresses(arg: Arg) -> Iterable[str]:
 
 
 def minimal_imports(modules: list[str]) -> list[str]:
-    """`import` lines needed: drop a module another import already loads (`timm.layers` under
-    `timm.layers.grn`, `torch.nn` under `torch`), torch first, then sorted."""
-    unique = sorted(set(modules))
-    keep = []
-    for module in unique:
-        if module.startswith(FILE_PACKAGE):
-            keep.append(module)
-            continue
-        if module.startswith("torch.nn") or module == "torch.nn":
+    """`import` lines needed, each module as the code spells it (`import timm.layers` for
+    `timm.layers.LayerNorm` beside `import timm.layers.grn` for `timm.layers.grn.GlobalResponseNorm`);
+    `torch.nn...` comes with `import torch`; torch first, then sorted."""
+    keep: list[str] = []
+    for module in sorted(set(modules)):
+        if not module.startswith(FILE_PACKAGE) and (module == "torch" or module.startswith("torch.nn")):
             module = "torch"
-        if any(other != module and other.startswith(module + ".") for other in unique) and module != "torch":
-            continue
         if module not in keep:
             keep.append(module)
     return sorted(keep, key=lambda name: (name != "torch", name))
@@ -398,7 +476,7 @@ def emit_module_file(program: Program, header: list[str], docstring: str) -> str
     program = safe_parameter_names(program, taken)
     classes = [ModuleEmitter(mdef, program, taken).emit() for mdef in program.modules]
     body = "\n\n".join(classes)
-    typing_names = [n for n in ("Any", "Dict", "List", "Tuple") if re.search(rf"\b{n}\[|\b{n}\b(?!\()", body)]
+    typing_names = [n for n in ("Any",) if re.search(rf"\b{n}\[|\b{n}\b(?!\()", body)]
     parts: list[str] = [comment_block(header), _docstring(docstring), ""]
     if typing_names:
         parts.append(f"from typing import {', '.join(typing_names)}")

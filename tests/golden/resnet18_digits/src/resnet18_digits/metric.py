@@ -2,8 +2,6 @@
 # Parameters: backbone=resnet18 num_classes=10
 """topk metric, compiled by scmc 0.1.0."""
 
-from typing import Tuple
-
 import torch
 import scmc_runtime.layers
 
@@ -11,12 +9,13 @@ __all__ = ["Metric"]
 
 
 class Metric(torch.nn.Module):
-    """The root layer graph of `cfg/metrics/topk.yaml`."""
+    """Top-1 and top-k accuracy of `cls` logits against integer `label`s.
+      forward(label, cls) -> acc1, acc5
 
-    def __init__(self) -> None:
-        super().__init__()
+    The root layer graph of `cfg/metrics/topk.yaml`.
+    """
 
-    def forward(self, label: torch.Tensor, cls: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, label: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         acc1 = scmc_runtime.layers.sparse_categorical_accuracy(y_true=label, y_pred=cls)
         acc5 = scmc_runtime.layers.sparse_top_k_categorical_accuracy(y_true=label, y_pred=cls, k=5)
         return acc1, acc5

@@ -2,15 +2,16 @@
 # Parameters: backbone=resnet18 num_classes=10
 """ResNet model, compiled by scmc 0.1.0."""
 
-from typing import Dict
-
 import torch
 
 __all__ = ["Model"]
 
 
 class BasicBlock(torch.nn.Module):
-    """User layer `BasicBlock` of `cfg/models/ResNet.yaml`."""
+    """Two 3x3 convolutions and a shortcut (resnet18, resnet34).
+
+    User layer `BasicBlock` of `cfg/models/ResNet.yaml`.
+    """
 
     def __init__(self, fin: int) -> None:
         super().__init__()
@@ -35,7 +36,10 @@ class BasicBlock(torch.nn.Module):
 
 
 class Downsample(torch.nn.Module):
-    """User layer `Downsample` of `cfg/models/ResNet.yaml`."""
+    """The projection shortcut: a strided 1x1 convolution and BatchNorm.
+
+    User layer `Downsample` of `cfg/models/ResNet.yaml`.
+    """
 
     def __init__(self, fout: int, in_channels: int) -> None:
         super().__init__()
@@ -51,7 +55,10 @@ class Downsample(torch.nn.Module):
 
 
 class BasicBlock2(torch.nn.Module):
-    """User layer `BasicBlock` of `cfg/models/ResNet.yaml`."""
+    """Two 3x3 convolutions and a shortcut (resnet18, resnet34).
+
+    User layer `BasicBlock` of `cfg/models/ResNet.yaml`.
+    """
 
     def __init__(self, fin: int, planes: int) -> None:
         super().__init__()
@@ -78,7 +85,10 @@ class BasicBlock2(torch.nn.Module):
 
 
 class Model(torch.nn.Module):
-    """The root layer graph of `cfg/models/ResNet.yaml`."""
+    """ResNet (He et al., 2015) as a layer-graph template.
+
+    The root layer graph of `cfg/models/ResNet.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -100,7 +110,7 @@ class Model(torch.nn.Module):
         self.flatten = torch.nn.Flatten()
         self.fc = torch.nn.Linear(in_features=512, out_features=10)
 
-    def forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.conv1(image)
         x = self.bn1(x)
         x = self.relu(x)

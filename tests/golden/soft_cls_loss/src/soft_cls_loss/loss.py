@@ -9,7 +9,11 @@ __all__ = ["Loss"]
 
 
 class Loss(torch.nn.Module):
-    """The root layer graph of `cfg/losses/soft_cls.yaml`."""
+    """Soft-target cross-entropy, for mixup/cutmix labels (a probability per class).
+      forward(label, cls) -> ce_loss
+
+    The root layer graph of `cfg/losses/soft_cls.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()

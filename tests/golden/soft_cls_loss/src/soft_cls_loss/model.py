@@ -2,28 +2,27 @@
 # Parameters: backbone=atto num_classes=10 targets=soft
 """ConvNeXtV2 model, compiled by scmc 0.1.0."""
 
-from typing import Dict
-
 import torch
-import scmc_runtime.layers
+import timm.layers
 import timm.layers.grn
 
 __all__ = ["Model"]
 
 
 class LayerNorm2d(torch.nn.Module):
-    """User layer `LayerNorm2d` of `cfg/models/ConvNeXtV2.yaml`."""
+    """LayerNorm over the channels of an NCHW tensor.
+
+    User layer `LayerNorm2d` of `cfg/models/ConvNeXtV2.yaml`.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.to_channels_last = scmc_runtime.layers.Permute(dims=(2, 3, 1))
         self.norm = timm.layers.LayerNorm(num_channels=channels, eps=1e-06)
-        self.to_channels_first = scmc_runtime.layers.Permute(dims=(3, 1, 2))
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        x = self.to_channels_last(inp)
+        x = inp.permute(0, 2, 3, 1)
         x = self.norm(x)
-        out = self.to_channels_first(x)
+        out = x.permute(0, 3, 1, 2)
         return out
 
 
@@ -41,50 +40,35 @@ class Stem(torch.nn.Module):
         return out
 
 
-class DropPath(torch.nn.Module):
-    """User layer `DropPath` of `cfg/models/ConvNeXtV2.yaml`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.drop = timm.layers.DropPath(drop_prob=0.0)
-
-    def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            out = self.drop(inp)
-        else:
-            out = inp
-        return out
-
-
 class Block(torch.nn.Module):
-    """User layer `Block` of `cfg/models/ConvNeXtV2.yaml`."""
+    """depthwise conv -> LayerNorm -> Linear(4x) -> GELU -> GRN -> Linear -> DropPath, residual.
+
+    User layer `Block` of `cfg/models/ConvNeXtV2.yaml`.
+    """
 
     def __init__(self, fout: int) -> None:
         super().__init__()
         self.conv_dw = torch.nn.Conv2d(
             in_channels=fout, out_channels=fout, kernel_size=7, padding=3, groups=fout
         )
-        self.to_channels_last = scmc_runtime.layers.Permute(dims=(2, 3, 1))
         self.norm = timm.layers.LayerNorm(num_channels=fout, eps=1e-06)
         self.fc1 = torch.nn.Linear(in_features=fout, out_features=fout * 4, bias=True)
         self.act = timm.layers.GELU()
         self.grn = timm.layers.grn.GlobalResponseNorm(dim=fout * 4, eps=1e-06, channels_last=True)
         self.fc2 = torch.nn.Linear(in_features=fout * 4, out_features=fout, bias=True)
-        self.to_channels_first = scmc_runtime.layers.Permute(dims=(3, 1, 2))
-        self.drop_path = DropPath()
-        self.add = scmc_runtime.layers.Add()
+        self.drop_path = torch.nn.Identity()
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
         x = self.conv_dw(inp)
-        x = self.to_channels_last(x)
+        x = x.permute(0, 2, 3, 1)
         x = self.norm(x)
         x = self.fc1(x)
         x = self.act(x)
         x = self.grn(x)
         x = self.fc2(x)
-        x = self.to_channels_first(x)
+        x = x.permute(0, 3, 1, 2)
         residual = self.drop_path(x)
-        out = self.add([inp, residual])
+        out = inp + residual
         return out
 
 
@@ -103,7 +87,10 @@ class DownSample(torch.nn.Module):
 
 
 class Backbone(torch.nn.Module):
-    """User layer `Backbone` of `cfg/models/ConvNeXtV2.yaml`."""
+    """stem -> stage 1 -> (downsample -> stage) x 3; returns every stage's features.
+
+    User layer `Backbone` of `cfg/models/ConvNeXtV2.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -124,7 +111,7 @@ class Backbone(torch.nn.Module):
         self.block10 = Block(fout=320)
         self.block11 = Block(fout=320)
 
-    def forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         feat1 = self.stem(image)
         feat1 = self.block0(feat1)
         feat1 = self.block1(feat1)
@@ -145,7 +132,10 @@ class Backbone(torch.nn.Module):
 
 
 class Model(torch.nn.Module):
-    """The root layer graph of `cfg/models/ConvNeXtV2.yaml`."""
+    """ConvNeXt V2 (Woo et al., 2023) as a layer-graph template.
+
+    The root layer graph of `cfg/models/ConvNeXtV2.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -155,7 +145,7 @@ class Model(torch.nn.Module):
         self.norm = timm.layers.LayerNorm(num_channels=320, eps=1e-06)
         self.head = torch.nn.Linear(in_features=320, out_features=10, bias=True)
 
-    def forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         backbone_out = self.backbone(image)
         feature = backbone_out["feat4"]
         x = self.pool(feature)

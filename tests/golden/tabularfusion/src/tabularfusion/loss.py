@@ -2,15 +2,20 @@
 # Parameters: (template defaults)
 """cls_reg loss, compiled by scmc 0.1.0."""
 
-from typing import Tuple
-
 import torch
 
 __all__ = ["Loss"]
 
 
 class Loss(torch.nn.Module):
-    """The root layer graph of `cfg/losses/cls_reg.yaml`."""
+    """Cross-entropy on the class head plus a weighted regression loss on the regression head.
+      forward(label, cls, target, reg) -> ce_loss, reg_loss, loss
+    `label` is fed the integer class labels and `target` the regression targets of the dataset
+    (see \"Multi-input packages\" in docs/template-language.md). Both parts are reported
+    (train_ce_loss, val_reg_loss, ...); the backward optimizes `loss`, their weighted sum.
+
+    The root layer graph of `cfg/losses/cls_reg.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -19,7 +24,7 @@ class Loss(torch.nn.Module):
 
     def forward(
         self, label: torch.Tensor, cls: torch.Tensor, target: torch.Tensor, reg: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ce_loss = self.ce(target=label, input=cls)
         reg_loss = self.regression(target=target, input=reg)
         loss = ce_loss + 1.0 * reg_loss

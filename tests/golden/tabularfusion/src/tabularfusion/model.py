@@ -2,16 +2,16 @@
 # Parameters: (template defaults)
 """TabularFusion model, compiled by scmc 0.1.0."""
 
-from typing import Dict
-
 import torch
-import scmc_runtime.layers
 
 __all__ = ["Model"]
 
 
 class Model(torch.nn.Module):
-    """The root layer graph of `cfg/models/TabularFusion.yaml`."""
+    """An image and a tabular vector in, a class and a regression vector out.
+
+    The root layer graph of `cfg/models/TabularFusion.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -29,13 +29,12 @@ class Model(torch.nn.Module):
         self.flatten = torch.nn.Flatten()
         self.tab_fc = torch.nn.Linear(in_features=4, out_features=32)
         self.tab_act = torch.nn.GELU()
-        self.concat = scmc_runtime.layers.Concatenate(dim=1)
         self.fuse = torch.nn.Linear(in_features=64, out_features=64)
         self.fuse_act = torch.nn.GELU()
         self.cls_head = torch.nn.Linear(in_features=64, out_features=10)
         self.reg_head = torch.nn.Linear(in_features=64, out_features=2)
 
-    def forward(self, image: torch.Tensor, tabular: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, tabular: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.conv1(image)
         x = self.bn1(x)
         x = self.act1(x)
@@ -46,7 +45,7 @@ class Model(torch.nn.Module):
         image_features = self.flatten(x)
         x = self.tab_fc(tabular)
         tabular_features = self.tab_act(x)
-        x = self.concat([image_features, tabular_features])
+        x = torch.cat([image_features, tabular_features], dim=1)
         x = self.fuse(x)
         fused = self.fuse_act(x)
         cls = self.cls_head(fused)

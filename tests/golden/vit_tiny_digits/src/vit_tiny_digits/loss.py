@@ -8,7 +8,11 @@ __all__ = ["Loss"]
 
 
 class Loss(torch.nn.Module):
-    """The root layer graph of `cfg/losses/cls.yaml`."""
+    """Cross-entropy with label smoothing on integer labels.
+      forward(label, cls) -> ce_loss
+
+    The root layer graph of `cfg/losses/cls.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()

@@ -2,8 +2,6 @@
 # Parameters: backbone=tiny num_classes=10
 """ViT model, compiled by scmc 0.1.0."""
 
-from typing import Dict
-
 import torch
 import scmc_runtime.layers
 import timm.layers
@@ -12,7 +10,10 @@ __all__ = ["Model"]
 
 
 class Block(torch.nn.Module):
-    """User layer `Block` of `cfg/models/ViT.yaml`."""
+    """x + attn(norm1(x)), then x + mlp(norm2(x)); stochastic depth on both branches when drop_path > 0.
+
+    User layer `Block` of `cfg/models/ViT.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -32,7 +33,10 @@ class Block(torch.nn.Module):
 
 
 class Model(torch.nn.Module):
-    """The root layer graph of `cfg/models/ViT.yaml`."""
+    """Vision Transformer (Dosovitskiy et al., 2020) as a layer-graph template.
+
+    The root layer graph of `cfg/models/ViT.yaml`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,7 +60,7 @@ class Model(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(normalized_shape=192, eps=1e-06)
         self.head = torch.nn.Linear(in_features=192, out_features=10)
 
-    def forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.patch_embed(image)
         x = self.cls_token(x)
         x = self.pos_embed(x)
