@@ -273,7 +273,18 @@ def test_a_block_that_renders_a_preset_is_still_a_preset(tmp_path: Path) -> None
     )
     built(tmp_path, "net", "PACKAGE: {EMA: ema.yaml}\n" + LOOP_MLP)
     presets = json.loads((tmp_path / "net" / "src" / "net" / "manifest.json").read_text())["presets"]
-    assert presets == {"ema": {"decay": 0.998, "enabled": True, "warmup": True}}
+    assert presets == {
+        "ema": {
+            "decay": 0.998,
+            "min_decay": 0.0,
+            "update_after_step": 0,
+            "use_warmup": True,
+            "warmup_gamma": 1.0,
+            "warmup_power": 0.6666666666666666,
+            "foreach": True,
+            "exclude_buffers": False,
+        }
+    }
     # and a graph made by a block is no preset
     (tmp_path / "as_ema.yaml").write_text(LOOP_MLP)
     (tmp_path / "wrong.yaml").write_text("PACKAGE: {EMA: as_ema.yaml}\n" + LOOP_MLP)
