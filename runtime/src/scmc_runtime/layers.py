@@ -254,6 +254,7 @@ def _unfold_grid(
             _per_axis(dilation, n),
             _per_axis(padding, n),
             _per_axis(stride, n),
+            strict=False,
         )
     )
 
@@ -277,6 +278,7 @@ def _fold_spatial(
             _per_axis(padding, n),
             _per_axis(stride, n),
             _per_axis(output_padding, n),
+            strict=False,
         )
     )
 

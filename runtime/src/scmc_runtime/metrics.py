@@ -85,7 +85,7 @@ class MetricAccumulator:
         sums_host, counts_host = packed[: len(names)], packed[len(names) :]
         return {
             name: (total / count if count else float("nan"))
-            for name, total, count in zip(names, sums_host, counts_host)
+            for name, total, count in zip(names, sums_host, counts_host, strict=True)
         }
 
 

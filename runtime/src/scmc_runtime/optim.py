@@ -642,7 +642,7 @@ class Optimization:
 
     def _native_step(self, *args: Any) -> None:
         assert self._unscaled is not None
-        for group, value in zip(self.optimizer.param_groups, self._unscaled):
+        for group, value in zip(self.optimizer.param_groups, self._unscaled, strict=False):
             _set_lr(group, value)
         self.scheduler.step(*args)
         self._unscaled = [float(group["lr"]) for group in self.optimizer.param_groups]
@@ -650,7 +650,7 @@ class Optimization:
 
     def _write_scaled(self) -> None:
         assert self._unscaled is not None
-        for group, value in zip(self.optimizer.param_groups, self._unscaled):
+        for group, value in zip(self.optimizer.param_groups, self._unscaled, strict=False):
             if "lr_scale" in group:
                 _set_lr(group, value * group["lr_scale"])
 

@@ -529,7 +529,7 @@ def build_datasets(
     counts = [0] * len(train_set.classes)
     for _, label in train_set.samples:
         counts[label] += 1
-    empty = [name for name, count in zip(train_set.classes, counts) if count == 0]
+    empty = [name for name, count in zip(train_set.classes, counts, strict=True) if count == 0]
     if empty:
         raise TrainError(f"--data {root}: train/ has no images for class(es) {', '.join(empty[:10])}")
     return train_set, val_set, train_set.classes
