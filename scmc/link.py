@@ -16,9 +16,9 @@ probabilities); a loss that takes class indices only (``torch.nn.NLLLoss``...) r
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError

@@ -622,6 +622,7 @@ class Optimization:
         if self._kind == _TIMM:
             self.scheduler.step_update(num_updates, metric)
         elif self._kind == _UPDATE:
+            assert self.updates_per_epoch  # _UPDATE is chosen only with updates_per_epoch > 0
             self._native_step(num_updates / self.updates_per_epoch)
 
     def step_epoch(self, epoch: int, metric: Optional[float] = None) -> None:
@@ -681,6 +682,7 @@ class Optimization:
                 f"here: {'yes' if self.scheduler is not None else 'no'})"
             )
         if self._kind == _TIMM:
+            assert scheduler is not None  # checked above: there is a schedule here, so in the checkpoint too
             scheduler = dict(scheduler)
             inner = scheduler.pop("lr_scheduler", None)
             if inner is not None:
