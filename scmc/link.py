@@ -16,6 +16,7 @@ probabilities); a loss that takes class indices only (``torch.nn.NLLLoss``...) r
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,6 @@ def _key(part: Compiled, key: str) -> Span:
 def _check_dataset(
     part: Compiled, preset: DatasetPreset | TimmDatasetPreset, channels: int, diags: Diagnostics
 ) -> None:
-    given = preset.model_fields_set
     if isinstance(preset, TimmDatasetPreset):
         if not preset.dataset and not preset.dataset_dir:
             diags.error(
@@ -285,7 +285,7 @@ def _train_defaults(presets: dict[str, tuple[Compiled, BaseModel]], model: Compi
             mapping.update({key: RECIPE_FIELDS.get(key, key) for key in RecipeKeys.model_fields})
             if preset.recipe_given or isinstance(preset, TimmDatasetPreset):
                 defaults["data_pipeline"] = "timm"
-        if role == "dataset" and preset.kind == "timm":
+        if role == "dataset" and isinstance(preset, (DatasetPreset, TimmDatasetPreset)) and preset.kind == "timm":
             mapping["root"] = "cache_dir"  # a timm dataset's root is where it is cached
         for key in sorted(preset.model_fields_set, key=list(type(preset).model_fields).index):
             if mapping.get(key) and getattr(preset, key) not in (None, ""):  # "": timm's default
@@ -452,16 +452,17 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
     root = model.root
     if dataset is not None:
         first = (model.input_shapes or {}).get(root.inputs[0]) if root.inputs else None
-        shape = first["shape"] if first else ()
-        channels = int(shape[0]) if len(shape) == 3 else 3  # train.py's images are C x H x W (RGB)
+        image: Sequence[Any] = first["shape"] if first else ()
+        channels = int(image[0]) if len(image) == 3 else 3  # train.py's images are C x H x W (RGB)
         _check_dataset(presets["dataset"][0], dataset, channels, diags)
     outputs = tuple(root.outputs)
     known = set(root.inputs) | set(outputs)
     label = "label"
     graphs = [g for g in (loss, metric) if g is not None]
-    table = dataset is not None and dataset.kind == "image_table"
-    if table:
-        _check_table(model, graphs, presets["dataset"][0], dataset, diags)
+    table_preset: DatasetPreset | None = dataset if dataset is not None and dataset.kind == "image_table" else None
+    table = table_preset is not None
+    if table_preset is not None:
+        _check_table(model, graphs, presets["dataset"][0], table_preset, diags)
     unknown = [n for g in graphs for n in g.root.inputs if n not in known]
     if unknown and not table:
         label = "label" if "label" in unknown else unknown[0]
@@ -524,6 +525,7 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
         for n in dict.fromkeys(fed):
             shape = model.output_shapes.get(n)
             if shape is not None and len(shape) == 1 and shape[0] != num_classes:
+                assert dataset is not None  # num_classes came from it
                 part = presets["dataset"][0]
                 # A warning, not an error: a head wider than the data still trains (the extra classes
                 # never occur), and the model template's own default build must give a package.
@@ -609,6 +611,7 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
                 spans.get(f"model {bdef.models[1]}", where),
                 f"optimize `{bdef.models[0]}` and its submodules (LAYERS: [{bdef.models[0]}.<submodule>])",
             )
+        assert model.program is not None  # a model part is layer graphs (model.root read them above)
         for opt in bdef.optimizers:
             for layer in opt.layers:
                 missing = _missing_submodule(model.program, layer)
@@ -630,8 +633,8 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
             backward_losses=tuple(backward.backward.losses),
             defaults=tuple(_train_defaults(presets, model).items()),
             target=TABLE_TARGET if table else "",
-            num_features=(dataset.num_features or 0) if table else 0,
-            num_targets=(dataset.num_targets or 0) if table else 0,
+            num_features=(table_preset.num_features or 0) if table_preset is not None else 0,
+            num_targets=(table_preset.num_targets or 0) if table_preset is not None else 0,
         )
     labels = None
     if dataset is not None and dataset.classes:

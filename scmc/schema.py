@@ -128,7 +128,9 @@ class RecipeKeys(BaseModel):
                 "aug_splits": "augmentation splits (AugMix with a JSD loss) are not implemented; keep 0",
                 "persistent_workers": "persistent workers would not see the epoch that seeds the augmentation; "
                 "keep false",
-            }[info.field_name]
+            }[
+                str(info.field_name)
+            ]  # a field validator always runs for a named field
             raise ValueError(f"not supported: {why}")
         return value
 

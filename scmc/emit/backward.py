@@ -10,6 +10,7 @@ N-th step, and the last step of an epoch, which flushes a partial window): unsca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from scmc.addresses import module_of
@@ -33,7 +34,7 @@ def _params_expr(opt: OptimizerDef) -> str:
     return "[" + ", ".join(f"*{p}" for p in parts) + "]"
 
 
-def _call(ctor, first: str, extra: list[str] = ()) -> str:
+def _call(ctor, first: str, extra: Sequence[str] = ()) -> str:
     args = [first] + [literal(a) for a in ctor.args] + [f"{k}={literal(v)}" for k, v in ctor.kwargs] + list(extra)
     return f"{ctor.address}({', '.join(args)})"
 
@@ -53,7 +54,7 @@ _SCHEDULED = ("scmc_runtime.optim.create_with_scheduler",)
 
 def _bound(ctor, names: tuple[str, ...]) -> dict:
     """The arguments of ``ctor`` (after the parameters) by name."""
-    values = dict(zip(names, ctor.args))
+    values = dict(zip(names, ctor.args, strict=False))
     values.update(dict(ctor.kwargs))
     return values
 
@@ -78,8 +79,9 @@ def _optimizer_values(opt: OptimizerDef) -> tuple[dict, dict | None]:
     """The optimizer keyword arguments and the schedule keyword arguments (None: no schedule) of a factory."""
     if opt.factory.address in _SCHEDULED:
         bound = _bound(opt.factory, ("optimizer_kwargs", "scheduler_kwargs"))
-        kwargs = bound.get("optimizer_kwargs") if isinstance(bound.get("optimizer_kwargs"), dict) else {}
-        schedule = bound.get("scheduler_kwargs") if isinstance(bound.get("scheduler_kwargs"), dict) else None
+        given, scheduler = bound.get("optimizer_kwargs"), bound.get("scheduler_kwargs")
+        kwargs = given if isinstance(given, dict) else {}
+        schedule = scheduler if isinstance(scheduler, dict) else None
         if schedule is not None and schedule.get("name") is None:
             schedule = None
         return kwargs, schedule
@@ -103,7 +105,7 @@ def compiled_settings(bdef: BackwardDef) -> dict:
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
     schedules = [s for _, s in values if s is not None]
-    custom = any(o.clip is not None and c is None for o, c in zip(bdef.optimizers, clips))
+    custom = any(o.clip is not None and c is None for o, c in zip(bdef.optimizers, clips, strict=True))
     return {
         "lr": _unique([number(k.get("lr")) for k, _ in values]),
         "weight_decay": _unique([number(k.get("weight_decay")) for k, _ in values]),

@@ -59,6 +59,7 @@ def train_context(pkg: "PackageDef"):
     if training is None:
         return None
     assert pkg.loss is not None  # a package trains only with a loss
+    bdef = pkg.backward.backward if pkg.backward is not None else None
     root, loss_root = pkg.model.root, pkg.loss.root
     metric_root = pkg.metric.root if pkg.metric is not None else None
     return TrainContext(
@@ -82,7 +83,7 @@ def train_context(pkg: "PackageDef"):
         target=training.target,
         num_features=training.num_features,
         num_targets=training.num_targets,
-        backward=compiled_settings(pkg.backward.backward) if pkg.backward is not None else {},
+        backward=compiled_settings(bdef) if bdef is not None else {},
     )
 
 

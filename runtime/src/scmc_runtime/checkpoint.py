@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.distributed as torch_dist
@@ -61,7 +61,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
+            model = cast(nn.Module, model._orig_mod)
         else:
             return model
 
@@ -325,7 +325,8 @@ def rng_state() -> Dict[str, Any]:
         import numpy
     except ImportError:
         return state
-    kind, keys, pos, has_gauss, cached = numpy.random.get_state()
+    # legacy=True (the default) gives the tuple form; numpy's stubs also allow the dict form
+    kind, keys, pos, has_gauss, cached = cast(Tuple[str, Any, int, int, float], numpy.random.get_state())
     state["numpy"] = {
         "kind": str(kind),
         "keys": torch.from_numpy(keys.astype("int64")),

@@ -13,7 +13,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Sized, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,8 @@ _DIGITS_MARKER = ".scmc-digits-complete"
 def _stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> Tuple[List[int], List[int]]:
     """Indices for train and validation, each class split ``1 - val_fraction : val_fraction``."""
     generator = torch.Generator().manual_seed(seed)
-    train, val = [], []
+    train: List[int] = []
+    val: List[int] = []
     for label in sorted(set(labels)):
         members = [index for index, value in enumerate(labels) if value == label]
         order = torch.randperm(len(members), generator=generator).tolist()
@@ -269,6 +270,11 @@ class ImageFolderDataset(Dataset):
 # Samplers and loader
 
 
+def _length(items: Union[Dataset, Sampler]) -> int:
+    """``len`` of a map-style dataset or a sampler: torch's stubs declare no ``__len__`` on either base class."""
+    return len(cast(Sized, items))
+
+
 def validation_subset(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
     """A random subset of ``size`` items, the same for a given seed, in index order (``dataset`` if smaller).
 
@@ -276,10 +282,10 @@ def validation_subset(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
     first classes only; a random subset fixed by the seed holds every class in proportion, and
     every epoch (and every resumed run) validates the same images.
     """
-    if size <= 0 or size >= len(dataset):
+    if size <= 0 or size >= _length(dataset):
         return dataset
     generator = torch.Generator().manual_seed(seed)
-    indices = sorted(torch.randperm(len(dataset), generator=generator)[:size].tolist())
+    indices = sorted(torch.randperm(_length(dataset), generator=generator)[:size].tolist())
     return torch.utils.data.Subset(dataset, indices)
 
 
@@ -318,14 +324,14 @@ class ResumableSampler(Sampler[int]):
         self.skip_batches = skip_batches
         if hasattr(self.inner, "set_epoch"):
             self.inner.set_epoch(epoch)
-        if hasattr(self.dataset, "set_epoch"):
+        if self.dataset is not None and hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
         return itertools.islice(iter(self.inner), self.skip_batches * self.batch_size, None)
 
     def __len__(self) -> int:
-        return max(0, len(self.inner) - self.skip_batches * self.batch_size)
+        return max(0, _length(self.inner) - self.skip_batches * self.batch_size)
 
 
 def build_loader(
@@ -352,13 +358,13 @@ def build_loader(
     if train and sampler is not None:
         inner: Sampler[int] = sampler
     elif train:
-        inner: Sampler[int] = DistributedSampler(
+        inner = DistributedSampler(
             dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed, drop_last=True
         )
     elif dist.world_size > 1:
-        inner = ShardSampler(len(dataset), dist.rank, dist.world_size)
+        inner = ShardSampler(_length(dataset), dist.rank, dist.world_size)
     else:
-        inner = SequentialSampler(dataset)
+        inner = SequentialSampler(cast(Sized, dataset))
     sampler = ResumableSampler(inner, batch_size, dataset)
     return DataLoader(
         dataset,

@@ -121,7 +121,9 @@ class ModelEma:
         ema_values: List[torch.Tensor] = []
         model_values: List[torch.Tensor] = []
         buffers = {id(b) for b in self.module.buffers()} if self.exclude_buffers else set()
-        for ema_v, model_v in zip(self.module.state_dict(keep_vars=True).values(), source.state_dict().values()):
+        for ema_v, model_v in zip(
+            self.module.state_dict(keep_vars=True).values(), source.state_dict().values(), strict=True
+        ):
             averaged = id(ema_v) not in buffers
             ema_v, model_v = ema_v.data, model_v.to(device=ema_v.device)
             if ema_v.is_floating_point() and averaged:
@@ -134,7 +136,7 @@ class ModelEma:
         if self.foreach:
             torch._foreach_lerp_(ema_values, model_values, weight=weight)
         else:
-            for ema_v, model_v in zip(ema_values, model_values):
+            for ema_v, model_v in zip(ema_values, model_values, strict=True):
                 ema_v.lerp_(model_v, weight)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:

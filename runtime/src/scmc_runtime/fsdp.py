@@ -40,14 +40,17 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, cast
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from scmc_runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
+from scmc_runtime.checkpoint import CheckpointError, PathLike, load_checkpoint, save_checkpoint, unwrap
 from scmc_runtime.distributed import DistInfo, is_distributed
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 __all__ = [
     "STRATEGIES",
@@ -173,13 +176,14 @@ class Sharding:
         if not self.sharded:
             yield
             return
-        model.set_requires_gradient_sync(False)
-        model.set_reshard_after_backward(False)
+        fsdp_model = cast("FSDPModule", model)  # fully_shard made the model an FSDPModule
+        fsdp_model.set_requires_gradient_sync(False)
+        fsdp_model.set_reshard_after_backward(False)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
-            model.set_reshard_after_backward(True)
+            fsdp_model.set_requires_gradient_sync(True)
+            fsdp_model.set_reshard_after_backward(True)
 
 
 def shard_model(
@@ -495,7 +499,7 @@ def load_sharded(path: Path, state: Dict[str, Any], model: nn.Module, backward: 
         ema.load_state_dict(tensors["ema"])
 
 
-def load_consolidated(path: Path) -> Dict[str, Any]:
+def load_consolidated(path: PathLike) -> Dict[str, Any]:
     """A train.py checkpoint as one plain dict of full tensors, whether sharded or not; no process group needed.
 
     A plain checkpoint is returned as :func:`scmc_runtime.checkpoint.load_checkpoint` reads it.

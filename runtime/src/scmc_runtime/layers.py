@@ -7,7 +7,7 @@ constructor call reproduces the materialized module.
 """
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor
@@ -254,6 +254,7 @@ def _unfold_grid(
             _per_axis(dilation, n),
             _per_axis(padding, n),
             _per_axis(stride, n),
+            strict=False,
         )
     )
 
@@ -277,6 +278,7 @@ def _fold_spatial(
             _per_axis(padding, n),
             _per_axis(stride, n),
             _per_axis(output_padding, n),
+            strict=False,
         )
     )
 
@@ -354,6 +356,15 @@ class FoldExt(LazyModuleMixin, GridFold):
 # --------------------------------------------------------------------------- lazy normalisations
 
 
+def _uninitialized(device: Optional[Union[torch.device, str]], dtype: Optional[torch.dtype]) -> torch.nn.Parameter:
+    """An ``UninitializedParameter`` typed as the ``Parameter`` the base module declares.
+
+    torch's stubs declare no ``device``/``dtype`` keywords for it, though its ``__new__`` takes them.
+    """
+    param = UninitializedParameter(device=device, dtype=dtype)  # type: ignore[call-arg]
+    return cast(torch.nn.Parameter, param)
+
+
 class LazyLayerNorm(LazyModuleMixin, torch.nn.LayerNorm):
     """:class:`torch.nn.LayerNorm` over the last ``channels`` axes, sized from the first input."""
 
@@ -372,9 +383,9 @@ class LazyLayerNorm(LazyModuleMixin, torch.nn.LayerNorm):
         self.channels = channels
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
-            self.weight = UninitializedParameter(device=device, dtype=dtype)
+            self.weight = _uninitialized(device, dtype)
             if bias:
-                self.bias = UninitializedParameter(device=device, dtype=dtype)
+                self.bias = _uninitialized(device, dtype)
 
     def reset_parameters(self) -> None:
         if self.normalized_shape != (0,) and not self.has_uninitialized_params():
@@ -386,9 +397,9 @@ class LazyLayerNorm(LazyModuleMixin, torch.nn.LayerNorm):
         with torch.no_grad():
             self.normalized_shape = tuple(input.shape[-self.channels :])
             if self.elementwise_affine:
-                self.weight.materialize(self.normalized_shape)
+                cast(UninitializedParameter, self.weight).materialize(self.normalized_shape)
                 if self.bias is not None:
-                    self.bias.materialize(self.normalized_shape)
+                    cast(UninitializedParameter, self.bias).materialize(self.normalized_shape)
             self.reset_parameters()
 
 
@@ -409,7 +420,7 @@ class LazyRMSNorm(LazyModuleMixin, torch.nn.RMSNorm):
         self.channels = channels
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
-            self.weight = UninitializedParameter(device=device, dtype=dtype)
+            self.weight = _uninitialized(device, dtype)
 
     def reset_parameters(self) -> None:
         if self.normalized_shape != (0,) and not self.has_uninitialized_params():
@@ -421,7 +432,7 @@ class LazyRMSNorm(LazyModuleMixin, torch.nn.RMSNorm):
         with torch.no_grad():
             self.normalized_shape = tuple(input.shape[-self.channels :])
             if self.elementwise_affine:
-                self.weight.materialize(self.normalized_shape)
+                cast(UninitializedParameter, self.weight).materialize(self.normalized_shape)
             self.reset_parameters()
 
 

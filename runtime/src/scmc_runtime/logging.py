@@ -271,6 +271,7 @@ class MlflowLogger:
 
     def _end_shared_run(self, status: str) -> None:
         """On a rank other than 0: end rank 0's run with ``status`` if it is still RUNNING (best effort)."""
+        assert self._shared is not None  # the caller checked
         run_id, uri = self._shared
         self._shared = None
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():

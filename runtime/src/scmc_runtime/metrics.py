@@ -7,7 +7,7 @@ single copy to the host.
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.distributed as torch_dist
@@ -81,11 +81,11 @@ class MetricAccumulator:
         packed = torch.cat([sums, counts])
         if distributed:
             torch_dist.all_reduce(packed, op=torch_dist.ReduceOp.SUM)
-        packed = packed.cpu().tolist()
-        sums_host, counts_host = packed[: len(names)], packed[len(names) :]
+        host: List[float] = packed.cpu().tolist()
+        sums_host, counts_host = host[: len(names)], host[len(names) :]
         return {
             name: (total / count if count else float("nan"))
-            for name, total, count in zip(names, sums_host, counts_host)
+            for name, total, count in zip(names, sums_host, counts_host, strict=True)
         }
 
 

@@ -622,6 +622,7 @@ class Optimization:
         if self._kind == _TIMM:
             self.scheduler.step_update(num_updates, metric)
         elif self._kind == _UPDATE:
+            assert self.updates_per_epoch  # _UPDATE is chosen only with updates_per_epoch > 0
             self._native_step(num_updates / self.updates_per_epoch)
 
     def step_epoch(self, epoch: int, metric: Optional[float] = None) -> None:
@@ -642,7 +643,7 @@ class Optimization:
 
     def _native_step(self, *args: Any) -> None:
         assert self._unscaled is not None
-        for group, value in zip(self.optimizer.param_groups, self._unscaled):
+        for group, value in zip(self.optimizer.param_groups, self._unscaled, strict=False):
             _set_lr(group, value)
         self.scheduler.step(*args)
         self._unscaled = [float(group["lr"]) for group in self.optimizer.param_groups]
@@ -650,7 +651,7 @@ class Optimization:
 
     def _write_scaled(self) -> None:
         assert self._unscaled is not None
-        for group, value in zip(self.optimizer.param_groups, self._unscaled):
+        for group, value in zip(self.optimizer.param_groups, self._unscaled, strict=False):
             if "lr_scale" in group:
                 _set_lr(group, value * group["lr_scale"])
 
@@ -681,6 +682,7 @@ class Optimization:
                 f"here: {'yes' if self.scheduler is not None else 'no'})"
             )
         if self._kind == _TIMM:
+            assert scheduler is not None  # checked above: there is a schedule here, so in the checkpoint too
             scheduler = dict(scheduler)
             inner = scheduler.pop("lr_scheduler", None)
             if inner is not None:

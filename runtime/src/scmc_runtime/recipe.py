@@ -253,21 +253,21 @@ def seeded(seed: int, device: Optional[torch.device] = None) -> Iterator[None]:
     py_state = random.getstate()
     np_state = numpy.random.get_state()
     cpu_state = torch.get_rng_state()
-    cuda = device is not None and device.type == "cuda"
-    cuda_state = torch.cuda.get_rng_state(device) if cuda else None
+    cuda = device if device is not None and device.type == "cuda" else None
+    cuda_state = torch.cuda.get_rng_state(cuda) if cuda is not None else None
     try:
         random.seed(seed)
         numpy.random.seed(seed % (2**32))
         torch.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+        if cuda is not None:
+            torch.cuda.default_generators[cuda.index or 0].manual_seed(seed)
         yield
     finally:
         random.setstate(py_state)
         numpy.random.set_state(np_state)
         torch.set_rng_state(cpu_state)
-        if cuda:
-            torch.cuda.set_rng_state(cuda_state, device)
+        if cuda is not None and cuda_state is not None:  # both set together
+            torch.cuda.set_rng_state(cuda_state, cuda)
 
 
 def mix_seed(*parts: int) -> int:
@@ -493,11 +493,13 @@ class BatchRecipe:
         context = seeded(mix_seed(self.seed, self.rank, epoch, step), self.device) if random_batch else None
         with context or contextlib.nullcontext():
             if self.mean is not None:
+                assert self.std is not None  # set with mean (--use-prefetcher)
                 images = images.float().sub_(self.mean).div_(self.std)
                 if self.erasing is not None:
                     images = self.erasing(images)
             targets = labels
             if mixing and images.shape[0] % 2 == 0:  # timm's Mixup pairs each image with its mirror in the batch
+                assert self.mixup is not None  # mixing() is true only with a Mixup
                 images, targets = self.mixup(images, labels)
             elif r.soft:
                 mixup_target = require("timm.data.mixup", "--label-smoothing", "timm").mixup_target

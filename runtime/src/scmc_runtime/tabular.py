@@ -170,7 +170,7 @@ class ImageTableDataset(Dataset):
 
     def drop_unreadable(self) -> List[Tuple[Path, str]]:
         """Drop the images that fail to decode, and their rows (``--skip-bad-images``)."""
-        before = list(zip(self.images.samples, self.rows))
+        before = list(zip(self.images.samples, self.rows, strict=True))
         dropped = self.images.drop_unreadable()
         kept = set(self.images.samples)
         self.rows = [row for sample, row in before if sample in kept]

@@ -226,7 +226,7 @@ def parse_config(
     """Parse ``argv`` (default: ``sys.argv[1:]``) into an instance of the dataclass ``cls``."""
     namespace = config_parser(cls, description, prog).parse_args(argv)
     values = vars(namespace)
-    for field in dataclasses.fields(cls):
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]  # C is unbound; cls is a config dataclass
         if isinstance(field.default, tuple) and isinstance(values[field.name], list):
             values[field.name] = tuple(values[field.name])
     return cls(**values)
@@ -427,8 +427,8 @@ class TimmImageDataset(Dataset):
         self.epoch = 0
         classes = getattr(self.dataset, "classes", None)  # torchvision datasets
         if classes is None:  # timm readers map class names to indices
-            mapping = getattr(getattr(self.dataset, "reader", None), "class_to_idx", None) or {}
-            classes = sorted(mapping, key=mapping.get)
+            mapping: Dict[str, int] = getattr(getattr(self.dataset, "reader", None), "class_to_idx", None) or {}
+            classes = sorted(mapping, key=mapping.__getitem__)
         self.classes = [str(name) for name in classes]
 
     def set_epoch(self, epoch: int) -> None:
@@ -529,7 +529,7 @@ def build_datasets(
     counts = [0] * len(train_set.classes)
     for _, label in train_set.samples:
         counts[label] += 1
-    empty = [name for name, count in zip(train_set.classes, counts) if count == 0]
+    empty = [name for name, count in zip(train_set.classes, counts, strict=True) if count == 0]
     if empty:
         raise TrainError(f"--data {root}: train/ has no images for class(es) {', '.join(empty[:10])}")
     return train_set, val_set, train_set.classes
@@ -720,7 +720,7 @@ def load_resume_state(
         raise TrainError(
             f"{error}. Nothing was changed; to continue from another checkpoint pass --resume PATH, or {FRESH_HINT}"
         ) from None
-    saved = state.get("config") if isinstance(state.get("config"), Mapping) else {}
+    saved: Mapping[str, Any] = state["config"] if isinstance(state.get("config"), Mapping) else {}
     differ = [name for name in must_match if name in saved and name in config and saved[name] != config[name]]
     if differ:
         was = " ".join(f"{_flag(n)} {_shown(saved[n])}" for n in differ)
