@@ -46,7 +46,14 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from scmc_runtime.checkpoint import CheckpointError, PathLike, load_checkpoint, save_checkpoint, unwrap
+from scmc_runtime.checkpoint import (
+    CheckpointError,
+    PathLike,
+    _fsync_directory,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
 from scmc_runtime.distributed import DistInfo, is_distributed
 
 if TYPE_CHECKING:
@@ -377,19 +384,6 @@ def _broadcast(value: Any) -> Any:
     return box[0]
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_sharded(
     path: Path, state: Mapping[str, Any], model: nn.Module, backward: Any = None, *, is_main: bool = True
 ) -> Path:
@@ -432,7 +426,7 @@ def save_sharded(
         torch_dist.barrier()
     if is_main:
         os.replace(temporary, path.parent / final)
-        _fsync_dir(path.parent)
+        _fsync_directory(path.parent)
         save_checkpoint(path, {**plain, SHARDED_KEY: final, "sharded_parts": parts, "ema": None})
         for old in path.parent.glob(f"{stem}-shards-*"):
             if old.name != final and old.is_dir():
