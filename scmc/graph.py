@@ -80,22 +80,12 @@ class LayerGraph:
 # --------------------------------------------------------------------------- tracing
 
 
-def _shape_text(value: Any) -> str:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return "x".join(str(d) for d in value.shape) or "scalar"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {_shape_text(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(_shape_text(v) for v in value) + ")"
-    return type(value).__name__
-
-
 def _trace(model: Any, package: str, inputs: dict[str, Any]) -> tuple[Any, dict[str, str]]:
     """The fx graph of MODEL (user layers traced into, library layers as leaves) and each node's shape."""
     import torch
     import torch.fx
+
+    from scmc.inspection import _shape_of
 
     def user_layer(module: Any) -> bool:
         return type(module).__module__.startswith(package + ".")
@@ -114,7 +104,7 @@ def _trace(model: Any, package: str, inputs: dict[str, Any]) -> tuple[Any, dict[
     class Recorder(torch.fx.Interpreter):
         def run_node(self, node: Any) -> Any:
             value = super().run_node(node)
-            shapes[node.name] = _shape_text(value)
+            shapes[node.name] = _shape_of(value)
             return value
 
     names = [n.target for n in graph.nodes if n.op == "placeholder"]
