@@ -22,7 +22,7 @@ import torch
 from scmc_runtime.tabular import ImageTableDataset, read_table, write_digits_table
 from scmc_runtime.train import TrainError
 from tests.conftest import build_package, import_package
-from tests.train_support import python_env
+from tests.train_support import kill_tree, python_env
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tabularfusion"
@@ -55,13 +55,12 @@ def trained(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         deadline = time.monotonic() + 300
         while not (log.exists() and '"event": "step"' in log.read_text()):
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+            assert process.poll() is None and time.monotonic() < deadline, kill_tree(process)
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)  # finishes the step, saves last.pt, exits 0
         assert process.wait(timeout=120) == 0
     finally:
-        process.kill()
-        process.communicate()
+        kill_tree(process)
     _train(package, work, "--epochs", "2", "--run-name", "stopped", "--resume", "auto")
     return work
 

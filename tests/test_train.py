@@ -25,7 +25,7 @@ import torch
 
 from scmc.emit.train import FIELDS, TrainContext, render_train
 from tests.conftest import build_package
-from tests.train_support import complete_package, python_env, run_many
+from tests.train_support import complete_package, kill_tree, python_env, run_many
 
 pytest.importorskip("PIL")
 pytest.importorskip("sklearn")
@@ -144,8 +144,7 @@ def wait_for(condition, timeout: float, process: subprocess.Popen, what: str) ->
         if process.poll() is not None:
             pytest.fail(f"training exited ({process.returncode}) before {what}:\n{process.stdout.read()}")
         if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"no {what} within {timeout:.0f}s:\n{process.communicate()[0]}")
+            pytest.fail(f"no {what} within {timeout:.0f}s:\n{kill_tree(process)}")
         time.sleep(0.05)
 
 
@@ -374,8 +373,7 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_with_bitwise_identical_weights(
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:
-        process.kill()
-        process.communicate()
+        kill_tree(process)
     assert process.returncode == -signal.SIGKILL
 
     train(package, out, digits_cache, *args, "--run-name", "killed", "--resume", "auto")
@@ -402,7 +400,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(package: Path, digits_cache: 
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=SIGNAL_DEADLINE_S)
     finally:
-        process.kill()
+        kill_tree(process)
     assert process.returncode == 0, output
     assert "stopped by a signal" in output
     state = load(out / "term" / "last.pt")
@@ -422,7 +420,7 @@ def test_sigterm_under_torchrun_saves_once_and_every_rank_exits_zero(package: Pa
             os.kill(pid, signal.SIGTERM)
         output, _ = process.communicate(timeout=SIGNAL_DEADLINE_S)
     finally:
-        process.kill()
+        kill_tree(process)
     assert process.returncode == 0, output  # torchrun exits 0 only when every rank did
     assert "stopped by a signal" in output
     state = load(out / "term2" / "last.pt")

@@ -173,6 +173,50 @@ def python_env(package_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below PID (Linux /proc: the children of each of its threads)."""
+    found, stack = [], [pid]
+    while stack:
+        parent = stack.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            stack += kids
+    return found
+
+
+def kill_tree(process, timeout: float = 120) -> str:
+    """SIGKILL PROCESS and every process below it, then collect its output; "" when it is gone already.
+
+    torchrun starts each worker in a session of its own: killing the launcher (or its process group)
+    alone would leave the ranks training, holding the output pipe open, so that reading it waits for
+    them (a rank stuck in a collective waits out the process group's 30-minute timeout).
+    """
+    import signal
+    import subprocess
+
+    for pid in [*descendants(process.pid), process.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # not the leader of a group of its own
+    if process.stdout is None or process.stdout.closed:
+        process.wait(timeout=timeout)
+        return ""
+    try:
+        output = process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the job's output stayed open {timeout:.0f}s after every process was killed")
+    return output or ""
+
+
 # Runs train.py's real entry (``run_main(main)``) once per argv in ONE interpreter, so that many
 # bad-input cases cost one torch import. Prints a JSON list of {"code": exit status, "stderr": ...}.
 RUNNER = """

@@ -75,7 +75,13 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         )
     backend = "nccl" if resolved.type == "cuda" else "gloo"
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        # torchrun keeps one store for a job's whole life; a worker restarted by --max-restarts
+        # would otherwise read the peers' addresses its dead predecessors left there (gloo then
+        # fails with "Connection refused"). Each life writes its keys under a prefix of its own.
+        store, rank, world_size = next(torch_dist.rendezvous("env://", rank, world_size))
+        life = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+        store = torch_dist.PrefixStore(f"scmc/life_{life}", store)
+        torch_dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     return DistInfo(rank, local_rank, world_size, resolved, backend, rank == 0)
 
 
