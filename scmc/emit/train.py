@@ -162,7 +162,7 @@ FIELDS: tuple[Field, ...] = (
         "sync_bn",
         "bool",
         True,
-        "under DDP on GPUs, BatchNorm statistics over all ranks (torch.nn.SyncBatchNorm); --no-sync-bn: per rank",
+        "under DDP, BatchNorm statistics over all ranks (SyncBatchNorm; on CPU over gloo); --no-sync-bn: per rank",
         "speed",
     ),
     Field("threads", "int", 0, "CPU threads per process (0: torch's default)", "speed"),

@@ -25,7 +25,7 @@ from importlib import resources
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from scmc_runtime.batchnorm import use_sync_batchnorm
+from scmc_runtime.batchnorm import sync_batchnorm
 from scmc_runtime.checkpoint import (
     FORMAT_VERSION,
     gather_rng_states,
@@ -216,7 +216,7 @@ class TrainConfig:
     channels_last: bool = flag(False, "channels-last memory format (faster convolutions on GPU)")
     sync_bn: bool = flag(
         True,
-        "under DDP on GPUs, BatchNorm statistics over all ranks (torch.nn.SyncBatchNorm); --no-sync-bn: per rank",
+        "under DDP, BatchNorm statistics over all ranks (SyncBatchNorm; on CPU over gloo); --no-sync-bn: per rank",
     )
     threads: int = flag(0, "CPU threads per process (0: torch's default)")
     # distributed
@@ -346,9 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     # Fine-tuning: weights mapped by name, else by order and shape (a resume replaces them).
     if cfg.init_from:
         log.info(init_from(net, cfg.init_from, reset_head=cfg.reset_head))
-    # Under DDP on GPUs, BatchNorm statistics over all ranks (--no-sync-bn: per rank; on CPU per rank, with a warning).
-    if use_sync_batchnorm(net, dist, enabled=cfg.sync_bn, log=log.warning):
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    # Under DDP, BatchNorm statistics over all ranks (SyncBatchNorm; on CPU CpuSyncBatchNorm; --no-sync-bn: per rank).
+    net = sync_batchnorm(net, dist, enabled=cfg.sync_bn, log=log.warning)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net = net.to(device, memory_format=memory_format)
     # The optimizer flags override what backward.py was compiled with (Backward.compiled), for this run.
