@@ -19,7 +19,7 @@ checkpoints, the EMA (which averages the running statistics like the weights, as
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -44,7 +44,7 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     single process would compute on the whole batch.
     """
 
-    def __init__(self, *args, process_group: Optional[object] = None, **kwargs) -> None:
+    def __init__(self, *args: Any, process_group: Optional[torch_dist.ProcessGroup] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.process_group = process_group
 
@@ -90,7 +90,7 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return out
 
 
-def convert_cpu_sync_batchnorm(module: nn.Module, process_group: Optional[object] = None) -> nn.Module:
+def convert_cpu_sync_batchnorm(module: nn.Module, process_group: Optional[torch_dist.ProcessGroup] = None) -> nn.Module:
     """``module`` with every BatchNorm layer replaced by :class:`CpuSyncBatchNorm` (same parameters and buffers)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
         module, (nn.SyncBatchNorm, CpuSyncBatchNorm)
