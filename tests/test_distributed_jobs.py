@@ -114,7 +114,7 @@ def wait_until(condition, process: subprocess.Popen, what: str, timeout: float =
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
-            pytest.fail(f"the job exited ({process.returncode}) before {what}:\n{process.communicate()[0]}")
+            pytest.fail(f"the job exited ({process.returncode}) before {what}:\n{kill_tree(process)}")
         if time.monotonic() > deadline:
             stop(process)
             pytest.fail(f"no {what} within {timeout:.0f}s")
