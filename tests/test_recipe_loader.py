@@ -68,3 +68,134 @@ def test_persistent_workers_need_workers_and_the_epoch_index_pairs_are_the_sampl
     sampler.set_epoch(4, skip_batches=1)
     assert list(sampler) == [(4, 2), (4, 3), (4, 4), (4, 5)]
 
+# ------------------------------------------------------------------------------------------
+# predict.py: the recipe's eval transform (crop_pct), driven by scmc export's ONNX metadata
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SHAPES = [(300, 200), (200, 300), (64, 64), (33, 47), (500, 375), (20, 20)]
+
+
+def _predict_module(tmp_path: Path):
+    import importlib.util
+
+    from scmc.emit.predict import render_predict
+
+    path = tmp_path / "recipe_predict.py"
+    path.write_text(render_predict("recipe_pkg", "image", 32, list(MEAN), list(STD), None, 3))
+    spec = importlib.util.spec_from_file_location("_scmc_recipe_predict", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _photos(tmp_path: Path) -> list[Path]:
+    """Smooth, textured test pictures (a gradient and noise), saved as PNG and JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for n, (h, w) in enumerate(SHAPES):
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], axis=-1)
+        pixels = np.clip(base + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+        path = tmp_path / f"{h}x{w}.{'png' if n % 2 else 'jpg'}"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("size,crop_pct", [(32, 0.875), (224, 0.95), (24, 1.0)])
+def test_predict_preprocessing_with_crop_pct_is_timms_eval_transform(
+    tmp_path: Path, size: int, crop_pct: float, interpolation: str
+):
+    import numpy as np
+    from PIL import Image
+
+    timm_data = pytest.importorskip("timm.data")
+    predict = _predict_module(tmp_path)
+    timm_eval = timm_data.create_transform(
+        size, is_training=False, crop_pct=crop_pct, interpolation=interpolation, mean=MEAN, std=STD
+    )
+    for path in _photos(tmp_path):
+        ours = predict.preprocess(str(path), (size, size), MEAN, STD, crop_pct=crop_pct, interpolation=interpolation)
+        with Image.open(path) as image:
+            theirs = timm_eval(image.convert("RGB")).numpy()
+        assert ours.dtype == np.float32 and ours.shape == theirs.shape == (3, size, size), path.name
+        assert np.abs(ours - theirs).max() < 1e-6, (path.name, float(np.abs(ours - theirs).max()))
+
+
+def _pooling_onnx(path: Path, preprocess: dict) -> Path:
+    """A real 3-class ONNX model: the mean of each channel of the prepared image, with scmc.preprocess."""
+    import json
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["cls"]),
+        ],
+        "pool",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+        [helper.make_tensor_value_info("cls", TensorProto.FLOAT, ["batch", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "scmc.preprocess", json.dumps(preprocess)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_predict_takes_crop_pct_from_the_onnx_metadata_and_keeps_the_default_path_without_it(tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    pytest.importorskip("onnxruntime")
+    timm_data = pytest.importorskip("timm.data")
+    predict = _predict_module(tmp_path)
+    photo = _photos(tmp_path)[0]  # 300 x 200: the crop removes a band that a plain resize keeps
+    recorded = {"image_size": 32, "mean": list(MEAN), "std": list(STD), "crop_pct": 0.5, "interpolation": "bilinear"}
+    cropped = _pooling_onnx(tmp_path / "timm.onnx", recorded)
+    plain = _pooling_onnx(tmp_path / "plain.onnx", {"image_size": 32, "mean": list(MEAN), "std": list(STD)})
+
+    def probabilities(model: Path) -> np.ndarray:
+        (result,) = predict.predict(str(model), [str(photo)], topk=3)
+        return np.array([item["probability"] for item in sorted(result["topk"], key=lambda item: item["index"])])
+
+    timm_eval = timm_data.create_transform(
+        32, is_training=False, crop_pct=0.5, interpolation="bilinear", mean=MEAN, std=STD
+    )
+    with Image.open(photo) as image:
+        expected = predict.softmax(timm_eval(image.convert("RGB")).numpy().mean(axis=(1, 2)))
+    assert np.abs(probabilities(cropped) - expected).max() < 1e-5
+    default = predict.softmax(predict.preprocess(str(photo), (32, 32), MEAN, STD).mean(axis=(1, 2)))
+    assert np.abs(probabilities(plain) - default).max() < 1e-5
+    assert np.abs(expected - default).max() > 1e-3  # the two paths differ on this picture
+
+    for bad, key in (
+        ({"crop_pct": 1.5}, "crop_pct"),
+        ({"crop_pct": "a lot"}, "crop_pct"),
+        ({"interpolation": "cubic"}, "interpolation"),
+    ):
+        model = _pooling_onnx(tmp_path / f"bad_{key}.onnx", {"image_size": 32, **bad})
+        with pytest.raises(predict.PredictError, match=rf"scmc\.preprocess\.{key}"):
+            predict.predict(str(model), [str(photo)])
+
+
+def test_export_records_crop_pct_and_interpolation_for_a_timm_pipeline_run():
+    from types import SimpleNamespace
+
+    from scmc.export.preprocess import preprocessing
+
+    info = SimpleNamespace(manifest={})
+    timm_run = {"config": {"data_pipeline": "timm", "crop_pct": 0.9, "interpolation": "bilinear", "image_size": 32}}
+    recorded = preprocessing(info, timm_run, [3, 32, 32])  # type: ignore[arg-type]
+    assert recorded["crop_pct"] == 0.9 and recorded["interpolation"] == "bilinear"
+    assert recorded["resize"].startswith("timm eval")
+    basic = preprocessing(info, {"config": {"data_pipeline": "basic", "crop_pct": 0.9}}, [3, 32, 32])  # type: ignore[arg-type]
+    assert "crop_pct" not in basic and "interpolation" not in basic and "antialias=True" in basic["resize"]
