@@ -68,6 +68,33 @@ def test_persistent_workers_need_workers_and_the_epoch_index_pairs_are_the_sampl
     sampler.set_epoch(4, skip_batches=1)
     assert list(sampler) == [(4, 2), (4, 3), (4, 4), (4, 5)]
 
+
+def test_each_repeat_of_an_image_gets_an_augmentation_of_its_own(folder: Path):
+    """--num-aug-repeats: RepeatAugSampler yields an image N times an epoch; the copy number joins its seed."""
+    pytest.importorskip("timm")
+    from scmc_runtime.recipe import train_sampler
+
+    dataset = ImageFolderDataset(folder, ImageTransform(16, translate=3, hflip=True), seed=0)
+    sampler = train_sampler(dataset, rank=0, world_size=1, seed=0, repeats=2)
+    loader = build_loader(dataset, 4, True, _dist(), sampler=sampler)
+    assert isinstance(loader.dataset, EpochIndexed)
+    loader.sampler.set_epoch(0)
+    keys = list(loader.sampler)
+    assert [index for _, index in keys[0::2]] == [index for _, index in keys[1::2]]  # each image twice in a row
+    assert [key // ResumableSampler.COPY_STRIDE for key, _ in keys[:4]] == [0, 1, 0, 1]
+    images = torch.cat([batch for batch, _ in loader])
+    assert not torch.equal(images[0], images[1])  # the two copies of one image differ
+    again = build_loader(
+        dataset, 4, True, _dist(), sampler=train_sampler(dataset, rank=0, world_size=1, seed=0, repeats=2)
+    )
+    assert torch.equal(torch.cat([batch for batch, _ in _epoch_images(again, 0)]), images)  # and are reproducible
+
+
+def _epoch_images(loader, epoch: int):
+    loader.sampler.set_epoch(epoch)
+    return list(loader)
+
+
 # ------------------------------------------------------------------------------------------
 # predict.py: the recipe's eval transform (crop_pct), driven by scmc export's ONNX metadata
 

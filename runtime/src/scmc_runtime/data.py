@@ -313,8 +313,15 @@ class ResumableSampler(Sampler[Any]):
 
     ``set_epoch(epoch, skip_batches=k)`` reshuffles for ``epoch`` (same order as without the
     skip) and drops the first ``k * batch_size`` indices of that epoch, for exact resume. With
-    ``with_epoch`` it yields ``(epoch, index)`` pairs for an :class:`EpochIndexed` dataset.
+    ``with_epoch`` it yields ``(epoch, index)`` pairs for an :class:`EpochIndexed` dataset. An
+    inner sampler may yield ``(copy, index)`` pairs (the repeated-augmentation sampler: copy
+    ``c`` of an image in an epoch); copy ``c`` of epoch ``e`` is read as epoch
+    ``e + c * COPY_STRIDE``, so each copy of an image gets an augmentation of its own.
     """
+
+    # Far above any epoch count, and odd: torch's CPU generator keeps only the low 32 bits of a
+    # seed, so a multiple of 2**32 would give every copy the same augmentation.
+    COPY_STRIDE = 0x9E3779B1
 
     def __init__(
         self, inner: Sampler[int], batch_size: int, dataset: Optional[Dataset] = None, *, with_epoch: bool = False
@@ -338,8 +345,14 @@ class ResumableSampler(Sampler[Any]):
         indices = itertools.islice(iter(self.inner), self.skip_batches * self.batch_size, None)
         if self.with_epoch:
             epoch = self.epoch  # fixed when the epoch's iterator is made, as the inner shuffle is
-            return ((epoch, index) for index in indices)
-        return indices
+            return (self._key(epoch, item) for item in indices)
+        return (item[1] if isinstance(item, tuple) else item for item in indices)
+
+    def _key(self, epoch: int, item: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+        if isinstance(item, tuple):
+            copy, index = item
+            return epoch + copy * self.COPY_STRIDE, index
+        return epoch, item
 
     def __len__(self) -> int:
         return max(0, _length(self.inner) - self.skip_batches * self.batch_size)
@@ -408,7 +421,9 @@ def build_loader(
     else:
         inner = SequentialSampler(cast(Sized, dataset))
     persistent = persistent_workers and workers > 0
-    with_epoch = persistent and train and hasattr(dataset, "set_epoch")
+    # (epoch, index) keys: for persistent workers, and for a sampler that yields copies of images
+    copies = getattr(inner, "yields_copies", False)
+    with_epoch = train and hasattr(dataset, "set_epoch") and (persistent or copies)
     sampler = ResumableSampler(inner, batch_size, dataset, with_epoch=with_epoch)
     return DataLoader(
         EpochIndexed(dataset) if with_epoch else dataset,

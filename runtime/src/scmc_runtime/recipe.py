@@ -404,7 +404,16 @@ def train_sampler(dataset: Any, *, rank: int, world_size: int, seed: int, repeat
 
 
 class _SeededRepeatSampler(torch.utils.data.Sampler):
-    """``RepeatAugSampler`` shuffles by epoch alone; this offsets the epoch by ``--seed`` so seeds differ."""
+    """``RepeatAugSampler`` with ``--seed`` in its shuffle, yielding ``(copy, index)``: which repeat of the image it is.
+
+    ``RepeatAugSampler`` shuffles by epoch alone; the epoch is offset by ``--seed`` so seeds
+    differ. scmc seeds each image's augmentation by ``(seed, epoch, index)``, which would give
+    every repeat of an image the same augmentation; the copy number (position ``i`` in the
+    epoch's repeated list holds copy ``i % num_repeats``) makes the loader seed each copy apart
+    (scmc_runtime.data.ResumableSampler reads copy ``c`` as epoch ``epoch + c * COPY_STRIDE``).
+    """
+
+    yields_copies = True
 
     def __init__(self, inner: Any, seed: int) -> None:
         self.inner = inner
@@ -413,8 +422,12 @@ class _SeededRepeatSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.inner.set_epoch(self.seed * 100_003 + epoch)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.inner)
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        s = self.inner
+        repeats = int(s.num_repeats)
+        size = len(s.dataset) * repeats
+        positions = range(s.rank, s.total_size, s.num_replicas)[: s.num_selected_samples]
+        return iter([((i % size) % repeats, index) for i, index in zip(positions, s)])
 
     def __len__(self) -> int:
         return len(self.inner)
