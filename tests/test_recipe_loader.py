@@ -226,3 +226,79 @@ def test_export_records_crop_pct_and_interpolation_for_a_timm_pipeline_run():
     assert recorded["resize"].startswith("timm eval")
     basic = preprocessing(info, {"config": {"data_pipeline": "basic", "crop_pct": 0.9}}, [3, 32, 32])  # type: ignore[arg-type]
     assert "crop_pct" not in basic and "interpolation" not in basic and "antialias=True" in basic["resize"]
+
+
+# ------------------------------------------------------------------------------------------
+# The prefetcher path: the next batch prepared on a CUDA side stream (CPU: one call per step, as before)
+
+
+def _prefetch_recipe(device: torch.device):
+    pytest.importorskip("timm")
+    from scmc_runtime.recipe import BatchRecipe, Recipe
+
+    recipe = Recipe(
+        image_size=8, data_pipeline="timm", use_prefetcher=True, mixup=0.8, cutmix=1.0, reprob=0.5, label_smoothing=0.1
+    )
+    return BatchRecipe(recipe, 10, device, seed=7, rank=1)
+
+
+def _uint8_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        (torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=generator), torch.arange(4) + step)
+        for step in range(n)
+    ]
+
+
+def test_the_prefetcher_on_cpu_prepares_each_batch_in_turn_exactly_as_a_call_per_step():
+    prepare = _prefetch_recipe(torch.device("cpu"))
+    assert not prepare.side_stream()
+    batches = _uint8_batches(5)
+    pulled = []
+
+    def source():
+        for batch in batches:
+            pulled.append(1)
+            yield batch
+
+    taken = []
+    for step, prepared in enumerate(prepare.prefetch(source(), epoch=2, first_step=3), start=3):
+        taken.append(step)
+        assert len(pulled) == step - 2  # nothing read ahead on CPU
+        expected = prepare(*batches[step - 3], epoch=2, step=step)
+        assert all(torch.equal(a, b) for a, b in zip(prepared, expected)), step
+    assert taken == [3, 4, 5, 6, 7]
+    lazy = prepare.prefetch(iter(batches), epoch=0)
+    assert next(lazy)[0].dtype == torch.float32 and next(lazy)[1].shape == (4, 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream needs a CUDA device")
+def test_the_prefetcher_on_cuda_prepares_the_next_batch_on_a_side_stream_and_gives_the_same_batches():
+    device = torch.device("cuda", torch.cuda.current_device())
+    prepare = _prefetch_recipe(device)
+    assert prepare.side_stream()
+    batches = [(images.pin_memory(), labels.pin_memory()) for images, labels in _uint8_batches(6)]
+    expected = [prepare(*batch, epoch=1, step=step) for step, batch in enumerate(batches)]
+    streams = []
+    call = type(prepare).__call__
+
+    def recording(self, images, labels, *, epoch, step):
+        streams.append(torch.cuda.current_stream(device))
+        return call(self, images, labels, epoch=epoch, step=step)
+
+    consumed = []
+    main = torch.cuda.current_stream(device)
+    try:
+        type(prepare).__call__ = recording
+        for step, prepared in enumerate(prepare.prefetch(iter(batches), epoch=1)):
+            consumed.append(len(streams))
+            # a long kernel on the current stream while the side stream prepares the next batch
+            work = prepared[0].float().repeat(64, 1, 1, 1)
+            for _ in range(20):
+                work = work * 1.0001
+            assert all(torch.equal(a, b) for a, b in zip(prepared, expected[step])), step
+    finally:
+        type(prepare).__call__ = call
+    torch.cuda.synchronize(device)
+    assert len(streams) == 6 and all(s != main for s in streams)
+    assert consumed == [2, 3, 4, 5, 6, 6]  # one batch ahead: batch k + 1 is in preparation during step k

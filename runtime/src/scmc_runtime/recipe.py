@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -427,7 +427,7 @@ class _SeededRepeatSampler(torch.utils.data.Sampler):
         repeats = int(s.num_repeats)
         size = len(s.dataset) * repeats
         positions = range(s.rank, s.total_size, s.num_replicas)[: s.num_selected_samples]
-        return iter([((i % size) % repeats, index) for i, index in zip(positions, s)])
+        return iter([((i % size) % repeats, index) for i, index in zip(positions, s, strict=True)])
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -520,3 +520,44 @@ class BatchRecipe:
         images = images.to(dtype=self.dtype, memory_format=self.memory_format)
         hard = targets.argmax(dim=-1) if targets.ndim == 2 else labels
         return images, targets, hard
+
+    def side_stream(self) -> bool:
+        """Whether :meth:`prefetch` prepares batches on a CUDA side stream: the prefetcher path on a CUDA device."""
+        return self.recipe.timm and self.recipe.use_prefetcher and self.device.type == "cuda"
+
+    def prefetch(
+        self, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], *, epoch: int, first_step: int = 0
+    ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``self(images, labels, epoch=epoch, step=step)`` of each loader batch, steps numbered from ``first_step``.
+
+        On CUDA in the prefetcher path, batch ``k + 1`` is copied to the device, normalized, erased
+        and mixed on a side stream while the training step of batch ``k`` runs on the current
+        stream (timm's PrefetchLoader does the same): before a batch is handed out the current
+        stream waits for the side stream, and each of its tensors is marked as used by the current
+        stream (``record_stream``), so the caching allocator does not give its memory to the next
+        batch while the step still reads it. Elsewhere (CPU, or without ``--use-prefetcher``) each
+        batch is prepared when it is reached, exactly as a call per step. Either way the result is
+        the same: the randomness of a batch is seeded by ``(seed, rank, epoch, step)`` alone.
+        """
+        steps = enumerate(batches, start=first_step)
+        if not self.side_stream():
+            for step, (images, labels) in steps:
+                yield self(images, labels, epoch=epoch, step=step)
+            return
+        stream = torch.cuda.Stream(device=self.device)
+        ready: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        for step, (images, labels) in steps:
+            # The side stream starts after what the current stream has queued so far (the
+            # previous step's use of the memory the allocator may hand out again).
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                upcoming = self(images, labels, epoch=epoch, step=step)
+            if ready is not None:
+                yield ready
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(stream)
+            for tensor in upcoming:
+                tensor.record_stream(current)
+            ready = upcoming
+        if ready is not None:
+            yield ready

@@ -608,12 +608,11 @@ def main(argv: list[str] | None = None) -> int:
                     log_every=cfg.log_every,
                 )
                 batches = itertools.islice(train_loader, steps_per_epoch - first_step)
-                for step, (images, labels) in enumerate(batches, start=first_step):
+                # loss_targets feed the loss ([B, C] when mixed or smoothed); labels (the dominant class) the metrics.
+                # --use-prefetcher on CUDA: the next batch is prepared on a side stream during this step.
+                prepared = prepare_batch.prefetch(batches, epoch=epoch, first_step=first_step)
+                for step, (images, loss_targets, labels) in enumerate(prepared, start=first_step):
                     last_in_epoch = step == steps_per_epoch - 1
-                    # loss_targets feed the loss ([B, C] when mixed or smoothed); labels (the dominant class) the metrics.
-                    images, loss_targets, labels = prepare_batch(
-                        images, labels, epoch=epoch, step=step
-                    )
 
                     # Gradient accumulation: DDP all-reduces gradients only when the weights update;
                     # FSDP neither reduce-scatters nor reshards between micro-steps.
