@@ -77,8 +77,8 @@ Interpolation = Literal["random", "bilinear", "bicubic", "nearest", "lanczos", "
 class RecipeKeys(BaseModel):
     """timm's data-pipeline keys (scmc_runtime.recipe), in either form of a dataset preset; None: not set.
 
-    Any of them set makes train.py default to ``--data-pipeline timm``. ``resplit``, ``aug_splits``
-    and ``persistent_workers`` are accepted at their timm defaults only (see docs/recipes.md).
+    Any of them set makes train.py default to ``--data-pipeline timm``. ``resplit`` and ``aug_splits``
+    are accepted at their timm defaults only (see docs/recipes.md).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -119,15 +119,13 @@ class RecipeKeys(BaseModel):
     best_metric: str | None = Field(default=None, min_length=1)
     best_mode: Literal["max", "min"] | None = None
 
-    @field_validator("resplit", "aug_splits", "persistent_workers")
+    @field_validator("resplit", "aug_splits")
     @classmethod
     def _timm_default_only(cls, value: Any, info: ValidationInfo) -> Any:
         if value:
             why = {
                 "resplit": "augmentation splits (AugMix with a JSD loss) are not implemented; keep false",
                 "aug_splits": "augmentation splits (AugMix with a JSD loss) are not implemented; keep 0",
-                "persistent_workers": "persistent workers would not see the epoch that seeds the augmentation; "
-                "keep false",
             }[
                 str(info.field_name)
             ]  # a field validator always runs for a named field
@@ -291,7 +289,7 @@ TRAIN_FIELDS: dict[str, dict[str, str]] = {
     },
 }
 # recipe keys (either dataset form) whose TrainConfig field has another name; the others keep theirs
-RECIPE_FIELDS: dict[str, str] = {"hflip": "hflip_prob", "aug_splits": "", "resplit": "", "persistent_workers": ""}
+RECIPE_FIELDS: dict[str, str] = {"hflip": "hflip_prob", "aug_splits": "", "resplit": ""}
 # the structcast-model form's own keys (input_size, num_samples, training: see scmc/link.py)
 TIMM_DATASET_FIELDS: dict[str, str] = {
     "epochs": "epochs",

@@ -162,11 +162,15 @@ def test_the_full_recipe_trains_on_png_and_jpeg_files_and_resumes_bitwise_after_
         process.wait(timeout=60)
         process.stderr.close()
     assert process.returncode == -signal.SIGKILL, "the run ended before a mid-epoch checkpoint"
-    resumed = run(soft_package, out, *args[:-1], "2", "--run-name", "killed", "--resume", "auto")
+    # Resumed with 2 persistent loader workers: they keep their copy of the dataset across epochs,
+    # and the epoch that seeds the augmentation reaches them with each index.
+    persistent = [*args[:-1], "2", "--persistent-workers"]
+    resumed = run(soft_package, out, *persistent, "--run-name", "killed", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     start = [r for r in records(killed) if r["event"] == "start"][-1]
     assert start["resumed_from"] is not None and start["start_step"] > 0
     one, two = load(out / "straight" / "last.pt"), load(killed / "last.pt")
+    assert two["config"]["persistent_workers"] is True and two["config"]["workers"] == 2
     for part in ("model", "ema", "backward", "epoch", "step_in_epoch", "global_step", "best"):
         assert_same(one[part], two[part], part)
 

@@ -101,6 +101,13 @@ FIELDS: tuple[Field, ...] = (
     ),
     # loader
     Field("pin_memory", "bool", True, "pin host memory of batches when training on CUDA", "loader"),
+    Field(
+        "persistent_workers",
+        "bool",
+        False,
+        "keep the --workers processes between epochs (the epoch's augmentation seed travels with each index)",
+        "loader",
+    ),
     Field("use_prefetcher", "bool", False, "timm: uint8 batches, normalized and erased on the device", "loader"),
     Field("image_dtype", "str", "float32", "dtype of the training images: float32, bfloat16 or float16", "loader"),
     # schedule

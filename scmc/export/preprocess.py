@@ -31,6 +31,9 @@ class TrainingConfig(BaseModel):
     ) = None
     data: StrictStr | None = None
     timm_dataset: StrictStr | None = None
+    data_pipeline: StrictStr | None = None
+    crop_pct: Annotated[StrictFloat, Field(gt=0, le=1)] | None = None
+    interpolation: StrictStr | None = None
 
 
 def read_labels(labels_file: Path) -> list[str]:
@@ -117,7 +120,9 @@ def preprocessing(info: PackageInfo, ckpt: Any, input_shape: list[int]) -> dict[
 
     The size is the exported input's height and width (the training image size when the
     checkpoint records it, see :func:`model_inputs`); mean and std come from the checkpoint's
-    training config, else the package's dataset preset, else ImageNet's.
+    training config, else the package's dataset preset, else ImageNet's. A run with timm's
+    pipeline (``data_pipeline: timm``) validated with timm's eval transform: its ``crop_pct`` and
+    ``interpolation`` are recorded too, and predict.py resizes and center-crops as timm does.
     """
     from_config = _config(ckpt)
     dataset = (info.manifest.get("presets") or {}).get("dataset") or {}
@@ -130,7 +135,7 @@ def preprocessing(info: PackageInfo, ckpt: Any, input_shape: list[int]) -> dict[
         if from_config.get("mean")
         else "manifest presets" if dataset.get("mean") else "ImageNet defaults"
     )
-    return {
+    recorded: dict[str, Any] = {
         "image_size": size,
         "mean": [float(m) for m in mean],
         "std": [float(s) for s in std],
@@ -139,3 +144,12 @@ def preprocessing(info: PackageInfo, ckpt: Any, input_shape: list[int]) -> dict[
         "resize": "bilinear, align_corners=False, antialias=True (torch.nn.functional.interpolate)",
         "mean_std_source": source,
     }
+    if from_config.get("data_pipeline") == "timm":
+        crop_pct = float(from_config.get("crop_pct") or 0.875)  # TrainConfig's default
+        interpolation = str(from_config.get("interpolation") or "bicubic")
+        recorded["crop_pct"] = crop_pct
+        recorded["interpolation"] = interpolation
+        recorded["resize"] = (
+            f"timm eval: shorter side to floor(image_size / {crop_pct}) ({interpolation}, Pillow), center crop"
+        )
+    return recorded

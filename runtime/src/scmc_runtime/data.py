@@ -2,7 +2,9 @@
 
 Augmentation randomness is drawn from a generator seeded by (seed, epoch, sample index), not
 from the global or per-worker RNG, so a batch is the same whatever the number of workers or
-ranks, and a run resumed mid-epoch sees exactly the batches it would have seen.
+ranks, and a run resumed mid-epoch sees exactly the batches it would have seen. With persistent
+workers (which keep their own copy of the dataset across epochs) the epoch travels with each
+index from the sampler (:class:`EpochIndexed`), so the workers never need to be told.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "ImageFolderDataset",
     "ShardSampler",
     "ResumableSampler",
+    "EpochIndexed",
     "build_loader",
 ]
 
@@ -305,17 +308,28 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(Sampler[Any]):
     """Wraps a sampler so an epoch can start after its first ``skip_batches`` batches.
 
     ``set_epoch(epoch, skip_batches=k)`` reshuffles for ``epoch`` (same order as without the
-    skip) and drops the first ``k * batch_size`` indices of that epoch, for exact resume.
+    skip) and drops the first ``k * batch_size`` indices of that epoch, for exact resume. With
+    ``with_epoch`` it yields ``(epoch, index)`` pairs for an :class:`EpochIndexed` dataset. An
+    inner sampler may yield ``(copy, index)`` pairs (the repeated-augmentation sampler: copy
+    ``c`` of an image in an epoch); copy ``c`` of epoch ``e`` is read as epoch
+    ``e + c * COPY_STRIDE``, so each copy of an image gets an augmentation of its own.
     """
 
-    def __init__(self, inner: Sampler[int], batch_size: int, dataset: Optional[Dataset] = None) -> None:
+    # Far above any epoch count, and odd: torch's CPU generator keeps only the low 32 bits of a
+    # seed, so a multiple of 2**32 would give every copy the same augmentation.
+    COPY_STRIDE = 0x9E3779B1
+
+    def __init__(
+        self, inner: Sampler[int], batch_size: int, dataset: Optional[Dataset] = None, *, with_epoch: bool = False
+    ) -> None:
         self.inner = inner
         self.batch_size = batch_size
         self.dataset = dataset
+        self.with_epoch = with_epoch
         self.epoch = 0
         self.skip_batches = 0
 
@@ -327,11 +341,48 @@ class ResumableSampler(Sampler[int]):
         if self.dataset is not None and hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.inner), self.skip_batches * self.batch_size, None)
+    def __iter__(self) -> Iterator[Any]:
+        indices = itertools.islice(iter(self.inner), self.skip_batches * self.batch_size, None)
+        if self.with_epoch:
+            epoch = self.epoch  # fixed when the epoch's iterator is made, as the inner shuffle is
+            return (self._key(epoch, item) for item in indices)
+        return (item[1] if isinstance(item, tuple) else item for item in indices)
+
+    def _key(self, epoch: int, item: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+        if isinstance(item, tuple):
+            copy, index = item
+            return epoch + copy * self.COPY_STRIDE, index
+        return epoch, item
 
     def __len__(self) -> int:
         return max(0, _length(self.inner) - self.skip_batches * self.batch_size)
+
+
+class EpochIndexed(Dataset):
+    """``dataset`` read with ``(epoch, index)`` keys: sets the epoch of its own copy, then reads ``index``.
+
+    A persistent DataLoader worker keeps the copy of the dataset it was started with, so a
+    ``set_epoch`` in the training process never reaches it; the epoch that seeds the
+    augmentation comes with every index instead (from ``ResumableSampler(with_epoch=True)``).
+    Items prefetched for one epoch can never be transformed with the seed of another.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return _length(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        epoch, index = key
+        if hasattr(self.dataset, "set_epoch") and getattr(self.dataset, "epoch", None) != epoch:
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+    def __getattr__(self, name: str) -> Any:  # classes, samples, ... of the wrapped dataset
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 def build_loader(
@@ -345,6 +396,7 @@ def build_loader(
     sampler: Optional[Sampler[int]] = None,
     collate_fn: Optional[Callable[[List[Any]], Any]] = None,
     pin_memory: bool = True,
+    persistent_workers: bool = False,
 ) -> DataLoader:
     """DataLoader for this rank: shuffled, sharded and resumable for training; in order for eval.
 
@@ -353,7 +405,10 @@ def build_loader(
     :class:`ShardSampler`, which never repeats an item. Per epoch, call
     ``loader.sampler.set_epoch(epoch, skip_batches=...)``. ``sampler`` replaces the training
     sampler (timm's ``RepeatAugSampler``, see scmc_runtime.recipe), ``collate_fn`` the default
-    collate; ``pin_memory`` pins batches when training on CUDA.
+    collate; ``pin_memory`` pins batches when training on CUDA. ``persistent_workers`` keeps the
+    worker processes (with ``workers > 0``; ignored without workers) from one epoch to the next;
+    a training loader then reads through :class:`EpochIndexed`, so the workers' augmentation
+    seeds follow the epoch exactly as without them.
     """
     if train and sampler is not None:
         inner: Sampler[int] = sampler
@@ -365,9 +420,13 @@ def build_loader(
         inner = ShardSampler(_length(dataset), dist.rank, dist.world_size)
     else:
         inner = SequentialSampler(cast(Sized, dataset))
-    sampler = ResumableSampler(inner, batch_size, dataset)
+    persistent = persistent_workers and workers > 0
+    # (epoch, index) keys: for persistent workers, and for a sampler that yields copies of images
+    copies = getattr(inner, "yields_copies", False)
+    with_epoch = train and hasattr(dataset, "set_epoch") and (persistent or copies)
+    sampler = ResumableSampler(inner, batch_size, dataset, with_epoch=with_epoch)
     return DataLoader(
-        dataset,
+        EpochIndexed(dataset) if with_epoch else dataset,
         batch_size=batch_size,
         sampler=sampler,
         drop_last=train,
@@ -378,5 +437,5 @@ def build_loader(
         # A private generator: creating an iterator draws a worker base seed from it, which
         # would otherwise consume the global torch RNG that dropout and init rely on.
         generator=torch.Generator().manual_seed(seed + dist.rank),
-        persistent_workers=False,  # workers must see the dataset's epoch, set before each epoch
+        persistent_workers=persistent,  # the epoch reaches persistent workers with each index (EpochIndexed)
     )

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -404,7 +404,16 @@ def train_sampler(dataset: Any, *, rank: int, world_size: int, seed: int, repeat
 
 
 class _SeededRepeatSampler(torch.utils.data.Sampler):
-    """``RepeatAugSampler`` shuffles by epoch alone; this offsets the epoch by ``--seed`` so seeds differ."""
+    """``RepeatAugSampler`` with ``--seed`` in its shuffle, yielding ``(copy, index)``: which repeat of the image it is.
+
+    ``RepeatAugSampler`` shuffles by epoch alone; the epoch is offset by ``--seed`` so seeds
+    differ. scmc seeds each image's augmentation by ``(seed, epoch, index)``, which would give
+    every repeat of an image the same augmentation; the copy number (position ``i`` in the
+    epoch's repeated list holds copy ``i % num_repeats``) makes the loader seed each copy apart
+    (scmc_runtime.data.ResumableSampler reads copy ``c`` as epoch ``epoch + c * COPY_STRIDE``).
+    """
+
+    yields_copies = True
 
     def __init__(self, inner: Any, seed: int) -> None:
         self.inner = inner
@@ -413,8 +422,12 @@ class _SeededRepeatSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.inner.set_epoch(self.seed * 100_003 + epoch)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.inner)
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        s = self.inner
+        repeats = int(s.num_repeats)
+        size = len(s.dataset) * repeats
+        positions = range(s.rank, s.total_size, s.num_replicas)[: s.num_selected_samples]
+        return iter([((i % size) % repeats, index) for i, index in zip(positions, s, strict=True)])
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -507,3 +520,44 @@ class BatchRecipe:
         images = images.to(dtype=self.dtype, memory_format=self.memory_format)
         hard = targets.argmax(dim=-1) if targets.ndim == 2 else labels
         return images, targets, hard
+
+    def side_stream(self) -> bool:
+        """Whether :meth:`prefetch` prepares batches on a CUDA side stream: the prefetcher path on a CUDA device."""
+        return self.recipe.timm and self.recipe.use_prefetcher and self.device.type == "cuda"
+
+    def prefetch(
+        self, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], *, epoch: int, first_step: int = 0
+    ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``self(images, labels, epoch=epoch, step=step)`` of each loader batch, steps numbered from ``first_step``.
+
+        On CUDA in the prefetcher path, batch ``k + 1`` is copied to the device, normalized, erased
+        and mixed on a side stream while the training step of batch ``k`` runs on the current
+        stream (timm's PrefetchLoader does the same): before a batch is handed out the current
+        stream waits for the side stream, and each of its tensors is marked as used by the current
+        stream (``record_stream``), so the caching allocator does not give its memory to the next
+        batch while the step still reads it. Elsewhere (CPU, or without ``--use-prefetcher``) each
+        batch is prepared when it is reached, exactly as a call per step. Either way the result is
+        the same: the randomness of a batch is seeded by ``(seed, rank, epoch, step)`` alone.
+        """
+        steps = enumerate(batches, start=first_step)
+        if not self.side_stream():
+            for step, (images, labels) in steps:
+                yield self(images, labels, epoch=epoch, step=step)
+            return
+        stream = torch.cuda.Stream(device=self.device)
+        ready: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        for step, (images, labels) in steps:
+            # The side stream starts after what the current stream has queued so far (the
+            # previous step's use of the memory the allocator may hand out again).
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                upcoming = self(images, labels, epoch=epoch, step=step)
+            if ready is not None:
+                yield ready
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(stream)
+            for tensor in upcoming:
+                tensor.record_stream(current)
+            ready = upcoming
+        if ready is not None:
+            yield ready

@@ -7,7 +7,11 @@ No torch: export the trained weights first with `scmc export PACKAGE_DIR --check
 Each image gets the validation preprocessing of training (scmc_runtime.data.ImageTransform):
 RGB, scaled to [0, 1], resized to IMAGE_SIZE x IMAGE_SIZE with antialiased bilinear
 interpolation (torch.nn.functional.interpolate(mode="bilinear", align_corners=False,
-antialias=True), reproduced in NumPy below), then normalized with MEAN and STD.
+antialias=True), reproduced in NumPy below), then normalized with MEAN and STD. A model
+trained with timm's pipeline (--data-pipeline timm) records its `crop_pct` and
+`interpolation`: its images are then prepared as timm's eval transform does (the shorter side
+resized to floor(size / crop_pct) with Pillow's filter of that name, a center crop of the size,
+scaled to [0, 1] and normalized).
 
 What `scmc export` recorded in the ONNX metadata (scmc.preprocess, scmc.class_labels) wins over
 the build-time defaults below, and --image-size/--labels win over both; a model with a fixed
@@ -36,6 +40,14 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 CLASS_LABELS: Optional[List[str]] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 TOPK = 5
+PIL_FILTERS = (
+    "nearest",
+    "bilinear",
+    "bicubic",
+    "lanczos",
+    "box",
+    "hamming",
+)  # timm's interpolation names
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo; larger ones take tens of seconds and gigabytes
 MAX_LABELS_BYTES = 16_777_216  # 16 MiB
 
@@ -129,15 +141,54 @@ def load_rgb(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                 raise PredictError(f"{path}: cannot decode the image: {exc}") from None
 
 
+def resize_and_center_crop(
+    rgb: np.ndarray, size: Tuple[int, int], crop_pct: float, interpolation: str
+) -> np.ndarray:
+    """timm's eval geometry on an HxWx3 uint8 array: the shorter side to floor(size / crop_pct), then a center crop.
+
+    As torchvision's Resize(int) and CenterCrop do it on a PIL image: the longer side keeps the
+    aspect ratio (truncated to an int), Pillow resamples with the named filter, and the crop's
+    top-left corner is round((side - size) / 2).
+    """
+    from PIL import Image
+
+    if size[0] != size[1]:
+        raise PredictError(
+            f"crop_pct needs a square input size, not {size[0]}x{size[1]} (--image-size N)"
+        )
+    target = int(size[0] / crop_pct)  # floor: both are positive
+    height, width = rgb.shape[:2]
+    if width <= height:
+        new_width, new_height = target, int(target * height / width)
+    else:
+        new_width, new_height = int(target * width / height), target
+    filters = {name: getattr(Image.Resampling, name.upper()) for name in PIL_FILTERS}
+    image = Image.fromarray(rgb)
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), filters[interpolation])
+    out = np.asarray(image, dtype=np.uint8)
+    top = int(round((new_height - size[0]) / 2.0))
+    left = int(round((new_width - size[1]) / 2.0))
+    return out[top : top + size[0], left : left + size[1]]
+
+
 def preprocess(
     path: str,
     size: Tuple[int, int],
     mean: Sequence[float],
     std: Sequence[float],
     max_pixels: int = MAX_PIXELS,
+    crop_pct: Optional[float] = None,
+    interpolation: str = "bicubic",
 ) -> np.ndarray:
-    """One image file -> a float32 CHW array, exactly as validation in training prepared it."""
+    """One image file -> a float32 CHW array, exactly as validation in training prepared it.
+
+    Without crop_pct: scmc's ImageTransform (an antialiased bilinear resize to size); with it,
+    timm's eval transform (resize the shorter side by crop_pct, center crop).
+    """
     rgb = load_rgb(path, max_pixels)
+    if crop_pct:
+        rgb = resize_and_center_crop(rgb, size, crop_pct, interpolation)
     x = rgb.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
     if x.shape[1:] != tuple(size):
         rows = resize_weights(x.shape[1], size[0])
@@ -159,11 +210,24 @@ def preprocess(
 
 
 def _prepared(
-    path: str, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float], max_pixels: int
+    path: str,
+    size: Tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    max_pixels: int,
+    prep: dict,
 ) -> np.ndarray:
-    """preprocess(), with any failure reported as a PredictError naming the image."""
+    """preprocess() with the recorded crop_pct and interpolation, any failure a PredictError naming the image."""
     try:
-        return preprocess(path, size, mean, std, max_pixels)
+        return preprocess(
+            path,
+            size,
+            mean,
+            std,
+            max_pixels,
+            prep.get("crop_pct"),
+            prep.get("interpolation") or "bicubic",
+        )
     except PredictError:
         raise
     except MemoryError:
@@ -224,6 +288,17 @@ def _metadata(session, onnx_path: str) -> dict:
             raise PredictError(
                 f"{onnx_path}: metadata `scmc.preprocess.{key}` is not a list of numbers"
             )
+    crop_pct = prep.get("crop_pct")
+    if crop_pct is not None and not (
+        isinstance(crop_pct, (int, float)) and not isinstance(crop_pct, bool) and 0 < crop_pct <= 1
+    ):
+        raise PredictError(
+            f"{onnx_path}: metadata `scmc.preprocess.crop_pct` is not a number in (0, 1]"
+        )
+    if prep.get("interpolation") is not None and prep["interpolation"] not in PIL_FILTERS:
+        raise PredictError(
+            f"{onnx_path}: metadata `scmc.preprocess.interpolation` is not one of {', '.join(PIL_FILTERS)}"
+        )
     labels = out.get("scmc.class_labels")
     if labels is not None and not (
         isinstance(labels, list) and all(isinstance(v, str) for v in labels)
@@ -287,7 +362,7 @@ def predict(
     results = []
     for start in range(0, len(images), batch):
         chunk = list(images[start : start + batch])
-        x = np.stack([_prepared(p, size, mean, std, max_pixels) for p in chunk])
+        x = np.stack([_prepared(p, size, mean, std, max_pixels, prep) for p in chunk])
         if len(chunk) < batch:  # a fixed batch size: pad with copies, ignore their results
             x = np.concatenate([x, np.repeat(x[-1:], batch - len(chunk), axis=0)])
         try:

@@ -153,6 +153,10 @@ class TrainConfig:
     )
     # loader
     pin_memory: bool = flag(True, "pin host memory of batches when training on CUDA")
+    persistent_workers: bool = flag(
+        False,
+        "keep the --workers processes between epochs (the epoch's augmentation seed travels with each index)",
+    )
     use_prefetcher: bool = flag(False, "timm: uint8 batches, normalized and erased on the device")
     image_dtype: str = flag("float32", "dtype of the training images: float32, bfloat16 or float16")
     # schedule
@@ -319,7 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         seed=cfg.seed,
         repeats=recipe.num_aug_repeats,
     )
-    loader_args = dict(workers=cfg.workers, seed=cfg.seed, pin_memory=cfg.pin_memory)
+    loader_args = dict(
+        workers=cfg.workers,
+        seed=cfg.seed,
+        pin_memory=cfg.pin_memory,
+        persistent_workers=cfg.persistent_workers,
+    )
     train_loader = build_loader(
         train_set,
         batch_per_rank,
@@ -599,12 +608,11 @@ def main(argv: list[str] | None = None) -> int:
                     log_every=cfg.log_every,
                 )
                 batches = itertools.islice(train_loader, steps_per_epoch - first_step)
-                for step, (images, labels) in enumerate(batches, start=first_step):
+                # loss_targets feed the loss ([B, C] when mixed or smoothed); labels (the dominant class) the metrics.
+                # --use-prefetcher on CUDA: the next batch is prepared on a side stream during this step.
+                prepared = prepare_batch.prefetch(batches, epoch=epoch, first_step=first_step)
+                for step, (images, loss_targets, labels) in enumerate(prepared, start=first_step):
                     last_in_epoch = step == steps_per_epoch - 1
-                    # loss_targets feed the loss ([B, C] when mixed or smoothed); labels (the dominant class) the metrics.
-                    images, loss_targets, labels = prepare_batch(
-                        images, labels, epoch=epoch, step=step
-                    )
 
                     # Gradient accumulation: DDP all-reduces gradients only when the weights update;
                     # FSDP neither reduce-scatters nor reshards between micro-steps.

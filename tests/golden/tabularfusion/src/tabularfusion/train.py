@@ -153,6 +153,10 @@ class TrainConfig:
     )
     # loader
     pin_memory: bool = flag(True, "pin host memory of batches when training on CUDA")
+    persistent_workers: bool = flag(
+        False,
+        "keep the --workers processes between epochs (the epoch's augmentation seed travels with each index)",
+    )
     use_prefetcher: bool = flag(False, "timm: uint8 batches, normalized and erased on the device")
     image_dtype: str = flag("float32", "dtype of the training images: float32, bfloat16 or float16")
     # schedule
@@ -335,7 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         seed=cfg.seed,
         repeats=recipe.num_aug_repeats,
     )
-    loader_args = dict(workers=cfg.workers, seed=cfg.seed, pin_memory=cfg.pin_memory)
+    loader_args = dict(
+        workers=cfg.workers,
+        seed=cfg.seed,
+        pin_memory=cfg.pin_memory,
+        persistent_workers=cfg.persistent_workers,
+    )
     train_loader = build_loader(
         train_set,
         batch_per_rank,
