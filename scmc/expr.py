@@ -738,3 +738,18 @@ def is_plain_literal(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, (str, int)) and is_plain_literal(v) for k, v in value.items())
     return False
+
+
+def sum_operands(expr: Expr) -> tuple[str, str] | None:
+    """The two flow names of an expression that is exactly ``a + b`` (two different names), else None."""
+    if expr.addresses or len(expr.names) != 2:
+        return None
+    body = ast.parse(expr.source, mode="eval").body
+    if (
+        isinstance(body, ast.BinOp)
+        and isinstance(body.op, ast.Add)
+        and isinstance(body.left, ast.Name)
+        and isinstance(body.right, ast.Name)
+    ):
+        return body.left.id, body.right.id
+    return None

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from scmc.addresses import AllowList, resolve
-from scmc.expr import call_checked, evaluate
+from scmc.expr import call_checked, evaluate, sum_operands
 from scmc.ir import (
     Arg,
     ChildInst,
@@ -105,6 +105,8 @@ class GraphModule(torch.nn.Module):
         self._functions = functions
         self._allow = allow
         self.observed: dict[str, str] = {}
+        # (graph, node index) -> whether the operands of its `a + b` argument had one shape and dtype in every run
+        self.sums: dict[tuple[str, int], bool] = {}
 
     def _arg(self, arg: Arg, env: dict[str, Any]) -> Any:
         if isinstance(arg, Var):
@@ -117,6 +119,20 @@ class GraphModule(torch.nn.Module):
             return arg.value
         assert isinstance(arg, ExprArg)
         return evaluate(arg.expr, env, self._allow)
+
+    def _observe_sums(self, node: Node, where: tuple[str, int], env: dict[str, Any]) -> None:
+        for arg in node.args:
+            names = sum_operands(arg.expr) if isinstance(arg, ExprArg) else None
+            if names is None:
+                continue
+            a, b = (env.get(n) for n in names)
+            same = (
+                isinstance(a, torch.Tensor)
+                and isinstance(b, torch.Tensor)
+                and a.shape == b.shape
+                and a.dtype == b.dtype
+            )
+            self.sums[where] = self.sums.get(where, True) and same
 
     def _bind(self, out: Out, value: Any, env: dict[str, Any]) -> None:
         if isinstance(out, OutName):
@@ -135,11 +151,15 @@ class GraphModule(torch.nn.Module):
         env: dict[str, Any] = dict(zip(self._inputs, args, strict=False))
         env.update(kwargs)
         graph = self._flow if (self.training or self._inference is None) else self._inference
-        for node in graph:
+        label = "flow" if graph is self._flow else "inference"
+        for index, node in enumerate(graph):
             try:
+                self._observe_sums(node, (label, index), env)
                 call_args = [self._arg(a, env) for a in node.args]
                 call_kwargs = {k: self._arg(v, env) for k, v in node.kwargs}
-                if node.layer is None:
+                if node.augment:  # `out += y`: the same value as out + y
+                    value = call_args[0] + call_args[1]
+                elif node.layer is None:
                     value = call_args[0]
                 elif node.layer in self._functions:
                     value = call_checked(self._functions[node.layer], call_args, call_kwargs)

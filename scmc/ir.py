@@ -115,7 +115,12 @@ Out = Union[OutName, OutTuple, OutDict]
 
 @dataclass(frozen=True)
 class Node:
-    """``out = layer(*args, **kwargs)``; ``layer is None`` is a plain assignment of args[0]."""
+    """``out = layer(*args, **kwargs)``; ``layer is None`` is a plain assignment of args[0].
+
+    ``augment`` (``"+"``, set only by :mod:`scmc.passes.inplace`) makes a layer-less node an
+    augmented assignment, ``out += args[1]`` with ``args[0]`` naming ``out``: the same value as
+    ``out = args[0] + args[1]``, computed in place.
+    """
 
     layer: str | None
     args: tuple[Arg, ...]
@@ -123,6 +128,7 @@ class Node:
     out: Out
     span: Span = field(compare=False, hash=False, default=Span("<none>"))
     comment: str = field(compare=False, hash=False, default="")  # the template's comment on the step
+    augment: str = ""
 
 
 def arg_names(arg: Arg) -> list[str]:
@@ -266,6 +272,9 @@ class Instance:
     input_shapes: dict[str, Any] | None = None
     types: dict[str, str] = field(default_factory=dict)
     output_shapes: dict[str, tuple[int, ...]] | None = None  # without the batch; set by materialize
+    # (graph, node index) of each `eval: a + b` step whose operands had one shape and dtype in every
+    # meta run of materialize (scmc.passes.inplace may then add in place)
+    matched_sums: set[tuple[str, int]] = field(default_factory=set)
     macs: int | None = None  # multiply-accumulates of one sample in inference (FlopCounterMode / 2); materialize
 
 
@@ -326,7 +335,7 @@ def dump(program: Program) -> str:
                 continue
             lines.append(f"  {label}:")
             for n in graph:
-                call = n.layer or "="
+                call = n.layer or (f"{n.augment}=" if n.augment else "=")
                 args = [format_arg(a) for a in n.args] + [f"{k}={format_arg(v)}" for k, v in n.kwargs]
                 lines.append(f"    {format_out(n.out)} <- {call}({', '.join(args)})")
     return "\n".join(lines) + "\n"
@@ -356,6 +365,10 @@ def verify(program: Program) -> None:
                         raise VerifyError(f"{m.name}: {name} read before it is written")
                 if n.layer is not None and n.layer not in callable_attrs:
                     raise VerifyError(f"{m.name}: unknown layer {n.layer}")
+                if n.augment and (
+                    n.layer is not None or len(n.args) != 2 or n.args[0] != Var(out_names(n.out)[0]) or n.kwargs
+                ):
+                    raise VerifyError(f"{m.name}: augmented assignment {format_out(n.out)} is not `x {n.augment}= y`")
                 defined.update(out_names(n.out))
             for name in m.outputs:
                 if name not in defined:

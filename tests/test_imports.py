@@ -59,6 +59,7 @@ LAYERS = {
     "scmc.passes.materialize": "passes",
     "scmc.passes.dedup": "passes",
     "scmc.passes.identity": "passes",
+    "scmc.passes.inplace": "passes",
     "scmc.passes.comments": "passes",
     "scmc.link": "passes",  # the link stage: the lowered parts -> one PackageDef
     "scmc.emit": "emit",

@@ -242,6 +242,8 @@ class ModuleEmitter:
     def node(self, node: Node) -> list[str]:
         args = [self.arg(a) for a in node.args]
         kwargs = [f"{k}={self.arg(v)}" for k, v in node.kwargs]
+        if node.augment:  # `x += y` (scmc.passes.inplace)
+            return [f"{self.target(node.out)} {node.augment}= {args[1]}"]
         if node.layer is None:
             call = args[0]
         elif node.layer in self.inline:

@@ -132,7 +132,7 @@ class Deduplicator:
                 continue
             for node in graph:
                 args = [format_arg(a) for a in node.args] + [f"{k}={format_arg(v)}" for k, v in node.kwargs]
-                parts.append(f"{label}:{format_out(node.out)}<-{node.layer}({','.join(args)})")
+                parts.append(f"{label}:{format_out(node.out)}<-{node.layer}{node.augment}({','.join(args)})")
         signature = "\n".join(parts)
         key = (inst.class_hint, signature)
         group = self.by_key.get(key)

@@ -16,6 +16,7 @@ from scmc.addresses import AddressError, AllowList
 from scmc.diagnostics import CompileError, Diagnostic
 from scmc.expr import ExprError
 from scmc.ir import ChildInst, Ctor, Instance
+from scmc.passes.inplace import add_in_place
 
 BATCH = 2
 
@@ -157,3 +158,5 @@ def materialize(root: Instance, allow: AllowList) -> None:
     for module in live.modules():
         if isinstance(module, GraphModule):
             module.instance.types = dict(module.observed)
+            module.instance.matched_sums = {where for where, same in module.sums.items() if same}
+    add_in_place(root)  # the shapes it needs are known only here

@@ -31,7 +31,8 @@ class BasicBlock(torch.nn.Module):
         x = self.relu(x)
         x = self.conv2(x)
         x = self.bn2(x)
-        out = self.relu(x + inp)
+        x += inp
+        out = self.relu(x)
         return out
 
 
@@ -80,7 +81,8 @@ class BasicBlock2(torch.nn.Module):
         x = self.conv2(x)
         x = self.bn2(x)
         shortcut = self.downsample(inp)
-        out = self.relu(x + shortcut)
+        x += shortcut
+        out = self.relu(x)
         return out
 
 
