@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import scmc
 from scmc.addresses import AllowList
-from scmc.diagnostics import CompileError, Diagnostic, Diagnostics, Span, fail, forget_source
+from scmc.diagnostics import CompileError, Diagnostic, Diagnostics, Span, fail, forget_source, printable
 from scmc.ir import dump, verify
 from scmc.load import (
     LDict,
@@ -37,7 +37,6 @@ from scmc.load import (
     parameter_blocks,
     parse_override,
     plain,
-    printable,
     read_template,
     recorded_path,
     report_unused_overrides,
