@@ -93,7 +93,14 @@ LAYERS = {
     "scmc.graph": "output/cache",  # scmc graph: loads a model as inspection does, traces and draws it
     "scmc.watch": "output/cache",  # scmc build --watch: the pipeline again on every change of its inputs
     "scmc.artifacts": "diagnostics",  # export's scan of untrusted artifacts: standard library (torch/onnx lazily)
-    "scmc.cli": "cli",
+    "scmc.cli": "cli",  # the package: registers every command, re-exports main and run
+    "scmc.cli.conventions": "cli",
+    "scmc.cli.app": "cli",
+    "scmc.cli.build": "cli",
+    "scmc.cli.render": "cli",
+    "scmc.cli.export": "cli",
+    "scmc.cli.compat": "cli",
+    "scmc.cli.inspect": "cli",
     "scmc.__main__": "cli",
 }
 # export reads a built package and a checkpoint, never the compiler's stages. Inside the package the
@@ -141,6 +148,7 @@ PACKAGE_ORDERS = {
         "expand",
     ),
     "scmc.build": ("request", "naming", "stages", "plan", "destination", "write", "commands"),
+    "scmc.cli": ("conventions", "app", "build", "render", "export", "compat", "inspect"),
 }
 ORDERS = {
     package: tuple(f"{package}.{name}" for name in names) + (package,) for package, names in PACKAGE_ORDERS.items()
