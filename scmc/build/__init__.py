@@ -23,13 +23,12 @@ output comes before anything is compiled.
 
 from __future__ import annotations
 
-from scmc.build.commands import CheckResult, build, check, create_module
-from scmc.build.destination import LEFTOVER_DIRS, foreign_files, guard_destination, guard_file, is_leftover, package_in
-from scmc.build.naming import class_name_problem, package_name, package_name_problem
+from scmc.build.commands import build, check, create_module
+from scmc.build.destination import guard_file
 from scmc.build.plan import build_info, plan_package
-from scmc.build.request import PACKAGE_KEYS, ROLE_CLASSES, BuildRequest, InternalError, Part, Plan
-from scmc.build.stages import compile_part, compile_parts, compiled_inputs, preset_parts
-from scmc.build.write import default_output, write_package, write_text_atomic
+from scmc.build.request import PACKAGE_KEYS, BuildRequest, InternalError, Part, Plan
+from scmc.build.stages import compile_parts, compiled_inputs
+from scmc.build.write import write_package, write_text_atomic
 
 __all__ = [
     "BuildRequest",
@@ -37,26 +36,13 @@ __all__ = [
     "PACKAGE_KEYS",
     "Part",
     "Plan",
-    "ROLE_CLASSES",
-    "class_name_problem",
-    "package_name",
-    "package_name_problem",
-    "compile_part",
-    "compile_parts",
-    "compiled_inputs",
-    "preset_parts",
     "build_info",
     "plan_package",
-    "LEFTOVER_DIRS",
-    "foreign_files",
-    "guard_destination",
+    "compile_parts",
+    "compiled_inputs",
     "guard_file",
-    "is_leftover",
-    "package_in",
-    "default_output",
     "write_package",
     "write_text_atomic",
-    "CheckResult",
     "build",
     "check",
     "create_module",

@@ -17,7 +17,7 @@ that runs them, so ``scmc --help`` or a refused output never pays for torch.
 from __future__ import annotations
 
 from scmc.cli import build, compat, export, inspect, render  # noqa: F401  (each registers its commands)
-from scmc.cli.app import EXIT_CODES, main, run
-from scmc.cli.conventions import paint, use_colour, verbosity
+from scmc.cli.app import main, run
+from scmc.cli.conventions import paint, use_colour
 
-__all__ = ["EXIT_CODES", "main", "paint", "run", "use_colour", "verbosity"]
+__all__ = ["main", "paint", "run", "use_colour"]

@@ -30,74 +30,48 @@ What other modules import is re-exported here.
 
 from __future__ import annotations
 
-from scmc.load.budget import Budget, build_budget, current_budget
-from scmc.load.common import (
-    JINJA_ALIASES,
-    JINJA_GROUP,
-    JINJA_JSON,
-    JINJA_KEYS,
-    JINJA_PIPE,
-    JINJA_TEXT,
-    JINJA_YAML,
-    LAYER_GRAPH_KEYS,
-    shorten,
-)
-from scmc.load.expand import canonical_patterns, expand, template_kind
-from scmc.load.files import Source, display_path, read_template, read_text, recorded_path
-from scmc.load.located import LDict, LList, plain, relocate, span_of
+from scmc.load.budget import build_budget, current_budget
+from scmc.load.common import JINJA_KEYS, LAYER_GRAPH_KEYS
+from scmc.load.expand import expand, template_kind
+from scmc.load.files import Source, display_path, read_template, recorded_path
+from scmc.load.located import LDict, LList, plain
 from scmc.load.overrides import (
     Override,
     _parse_value,
     apply_override,
     check_group_overrides,
-    defined_keys,
     parameter_blocks,
     parse_override,
     report_unused_overrides,
 )
 from scmc.load.parameters import Parameters
-from scmc.load.parse import int_too_long, parse_rendered_yaml, parse_yaml
+from scmc.load.parse import parse_yaml
 from scmc.load.render import clear_caches
 from scmc.load.sandbox import jinja_environment
 
 __all__ = [
-    "JINJA_ALIASES",
-    "JINJA_GROUP",
-    "JINJA_JSON",
     "JINJA_KEYS",
-    "JINJA_PIPE",
-    "JINJA_TEXT",
-    "JINJA_YAML",
     "LAYER_GRAPH_KEYS",
-    "shorten",
     "LDict",
     "LList",
     "plain",
-    "relocate",
-    "span_of",
     "parse_yaml",
-    "parse_rendered_yaml",
-    "int_too_long",
     "Source",
     "display_path",
     "read_template",
-    "read_text",
     "recorded_path",
     "Parameters",
     "Override",
     "_parse_value",  # lower/steps.py reads a `-p`-like value with it
     "apply_override",
     "check_group_overrides",
-    "defined_keys",
     "parameter_blocks",
     "parse_override",
     "report_unused_overrides",
     "jinja_environment",
-    "Budget",
     "build_budget",
     "current_budget",
     "clear_caches",
-    "canonical_patterns",
     "expand",
     "template_kind",
 ]
