@@ -16,6 +16,7 @@ from scmc.build.stages import compile_parts, compiled_inputs
 from scmc.build.write import default_output, write_package, write_text_atomic
 from scmc.diagnostics import CompileError, Diagnostics, fail, printable
 from scmc.load import Parameters, apply_override, display_path, parameter_blocks, parse_override, read_template
+from scmc.names import to_snake
 
 if TYPE_CHECKING:
     from scmc.link import Compiled
@@ -29,8 +30,6 @@ def create_module(request: BuildRequest, output: Path | None, force: bool = Fals
     replaced only with `force`, and never when it is one of the build's inputs."""
     request.presets = False
     if output is None:
-        from scmc.names import to_snake
-
         output = Path(f"{to_snake(request.parts[0].classname)}.py")
     destination = output
     guard_file(destination, force, [p.path for p in request.parts])  # before compiling: no torch import yet

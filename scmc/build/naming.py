@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import keyword
 import re
 import sys
+import unicodedata
 from typing import Any
 
 from scmc.diagnostics import Diagnostics, Span
@@ -30,8 +32,6 @@ IMPORTED_BY_PACKAGES = ("torch", "torchvision", "timm", "numpy", "PIL", "onnxrun
 
 def package_name_problem(name: str) -> str:
     """Why `name` cannot be the import name of a generated package ('' when it can)."""
-    import keyword
-
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
         return "it is not a lowercase Python identifier"
     if keyword.iskeyword(name):
@@ -47,9 +47,6 @@ def package_name_problem(name: str) -> str:
 
 def class_name_problem(name: str) -> str:
     """Why `name` cannot be the class of a generated module ('' when it can)."""
-    import keyword
-    import unicodedata
-
     from scmc.emit.python import RESERVED
 
     if not name.isidentifier():
@@ -69,8 +66,6 @@ def check_backward_losses(bdef: Any, source: Source) -> None:
     """The generated `Backward.__call__(self, <losses>, *, last_in_epoch)` takes each loss by its
     name: a name Python treats specially, or one its body uses (self, update, last_in_epoch, the
     modules it imports), would break backward.py or train.py's keyword call."""
-    import keyword
-
     from scmc.emit.python import RESERVED, addresses_in
 
     taken = set(RESERVED) | {"self", "update", "last_in_epoch", "scmc_runtime", "contextlib"}

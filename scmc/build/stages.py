@@ -4,6 +4,7 @@ all parts collected and reported together."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,7 +12,7 @@ import scmc
 from scmc.addresses import AllowList
 from scmc.build.naming import check_backward_losses, class_name_problem, package_name, package_name_problem
 from scmc.build.request import LAYER_ROLES, PACKAGE_KEYS, PRESET_ROLES, ROLE_CLASSES, BuildRequest, InternalError, Part
-from scmc.diagnostics import CompileError, Diagnostics, Span, fail, forget_source
+from scmc.diagnostics import CompileError, Diagnostics, Span, did_you_mean, fail, forget_source
 from scmc.ir import dump, verify
 from scmc.load import (
     LDict,
@@ -19,9 +20,11 @@ from scmc.load import (
     Parameters,
     Source,
     apply_override,
+    build_budget,
     check_group_overrides,
     current_budget,
     display_path,
+    expand,
     parameter_blocks,
     parse_override,
     plain,
@@ -53,8 +56,6 @@ def preset_parts(model: Source, given: list[Part], diags: Diagnostics) -> list[P
     for key, value in raw.items():
         role = PACKAGE_KEYS.get(key)
         if role is None:
-            from scmc.diagnostics import did_you_mean
-
             diags.error(
                 "E0911",
                 f"unknown PACKAGE key `{key}`",
@@ -110,8 +111,6 @@ def compile_part(
         )
     default_params = dict(params.group("default") or {})
     if part.role == "backward":
-        import dataclasses
-
         from scmc.backward import lower_backward
         from scmc.emit.backward import emit_backward
 
@@ -121,8 +120,6 @@ def compile_part(
         text = emit_backward(bdef, header, f"{source.path.stem} backward, compiled by scmc {scmc.__version__}.")
         return Compiled(part.role, source, None, text, 0, None, default_params, backward=bdef)
     if part.role in PRESET_ROLES:
-        from scmc.load import expand
-
         body = LDict({k: v for k, v in source.data.items() if k != "PARAMETERS"}, span=source.data.span)
         body.key_spans = dict(source.data.key_spans)
         tree = expand(body, params)
@@ -175,9 +172,7 @@ def compile_part(
 def compile_parts(request: BuildRequest) -> tuple[str, list[Compiled], AllowList]:
     """Every stage up to the generated module texts: (package name, compiled parts, allow-list).
 
-    All Jinja rendering of the build shares one budget of time and output (scmc.load.Budget)."""
-    from scmc.load import build_budget
-
+    All Jinja rendering of the build shares one budget of time and output (scmc.load.budget.Budget)."""
     with build_budget():
         return _compile_parts(request)
 
@@ -298,8 +293,6 @@ def compiled_inputs(request: BuildRequest, compiled: list[Compiled]) -> list[Pat
 def _recorded_templates(program: Program, sources: list[Source]) -> Program:
     """The program with each class's `template` (a file's display path, `path:Layer` for a layer
     of a CFG file) and docstring spelling the files as `recorded_path` does."""
-    import dataclasses
-
     spelled = {s.display: recorded_path(s.path) for s in sources}
 
     def spell(template: str) -> str:
