@@ -68,7 +68,7 @@ MAX_READS = 10_000  # files a build read (templates, CFG includes, probed CFG ca
 MAX_READ_BYTES = 64 * 2**20  # one of those, re-hashed on a lookup
 MAX_FORMATTED_BYTES = 16 * 2**20  # one formatted text
 
-_NAME = re.compile(r"[a-z_][a-z0-9_]{0,99}")  # a package name build.py accepts
+_NAME = re.compile(r"[a-z_][a-z0-9_]{0,99}")  # a package name build/naming.py accepts
 _COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")  # no "", ".", "..", hidden names, separators
 _HEX = re.compile(r"[0-9a-f]{64}")
 

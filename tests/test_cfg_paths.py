@@ -1,4 +1,4 @@
-"""Where CFG and PACKAGE may read templates from (scmc/lower.py `_resolve_cfg`, scmc/build.py
+"""Where CFG and PACKAGE may read templates from (scmc/lower.py `_resolve_cfg`, scmc/build/
 `preset_parts`): the folder of the template given on the command line and its subfolders, plus
 ``--allow-cfg-dir`` folders. Anything else is refused before it is read (tests/hostile/cfg_*.yaml
 try /etc/passwd, /proc/self/environ, ``..``, absolute paths and symbolic links)."""

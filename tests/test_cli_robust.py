@@ -127,7 +127,7 @@ def test_a_build_killed_between_its_two_renames_gets_its_old_package_back(workdi
     puts the old one back before it does anything else."""
     assert cli(workdir, "net.yaml", "-o", "out", "-q").exit_code == 0
     old = tree_bytes(workdir / "out")
-    monkeypatch.setattr(scmc.build, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(scmc.build.write, "_exchange", lambda a, b: False)
     real_replace = os.replace
     calls = []
 
@@ -137,10 +137,10 @@ def test_a_build_killed_between_its_two_renames_gets_its_old_package_back(workdi
             raise SystemExit("killed")  # as if SIGKILL struck between the two renames
         return real_replace(src, dst)
 
-    monkeypatch.setattr(scmc.build.os, "replace", killed_after_first_rename)
+    monkeypatch.setattr(scmc.build.write.os, "replace", killed_after_first_rename)
     with pytest.raises(SystemExit):
         scmc.build.write_package(scmc.build.Plan("net", {"pyproject.toml": b"new"}, []), workdir / "out", force=True)
-    monkeypatch.setattr(scmc.build.os, "replace", real_replace)
+    monkeypatch.setattr(scmc.build.write.os, "replace", real_replace)
     assert not (workdir / "out").exists()
     aside = workdir / f".out.old-{os.getpid()}"
     assert tree_bytes(aside) == old
@@ -431,7 +431,7 @@ def test_refusing_an_existing_output_does_not_import_torch(project: Path) -> Non
         "r = CliRunner().invoke(main, sys.argv[1:])\n"
         "print(r.exit_code, 'torch' in sys.modules, r.output.splitlines()[0])\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(scmc.build.__file__).parents[1]), *sys.path])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(scmc.__file__).parents[1]), *sys.path])}
     for args in (
         ["build", "net.yaml"],
         ["build", "net.yaml", "-p", "width=4"],

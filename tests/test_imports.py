@@ -39,7 +39,18 @@ LAYERS = {
     "scmc.names": "names/addresses/expr",
     "scmc.addresses": "names/addresses/expr",
     "scmc.expr": "names/addresses/expr",
-    "scmc.load": "load",
+    "scmc.load": "load",  # the package: re-exports what the later stages use
+    "scmc.load.common": "load",
+    "scmc.load.located": "load",
+    "scmc.load.parse": "load",
+    "scmc.load.files": "load",
+    "scmc.load.parameters": "load",
+    "scmc.load.overrides": "load",
+    "scmc.load.filters": "load",
+    "scmc.load.sandbox": "load",
+    "scmc.load.budget": "load",
+    "scmc.load.render": "load",
+    "scmc.load.expand": "load",
     "scmc.schema": "schema",
     "scmc.ir": "ir",
     "scmc.interp": "ir",  # runs the IR; used by lowering (constant folding) and materialization
@@ -69,14 +80,28 @@ LAYERS = {
     "scmc.emit.train": "emit",
     "scmc.emit.predict": "emit",
     "scmc.emit.package": "emit",
-    "scmc.build": "pipeline",
+    "scmc.build": "pipeline",  # the package: re-exports what the CLI, inspection and watch use
+    "scmc.build.request": "pipeline",
+    "scmc.build.naming": "pipeline",
+    "scmc.build.stages": "pipeline",
+    "scmc.build.plan": "pipeline",
+    "scmc.build.destination": "pipeline",
+    "scmc.build.write": "pipeline",
+    "scmc.build.commands": "pipeline",
     "scmc.cache": "output/cache",
     "scmc.inspection": "output/cache",  # scmc inspect/diff: runs the pipeline in memory, imports what it built
     "scmc.wheel": "output/cache",  # scmc wheel: a built package (and the runtime) as wheels
     "scmc.graph": "output/cache",  # scmc graph: loads a model as inspection does, traces and draws it
     "scmc.watch": "output/cache",  # scmc build --watch: the pipeline again on every change of its inputs
     "scmc.artifacts": "diagnostics",  # export's scan of untrusted artifacts: standard library (torch/onnx lazily)
-    "scmc.cli": "cli",
+    "scmc.cli": "cli",  # the package: registers every command, re-exports main and run
+    "scmc.cli.conventions": "cli",
+    "scmc.cli.app": "cli",
+    "scmc.cli.build": "cli",
+    "scmc.cli.render": "cli",
+    "scmc.cli.export": "cli",
+    "scmc.cli.compat": "cli",
+    "scmc.cli.inspect": "cli",
     "scmc.__main__": "cli",
 }
 # export reads a built package and a checkpoint, never the compiler's stages. Inside the package the
@@ -107,20 +132,43 @@ EXPORT_ORDER = tuple(
 ) + (EXPORT,)
 EXPORT_MAY_IMPORT = {"scmc", "scmc.diagnostics", "scmc.artifacts"}
 
+# Packages split by concern inside one layer: each module may import only the ones before it (the
+# package's __init__, which re-exports what other modules use, comes last).
+PACKAGE_ORDERS = {
+    "scmc.load": (
+        "common",
+        "located",
+        "parse",
+        "files",
+        "parameters",
+        "overrides",
+        "filters",
+        "sandbox",
+        "budget",
+        "render",
+        "expand",
+    ),
+    "scmc.build": ("request", "naming", "stages", "plan", "destination", "write", "commands"),
+    "scmc.cli": ("conventions", "app", "build", "render", "export", "compat", "inspect"),
+}
+ORDERS = {
+    package: tuple(f"{package}.{name}" for name in names) + (package,) for package, names in PACKAGE_ORDERS.items()
+}
+
 # (importer, imported): upward imports that remain, each with why and what would remove it.
 ALLOWED_UPWARD = {
     # The build cache records every file a build reads (note_read/note_absent) so that a hit can
-    # check them; load.read_text and the CFG lookup of lower/files.py report to it. Removing it: a small
-    # read recorder below load (e.g. scmc/reads.py) that cache.py reads back.
-    ("scmc.load", "scmc.cache"): "load.read_text reports reads to the build cache's recorder",
+    # check them; load/files.py's read_text and the CFG lookup of lower/files.py report to it. Removing it: a
+    # small read recorder below load (e.g. scmc/reads.py) that cache.py reads back.
+    ("scmc.load.files", "scmc.cache"): "load.read_text reports reads to the build cache's recorder",
     ("scmc.lower.files", "scmc.cache"): "the CFG lookup reports reads and absent candidates to the build cache",
     # format_python reuses black's output for a text formatted before (cache.formatted). Removing
     # it: the pipeline passes the memo (or the formatter) into the emitters.
     ("scmc.emit.python", "scmc.cache"): "format_python memoizes black's output in the build cache",
     # plan_package looks the request up in the cache and stores the result itself; under the rule
     # the cache wraps the pipeline. Removing it: move the lookup/store into cache.py or an output
-    # module that calls build.compile_parts (the refactor of build.py's output code).
-    ("scmc.build", "scmc.cache"): "plan_package consults and fills the build cache itself",
+    # module that calls build.compile_parts.
+    ("scmc.build.plan", "scmc.cache"): "plan_package consults and fills the build cache itself",
 }
 
 
@@ -221,6 +269,20 @@ def test_export_modules_import_only_the_ones_before_them() -> None:
     assert not later, "scmc/export/ imports against EXPORT_ORDER:\n" + "\n".join(later)
 
 
+def test_split_packages_import_only_their_earlier_modules() -> None:
+    later = []
+    for package, order in ORDERS.items():
+        rank = {name: i for i, name in enumerate(order)}
+        assert set(order) == {m for m in MODULES if m == package or m.startswith(package + ".")}, package
+        later += [
+            f"{MODULES[name].relative_to(ROOT)}:{line}: {name} imports {target}"
+            for name in order
+            for target, line in GRAPH[name].items()
+            if target in rank and rank[target] >= rank[name]
+        ]
+    assert not later, "imports against PACKAGE_ORDERS:\n" + "\n".join(sorted(later))
+
+
 def test_the_imports_form_no_cycle() -> None:
     cycles: list[list[str]] = []
     state: dict[str, int] = {}  # 1: on the stack, 2: done
@@ -245,7 +307,7 @@ def test_the_imports_form_no_cycle() -> None:
 
 def test_the_graph_holds_function_local_and_type_checking_imports() -> None:
     # `from scmc import cache` and `from scmc.emit.package import package_files` inside plan_package
-    assert {"scmc.cache", "scmc.emit.package", "scmc.link"} <= set(GRAPH["scmc.build"])
+    assert {"scmc.cache", "scmc.emit.package", "scmc.link"} <= set(GRAPH["scmc.build.plan"])
     # `if TYPE_CHECKING: from scmc.link import ...` in emit/package.py
     assert "scmc.link" in GRAPH["scmc.emit.package"]
     # `import scmc.expr as X` at module level of lower/steps.py

@@ -55,7 +55,7 @@ The package, by concern (docs/architecture.md, "scmc/export/"):
 - :mod:`~scmc.export.verify`: verification against eager PyTorch and latency;
 - :mod:`~scmc.export.pipeline`: the whole export; :mod:`~scmc.export.summary`: its text and ``run_export``.
 
-What callers import (scmc/cli.py, tests) is re-exported here.
+What callers import (scmc/cli/export.py, tests) is re-exported here.
 """
 
 from __future__ import annotations
