@@ -92,7 +92,7 @@ def _trace(model: Any, package: str, inputs: dict[str, Any]) -> tuple[Any, dict[
 
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, module: Any, qualified_name: str) -> bool:
-            return not user_layer(module)
+            return not user_layer(module) and not _is_stage(module, user_layer)
 
     try:
         graph = Tracer().trace(model)
@@ -121,11 +121,18 @@ def _trace(model: Any, package: str, inputs: dict[str, Any]) -> tuple[Any, dict[
     return graph, shapes
 
 
+def _is_stage(module: Any, user_layer: Any) -> bool:
+    """A generated ``nn.Sequential`` of user layers (scmc/passes/stages.py): traced into, not a leaf."""
+    import torch
+
+    return isinstance(module, torch.nn.Sequential) and any(user_layer(c) for c in module.children())
+
+
 def _repeats(model: Any, user_layer: Any) -> dict[str, tuple[str, list[str]]]:
     """Member path -> (run id, members) for runs of 2+ consecutive sibling user layers of one class."""
     out: dict[str, tuple[str, list[str]]] = {}
     for parent, module in model.named_modules():
-        if not user_layer(module) and parent:
+        if not user_layer(module) and not _is_stage(module, user_layer) and parent:
             continue
         run: list[tuple[str, Any]] = []
         for name, child in [*module.named_children(), ("", None)]:  # a sentinel ends the last run
@@ -151,6 +158,8 @@ def layer_graph(
 ) -> LayerGraph:
     """The drawable graph of MODEL (built on the meta device) at INPUTS (meta tensors by name)."""
 
+    from scmc_runtime.optim import step_name
+
     def user_layer(module: Any) -> bool:
         return type(module).__module__.startswith(package + ".")
 
@@ -160,7 +169,8 @@ def layer_graph(
     out = LayerGraph(name=type(model).__name__, source=source)
 
     def attr(path: str) -> str:
-        return path.rsplit(".", 1)[-1]
+        """The template's name of the layer at PATH (`block7` for `backbone.blocks2.3`, a stage's member)."""
+        return step_name(model, path).rsplit(".", 1)[-1]
 
     def params(paths: Sequence[str]) -> str:
         count = sum(p.numel() for path in paths for p in modules[path].parameters())

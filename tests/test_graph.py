@@ -56,7 +56,10 @@ def test_dot_output_needs_no_dot_program_and_expand_opens_every_block(tmp_path: 
     assert source.startswith("digraph Model {")
     assert "Block x" not in source
     # atto has 2 + 2 + 6 + 2 blocks, each its own cluster once expanded
-    assert all(f'"cluster_backbone.block{i}"' in source for i in range(12))
+    # clusters are the stages' members; their labels are the template's step names
+    paths = [f"backbone.blocks{stage}.{j}" for stage, depth in enumerate((2, 2, 6, 2)) for j in range(depth)]
+    assert all(f'"cluster_{path}"' in source for path in paths)
+    assert all(f"block{i}: Block" in source for i in range(12))
     assert 'label="1x40x56x56"' in source  # atto's first stage
 
     shallow = tmp_path / "shallow.dot"

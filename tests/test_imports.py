@@ -72,6 +72,7 @@ LAYERS = {
     "scmc.passes.identity": "passes",
     "scmc.passes.inplace": "passes",
     "scmc.passes.comments": "passes",
+    "scmc.passes.stages": "passes",  # repeated blocks as nn.Sequential stages (called by emit/python)
     "scmc.link": "passes",  # the link stage: the lowered parts -> one PackageDef
     "scmc.emit": "emit",
     "scmc.emit.jinja": "emit",

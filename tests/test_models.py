@@ -128,7 +128,7 @@ def test_identical_blocks_share_one_class_with_lifted_constants(femto_package) -
     source = (femto_package / "src" / "convnextv2_femto" / "model.py").read_text()
     assert source.count("class Block(") == 1
     assert "def __init__(self, fout: int) -> None:" in source
-    assert "self.block11 = Block(fout=384)" in source
+    assert "self.blocks3 = torch.nn.Sequential(*[Block(fout=384) for _ in range(2)])" in source
     assert "torch.nn.Linear(in_features=fout, out_features=fout * 4, bias=True)" in source
 
 
@@ -148,7 +148,7 @@ def test_drop_path_rate_becomes_a_typed_constructor_argument(tmp_path) -> None:
     source = (out / "src" / "convnextv2_atto" / "model.py").read_text()
     assert "def __init__(self, fout: int, drop_path: float) -> None:" in source
     assert "self.drop_path = DropPath(rate=drop_path)" in source
-    assert "block11 = Block(fout=320, drop_path=0.1)" in source
+    assert "self.blocks3 = torch.nn.Sequential(" in source and "Block(fout=320, drop_path=0.1)" in source
 
 
 def test_the_allow_list_default_admits_the_reference_templates() -> None:

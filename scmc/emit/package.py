@@ -17,6 +17,7 @@ from scmc.emit.jinja import environment as _env
 from scmc.emit.jinja import imported_roots
 from scmc.emit.python import LINE_LENGTH, comment_text, format_python
 from scmc.load import recorded_path
+from scmc.passes.stages import MODEL_FORMAT
 
 if TYPE_CHECKING:
     from scmc.link import Compiled, PackageDef
@@ -290,6 +291,7 @@ def manifest(pkg: "PackageDef", dependencies: list[str]) -> dict[str, Any]:
             inputs.append({"role": "layer file", "path": recorded_path(path), "sha256": _sha256(path)})
     model = pkg.model
     return {
+        "format": MODEL_FORMAT,
         "package": name,
         "scmc_version": scmc.__version__,
         "torch_version": torch.__version__.split("+")[0],

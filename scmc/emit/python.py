@@ -40,6 +40,7 @@ from scmc.ir import (
     Var,
     out_names,
 )
+from scmc.passes.stages import SEQUENTIAL, Stage, group_stages
 
 RESERVED = (
     {"self", "torch", "typing", "Dict", "List", "Tuple", "Any", "Optional", "super"}
@@ -171,10 +172,25 @@ def annotation(observed: str | None) -> str:
     return observed  # builtin generics (`dict[str, torch.Tensor]`), as TorchScript reads them
 
 
+def attribute_value(ctor: Ctor) -> str:
+    """The constructor call of an attribute; a Sequential of N identical layers as timm writes it,
+    `torch.nn.Sequential(*[Block(fout=48) for _ in range(N)])`."""
+    if ctor.address == SEQUENTIAL and not ctor.kwargs and len(ctor.args) > 1 and len(set(ctor.args)) == 1:
+        return f"{code_name(SEQUENTIAL)}(*[{literal(ctor.args[0])} for _ in range({len(ctor.args)})])"
+    return literal(ctor)
+
+
 class ModuleEmitter:
-    def __init__(self, mdef: ModuleDef, program: Program, reserved: set[str] | frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        mdef: ModuleDef,
+        program: Program,
+        reserved: set[str] | frozenset[str] = frozenset(),
+        stages: tuple[Stage, ...] = (),
+    ):
         self.m = mdef
         self.program = program
+        self.stages = stages
         self.reserved = set(RESERVED) | set(reserved)  # + the modules the file imports
         self.children = {c.attr: c for c in mdef.children}
         self.inline = inline_children(mdef)
@@ -308,9 +324,16 @@ class ModuleEmitter:
         if doc:
             lines.append(_indented_docstring(doc, "    "))
             lines.append("")
+        if self.stages:
+            lines.append(
+                "    # The template's names of the layers in each nn.Sequential (what backward regexes match)."
+            )
+            names = ", ".join(f"{s.attr!r}: ({', '.join(repr(n) for n in s.steps)})" for s in self.stages)
+            lines.append(f"    step_names = {{{names}}}")
+            lines.append("")
         params = "".join(f", {n}: {t}" for n, t in m.params)
         attributes = [
-            f"        self.{child.attr} = {literal(child.ctor)}"
+            f"        self.{child.attr} = {attribute_value(child.ctor)}"
             for child in m.children
             if child.kind != "function" and child.attr not in self.inline
         ]
@@ -472,11 +495,12 @@ def minimal_imports(modules: list[str]) -> list[str]:
 
 def emit_module_file(program: Program, header: list[str], docstring: str) -> str:
     """The complete, black-formatted source of one generated file."""
+    program, stages = group_stages(program, frozenset((*OPERATORS, PERMUTE, *CONCATENATE)))
     modules = minimal_imports(["torch", *imports_of(program)])
     # names generated code reads as globals: a local or argument of the same name would shadow them
     taken = {code_name(m).split(".")[0] for m in modules} | {m.name for m in program.modules}
     program = safe_parameter_names(program, taken)
-    classes = [ModuleEmitter(mdef, program, taken).emit() for mdef in program.modules]
+    classes = [ModuleEmitter(mdef, program, taken, stages.get(mdef.name, ())).emit() for mdef in program.modules]
     body = "\n\n".join(classes)
     typing_names = [n for n in ("Any",) if re.search(rf"\b{n}\[|\b{n}\b(?!\()", body)]
     parts: list[str] = [comment_block(header), _docstring(docstring), ""]

@@ -127,7 +127,7 @@ def select_weights(obj: Any, weights: str, path: Path) -> tuple[dict[str, Any], 
     state: Any  # checked to be a state_dict before it is used
     if isinstance(obj, dict) and "model" in obj and not _is_state_dict(obj):
         info["kind"] = "training checkpoint"
-        for key in ("package", "epoch", "global_step"):
+        for key in ("format", "package", "epoch", "global_step"):
             if isinstance(obj.get(key), (str, int)):
                 info[key] = obj[key]
         ema = obj.get("ema")
@@ -205,6 +205,11 @@ def load_weights(model: Any, state: dict[str, Any], checkpoint: Path, package: s
             parts.append(f"{len(unexpected)} unexpected: {_few(unexpected)}")
         other = ckpt_info.get("package")
         origin = f" (it was written by package `{other}`)" if isinstance(other, str) and other != package else ""
+        from scmc_runtime.checkpoint import older_layout
+
+        older = older_layout(ckpt_info.get("format"))
+        if older is not None and not mismatched:
+            raise _err("E1106", f"checkpoint `{checkpoint}` does not fit package `{package}`: {older}", checkpoint)
         message = (
             f"checkpoint `{checkpoint}` does not fit package `{package}`{origin}: "
             f"{len(state)} tensors in the checkpoint, {len(expected)} in the model; " + "; ".join(parts)

@@ -147,7 +147,13 @@ class TemplateHash(_Open):
     sha256: str
 
 
+# The newest manifest format this export reads (scmc.passes.stages.MODEL_FORMAT; absent: 1). 2: the
+# model's repeated blocks are nn.Sequential stages, so state-dict keys differ from format 1's.
+MANIFEST_FORMAT = 2
+
+
 class Manifest(_Open):
+    format: Annotated[int, Field(ge=1, le=MANIFEST_FORMAT)] = 1
     package: Identifier
     scmc_version: str | None = None
     input_shapes: Annotated[dict[Identifier, InputSpec], Field(min_length=1, max_length=64)]

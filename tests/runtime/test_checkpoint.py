@@ -222,7 +222,7 @@ def test_the_model_signature_depends_on_names_shapes_and_dtypes_not_values():
         (
             {"format": 99, "model": {}},
             ("model",),
-            "checkpoint format 99 is newer than this scmc-runtime reads (1); " "upgrade scmc-runtime",
+            "checkpoint format 99 is newer than this scmc-runtime reads (2); " "upgrade scmc-runtime",
         ),
         ({"package": "other", "model": {}}, ("model",), "a checkpoint of package other, not of pkg"),
         (

@@ -27,6 +27,8 @@ from scmc_runtime.distributed import is_distributed
 __all__ = [
     "CheckpointError",
     "FORMAT_VERSION",
+    "STAGES_FORMAT",
+    "older_layout",
     "unwrap",
     "save_checkpoint",
     "load_checkpoint",
@@ -42,7 +44,11 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 _TEMP_SUFFIX = ".tmp"
 # The layout of the dicts train.py writes; a reader refuses a newer one. 1: "format", "signature".
-FORMAT_VERSION = 1
+# 2: the model entry of a package whose template repeats a block holds its stages as nn.Sequential
+# (`backbone.blocks1.0.fc1.weight`, was `backbone.block2.fc1.weight`): scmc's model format 2.
+FORMAT_VERSION = 2
+# The first format whose model entry has the nn.Sequential stages.
+STAGES_FORMAT = 2
 # What --resume needs besides the weights (best.pt holds the weights and metrics only).
 RESUME_KEYS = ("model", "backward", "epoch", "step_in_epoch", "global_step", "best", "rng")
 _PLAIN = (str, int, float, bool, type(None), bytes, torch.dtype, torch.device, torch.Size)
@@ -204,6 +210,18 @@ def _difference(expected: Mapping[str, Any], found: Mapping[str, Any]) -> str:
     return "the dtypes differ"
 
 
+def older_layout(version: Any) -> Optional[str]:
+    """Why a checkpoint train.py wrote in format VERSION may not fit a model built by a newer scmc;
+    None if the format is current (or is no train.py format: a bare state dict has none)."""
+    if not isinstance(version, int) or not 1 <= version < STAGES_FORMAT:
+        return None
+    return (
+        f"it is a checkpoint of format {version} (every block its own attribute, e.g. block2), "
+        f"this package's model is format {FORMAT_VERSION} (repeated blocks as nn.Sequential stages, e.g. blocks1.0): "
+        "use the scmc version that built it, or start from its weights with --init-from (matched by order and shape)"
+    )
+
+
 def check_checkpoint(
     state: Mapping[str, Any],
     path: PathLike,
@@ -242,6 +260,9 @@ def check_checkpoint(
     if sharded:
         signature = state.get("signature")
         if model is not None and signature != model_signature(model):
+            older = older_layout(version)
+            if older is not None:
+                raise CheckpointError(f"{where}: the checkpoint's model does not fit this package's model: {older}")
             raise CheckpointError(
                 f"{where}: the checkpoint's model does not fit this package's model "
                 f"(signature {signature}, expected {model_signature(model)})"
@@ -250,6 +271,9 @@ def check_checkpoint(
         if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise CheckpointError(f"{where}: the checkpoint's model entry is not a dict of tensors")
         if model is not None and model_signature(weights) != model_signature(model):
+            older = older_layout(version) if set(weights) != set(model) else None
+            if older is not None:
+                raise CheckpointError(f"{where}: the checkpoint's model does not fit this package's model: {older}")
             raise CheckpointError(
                 f"{where}: the checkpoint's model does not fit this package's model "
                 f"(signature {model_signature(weights)}, expected {model_signature(model)}: {_difference(model, weights)})"

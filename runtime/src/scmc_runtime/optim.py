@@ -72,12 +72,37 @@ def named_parameters(module: nn.Module, prefix: str = "", *, submodule: str = ""
     Names never carry ``module.`` or ``_orig_mod.``; ``prefix`` (if any) is joined with a dot.
     ``submodule="backbone"`` takes the parameters of ``module.backbone`` only, still named
     from the model's root (``backbone.stem.conv.weight``), so layer-decay regexes match.
+    Names are the template's: a layer inside a generated ``nn.Sequential`` stage is named by its
+    step (``backbone.block2.fc1.weight``, not the state-dict key ``backbone.blocks1.0.fc1.weight``),
+    as the class's ``step_names`` record, so regexes written against the template still match.
     """
     root = unwrap(module)
-    if submodule:
-        name = ".".join(p for p in (prefix, submodule) if p)
-        return list(root.get_submodule(submodule).named_parameters(prefix=name))
-    return list(root.named_parameters(prefix=prefix))
+    params = root.get_submodule(submodule).named_parameters(prefix=submodule) if submodule else root.named_parameters()
+    return [(".".join(p for p in (prefix, step_name(root, name)) if p), param) for name, param in params]
+
+
+def step_name(root: nn.Module, name: str) -> str:
+    """NAME (a dotted parameter name under ROOT) with every ``stage.index`` of a generated
+    ``nn.Sequential`` replaced by the template's step name, from the class's ``step_names``."""
+    parts = name.split(".")
+    out: List[str] = []
+    current: Optional[nn.Module] = root
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        steps = getattr(type(current), "step_names", None)
+        child = current._modules.get(part) if current is not None else None
+        if isinstance(steps, dict) and part in steps and child is not None and i + 1 < len(parts):
+            index = parts[i + 1]
+            if index.isdigit() and int(index) < len(steps[part]):
+                out.append(str(steps[part][int(index)]))
+                current = child._modules.get(index)
+                i += 2
+                continue
+        out.append(part)
+        current = child
+        i += 1
+    return ".".join(out)
 
 
 def _as_named(params: Union[nn.Module, NamedParameters]) -> List[Tuple[str, nn.Parameter]]:

@@ -92,6 +92,14 @@ class Model(torch.nn.Module):
     The root layer graph of `cfg/models/ResNet.yaml`.
     """
 
+    # The template's names of the layers in each nn.Sequential (what backward regexes match).
+    step_names = {
+        "layer1": ("layer1_0", "layer1_1"),
+        "layer2": ("layer2_0", "layer2_1"),
+        "layer3": ("layer3_0", "layer3_1"),
+        "layer4": ("layer4_0", "layer4_1"),
+    }
+
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = torch.nn.Conv2d(
@@ -100,14 +108,10 @@ class Model(torch.nn.Module):
         self.bn1 = torch.nn.BatchNorm2d(num_features=64)
         self.relu = torch.nn.ReLU(inplace=True)
         self.maxpool = torch.nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1_0 = BasicBlock(fin=64)
-        self.layer1_1 = BasicBlock(fin=64)
-        self.layer2_0 = BasicBlock2(fin=64, planes=128)
-        self.layer2_1 = BasicBlock(fin=128)
-        self.layer3_0 = BasicBlock2(fin=128, planes=256)
-        self.layer3_1 = BasicBlock(fin=256)
-        self.layer4_0 = BasicBlock2(fin=256, planes=512)
-        self.layer4_1 = BasicBlock(fin=512)
+        self.layer1 = torch.nn.Sequential(*[BasicBlock(fin=64) for _ in range(2)])
+        self.layer2 = torch.nn.Sequential(BasicBlock2(fin=64, planes=128), BasicBlock(fin=128))
+        self.layer3 = torch.nn.Sequential(BasicBlock2(fin=128, planes=256), BasicBlock(fin=256))
+        self.layer4 = torch.nn.Sequential(BasicBlock2(fin=256, planes=512), BasicBlock(fin=512))
         self.avgpool = torch.nn.AdaptiveAvgPool2d(output_size=1)
         self.flatten = torch.nn.Flatten()
         self.fc = torch.nn.Linear(in_features=512, out_features=10)
@@ -117,14 +121,10 @@ class Model(torch.nn.Module):
         x = self.bn1(x)
         x = self.relu(x)
         x = self.maxpool(x)
-        x = self.layer1_0(x)
-        x = self.layer1_1(x)
-        x = self.layer2_0(x)
-        x = self.layer2_1(x)
-        x = self.layer3_0(x)
-        x = self.layer3_1(x)
-        x = self.layer4_0(x)
-        x = self.layer4_1(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
         x = self.avgpool(x)
         x = self.flatten(x)
         cls = self.fc(x)

@@ -92,42 +92,34 @@ class Backbone(torch.nn.Module):
     User layer `Backbone` of `cfg/models/ConvNeXtV2.yaml`.
     """
 
+    # The template's names of the layers in each nn.Sequential (what backward regexes match).
+    step_names = {
+        "blocks0": ("block0", "block1"),
+        "blocks1": ("block2", "block3"),
+        "blocks2": ("block4", "block5", "block6", "block7", "block8", "block9"),
+        "blocks3": ("block10", "block11"),
+    }
+
     def __init__(self) -> None:
         super().__init__()
         self.stem = Stem()
-        self.block0 = Block(fout=40)
-        self.block1 = Block(fout=40)
+        self.blocks0 = torch.nn.Sequential(*[Block(fout=40) for _ in range(2)])
         self.downsample1 = DownSample(fin=40, fout=80)
-        self.block2 = Block(fout=80)
-        self.block3 = Block(fout=80)
+        self.blocks1 = torch.nn.Sequential(*[Block(fout=80) for _ in range(2)])
         self.downsample2 = DownSample(fin=80, fout=160)
-        self.block4 = Block(fout=160)
-        self.block5 = Block(fout=160)
-        self.block6 = Block(fout=160)
-        self.block7 = Block(fout=160)
-        self.block8 = Block(fout=160)
-        self.block9 = Block(fout=160)
+        self.blocks2 = torch.nn.Sequential(*[Block(fout=160) for _ in range(6)])
         self.downsample3 = DownSample(fin=160, fout=320)
-        self.block10 = Block(fout=320)
-        self.block11 = Block(fout=320)
+        self.blocks3 = torch.nn.Sequential(*[Block(fout=320) for _ in range(2)])
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         feat1 = self.stem(image)
-        feat1 = self.block0(feat1)
-        feat1 = self.block1(feat1)
+        feat1 = self.blocks0(feat1)
         feat2 = self.downsample1(feat1)
-        feat2 = self.block2(feat2)
-        feat2 = self.block3(feat2)
+        feat2 = self.blocks1(feat2)
         feat3 = self.downsample2(feat2)
-        feat3 = self.block4(feat3)
-        feat3 = self.block5(feat3)
-        feat3 = self.block6(feat3)
-        feat3 = self.block7(feat3)
-        feat3 = self.block8(feat3)
-        feat3 = self.block9(feat3)
+        feat3 = self.blocks2(feat3)
         feat4 = self.downsample3(feat3)
-        feat4 = self.block10(feat4)
-        feat4 = self.block11(feat4)
+        feat4 = self.blocks3(feat4)
         return {"feat1": feat1, "feat2": feat2, "feat3": feat3, "feat4": feat4}
 
 

@@ -38,6 +38,24 @@ class Model(torch.nn.Module):
     The root layer graph of `cfg/models/ViT.yaml`.
     """
 
+    # The template's names of the layers in each nn.Sequential (what backward regexes match).
+    step_names = {
+        "blocks": (
+            "block0",
+            "block1",
+            "block2",
+            "block3",
+            "block4",
+            "block5",
+            "block6",
+            "block7",
+            "block8",
+            "block9",
+            "block10",
+            "block11",
+        )
+    }
+
     def __init__(self) -> None:
         super().__init__()
         self.patch_embed = timm.layers.PatchEmbed(
@@ -45,18 +63,7 @@ class Model(torch.nn.Module):
         )
         self.cls_token = scmc_runtime.layers.ClassToken(dim=192)
         self.pos_embed = scmc_runtime.layers.PositionEmbedding(dim=192, grid_size=14)
-        self.block0 = Block()
-        self.block1 = Block()
-        self.block2 = Block()
-        self.block3 = Block()
-        self.block4 = Block()
-        self.block5 = Block()
-        self.block6 = Block()
-        self.block7 = Block()
-        self.block8 = Block()
-        self.block9 = Block()
-        self.block10 = Block()
-        self.block11 = Block()
+        self.blocks = torch.nn.Sequential(*[Block() for _ in range(12)])
         self.norm = torch.nn.LayerNorm(normalized_shape=192, eps=1e-06)
         self.head = torch.nn.Linear(in_features=192, out_features=10)
 
@@ -64,18 +71,7 @@ class Model(torch.nn.Module):
         x = self.patch_embed(image)
         x = self.cls_token(x)
         x = self.pos_embed(x)
-        x = self.block0(x)
-        x = self.block1(x)
-        x = self.block2(x)
-        x = self.block3(x)
-        x = self.block4(x)
-        x = self.block5(x)
-        x = self.block6(x)
-        x = self.block7(x)
-        x = self.block8(x)
-        x = self.block9(x)
-        x = self.block10(x)
-        x = self.block11(x)
+        x = self.blocks(x)
         x = self.norm(x)
         cls = self.head(x[:, 0])
         return {"cls": cls}
