@@ -322,7 +322,7 @@ def test_generated_python_must_compile_not_only_parse() -> None:
     [
         ("Loss", "the package already has a class `Loss` (the loss)"),
         ("TrainConfig", "the generated train.py uses `TrainConfig` for something else"),
-        ("net", "the generated train.py uses `net` for a local variable"),
+        ("model", "the generated train.py uses `model` for a local variable"),
         ("importlib", "the generated __init__.py uses `importlib` for something else"),
         ("ℳodel", "Python reads it as `Model`"),
         ("_Model", "names starting with `_` are private to the generated modules"),

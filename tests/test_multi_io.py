@@ -87,8 +87,8 @@ def test_the_package_has_two_inputs_two_outputs_and_both_losses(package: Path) -
     ce, reg, total = loss
     assert torch.allclose(total, ce + reg)  # reg_weight 1.0
     train_py = (package / "src" / NAME / "train.py").read_text()
-    assert "for step, (images, features, labels, targets) in enumerate(" in train_py
-    assert "outputs = model(images, features)" in train_py
+    assert "data=TableData(num_features=NUM_FEATURES, num_targets=NUM_TARGETS)" in train_py
+    assert "return model(batch.images, batch.features)" in train_py
 
 
 def test_training_logs_both_losses_they_fall_and_a_stopped_run_resumes_exactly(trained: Path) -> None:
@@ -324,7 +324,8 @@ def test_the_emitters_refuse_an_image_table_context_without_its_sizes() -> None:
         num_targets=2,
     )
     source = render_train(ctx)
-    assert 'loss = criterion(label=labels, cls=outputs["cls"], target=targets, reg=outputs["reg"])' in source
+    assert "    loss = criterion(\n" in source
+    assert 'label=batch.loss_labels, cls=outputs["cls"], target=batch.targets, reg=outputs["reg"]\n' in source
     with pytest.raises(ValueError, match="two model inputs"):
         render_train(replace(ctx, num_features=0))
     with pytest.raises(ValueError, match="there is no data for tabular"):

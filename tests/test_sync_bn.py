@@ -124,7 +124,10 @@ def test_the_ema_averages_batchnorm_running_statistics(use_timm: bool) -> None:
 def test_the_generated_train_py_has_the_flag_and_converts_under_ddp() -> None:
     source = (ROOT / "tests/golden/resnet18_digits/src/resnet18_digits/train.py").read_text()
     assert "sync_bn: bool = flag(" in source and "True," in source.split("sync_bn: bool = flag(")[1][:20]
-    assert "net = sync_batchnorm(net, dist, enabled=cfg.sync_bn, log=log.warning)" in source
+    # the conversion is the runtime Trainer's, which every generated train.py hands its model to
+    assert "return Trainer(" in source
+    trainer = (ROOT / "runtime/src/scmc_runtime/trainer.py").read_text()
+    assert "net = sync_batchnorm(net, dist, enabled=cfg.sync_bn, log=log.warning)" in trainer
 
 
 def _train(package: Path, cwd: Path, run: str, ranks: int, *extra: str) -> str:

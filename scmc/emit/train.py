@@ -5,7 +5,8 @@ and backward; :func:`render_train` turns it into the source of ``train.py`` thro
 ``templates/train.py.j2``. The generated file runs as ``python -m <pkg>.train`` and as
 ``torchrun --nproc_per_node=N -m <pkg>.train``; its ``TrainConfig`` fields (one per flag) are
 listed in :data:`FIELDS`, with defaults that a template or preset may override through
-``TrainContext.defaults``.
+``TrainContext.defaults``. The file is the package's wiring (flags, how a batch feeds the model,
+loss, metric and backward); the generic loop it hands them to is ``scmc_runtime.trainer.Trainer``.
 """
 
 from __future__ import annotations
@@ -362,9 +363,11 @@ def _fields(ctx: TrainContext) -> list[Field]:
 def _source(name: str, ctx: TrainContext, soft: bool = False) -> str:
     """The expression in train.py that holds the graph input ``name`` (``soft``: for the loss)."""
     if name == ctx.label:
-        if soft and ctx.soft_targets:
-            return f"as_soft_targets(labels, {int(ctx.soft_targets)})"
-        return "labels"
+        if not soft:
+            return "batch.labels"
+        if ctx.soft_targets:
+            return f"as_soft_targets(batch.loss_labels, {int(ctx.soft_targets)})"
+        return "batch.loss_labels"
     if name in ctx.model_outputs:
         if ctx.model_structured:
             return f"outputs[{name!r}]"
@@ -372,11 +375,11 @@ def _source(name: str, ctx: TrainContext, soft: bool = False) -> str:
             return "outputs"
         return f"outputs[{ctx.model_outputs.index(name)}]"
     if name == ctx.model_inputs[0]:
-        return "images"
+        return "batch.images"
     if ctx.target and name == ctx.target:
-        return "targets"
+        return "batch.targets"
     if ctx.target and name == ctx.model_inputs[1]:
-        return "features"
+        return "batch.features"
     raise AssertionError(name)
 
 
@@ -394,18 +397,18 @@ def render_train(ctx: TrainContext) -> str:
         outputs_type = "dict[str, torch.Tensor]"
     else:
         outputs_type = "tuple[torch.Tensor, ...]"
-    model_call = ", ".join("images" if i == 0 else "labels" for i in range(len(ctx.model_inputs)))
     if ctx.target:
-        model_call = "images, features"
+        model_call, forward_doc = "batch.images, batch.features", "the images and their rows of features"
+    else:
+        model_call = ", ".join("batch.images" if i == 0 else "batch.labels" for i in range(len(ctx.model_inputs)))
+        forward_doc = "the images and the labels" if len(ctx.model_inputs) > 1 else "the images"
     source = env.get_template(TEMPLATE).render(
         ctx=ctx,
         fields=fields,
         groups=[g for i, g in enumerate(f.group for f in fields) if g not in [f.group for f in fields][:i]],
         outputs_type=outputs_type,
-        model_takes_labels=len(ctx.model_inputs) > 1,
-        label_params="labels: torch.Tensor, targets: torch.Tensor" if ctx.target else "labels: torch.Tensor",
-        label_args="labels, targets" if ctx.target else "labels",
         model_call=model_call,
+        forward_doc=forward_doc,
         loss_args=", ".join(f"{n}={_source(n, ctx, soft=True)}" for n in ctx.loss_inputs),
         metric_args=", ".join(f"{n}={_source(n, ctx)}" for n in ctx.metric_inputs),
         backward_args=", ".join(f"{n}=losses[{n!r}]" for n in ctx.backward_losses),

@@ -25,7 +25,6 @@ them: ``x ~ N(0, 1)`` (seeded by the image), and target ``j`` is
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import math
@@ -33,22 +32,19 @@ import os
 import stat
 import uuid
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 
 from scmc_runtime.data import ImageFolderDataset, ImageTransform, prepare_digits
 from scmc_runtime.distributed import DistInfo
-from scmc_runtime.metrics import MetricAccumulator
 from scmc_runtime.train import TrainError, UsageError
 
 __all__ = [
     "TABLE_NAME",
     "ImageTableDataset",
     "build_table_datasets",
-    "evaluate_table",
     "prepare_digits_table",
     "read_table",
     "write_digits_table",
@@ -312,35 +308,6 @@ def build_table_datasets(
 
 
 @torch.no_grad()
-def evaluate_table(
-    model: nn.Module,
-    loader: Any,
-    score: Callable[[Any, torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]],
-    *,
-    device: torch.device,
-    autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
-    memory_format: torch.memory_format = torch.preserve_format,
-) -> Dict[str, float]:
-    """Means of ``score(model(images, features), labels, targets)`` over ``loader`` on every rank.
-
-    The image-table counterpart of :func:`scmc_runtime.train.evaluate`: eval mode, no grad, each
-    rank scores its shard, one reduction at the end weighted by batch size, mode restored.
-    """
-    was_training = model.training
-    model.eval()
-    meter = MetricAccumulator(device)
-    for images, features, labels, targets in loader:
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        features = features.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with autocast():
-            values = score(model(images, features), labels, targets)
-        meter.update(values, n=labels.shape[0])
-    model.train(was_training)
-    return meter.compute()
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m scmc_runtime.tabular",

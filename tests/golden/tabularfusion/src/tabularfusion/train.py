@@ -11,77 +11,19 @@ recorded in MLflow (sqlite:///<out>/mlflow.db) unless --no-mlflow. SIGTERM or Ct
 the current step, saves last.pt and exits 0 (under torchrun: signal the ranks, see README).
 Flags are checked before anything is written (exit 2); a problem with the data or a checkpoint
 is one message (exit 1), never a traceback.
+
+This file is the package's wiring: its flags and their compiled defaults, how a batch feeds the
+model, the loss and the metric, and which losses the backward takes. The loop they run in is
+scmc_runtime.trainer.Trainer, the same for every package; make_trainer(TrainConfig(...)).fit()
+runs it from Python.
 """
 
-import contextlib
-import dataclasses
-import itertools
-import json
-import math
-import time
 from dataclasses import dataclass
-from importlib import resources
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from scmc_runtime.batchnorm import sync_batchnorm
-from scmc_runtime.checkpoint import (
-    FORMAT_VERSION,
-    gather_rng_states,
-    model_signature,
-    save_checkpoint,
-    set_rng_state,
-)
-from scmc_runtime.curves import RunCurves
-from scmc_runtime.data import BadImageError, build_loader, validation_subset
-from scmc_runtime.distributed import seed_everything, setup_distributed
-from scmc_runtime.elastic import elastic_resume, note_elastic_run
-from scmc_runtime.ema import ModelEma
-from scmc_runtime.fsdp import (
-    ShardedEma,
-    averaged_model,
-    check_strategy,
-    load_sharded,
-    save_sharded,
-    shard_model,
-)
-from scmc_runtime.logging import MetricsFile, MlflowLogger, Progress, get_logger
-from scmc_runtime.metrics import MetricAccumulator
-from scmc_runtime.overrides import (
-    RunSettings,
-    check_run_flags,
-    resume_problem,
-    run_overrides,
-    step_metrics,
-)
-from scmc_runtime.pretrained import init_from
-from scmc_runtime.recipe import (
-    BatchRecipe,
-    build_transforms,
-    check_recipe,
-    collate_fn,
-    train_sampler,
-)
-from scmc_runtime.signals import GracefulStop
-from scmc_runtime.tabular import build_table_datasets, evaluate_table
-from scmc_runtime.train import (
-    TrainError,
-    UsageError,
-    check_classes,
-    compiled_hyperparameters,
-    configure_torch,
-    flag,
-    format_metrics,
-    load_resume_state,
-    next_steps,
-    parse_config,
-    probe_model,
-    resolve_run,
-    run_main,
-    start_run,
-    validate_config,
-)
+from scmc_runtime.train import flag, parse_config, run_main
+from scmc_runtime.trainer import Batch, TableData, Trainer
 
 from tabularfusion.backward import Backward
 from tabularfusion.loss import Loss
@@ -257,12 +199,20 @@ class TrainConfig:
     experiment: str = flag("tabularfusion", "MLflow experiment (default: the package name)")
 
 
+def forward(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    """The model's inputs from a batch: the images and their rows of features."""
+    return model(batch.images, batch.features)
+
+
 def compute_losses(
-    criterion: Loss, outputs: dict[str, torch.Tensor], labels: torch.Tensor, targets: torch.Tensor
+    criterion: Loss, outputs: dict[str, torch.Tensor], batch: Batch
 ) -> dict[str, torch.Tensor]:
-    """The loss graph, label, cls, target, reg -> ce_loss, reg_loss, loss, fed by the model and the labels."""
+    """The loss graph, label, cls, target, reg -> ce_loss, reg_loss, loss, fed by the model and the batch.
+
+    batch.loss_labels: the labels, or [B, C] probabilities where training mixes or smooths them.
+    """
     ce_loss, reg_loss, loss = criterion(
-        label=labels, cls=outputs["cls"], target=targets, reg=outputs["reg"]
+        label=batch.loss_labels, cls=outputs["cls"], target=batch.targets, reg=outputs["reg"]
     )
     return {
         "ce_loss": ce_loss,
@@ -272,518 +222,44 @@ def compute_losses(
 
 
 def compute_metrics(
-    metric: Metric, outputs: dict[str, torch.Tensor], labels: torch.Tensor, targets: torch.Tensor
+    metric: Metric, outputs: dict[str, torch.Tensor], batch: Batch
 ) -> dict[str, torch.Tensor]:
     """The metric graph, label, cls -> acc1, acc5."""
-    acc1, acc5 = metric(label=labels, cls=outputs["cls"])
+    acc1, acc5 = metric(label=batch.labels, cls=outputs["cls"])
     return {
         "acc1": acc1,
         "acc5": acc5,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(TrainConfig, argv, description=__doc__, prog=PROG)
-    # Every flag is checked before anything is created: all problems in one message, exit 2.
-    validate_config(cfg, losses=LOSSES, metrics=METRICS)
-    check_strategy(cfg)
-    # --lr, --precision, ...: a run's values over what backward.py was compiled with (Backward.compiled).
-    check_run_flags(cfg, Backward.compiled)
-    # timm's recipe (--data-pipeline timm): mixup, cutmix and label smoothing need a soft-target loss.
-    recipe = check_recipe(cfg, soft_loss=SOFT_TARGETS > 0, autocast=cfg.precision != "float32")
-    if recipe.timm:
-        raise UsageError(
-            "--data-pipeline timm: an image-table package trains with the basic pipeline; leave it out"
-        )
-    started = time.monotonic()
+def backward_step(backward: Backward, losses: dict[str, torch.Tensor], last_in_epoch: bool) -> bool:
+    """Backward of the loss (scaled for AMP and accumulation); True when the optimizers stepped."""
+    return backward(loss=losses["loss"], last_in_epoch=last_in_epoch)
 
-    # Distributed setup from torchrun's environment (single process without it), then seeding.
-    dist = setup_distributed(cfg.device)  # gloo on CPU, nccl on GPU
-    device = dist.device
-    configure_torch(device, threads=cfg.threads, deterministic=cfg.deterministic)
-    torch.set_float32_matmul_precision(cfg.matmul_precision)
-    log = get_logger(PACKAGE, dist.is_main)
 
-    # Cheap checks of the model and the data before any file is written: the image size fits
-    # the model (a forward pass on the meta device), the folders and classes fit its head.
-    # The model takes an image and a row of NUM_FEATURES features; the data is an image table.
-    output_shapes = probe_model(
-        Model,
-        lambda m, images, labels: m(images, images.new_zeros(1, NUM_FEATURES)),
-        cfg.image_size,
-    )
-    train_set, val_set, classes = build_table_datasets(
-        dist,
-        num_features=NUM_FEATURES,
-        num_targets=NUM_TARGETS,
-        data=cfg.data,
-        timm_dataset=cfg.timm_dataset,
-        cache_dir=cfg.cache_dir,
-        image_size=cfg.image_size,
-        mean=cfg.mean,
-        std=cfg.std,
-        translate=cfg.translate,
-        hflip=cfg.hflip,
-        seed=cfg.seed,
-        skip_bad_images=cfg.skip_bad_images,
-        log=log.warning,
-    )
-    check_classes(classes, output_shapes, allow=cfg.allow_class_mismatch)
-    # --max-val-steps: a random subset of the validation images, the same for every epoch and seed.
-    val_set = validation_subset(val_set, cfg.max_val_steps * cfg.batch_size, seed=cfg.seed)
-    batch_per_rank = cfg.batch_size // dist.world_size
-    repeats = train_sampler(
-        train_set,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        seed=cfg.seed,
-        repeats=recipe.num_aug_repeats,
-    )
-    loader_args = dict(
-        workers=cfg.workers,
-        seed=cfg.seed,
-        pin_memory=cfg.pin_memory,
-        persistent_workers=cfg.persistent_workers,
-    )
-    train_loader = build_loader(
-        train_set,
-        batch_per_rank,
-        True,
-        dist,
-        sampler=repeats,
-        collate_fn=collate_fn(recipe),
-        **loader_args,
-    )
-    val_loader = build_loader(val_set, batch_per_rank, False, dist, **loader_args)
-    # On the device: normalization and erasing (--use-prefetcher), dtype, mixup/cutmix, soft targets.
-    # Soft targets span the classes the loss was compiled for (the preset's num_classes), if any.
-    prepare_batch = BatchRecipe(
-        recipe, SOFT_TARGETS or len(classes), device, seed=cfg.seed, rank=dist.rank
-    )
-    steps_per_epoch = min(len(train_loader), cfg.max_steps) if cfg.max_steps else len(train_loader)
-    if steps_per_epoch == 0:
-        raise TrainError(
-            f"{len(train_set)} training images do not fill one global batch of {cfg.batch_size}"
-        )
-
-    # Model, loss, metric and backward (optimizers, schedulers, AMP, accumulation).
-    seed_everything(cfg.seed)  # the same initial weights on every rank
-    net = Model()
-    # Fine-tuning: weights mapped by name, else by order and shape (a resume replaces them).
-    if cfg.init_from:
-        log.info(init_from(net, cfg.init_from, reset_head=cfg.reset_head))
-    # Under DDP, BatchNorm statistics over all ranks (SyncBatchNorm; on CPU CpuSyncBatchNorm; --no-sync-bn: per rank).
-    net = sync_batchnorm(net, dist, enabled=cfg.sync_bn, log=log.warning)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    net = net.to(device, memory_format=memory_format)
-    # The optimizer flags override what backward.py was compiled with (Backward.compiled), for this run.
-    overrides = run_overrides(cfg, Backward.compiled)
-    # --strategy fsdp: fully_shard each repeated block, then the root, before the optimizers exist.
-    sharding = None
-    if cfg.strategy == "fsdp":
-        sharding = shard_model(
-            net,
-            dist,
-            unit=cfg.fsdp_unit,
-            reshard_after_forward=cfg.reshard_after_forward,
-            activation_checkpointing=cfg.activation_checkpointing,
-            autocast_dtype=RunSettings(Backward.compiled, overrides).autocast_dtype,  # --precision
-        )
-        log.info(sharding.describe())
-    criterion = Loss().to(device)
-    metric = Metric().to(device)
-    updates_per_epoch = math.ceil(steps_per_epoch / cfg.grad_accum_steps)
-    backward = Backward(
-        net,
-        updates_per_epoch=updates_per_epoch,
-        epochs=cfg.epochs,
-        device_type=device.type,
-        overrides=overrides,
-    )
-    ema = None
-    if cfg.ema and sharding is not None:  # FSDP: each rank averages its own shards
-        ema = ShardedEma(net, cfg.ema_decay, warmup=cfg.ema_warmup)
-    elif cfg.ema:
-        ema = ModelEma(
-            net,
-            cfg.ema_decay,
-            warmup=cfg.ema_warmup,
-            min_decay=cfg.ema_min_decay,
-            update_after_step=cfg.ema_update_after_step,
-            warmup_gamma=cfg.ema_warmup_gamma,
-            warmup_power=cfg.ema_warmup_power,
-            foreach=cfg.ema_foreach,
-            exclude_buffers=cfg.ema_exclude_buffers,
-        )
-
-    # The run folder, and the checkpoint to resume: read and checked (this package, this model,
-    # the same schedule) before the folder is created or anything in it is written. A worker
-    # restarted by torchrun --max-restarts continues its job's run folder (--resume auto).
-    elastic = elastic_resume(cfg.out, cfg.run_name, cfg.resume, cfg.fresh)
-    run_dir, resume_from = resolve_run(
-        dist,
-        out=cfg.out,
-        run_name=elastic.run_name,
+def make_trainer(cfg: TrainConfig) -> Trainer:
+    """The runtime's training loop (scmc_runtime.trainer) with this package's pieces; also for use from Python."""
+    return Trainer(
+        cfg,
         package=PACKAGE,
-        resume=elastic.resume,
-        fresh=elastic.fresh,
-        create=False,
-    )
-    config = dataclasses.asdict(cfg)
-    state = None
-    if resume_from is not None:
-        state = load_resume_state(
-            resume_from,
-            package=PACKAGE,
-            model=net.state_dict(),
-            config=config,
-            world_size=dist.world_size,
-        )
-        # A changed --lr, --precision, ... would not continue the same run: refused.
-        changed = resume_problem(state.get("config") or {}, config, resume_from)
-        if changed:
-            raise TrainError(changed)
-    start_run(dist, run_dir, PACKAGE)
-
-    # Resume: weights, optimizer/scheduler/scaler, EMA, position in the data and RNG states.
-    start_epoch, start_step, global_step = 0, 0, 0
-    best = {"metric": cfg.best_metric, "value": None, "epoch": None}
-    if state is not None:
-        if state.get("sharded"):  # a DCP checkpoint, resharded to this world size
-            load_sharded(resume_from, state, net, backward, ema)
-        elif sharding is not None:
-            raise TrainError(
-                f"{resume_from} was written with --strategy ddp; resume it with --strategy ddp"
-            )
-        else:
-            net.load_state_dict(state["model"])
-            backward.load_state_dict(state["backward"])
-            if ema is not None and state.get("ema") is not None:
-                ema.load_state_dict(state["ema"])
-        start_epoch, start_step = state["epoch"], state["step_in_epoch"]
-        global_step, best = state["global_step"], state["best"]
-        log.info(f"resuming {resume_from} at epoch {start_epoch + 1}, step {start_step}")
-        if start_epoch >= cfg.epochs:
-            log.info(f"{resume_from} has finished all {cfg.epochs} epochs: nothing to train")
-
-    # DDP averages gradients over ranks during backward(); torch.compile wraps the whole step.
-    model = net
-    ddp = None
-    if dist.world_size > 1 and sharding is None:
-        device_ids = [device.index] if device.type == "cuda" else None
-        model = ddp = DistributedDataParallel(
-            net, device_ids=device_ids, gradient_as_bucket_view=True
-        )
-    # --compile-mode is inductor's; other backends take none.
-    compile_args = dict(
-        backend=cfg.compile_backend,
-        fullgraph=cfg.compile_fullgraph,
-        mode=cfg.compile_mode if cfg.compile_backend == "inductor" else None,
-    )
-    if cfg.compile:
-        model = torch.compile(model, **compile_args)
-    eval_model = torch.compile(net, **compile_args) if cfg.compile else net
-
-    # Logging: metrics.jsonl and MLflow, on rank 0 only. A resumed run drops the records of
-    # the steps it trains again, so no step is recorded twice.
-    metrics_file = MetricsFile(run_dir, enabled=dist.is_main)
-    mlflow = MlflowLogger(
-        cfg.out,
-        experiment=cfg.experiment,
-        run_name=run_dir.name,
-        tracking_uri=cfg.mlflow_uri or None,
-        enabled=cfg.mlflow and dist.is_main,
-        run_id=state.get("mlflow_run_id") if state is not None else elastic.mlflow_run_id,
-    )
-    # The other ranks learn rank 0's MLflow run: they end it as FAILED should rank 0 be killed.
-    mlflow.share_run()
-    # Where a worker restarted by torchrun --max-restarts continues: <run>/elastic.json.
-    note_elastic_run(run_dir, mlflow.run_id, is_main=dist.is_main)
-    if state is not None or elastic.restarts:
-        metrics_file.drop_after(global_step)
-    # curves.png in the run folder (and MLflow): loss, metrics and learning rate, redrawn every epoch.
-    curves = RunCurves(
-        run_dir,
+        model=Model,
+        loss=Loss,
+        metric=Metric,
+        backward=Backward,
+        forward=forward,
+        compute_losses=compute_losses,
+        compute_metrics=compute_metrics,
+        backward_step=backward_step,
         losses=LOSSES,
         metrics=METRICS,
-        title=PACKAGE,
-        enabled=dist.is_main,
-        warn=log.warning,
+        data=TableData(num_features=NUM_FEATURES, num_targets=NUM_TARGETS),
+        soft_targets=SOFT_TARGETS,
     )
 
-    def draw_curves() -> None:
-        picture = curves.draw()
-        if picture is not None:
-            mlflow.log_artifact(picture)
 
-    if dist.is_main:
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if not mlflow.resumed:
-        hyper = compiled_hyperparameters(PACKAGE, backward)
-        mlflow.log_params({**config, "package": PACKAGE, "world_size": dist.world_size, **hyper})
-        mlflow.log_artifact(run_dir / "config.json")
-        with resources.as_file(resources.files(PACKAGE) / "manifest.json") as manifest:
-            mlflow.log_artifact(manifest)
-    info = {
-        "event": "start",
-        "world_size": dist.world_size,
-        "train_images": len(train_set),
-        "val_images": len(val_set),
-        "classes": len(classes),
-        "batch_per_rank": batch_per_rank,
-        "steps_per_epoch": steps_per_epoch,
-        "images_per_rank_per_epoch": steps_per_epoch * batch_per_rank,
-        "resumed_from": str(resume_from) if resume_from is not None else None,
-        "start_epoch": start_epoch,
-        "start_step": start_step,
-    }
-    metrics_file.write(info)
-    log.info(
-        f"{PACKAGE}: {len(train_set)} training / {len(val_set)} validation images, "
-        f"{len(classes)} classes; {dist.world_size} rank(s) x {batch_per_rank} images, "
-        f"{steps_per_epoch} steps per epoch; writing {run_dir}"
-    )
-
-    def training_state(epoch: int, step_in_epoch: int) -> dict:
-        """All that --resume needs: tensors and plain values, no module./_orig_mod. prefixes."""
-        return {
-            "format": FORMAT_VERSION,
-            "package": PACKAGE,
-            "signature": model_signature(net.state_dict()),
-            "model": net.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "backward": backward.state_dict(),  # optimizers, schedulers, grad scaler
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,  # batches of this epoch already trained on
-            "global_step": global_step,
-            "best": best,
-            "rng": gather_rng_states(),  # one entry per rank; every rank takes part
-            "world_size": dist.world_size,
-            "config": config,
-            "classes": [str(c) for c in classes],
-            "mlflow_run_id": mlflow.run_id,
-        }
-
-    saved_at = [global_step if state is not None else None]  # the global step last.pt holds, if any
-
-    def save(path, checkpoint: dict, optimizers: bool) -> None:
-        # FSDP: every rank writes its shards (torch.distributed.checkpoint), then rank 0 the file.
-        if sharding is not None:
-            save_sharded(
-                path, checkpoint, net, backward if optimizers else None, is_main=dist.is_main
-            )
-        elif dist.is_main:
-            save_checkpoint(path, checkpoint)  # atomic: temporary file, then rename
-
-    def save_last(epoch: int, step_in_epoch: int) -> None:
-        save(run_dir / "last.pt", training_state(epoch, step_in_epoch), optimizers=True)
-        saved_at[0] = global_step
-
-    def validate(module: torch.nn.Module) -> dict[str, float]:
-        """Loss and metric means over the validation set (each rank scores its shard)."""
-
-        def score(
-            outputs: dict[str, torch.Tensor], labels: torch.Tensor, targets: torch.Tensor
-        ) -> dict[str, torch.Tensor]:
-            return {
-                **compute_losses(criterion, outputs, labels, targets),
-                **compute_metrics(metric, outputs, labels, targets),
-            }
-
-        autocast = lambda: backward.autocast(device.type)  # noqa: E731
-        return evaluate_table(
-            module, val_loader, score, device=device, autocast=autocast, memory_format=memory_format
-        )
-
-    # Per-rank seeds for dropout and drop-path; a resumed run restores the saved states instead.
-    seed_everything(cfg.seed, dist.rank)
-    if state is not None and dist.rank < len(state["rng"]):
-        set_rng_state(state["rng"][dist.rank])
-
-    train_meter = MetricAccumulator(device)  # means over the epoch, kept on the device
-    window = MetricAccumulator(device)  # means over the last log_every steps
-    record: dict = {}
-    stopping = False
-    resumable = None  # (epoch, step) after the last weight update: a consistent point to save at
-    try:
-        # Under nccl agreeing on a stop costs a GPU sync, so it is checked every 10 steps there.
-        with GracefulStop(check_every=10 if dist.backend == "nccl" else 1) as stop:
-            for epoch in range(start_epoch, cfg.epochs):
-                # A new shuffle per epoch; a resumed run skips the batches it already trained on.
-                first_step = start_step if epoch == start_epoch else 0
-                resumable = None
-                train_loader.sampler.set_epoch(epoch, skip_batches=first_step)
-                model.train()
-                train_meter.reset()
-                epoch_started = time.monotonic()
-                progress = Progress(
-                    steps_per_epoch - first_step,
-                    f"epoch {epoch + 1}/{cfg.epochs}",
-                    enabled=dist.is_main,
-                    ci=cfg.ci,
-                    log_every=cfg.log_every,
-                )
-                batches = itertools.islice(train_loader, steps_per_epoch - first_step)
-                for step, (images, features, labels, targets) in enumerate(
-                    batches, start=first_step
-                ):
-                    last_in_epoch = step == steps_per_epoch - 1
-                    images = images.to(device, non_blocking=True, memory_format=memory_format)
-                    features = features.to(device, non_blocking=True)
-                    labels = labels.to(device, non_blocking=True)
-                    targets = targets.to(device, non_blocking=True)
-
-                    # Gradient accumulation: DDP all-reduces gradients only when the weights update;
-                    # FSDP neither reduce-scatters nor reshards between micro-steps.
-                    sync = contextlib.nullcontext()
-                    if ddp is not None and not backward.will_update(last_in_epoch):
-                        sync = ddp.no_sync()
-                    elif sharding is not None and not backward.will_update(last_in_epoch):
-                        sync = sharding.no_sync(net)
-                    with sync:
-                        # Mixed precision as the backward template sets it (a no-op without AMP).
-                        with backward.autocast(device.type):
-                            outputs = model(images, features)
-                            losses = compute_losses(criterion, outputs, labels, targets)
-                        updated = backward(loss=losses["loss"], last_in_epoch=last_in_epoch)
-                    if updated and ema is not None:
-                        ema.update(net, step=backward.updates)
-                    global_step += 1
-                    resumable = (epoch, step + 1) if updated and not last_in_epoch else None
-
-                    with torch.no_grad():
-                        values = {**losses, **compute_metrics(metric, outputs, labels, targets)}
-                    train_meter.update(values, n=labels.shape[0])  # no host sync per step
-                    window.update(values, n=labels.shape[0])
-                    progress.step(values)
-                    if global_step % cfg.log_every == 0:
-                        # Means over the last log_every steps: train_step_*, apart from the epoch means train_*.
-                        logged = {
-                            f"train_step_{name}": value for name, value in window.compute().items()
-                        }
-                        logged.update(
-                            {f"lr_{name}": lr for name, lr in backward.learning_rates.items()}
-                        )
-                        logged.update(
-                            step_metrics(backward)
-                        )  # grad_norm (before clipping), amp_scale
-                        window.reset()
-                        metrics_file.write(
-                            {"event": "step", "epoch": epoch + 1, "step": global_step, **logged}
-                        )
-                        mlflow.log_metrics(logged, step=global_step)
-
-                    # A signal stops at the next weight update (gradients in flight are not saved).
-                    stopping = stop.should_stop()
-                    periodic = cfg.save_every and backward.updates % cfg.save_every == 0
-                    if updated and (stopping or (periodic and not last_in_epoch)):
-                        save_last(epoch, step + 1)
-                    if updated and stopping:
-                        break
-                progress.close()
-                if stopping:
-                    break
-
-                # Validation of the raw weights and of their moving average. The epoch's training is
-                # complete here: a run stopped in validation resumes with the validation.
-                resumable = (epoch, steps_per_epoch)
-                record = {"event": "epoch", "epoch": epoch + 1, "step": global_step}
-                record.update(
-                    {f"train_{name}": value for name, value in train_meter.compute().items()}
-                )
-                if (
-                    epoch + 1
-                ) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:  # --val-every N epochs
-                    record.update(
-                        {f"val_{name}": value for name, value in validate(eval_model).items()}
-                    )
-                    if ema is not None:
-                        with averaged_model(ema, eval_model) as averaged:
-                            record.update(
-                                {
-                                    f"ema_val_{name}": value
-                                    for name, value in validate(averaged).items()
-                                }
-                            )
-                record.update({f"lr_{name}": lr for name, lr in backward.learning_rates.items()})
-                record["epoch_seconds"] = time.monotonic() - epoch_started
-                backward.end_epoch(epoch, record)  # per-epoch schedulers step here
-
-                # A known name (checked with the flags); train_* is absent after a resume in validation.
-                value = record.get(cfg.best_metric)
-                improved = value is not None and (
-                    best["value"] is None
-                    or (value > best["value"] if cfg.best_mode == "max" else value < best["value"])
-                )
-                if improved:
-                    best = {"metric": cfg.best_metric, "value": value, "epoch": epoch + 1}
-                    best_state = {
-                        "format": FORMAT_VERSION,
-                        "package": PACKAGE,
-                        "signature": model_signature(net.state_dict()),
-                        "model": net.state_dict(),
-                        "ema": ema.state_dict() if ema is not None else None,
-                        "epoch": epoch + 1,
-                        "metrics": record,
-                        "config": config,
-                        "classes": [str(c) for c in classes],
-                    }
-                    save(run_dir / "best.pt", best_state, optimizers=False)
-                save_last(epoch + 1, 0)
-                metrics_file.write(record)
-                draw_curves()
-                # The step series already holds this step's learning rates when a step log just ran.
-                logged_lr = global_step % cfg.log_every == 0
-                epoch_metrics = {
-                    k: v
-                    for k, v in record.items()
-                    if k != "event" and not (logged_lr and k.startswith("lr_"))
-                }
-                mlflow.log_metrics(epoch_metrics, step=global_step)
-                log.info(format_metrics({k: v for k, v in record.items() if k != "event"}))
-    except BadImageError as error:
-        # Save what was trained since the last checkpoint when the state is consistent (after a
-        # weight update; single process: under DDP the other ranks are not there to take part).
-        if resumable is not None and dist.world_size == 1:
-            save_last(*resumable)
-        mlflow.close("FAILED")
-        then = "continue with --resume auto" if saved_at[0] is not None else "start again"
-        held = (
-            f"last.pt holds step {saved_at[0]}"
-            if saved_at[0] is not None
-            else "no checkpoint was saved yet"
-        )
-        raise TrainError(
-            f"{BadImageError.message_of(error)}; {held}. Replace or remove the file (or pass --skip-bad-images), "
-            f"then {then}"
-        ) from None
-    except BaseException as error:
-        mlflow.close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-        raise
-
-    seconds = time.monotonic() - started
-    draw_curves()
-    if stopping:
-        log.info(f"stopped by a signal at step {global_step}; continue with --resume auto")
-        mlflow.close("KILLED")
-        return 0
-    if dist.is_main and (run_dir / "best.pt").exists():
-        mlflow.log_artifact(run_dir / "best.pt")
-    mlflow.close("FINISHED")
-    best_path = run_dir / "best.pt"
-    metrics_file.write({"event": "end", "seconds": seconds, **best, "checkpoint": str(best_path)})
-    if dist.is_main:
-        top = f"{best['value']:.4f} (epoch {best['epoch']})" if best["value"] is not None else "n/a"
-        print(
-            f"done in {seconds:.1f}s: best {best['metric']} {top}; checkpoint {best_path}",
-            flush=True,
-        )
-        print(
-            next_steps(
-                PACKAGE, run_dir, best_path, mlflow.tracking_uri if mlflow.enabled else None
-            ),
-            flush=True,
-        )
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(TrainConfig, argv, description=__doc__, prog=PROG)
+    make_trainer(cfg).fit()
     return 0
 
 
