@@ -346,7 +346,7 @@ def _check_regexes(obj: Any, bind_args: list, bind_kwargs: dict, tree: Any, span
     """The parameter-name regexes a runtime optimizer factory will match (layer_group_regexes,
     weight_decay_regexes, no_weight_decay_regexes) are checked now: a pattern that can backtrack
     exponentially would hang training in C, where nothing can stop it (E1009)."""
-    from scmc_runtime.optim import REGEX_FIELDS, regex_problem
+    from scmc_runtime.regexes import REGEX_FIELDS, regex_problem
 
     from scmc.limits import int_limit
 

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from scmc.addresses import module_of
 from scmc.diagnostics import printable
+from scmc.emit.jinja import environment
 from scmc.expr import rename as rename_expr
 from scmc.ir import (
     Arg,
@@ -316,36 +317,21 @@ class ModuleEmitter:
 
     # ---------------------------------------------------------------- class
 
-    def emit(self) -> str:
+    def emit(self) -> dict[str, Any]:
+        """What templates/module.py.j2 lays out for this class: its parts as source text."""
         m = self.m
-        lines: list[str] = []
         doc = m.doc or (f"Compiled from the template `{m.template}`." if m.template else "")
-        lines.append(f"class {m.name}(torch.nn.Module):")
-        if doc:
-            lines.append(_indented_docstring(doc, "    "))
-            lines.append("")
+        step_names = ""
         if self.stages:
-            lines.append(
-                "    # The template's names of the layers in each nn.Sequential (what backward regexes match)."
-            )
             names = ", ".join(f"{s.attr!r}: ({', '.join(repr(n) for n in s.steps)})" for s in self.stages)
-            lines.append(f"    step_names = {{{names}}}")
-            lines.append("")
-        params = "".join(f", {n}: {t}" for n, t in m.params)
+            step_names = f"{{{names}}}"
         attributes = [
-            f"        self.{child.attr} = {attribute_value(child.ctor)}"
+            f"self.{child.attr} = {attribute_value(child.ctor)}"
             for child in m.children
             if child.kind != "function" and child.attr not in self.inline
         ]
-        if attributes or m.params:  # no `__init__` that only calls super
-            lines.append(f"    def __init__(self{params}) -> None:")
-            lines.append("        super().__init__()")
-            lines.extend(attributes)
-            lines.append("")
         types = dict(m.types)
-        sig = "".join(f", {self.names[i]}: {annotation(types.get(i))}" for i in m.inputs)
         ret_type, ret_value = self.returns()
-        lines.append(f"    def forward(self{sig}) -> {ret_type}:")
         body: list[str] = []
         if m.inference is not None:
             body.append("if self.training:")
@@ -355,8 +341,17 @@ class ModuleEmitter:
         else:
             body.extend(self.graph(m.flow))
         body.append(f"return {ret_value}")
-        lines.extend("        " + ln for ln in body)
-        return "\n".join(lines) + "\n"
+        return {
+            "name": m.name,
+            "doc": _indented_docstring(doc, "    ") if doc else "",
+            "step_names": step_names,
+            "init": bool(attributes or m.params),  # no `__init__` that only calls super
+            "params": "".join(f", {n}: {t}" for n, t in m.params),
+            "attributes": attributes,
+            "signature": "".join(f", {self.names[i]}: {annotation(types.get(i))}" for i in m.inputs),
+            "returns": ret_type,
+            "body": body,
+        }
 
 
 def safe_parameter_names(program: Program, taken: set[str]) -> Program:
@@ -501,23 +496,28 @@ def emit_module_file(program: Program, header: list[str], docstring: str) -> str
     taken = {code_name(m).split(".")[0] for m in modules} | {m.name for m in program.modules}
     program = safe_parameter_names(program, taken)
     classes = [ModuleEmitter(mdef, program, taken, stages.get(mdef.name, ())).emit() for mdef in program.modules]
-    body = "\n\n".join(classes)
-    typing_names = [n for n in ("Any",) if re.search(rf"\b{n}\[|\b{n}\b(?!\()", body)]
-    parts: list[str] = [comment_block(header), _docstring(docstring), ""]
-    if typing_names:
-        parts.append(f"from typing import {', '.join(typing_names)}")
-        parts.append("")
-    for module in modules:
-        if module.startswith(FILE_PACKAGE):
-            parts.append(f"from . import {module[len(FILE_PACKAGE):]}")
-        else:
-            parts.append(f"import {module}")
-    parts.append("")
-    parts.append(f"__all__ = [{repr(program.root)}]")
-    parts.append("")
-    parts.append("")
-    parts.append(body)
-    source = "\n".join(parts)
+    code = "\n".join(
+        line
+        for cls in classes
+        for line in (cls["params"], *cls["attributes"], cls["signature"], cls["returns"], *cls["body"])
+    )
+    typing_names = [n for n in ("Any",) if re.search(rf"\b{n}\[|\b{n}\b(?!\()", code)]
+    import_lines = [
+        f"from . import {module[len(FILE_PACKAGE):]}" if module.startswith(FILE_PACKAGE) else f"import {module}"
+        for module in modules
+    ]
+    source = (
+        environment()
+        .get_template("module.py.j2")
+        .render(
+            header=comment_block(header),
+            docstring=_docstring(docstring),
+            typing_names=typing_names,
+            import_lines=import_lines,
+            root=program.root,
+            classes=classes,
+        )
+    )
     try:
         return format_python(source)
     except Exception as exc:  # black refuses only code that does not parse

@@ -412,7 +412,7 @@ def test_state_dict_survives_torch_save_and_weights_only_load_and_resumes_the_sc
     ],
 )
 def test_regexes_that_could_backtrack_exponentially_are_refused(pattern, problem):
-    from scmc_runtime.optim import regex_problem
+    from scmc_runtime.regexes import regex_problem
 
     assert regex_problem(pattern) == problem
 
