@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -31,6 +31,32 @@ def torch_create() -> None:
     """
 
 
+def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every `scmc torch create` command shares: where to write, and what to allow."""
+    options = [
+        click.option(
+            "-o",
+            "--output",
+            type=click.Path(path_type=Path),
+            help="The Python file to write (default: <classname>.py in snake_case).",
+        ),
+        click.option("--force", is_flag=True, help="Replace an existing output file (never the template itself)."),
+        click.option(
+            "--allow-new-params", is_flag=True, help="Let -p add keys the template does not define (to DEFAULT)."
+        ),
+        click.option(
+            "--allow-module",
+            "allow_modules",
+            multiple=True,
+            metavar="MODULE",
+            help="Widen the address allow-list. Repeatable.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @torch_create.command(name="model")
 @click.argument("template", type=click.Path(path_type=Path))
 @click.option(
@@ -56,17 +82,7 @@ def torch_create() -> None:
     metavar="NAME=C,H,W",
     help="Input shape without batch, for templates without INPUT_SHAPES (here -s means --sublayer).",
 )
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(path_type=Path),
-    help="The Python file to write (default: <classname>.py in snake_case).",
-)
-@click.option("--force", is_flag=True, help="Replace an existing output file (never the template itself).")
-@click.option("--allow-new-params", is_flag=True, help="Let -p add keys the template does not define (to DEFAULT).")
-@click.option(
-    "--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable."
-)
+@output_options
 @verbosity
 def torch_create_model(
     template: Path,
@@ -114,17 +130,7 @@ def compat_structured(flag: bool | None, sublayer: str | None) -> bool | None:
 @click.argument("template", type=click.Path(path_type=Path))
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Override a parameter (as in model).")
 @click.option("-c", "--classname", default="Backward", show_default=True, help="Name of the generated class.")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(path_type=Path),
-    help="The Python file to write (default: <classname>.py in snake_case).",
-)
-@click.option("--force", is_flag=True, help="Replace an existing output file (never the template itself).")
-@click.option("--allow-new-params", is_flag=True, help="Let -p add keys the template does not define (to DEFAULT).")
-@click.option(
-    "--allow-module", "allow_modules", multiple=True, metavar="MODULE", help="Widen the address allow-list. Repeatable."
-)
+@output_options
 @verbosity
 def torch_create_backward(
     template: Path,
