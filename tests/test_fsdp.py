@@ -185,7 +185,7 @@ def test_activation_checkpointing_per_unit_recomputes_blocks_and_leaves_gradient
     assert list(checkpointed.state_dict()) == list(plain.state_dict())
 
     calls = []
-    block = checkpointed.backbone.block0
+    block = checkpointed.backbone.blocks0[0]
     block.conv_dw.register_forward_hook(lambda *_: calls.append(1))
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     for model in (plain, checkpointed):

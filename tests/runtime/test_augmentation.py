@@ -189,8 +189,11 @@ def test_repeated_augmentation_repeats_each_sample_and_follows_the_seed():
     data = list(range(12))
     sampler = train_sampler(data, rank=0, world_size=1, seed=0, repeats=3)
     sampler.set_epoch(0)
-    order = list(sampler)
-    assert len(order) == 12 and all(order[i] == order[i + 1] == order[i + 2] for i in range(0, 12, 3))
+    order = list(sampler)  # (which copy, index): each copy of an image is augmented with its own seed
+    assert len(order) == 12
+    for i in range(0, 12, 3):
+        assert [copy for copy, _ in order[i : i + 3]] == [0, 1, 2]
+        assert order[i][1] == order[i + 1][1] == order[i + 2][1]
     other = train_sampler(data, rank=0, world_size=1, seed=1, repeats=3)
     other.set_epoch(0)
     assert list(other) != order
