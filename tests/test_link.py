@@ -68,7 +68,7 @@ def test_the_wired_package_builds_and_its_train_py_takes_the_presets_defaults(tm
     train = (tmp_path / "out" / "src" / "model" / "train.py").read_text()
     assert 'image_size: int = flag(16, "images are resized' in train
     assert "ema_decay: float = flag(0.99," in train
-    assert 'ce_loss = criterion(label=labels, cls=outputs["cls"])' in train
+    assert 'ce_loss = criterion(label=batch.loss_labels, cls=outputs["cls"])' in train
 
 
 def test_unknown_and_invalid_keys_of_ema_and_compile_presets_are_errors_at_their_lines(tmp_path, monkeypatch) -> None:
