@@ -39,6 +39,8 @@ GOAL_RATIO = 1.02
 TOLERANCE = 1e-4
 THREADS = 2
 BATCHES = [1, 8]
+ROUNDS = 60  # 30 left the median's CI of ResNet-50 b8 straddling the goal on a quiet machine
+BUDGET_SECONDS = 120.0  # per configuration; past it, stop after bench_forward.MIN_ROUNDS
 FAMILIES = {  # label: (template, group, reference)
     "ResNet-50": ("cfg/models/ResNet.yaml", "resnet50", "torchvision resnet50"),
     "ViT-Tiny": ("cfg/models/ViT.yaml", "tiny", "timm vit_tiny_patch16_224"),
@@ -85,7 +87,7 @@ def run(quick: bool) -> Result:
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    rounds = 6 if quick else 30
+    rounds = 6 if quick else ROUNDS
     tmp = Path(tempfile.mkdtemp(prefix="scmc-bench-families-"))
     forward: Dict[str, Any] = {}
     try:
@@ -102,7 +104,7 @@ def run(quick: bool) -> Result:
                 raise AssertionError(f"{label}: generated differs from {ref_name} by {diff:.3g}")
             configs = {}
             for batch in BATCHES:
-                configs[batch] = time_config(fns, batch, rounds, f"{label} b{batch}", reference=ref_name)
+                configs[batch] = time_config(fns, batch, rounds, f"{label} b{batch}", reference=ref_name, budget=BUDGET_SECONDS)
             forward[label] = {"reference": ref_name, "diff": diff, "configs": configs}
         builds = time_builds(tmp, 3 if quick else 7)
     finally:

@@ -146,6 +146,7 @@ def time_config(
     label: str,
     reference: str = "timm conv_mlp=False",
     shape: tuple = (3, 224, 224),
+    budget: float = BUDGET_SECONDS,
 ) -> Dict[str, Any]:
     """Interleaved rounds of every forward in ``fns`` on one random batch; a sample is the mean of
     enough forwards to last SAMPLE_SECONDS on ``reference``."""
@@ -162,7 +163,7 @@ def time_config(
         samples: Dict[str, List[float]] = {name: [] for name in fns}
         began = time.perf_counter()
         for r in range(rounds):
-            if r >= MIN_ROUNDS and time.perf_counter() - began > BUDGET_SECONDS:
+            if r >= MIN_ROUNDS and time.perf_counter() - began > budget:
                 progress(f"  time budget spent after {r} rounds")
                 break
             for name in rotate(list(fns), r):
