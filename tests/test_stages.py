@@ -142,3 +142,53 @@ def test_export_reads_manifests_up_to_the_format_the_build_writes() -> None:
     from scmc.export.package import MANIFEST_FORMAT
 
     assert MANIFEST_FORMAT == MODEL_FORMAT
+
+
+# Step names a template author controls, chosen to trick the grouping: a later step already called
+# like the stage would be, stems that sort differently from their order, stems that are numbered
+# names themselves, a name that is the plural of another run. Each must build the network the
+# neutral names build: same parameters in the same construction order, same outputs.
+TRICKY_NAMES = [
+    ("a", "b", "c", "d"),  # neutral: no stem, nothing grouped
+    ("blk0", "blk1", "blk2", "blks"),  # the head takes the stage's name
+    ("blk1", "blk10", "blk2", "blks0"),  # numbers out of order; the head takes a numbered stage name
+    ("blks0", "blks1", "blks2", "blk"),  # the members are named like stages
+    ("layer1_0", "layer1_1", "layer1_2", "layer1"),  # torchvision's scheme with the stem taken
+    ("x0", "x1", "x2", "out0"),  # the stem is the input's name
+]
+
+
+@pytest.mark.parametrize("names", TRICKY_NAMES, ids=lambda names: "-".join(names))
+def test_step_names_chosen_to_collide_change_attribute_names_never_the_network(names, tmp_path: Path) -> None:
+    first, second, third, head = names
+    source = compiled(
+        tmp_path,
+        template(
+            f"  - [x, _, {first}, {{TYPE: Blk}}]\n"
+            f"  - [_, _, {second}, {{TYPE: Blk}}]\n"
+            f"  - [_, y, {third}, {{TYPE: Blk}}]\n"
+            f"  - [y, out, {head}, {HEAD}]\n"
+        ),
+    )
+    neutral_dir = tmp_path / "neutral"
+    neutral_dir.mkdir()
+    neutral_source = compiled(
+        neutral_dir,
+        template(
+            "  - [x, _, a, {TYPE: Blk}]\n"
+            "  - [_, _, b, {TYPE: Blk}]\n"
+            "  - [_, y, c, {TYPE: Blk}]\n"
+            f"  - [y, out, d, {HEAD}]\n"
+        ),
+    )
+    torch.manual_seed(0)
+    model = run(source, tmp_path)
+    torch.manual_seed(0)
+    neutral = run(neutral_source, neutral_dir)
+    mine, theirs = list(model.parameters()), list(neutral.parameters())
+    assert [p.shape for p in mine] == [p.shape for p in theirs]
+    assert all(torch.equal(p, q) for p, q in zip(mine, theirs)), "another construction order or initialization"
+    x = torch.randn(2, 8)
+    assert torch.equal(model(x), neutral(x))
+    # The name the template gave its head is kept; the stage, if any, took a name nobody else has.
+    assert isinstance(getattr(model, head), torch.nn.Linear)
