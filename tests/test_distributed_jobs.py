@@ -19,7 +19,7 @@ import pytest
 from scmc_runtime.elastic import ELASTIC_FILE, elastic_resume, note_elastic_run
 from scmc_runtime.signals import deferred_signals
 from tests import test_train
-from tests.train_support import kill_tree, python_env
+from tests.train_support import alive, children, kill_tree, python_env
 
 pytest.importorskip("PIL")
 pytest.importorskip("sklearn")
@@ -87,19 +87,10 @@ def finish(process: subprocess.Popen, timeout: float = JOB_DEADLINE_S) -> str:
     return output
 
 
-def alive(pid: int) -> bool:
-    """PID still runs (a zombie waiting to be reaped does not count)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def ranks_of(launcher_pid: int) -> dict[int, int]:
     """{global rank: pid} of the workers a torchrun agent started (read from their environment)."""
     ranks = {}
-    for pid in test_train.children(launcher_pid):
+    for pid in children(launcher_pid):
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:

@@ -8,7 +8,6 @@ deterministic kernels, no data-loading workers.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -20,8 +19,8 @@ import torch
 from torch import nn
 
 from tests.conftest import build_package, snapshot
-from tests.test_train import COMMON, DDP_RELATIVE_TOLERANCE, children, records, train, train_command
-from tests.train_support import complete_package, python_env, run_many
+from tests.test_train import COMMON, DDP_RELATIVE_TOLERANCE, records, train, train_command
+from tests.train_support import complete_package, kill_tree, python_env, run_many
 
 pytest.importorskip("PIL")
 pytest.importorskip("sklearn")
@@ -103,37 +102,10 @@ def kill_after_an_epoch(package: Path, out: Path, cache: Path) -> dict:
             time.sleep(0.02)
         else:
             pytest.fail(f"no end-of-epoch checkpoint before the run ended (exit {process.poll()})")
-        kill_all(process)
     finally:
-        kill_all(process)
-        output = process.communicate(timeout=30)[0]
+        output = kill_tree(process)
     assert process.returncode == -signal.SIGKILL, output
     return {"killed": out / "killed", "killed_at": state["epoch"]}
-
-
-def kill_all(process: subprocess.Popen) -> None:
-    """SIGKILL torchrun and its ranks (each rank runs in a session of its own, out of torchrun's group)."""
-    if process.poll() is not None:
-        return
-    ranks = children(process.pid)
-    for pid in ranks:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    for pid in ranks:  # reaped by torchrun before it died, or by init: wait until they are gone
-        deadline = time.monotonic() + 30
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def consolidated(path: Path) -> dict:

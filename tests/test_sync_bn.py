@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torch import nn
 from scmc_runtime.batchnorm import CPU_NOTE, CpuSyncBatchNorm, sync_batchnorm
 from scmc_runtime.distributed import DistInfo
 from scmc_runtime.ema import ModelEma
-from tests.train_support import python_env
+from tests.train_support import python_env, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,9 +88,7 @@ def test_cpu_sync_batchnorm_without_a_process_group_is_plain_batchnorm() -> None
 def test_two_gloo_ranks_with_cpu_sync_batchnorm_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += [str(ROOT / "tests" / "runtime" / "sync_bn_worker.py"), str(tmp_path)]
-    result = subprocess.run(
-        command, env=python_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
+    result = run_job(command, env=python_env(tmp_path), timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -136,7 +133,7 @@ def _train(package: Path, cwd: Path, run: str, ranks: int, *extra: str) -> str:
     command += ["-m", f"{name}.train", "--epochs", "1", "--max-steps", "3", "--batch-size", "16", "--workers", "0"]
     command += ["--threads", "1", "--max-val-steps", "1", "--ci", "--no-mlflow", "--out", "runs", "--cache-dir", "data"]
     command += ["--log-every", "1", "--run-name", run, *extra]
-    result = subprocess.run(command, env=python_env(package), capture_output=True, text=True, timeout=600, cwd=cwd)
+    result = run_job(command, env=python_env(package), timeout=600, cwd=cwd)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     return output

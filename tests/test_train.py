@@ -25,7 +25,7 @@ import torch
 
 from scmc.emit.train import FIELDS, TrainContext, render_train
 from tests.conftest import build_package
-from tests.train_support import complete_package, kill_tree, python_env, run_many
+from tests.train_support import children, complete_package, kill_tree, python_env, run_job, run_many
 
 pytest.importorskip("PIL")
 pytest.importorskip("sklearn")
@@ -111,9 +111,7 @@ def train(
 ) -> subprocess.CompletedProcess:
     """Run train.py to completion and fail the test, with its output, unless it exits 0."""
     command = train_command(package_dir, *COMMON, "--out", str(out), "--cache-dir", str(cache), *args, ranks=ranks)
-    result = subprocess.run(
-        command, env=python_env(package_dir), capture_output=True, text=True, timeout=timeout, cwd=out.parent
-    )
+    result = run_job(command, env=python_env(package_dir), timeout=timeout, cwd=out.parent)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -150,12 +148,6 @@ def wait_for(condition, timeout: float, process: subprocess.Popen, what: str) ->
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def children(pid: int) -> list[int]:
-    """Direct child processes (Linux /proc)."""
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(child) for child in text.split()]
 
 
 def current_umask() -> int:

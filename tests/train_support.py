@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -188,6 +189,39 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def children(pid: int) -> list[int]:
+    """Direct child processes of PID's main thread (Linux /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+def alive(pid: int) -> bool:
+    """PID still runs (a zombie waiting to be reaped does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def run_job(command: list[str], *, env: dict[str, str], cwd: Path, timeout: float):
+    """``subprocess.run(command, capture_output=True, text=True)`` for torchrun jobs: on a timeout
+    every process of the job is killed (``kill_tree``), not only the launcher, and the test fails
+    with what the job printed."""
+    import subprocess
+
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+        raise AssertionError(f"still running after {timeout:.0f}s, killed: {' '.join(command)}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def kill_tree(process, timeout: float = 120) -> str:
     """SIGKILL PROCESS and every process below it, then collect its output; "" when it is gone already.
 
@@ -198,7 +232,8 @@ def kill_tree(process, timeout: float = 120) -> str:
     import signal
     import subprocess
 
-    for pid in [*descendants(process.pid), process.pid]:
+    victims = [*descendants(process.pid), process.pid]
+    for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -209,12 +244,18 @@ def kill_tree(process, timeout: float = 120) -> str:
         pass  # not the leader of a group of its own
     if process.stdout is None or process.stdout.closed:
         process.wait(timeout=timeout)
-        return ""
-    try:
-        output = process.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"the job's output stayed open {timeout:.0f}s after every process was killed")
-    return output or ""
+        output = ""
+    else:
+        try:
+            output = process.communicate(timeout=timeout)[0] or ""
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the job's output stayed open {timeout:.0f}s after every process was killed")
+    deadline = time.monotonic() + timeout  # reaped by torchrun before it died, or by init
+    while any(alive(pid) for pid in victims):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes of the job outlived SIGKILL by {timeout:.0f}s")
+        time.sleep(0.05)
+    return output
 
 
 # Runs train.py's real entry (``run_main(main)``) once per argv in ONE interpreter, so that many
