@@ -354,9 +354,10 @@ def safe_parameter_names(program: Program, taken: set[str]) -> Program:
     import dataclasses
 
     renames: dict[str, dict[str, str]] = {}
+    file_scope = Namespace(RESERVED, numbering=UNDERSCORED)  # + the imported modules and generated classes
+    file_scope.reserve(taken)
     for m in program.modules:
-        arguments = Namespace(RESERVED, numbering=UNDERSCORED)
-        arguments.reserve(taken)
+        arguments = file_scope.child()
         arguments.reserve(p for p, _ in m.params)
         mapping: dict[str, str] = {}
         for p, _ in m.params:
