@@ -16,7 +16,7 @@ from scmc.diagnostics import CompileError, Diagnostic, Diagnostics, Span, did_yo
 from scmc.ir import BackwardDef, BackwardStepDef, Ctor, OptimizerDef
 from scmc.load import LDict, LList, Parameters, Source, expand, plain
 from scmc.lower import Lowerer, Options
-from scmc.names import is_name
+from scmc.names import NameClash, Namespace, is_name
 from scmc.schema import locate
 from scmc.schema import validation_diagnostics as schema_diagnostics
 
@@ -176,15 +176,6 @@ def validation_diagnostics(exc: ValidationError, tree: Any, default: Span, what:
     return schema_diagnostics(exc, tree, default, what, "E1000", _known_keys)
 
 
-def _step_name(base: str, taken: set[str]) -> str:
-    name, i = base, 2
-    while name in taken:
-        name = f"{base}_{i}"
-        i += 1
-    taken.add(name)
-    return name
-
-
 def lower_backward(source: Source, params: Parameters, classname: str, options: Options) -> BackwardDef:
     diags = Diagnostics()
     raw = LDict({k: v for k, v in source.data.items() if k != "PARAMETERS"}, span=source.data.span)
@@ -199,7 +190,8 @@ def lower_backward(source: Source, params: Parameters, classname: str, options: 
     lowerer = Lowerer(options, diags)
     optimizers: list[OptimizerDef] = []
     steps: list[BackwardStepDef] = []
-    taken: set[str] = set()
+    optimizer_names = Namespace()  # a NAME given is kept (E1002 if it cannot be); others optimizer, optimizer_2
+    step_names = Namespace()  # backward, backward_2
     layer_spans: dict[str, Span] = {}
     for b_index, backward in enumerate(spec.BACKWARDS):
         b_tree = tree["BACKWARDS"][b_index]
@@ -212,14 +204,18 @@ def lower_backward(source: Source, params: Parameters, classname: str, options: 
         for o_index, opt in enumerate(backward.OPTIMIZERS):
             o_tree = b_tree["OPTIMIZERS"][o_index]
             o_span = b_tree["OPTIMIZERS"].item_span(o_index)
-            if opt.NAME is not None and (not is_name(opt.NAME) or opt.NAME in taken):
-                diags.error(
-                    "E1002",
-                    f"optimizer NAME `{opt.NAME}` is not a unique Python identifier",
-                    locate(o_tree, ("NAME",), o_span),
-                )
-                continue
-            name = _step_name(opt.NAME or "optimizer", taken)
+            if opt.NAME is None:
+                name = optimizer_names.fresh("optimizer")
+            else:
+                try:
+                    name = optimizer_names.claim(opt.NAME)
+                except NameClash:
+                    diags.error(
+                        "E1002",
+                        f"optimizer NAME `{opt.NAME}` is not a unique Python identifier",
+                        locate(o_tree, ("NAME",), o_span),
+                    )
+                    continue
             layers = (opt.LAYERS,) if isinstance(opt.LAYERS, str) else tuple(opt.LAYERS)
             for layer in layers:
                 if not all(is_name(p) for p in layer.split(".")):
@@ -250,7 +246,7 @@ def lower_backward(source: Source, params: Parameters, classname: str, options: 
                 )
         steps.append(
             BackwardStepDef(
-                _step_name(backward.NAME or "backward", set(s.name for s in steps)),
+                step_names.fresh(backward.NAME or "backward"),
                 backward.LOSS,
                 tuple(names),
                 extra,

@@ -41,6 +41,7 @@ from scmc.ir import (
     Var,
     out_names,
 )
+from scmc.names import JOINED, UNDERSCORED, Namespace
 from scmc.passes.stages import SEQUENTIAL, Stage, group_stages
 
 RESERVED = (
@@ -196,13 +197,14 @@ class ModuleEmitter:
         self.children = {c.attr: c for c in mdef.children}
         self.inline = inline_children(mdef)
         self.names: dict[str, str] = {}
-        used = set(self.reserved) | {c.attr for c in mdef.children} | {p for p, _ in mdef.params}
+        # the forward's names: the file's globals, the attributes and arguments, every template name
+        self.namespace = Namespace(self.reserved, numbering=JOINED)
+        self.namespace.reserve(c.attr for c in mdef.children)
+        self.namespace.reserve(p for p, _ in mdef.params)
+        self.namespace.reserve(mdef.inputs)
         for graph in (mdef.flow, mdef.inference or ()):
             for node in graph:
-                for name in out_names(node.out):
-                    used.add(name)
-        used |= set(mdef.inputs)
-        self.used = used
+                self.namespace.reserve(out_names(node.out))
         for name in self._all_flow_names():
             self.names[name] = self._fresh(name)
 
@@ -216,22 +218,19 @@ class ModuleEmitter:
         return names
 
     def _fresh(self, name: str) -> str:
+        """The Python name of template name NAME: itself, unless it is `_` (`x`), a dunder (`init_`)
+        or shadows a global or an argument (`torch_`); a renamed one is numbered `x_2`, `x_3`."""
         if name == "_":
             base = "x"
             if base in self.m.inputs or any(base in out_names(n.out) for n in self.m.flow):
                 base = "x_"
         elif name.startswith("__"):  # dunder and name-mangled names stay out of generated code
-            base = (name.strip("_") or "value") + "_"
+            base = name  # the namespace spells it as its stem and a `_`
         elif name in self.reserved or name in {p for p, _ in self.m.params}:
             base = name + "_"
         else:
             return name
-        candidate, i = base, 2
-        taken = set(self.names.values()) | (self.used - {name})
-        while candidate in taken and candidate != name:
-            candidate = f"{base}{i}"
-            i += 1
-        return candidate
+        return self.namespace.fresh(base)
 
     # ---------------------------------------------------------------- forward
 
@@ -274,12 +273,7 @@ class ModuleEmitter:
             else:
                 call = f"self.{child.attr}({', '.join(args + kwargs)})"
         if isinstance(node.out, OutDict):
-            base = f"{node.layer or 'value'}_out"
-            temp, i = base, 2
-            while temp in self.used or temp in set(self.names.values()):
-                temp = f"{base}{i}"
-                i += 1
-            self.used.add(temp)
+            temp = self.namespace.fresh(f"{node.layer or 'value'}_out")
             lines = [f"{temp} = {call}"]
             for name, key in node.out.pairs:
                 lines.append(f"{self.names[name]} = {temp}[{key!r}]")
@@ -360,15 +354,15 @@ def safe_parameter_names(program: Program, taken: set[str]) -> Program:
     import dataclasses
 
     renames: dict[str, dict[str, str]] = {}
+    file_scope = Namespace(RESERVED, numbering=UNDERSCORED)  # + the imported modules and generated classes
+    file_scope.reserve(taken)
     for m in program.modules:
-        own = {p for p, _ in m.params}
+        arguments = file_scope.child()
+        arguments.reserve(p for p, _ in m.params)
         mapping: dict[str, str] = {}
         for p, _ in m.params:
             if p in RESERVED or p in taken or p.startswith("__"):
-                new = (p.strip("_") or "value") + "_"
-                while new in own or new in mapping.values() or new in RESERVED or new in taken:
-                    new += "_"
-                mapping[p] = new
+                mapping[p] = arguments.fresh((p.strip("_") or "value") + "_")  # torch_, torch__
         renames[m.name] = mapping
     if not any(renames.values()):
         return program

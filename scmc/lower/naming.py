@@ -8,7 +8,7 @@ import re
 
 from scmc.ir import ChildInst
 from scmc.lower.common import MODULE_ATTRS
-from scmc.names import to_snake
+from scmc.names import ATTRIBUTE, Namespace, to_snake
 
 
 def to_pascal(name: str) -> str:
@@ -21,8 +21,7 @@ def to_pascal(name: str) -> str:
 
 def auto_name(children: list[ChildInst]) -> None:
     """Give each layer the step did not name an attribute name: snake_case of its class, numbered on collisions."""
-    taken = {c.attr for c in children if c.name_given}
-    counts: dict[str, int] = {}
+    attributes = Namespace((c.attr for c in children if c.name_given), numbering=ATTRIBUTE)
     for child in children:
         if child.name_given:
             continue
@@ -36,12 +35,4 @@ def auto_name(children: list[ChildInst]) -> None:
             base = to_snake(last)
         if base in MODULE_ATTRS or keyword.iskeyword(base) or base in dir(builtins):
             base = base + "_layer"
-        n = counts.get(base, 0)
-        while True:
-            candidate = base if n == 0 else f"{base}_{n}"
-            n += 1
-            if candidate not in taken:
-                break
-        counts[base] = n
-        taken.add(candidate)
-        child.attr = candidate
+        child.attr = attributes.fresh(base)  # conv, conv_1, conv_2

@@ -25,7 +25,7 @@ from scmc.ir import (
     format_arg,
     format_out,
 )
-from scmc.names import is_name, to_snake
+from scmc.names import JOINED, Namespace, is_name, to_snake
 
 HOLE = "\x00hole"
 
@@ -184,6 +184,7 @@ class Deduplicator:
         for key in first.params:
             if is_name(key) and key != "self":
                 candidates.append(key)
+        arguments = Namespace(["self", *candidates])  # the made-up arguments: never a template parameter
         for pos in range(n):
             column = [row[pos] for row in table]
             if all(_same(v, column[0]) for v in column[1:]):
@@ -209,12 +210,7 @@ class Deduplicator:
                         choice = Param(name)
                         break
             if choice is None:
-                base = to_snake(labels[pos]) or "arg"
-                name, i = base, 2
-                while name in lifted_values or name in candidates or not is_name(name) or name == "self":
-                    name = f"{base}_{i}"
-                    i += 1
-                choice = Param(name)
+                choice = Param(arguments.fresh(to_snake(labels[pos]) or "arg"))  # stride, stride_2
             for name in choice.names if isinstance(choice, ParamExpr) else (choice.name,):
                 if name not in lifted_values:
                     source = (
@@ -278,17 +274,9 @@ def deduplicate(root: Instance, root_name: str, reserved: set[str] | None = None
     for group in d.groups:
         d.resolve_group(group)
     names: dict[int, str] = {}
-    used = set(reserved or ()) | {root_name}
+    classes = Namespace(reserved or (), numbering=JOINED)
+    classes.reserve([root_name])
     for group in d.groups:
-        if group is root_group:
-            names[id(group)] = root_name
-            continue
-        base = group.hint
-        name, i = base, 2
-        while name in used:
-            name = f"{base}{i}"
-            i += 1
-        used.add(name)
-        names[id(group)] = name
+        names[id(group)] = root_name if group is root_group else classes.fresh(group.hint)  # Block, Block2
     modules = tuple(d.module_def(g, names) for g in d.groups)
     return Program(modules, root_name)

@@ -46,6 +46,7 @@ from scmc.ir import (
     Var,
     out_names,
 )
+from scmc.names import Namespace
 
 # 1: every step an attribute of its own (block0 .. block11); 2: repeated blocks as nn.Sequential.
 MODEL_FORMAT = 2
@@ -174,10 +175,12 @@ def _stage_names(m: ModuleDef, stems: list[str]) -> list[str]:
     """An attribute name per run: the stem if it ends with a digit, else its plural; numbered from 0 when
     several runs share it; never a name the module already uses."""
     bases = [stem if stem[-1].isdigit() else (stem if stem.endswith("s") else stem + "s") for stem in stems]
-    taken = {c.attr for c in m.children} | {p for p, _ in m.params} | set(m.inputs)
+    attributes = Namespace(c.attr for c in m.children)
+    attributes.reserve(p for p, _ in m.params)
+    attributes.reserve(m.inputs)
     for graph in (m.flow, m.inference or ()):
         for node in graph:
-            taken.update(out_names(node.out))
+            attributes.reserve(out_names(node.out))
     names: list[str] = []
     for i, base in enumerate(bases):
         before = bases[:i].count(base)
@@ -188,11 +191,7 @@ def _stage_names(m: ModuleDef, stems: list[str]) -> list[str]:
                 if base[-1].isdigit() and before
                 else base if base[-1].isdigit() else f"{base}{before}"
             )
-        candidate, k = name, 2
-        while candidate in taken or candidate in names:
-            candidate = f"{name}_{k}"
-            k += 1
-        names.append(candidate)
+        names.append(attributes.fresh(name))  # blocks0, then blocks0_2 if the module has a `blocks0`
     return names
 
 
