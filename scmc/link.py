@@ -84,6 +84,11 @@ class Training:
     target: str = ""  # empty: images and class labels only
     num_features: int = 0
     num_targets: int = 0
+    # --aug-splits (scmc_runtime.augmix): the model output holding the classification logits (the one
+    # the loss compares with the labels) and the backward's loss the JSD term joins; else why not.
+    jsd_logits: str = ""
+    jsd_loss: str = ""
+    jsd_problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -411,6 +416,62 @@ def _timm_form_defaults(preset: TimmDatasetPreset) -> dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------- AugMix splits
+
+
+def _jsd_wiring(
+    model: Compiled, loss: Compiled, label: str, backward_losses: Sequence[str], table: bool
+) -> tuple[str, str, str]:
+    """(logits output, loss the JSD term joins, "") for --aug-splits, or ("", "", why it cannot be told)."""
+    if table:
+        return "", "", "an image-table package has no AugMix splits"
+    outputs = model.root.outputs
+    fed = [n for node in loss.root.flow if label in node_reads(node) for n in node_reads(node) if n in outputs]
+    fed = list(dict.fromkeys(fed))
+    if len(fed) != 1:
+        which = f"several model outputs ({', '.join(f'`{n}`' for n in fed)})" if fed else "no model output"
+        return "", "", f"the loss compares the labels (`{label}`) with {which}"
+    logits = fed[0]
+    shape = (model.output_shapes or {}).get(logits)
+    if shape is not None and len(shape) != 1:
+        return "", "", f"the model's `{logits}` gives {list(shape)} per sample, not one score per class"
+    if len(backward_losses) != 1:
+        names = ", ".join(f"`{n}`" for n in backward_losses)
+        return "", "", f"the backward takes several losses ({names}), so which one the JSD term joins is not told"
+    return logits, backward_losses[0], ""
+
+
+def _check_splits(part: Compiled, preset: Any, problem: str, table: bool, diags: Diagnostics) -> None:
+    """A dataset preset with `aug_splits` >= 2: the splits must be trainable with this package (E1223)."""
+    span = _key(part, "aug_splits")
+    n = preset.aug_splits
+    mixing = [k for k in ("mixup", "cutmix", "cutmix_minmax") if getattr(preset, k)]
+    if mixing:
+        diags.error(
+            "E1223",
+            f"`aug_splits: {n}` cannot be combined with `{mixing[0]}`: the JSD loss compares the views of one image, "
+            "mixing pairs different images (timm refuses it too)",
+            span,
+            f"set `{mixing[0]}: 0`, or `aug_splits: 0`",
+        )
+    if preset.no_aug or not getattr(preset, "training", True):
+        diags.error(
+            "E1223",
+            f"`aug_splits: {n}` with augmentation off (`no_aug` / `training: false`) leaves nothing to augment",
+            span,
+            "set `aug_splits: 0`",
+        )
+    if problem and not table:
+        diags.error(
+            "E1223",
+            f"`aug_splits: {n}`: the JSD consistency term needs the model's classification logits, but {problem}",
+            span,
+            "use a loss that compares the labels with one model output (cfg/losses/cls.yaml), or `aug_splits: 0`",
+        )
+    elif table:
+        diags.error("E1223", f"`aug_splits: {n}`: {problem}", span, "set `aug_splits: 0`")
+
+
 # --------------------------------------------------------------------------- link
 
 
@@ -623,6 +684,11 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
                         spans.get(f"layer {layer}", opt.span),
                         did_you_mean(attr, have) or f"its submodules: {', '.join(have)}",
                     )
+    jsd: tuple[str, str, str] = ("", "", "")
+    if loss is not None and backward is not None and backward.backward is not None:
+        jsd = _jsd_wiring(model, loss, label, backward.backward.losses, table)
+        if dataset is not None and dataset.aug_splits and dataset.aug_splits > 1:
+            _check_splits(presets["dataset"][0], dataset, jsd[2], table, diags)
     diags.raise_if_any()
 
     training = None
@@ -635,6 +701,9 @@ def link(name: str, compiled: list[Compiled], build: BuildInfo, allow: AllowList
             target=TABLE_TARGET if table else "",
             num_features=(table_preset.num_features or 0) if table_preset is not None else 0,
             num_targets=(table_preset.num_targets or 0) if table_preset is not None else 0,
+            jsd_logits=jsd[0],
+            jsd_loss=jsd[1],
+            jsd_problem=jsd[2],
         )
     labels = None
     if dataset is not None and dataset.classes:

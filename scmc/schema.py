@@ -18,7 +18,6 @@ from pydantic import (
     NonNegativeInt,
     PositiveInt,
     ValidationError,
-    ValidationInfo,
     field_validator,
 )
 
@@ -77,8 +76,9 @@ Interpolation = Literal["random", "bilinear", "bicubic", "nearest", "lanczos", "
 class RecipeKeys(BaseModel):
     """timm's data-pipeline keys (scmc_runtime.recipe), in either form of a dataset preset; None: not set.
 
-    Any of them set makes train.py default to ``--data-pipeline timm``. ``resplit`` and ``aug_splits``
-    are accepted at their timm defaults only (see docs/recipes.md).
+    Any of them set makes train.py default to ``--data-pipeline timm``. ``aug_splits`` (AugMix splits
+    with a JSD loss, scmc_runtime.augmix) is 0 (off) or at least 2; the link stage checks that the
+    loss tells which model output holds the logits (E1223).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -109,6 +109,7 @@ class RecipeKeys(BaseModel):
     mixup_off_epoch: NonNegativeInt | None = None
     label_smoothing: float | None = Field(default=None, ge=0.0, lt=1.0)
     aug_splits: NonNegativeInt | None = None
+    jsd_alpha: float | None = Field(default=None, ge=0.0)  # the JSD term's weight (timm's alpha, 12)
     crop_pct: float | None = Field(default=None, gt=0.0, le=1.0)
     pin_memory: bool | None = None
     persistent_workers: bool | None = None
@@ -119,17 +120,11 @@ class RecipeKeys(BaseModel):
     best_metric: str | None = Field(default=None, min_length=1)
     best_mode: Literal["max", "min"] | None = None
 
-    @field_validator("resplit", "aug_splits")
+    @field_validator("aug_splits")
     @classmethod
-    def _timm_default_only(cls, value: Any, info: ValidationInfo) -> Any:
-        if value:
-            why = {
-                "resplit": "augmentation splits (AugMix with a JSD loss) are not implemented; keep false",
-                "aug_splits": "augmentation splits (AugMix with a JSD loss) are not implemented; keep 0",
-            }[
-                str(info.field_name)
-            ]  # a field validator always runs for a named field
-            raise ValueError(f"not supported: {why}")
+    def _splits_off_or_two(cls, value: Any) -> Any:
+        if value == 1:
+            raise ValueError("1 split is the clean images alone; give 0 (off) or at least 2 (clean + augmented)")
         return value
 
     @property
@@ -289,7 +284,7 @@ TRAIN_FIELDS: dict[str, dict[str, str]] = {
     },
 }
 # recipe keys (either dataset form) whose TrainConfig field has another name; the others keep theirs
-RECIPE_FIELDS: dict[str, str] = {"hflip": "hflip_prob", "aug_splits": "", "resplit": ""}
+RECIPE_FIELDS: dict[str, str] = {"hflip": "hflip_prob"}
 # the structcast-model form's own keys (input_size, num_samples, training: see scmc/link.py)
 TIMM_DATASET_FIELDS: dict[str, str] = {
     "epochs": "epochs",

@@ -314,15 +314,13 @@ def test_preset_mistakes_are_located_diagnostics(images: Path, tmp_path: Path, m
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     files = preset_files(images)
-    files["dataset_yaml"] = files["dataset_yaml"].replace("  aug_splits: 0\n", "  aug_splits: 2\n  mixup_alpha: 1\n")
+    files["dataset_yaml"] = files["dataset_yaml"].replace("  aug_splits: 0\n", "  aug_splits: 0\n  mixup_alpha: 1\n")
     files["loss_yaml"] = (
         "FLOW:\n  - [{target: label, input: cls}, ce_loss, criterion, [_obj_, {_addr_: torch.nn.NLLLoss}, _call_]]\n"
     )
     result = build(tmp_path / "a", monkeypatch, **files)
     assert result.exit_code == 1
-    assert diagnostic_lines(result.stderr) == [
-        "dataset.yaml:24:1: error[E1203]: `aug_splits`: Value error, not supported: augmentation splits (AugMix with "
-        "a JSD loss) are not implemented; keep 0 (in the output of this Jinja block)",
+    assert diagnostic_lines(result.stderr) == [  # aug_splits: tests/test_recipe_augmix.py
         "dataset.yaml:24:1: error[E1203]: unknown key `mixup_alpha` in the dataset preset (in the output of this "
         "Jinja block)",
     ]

@@ -85,6 +85,9 @@ def train_context(pkg: "PackageDef"):
         num_features=training.num_features,
         num_targets=training.num_targets,
         backward=compiled_settings(bdef) if bdef is not None else {},
+        jsd_logits=training.jsd_logits,
+        jsd_loss=training.jsd_loss,
+        jsd_problem=training.jsd_problem,
     )
 
 

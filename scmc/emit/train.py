@@ -100,6 +100,24 @@ FIELDS: tuple[Field, ...] = (
         "repeated augmentation: each image this many times per epoch (0: off)",
         "augmentation",
     ),
+    Field(
+        "aug_splits",
+        "int",
+        0,
+        "AugMix splits: a clean and N - 1 augmented views of each image (e.g. --auto-augment augmix-m3-w3-d1), "
+        "the loss on the clean one plus a JSD term over all (0: off, else at least 2)",
+        "augmentation",
+    ),
+    Field(
+        "jsd_alpha", "float", 12.0, "weight of the JSD consistency term of --aug-splits (timm's alpha)", "augmentation"
+    ),
+    Field(
+        "resplit",
+        "bool",
+        False,
+        "no random erasing on the clean split (the first half without --aug-splits); with --use-prefetcher",
+        "augmentation",
+    ),
     # loader
     Field("pin_memory", "bool", True, "pin host memory of batches when training on CUDA", "loader"),
     Field(
@@ -257,6 +275,11 @@ class TrainContext:
     num_targets: int = 0
     # Backward.compiled (scmc.emit.backward.compiled_settings): the defaults of the optimizer flags
     backward: dict[str, Any] = field(default_factory=dict)
+    # --aug-splits: the model output with the classification logits and the backward loss the JSD
+    # term joins (scmc.link.Training), or why they cannot be told (the flag is then refused)
+    jsd_logits: str = ""
+    jsd_loss: str = ""
+    jsd_problem: str = ""
 
 
 # optimizer flag -> the key of Backward.compiled that gives its default and the --help text's "compiled:"
@@ -298,6 +321,8 @@ def _check_names(ctx: TrainContext) -> None:
                 f"train.py: {role} input(s) {', '.join(missing)} are neither the label ({ctx.label}) "
                 f"nor a model output ({', '.join(ctx.model_outputs)})"
             )
+    if ctx.jsd_logits and (ctx.jsd_logits not in ctx.model_outputs or ctx.jsd_loss not in ctx.backward_losses):
+        raise ValueError(f"train.py: the JSD term reads {ctx.jsd_logits} into {ctx.jsd_loss}: not an output and loss")
     if ctx.metric_inputs and not ctx.metric_outputs:
         raise ValueError("train.py: the metric has inputs but no outputs")
     not_losses = [n for n in ctx.backward_losses if n not in ctx.loss_outputs]
@@ -412,6 +437,7 @@ def render_train(ctx: TrainContext) -> str:
         loss_args=", ".join(f"{n}={_source(n, ctx, soft=True)}" for n in ctx.loss_inputs),
         metric_args=", ".join(f"{n}={_source(n, ctx)}" for n in ctx.metric_inputs),
         backward_args=", ".join(f"{n}=losses[{n!r}]" for n in ctx.backward_losses),
+        jsd_logits=_source(ctx.jsd_logits, ctx) if ctx.jsd_logits else "",
         defaults={f.name: f.default for f in fields},
     )
     return format_python(source)

@@ -9,16 +9,17 @@ batches on the device, for :class:`scmc_runtime.trainer.Trainer`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Protocol, Tuple
 
 import torch
 
+from scmc_runtime.augmix import AugSplits
 from scmc_runtime.distributed import DistInfo
 from scmc_runtime.errors import UsageError
 from scmc_runtime.recipe import BatchRecipe, Recipe, build_transforms
 from scmc_runtime.train import build_datasets
 
-__all__ = ["Batch", "DataSource", "ImageData", "TableData"]
+__all__ = ["Batch", "DataSource", "ImageData", "TableData", "dataset_options"]
 
 
 @dataclass
@@ -66,8 +67,19 @@ class DataSource(Protocol):
     def val_batch(self, raw: Any, *, device: torch.device, memory_format: torch.memory_format) -> Batch: ...
 
 
+def dataset_options(cfg: Any, log: Callable[[str], None]) -> Dict[str, Any]:
+    """The keyword arguments every data source passes on from the config: where the images are and how they look."""
+    names = ("data", "timm_dataset", "cache_dir", "image_size", "mean", "std", "translate", "hflip", "seed")
+    return {**{name: getattr(cfg, name) for name in (*names, "skip_bad_images")}, "log": log}
+
+
 class ImageData:
-    """Images and class labels: an ImageFolder (``--data``), a timm dataset, or the embedded digits."""
+    """Images and class labels: an ImageFolder (``--data``), a timm dataset, or the embedded digits.
+
+    With ``--aug-splits N`` the training set is read through :class:`scmc_runtime.augmix.AugSplits`
+    (timm's ``AugMixDataset``) and a training batch holds ``N * B`` images, split-major, with the
+    ``B`` labels of its clean split.
+    """
 
     def check(self, recipe: Recipe) -> None:
         return None
@@ -76,21 +88,11 @@ class ImageData:
         return Batch(images, labels, labels)
 
     def datasets(self, dist: DistInfo, cfg: Any, recipe: Recipe, log: Callable[[str], None]) -> Tuple[Any, Any, Any]:
-        return build_datasets(
-            dist,
-            data=cfg.data,
-            timm_dataset=cfg.timm_dataset,
-            cache_dir=cfg.cache_dir,
-            image_size=cfg.image_size,
-            mean=cfg.mean,
-            std=cfg.std,
-            translate=cfg.translate,
-            hflip=cfg.hflip,
-            seed=cfg.seed,
-            skip_bad_images=cfg.skip_bad_images,
-            log=log,
-            transforms=build_transforms(recipe) if recipe.timm else None,
-        )
+        transforms = build_transforms(recipe) if recipe.timm else None
+        train, val, classes = build_datasets(dist, **dataset_options(cfg, log), transforms=transforms)
+        if recipe.splits > 1:  # the clean view and N - 1 augmented views of each image (validation: none)
+            train = AugSplits(train, recipe.splits, seed=cfg.seed)
+        return train, val, classes
 
     def train_batches(
         self,
@@ -122,6 +124,11 @@ class TableData:
     num_targets: int  # what the loss takes as the targets
 
     def check(self, recipe: Recipe) -> None:
+        if recipe.aug_splits:
+            raise UsageError(
+                f"--aug-splits {recipe.aug_splits}: an image-table package has no AugMix splits (its batches carry "
+                "a row of features and regression targets per image); leave it at 0"
+            )
         if recipe.timm:
             raise UsageError(
                 "--data-pipeline timm: an image-table package trains with the basic pipeline; leave it out"
@@ -134,20 +141,7 @@ class TableData:
         from scmc_runtime.tabular import build_table_datasets
 
         return build_table_datasets(
-            dist,
-            num_features=self.num_features,
-            num_targets=self.num_targets,
-            data=cfg.data,
-            timm_dataset=cfg.timm_dataset,
-            cache_dir=cfg.cache_dir,
-            image_size=cfg.image_size,
-            mean=cfg.mean,
-            std=cfg.std,
-            translate=cfg.translate,
-            hflip=cfg.hflip,
-            seed=cfg.seed,
-            skip_bad_images=cfg.skip_bad_images,
-            log=log,
+            dist, num_features=self.num_features, num_targets=self.num_targets, **dataset_options(cfg, log)
         )
 
     def train_batches(

@@ -25,13 +25,14 @@ mixed image); validation never augments and scores hard labels.
 from __future__ import annotations
 
 import contextlib
-import random
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from scmc_runtime._optional import require
+from scmc_runtime.augmix import JsdWiring, SplitCollate, erase_splits, split_problems
+from scmc_runtime.seeding import mix_seed, seeded
 
 __all__ = [
     "Recipe",
@@ -95,6 +96,9 @@ class Recipe:
     use_prefetcher: bool = False
     image_dtype: str = "float32"
     channels_last: bool = False
+    aug_splits: int = 0
+    resplit: bool = False
+    jsd_alpha: float = 12.0
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Recipe":
@@ -113,6 +117,11 @@ class Recipe:
     def mixes(self) -> bool:
         """Whether training batches are mixed (mixup or cutmix), at least in the first epoch."""
         return self.timm and (self.mixup > 0 or self.cutmix > 0 or bool(self.cutmix_minmax)) and self.mixup_prob > 0
+
+    @property
+    def splits(self) -> int:
+        """The AugMix splits of a training batch (scmc_runtime.augmix): ``--aug-splits`` when it is on, else 1."""
+        return self.aug_splits if self.timm and self.aug_splits > 1 else 1
 
     @property
     def soft(self) -> bool:
@@ -145,6 +154,8 @@ def recipe_problems(recipe: Recipe, *, soft_loss: bool, autocast: bool, world_si
                 ("--num-aug-repeats", r.num_aug_repeats),
                 ("--auto-augment", r.auto_augment),
                 ("--use-prefetcher", r.use_prefetcher),
+                ("--aug-splits", r.aug_splits),
+                ("--resplit", r.resplit),
             )
             if value
         ]
@@ -202,12 +213,19 @@ def recipe_problems(recipe: Recipe, *, soft_loss: bool, autocast: bool, world_si
     return problems
 
 
-def check_recipe(cfg: Any, *, soft_loss: bool, autocast: bool, world_size: int = 1) -> Recipe:
-    """The recipe of a TrainConfig, or one ``UsageError`` (exit 2) listing every problem with its flags."""
+def check_recipe(
+    cfg: Any, *, soft_loss: bool, autocast: bool, world_size: int = 1, jsd: Optional[JsdWiring] = None
+) -> Recipe:
+    """The recipe of a TrainConfig, or one ``UsageError`` (exit 2) listing every problem with its flags.
+
+    ``jsd``: how the package feeds the JSD term of ``--aug-splits`` (scmc_runtime.augmix).
+    """
     from scmc_runtime.train import UsageError
 
     recipe = Recipe.from_config(cfg)
     problems = recipe_problems(recipe, soft_loss=soft_loss, autocast=autocast, world_size=world_size)
+    if recipe.timm:
+        problems += split_problems(recipe, jsd)
     problems += _ema_compile_problems(cfg)
     if len(problems) == 1:
         raise UsageError(problems[0])
@@ -233,48 +251,6 @@ def _ema_compile_problems(cfg: Any) -> List[str]:
         known = ", ".join(torch._dynamo.list_backends())
         problems.append(f"--compile-backend {backend}: not a torch.compile backend here (known: {known})")
     return problems
-
-
-# ---------------------------------------------------------------------------------------------
-# Seeding
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: Optional[torch.device] = None) -> Iterator[None]:
-    """Run the block with ``random``, ``numpy`` and ``torch`` (and ``device``'s CUDA RNG) seeded; restore after.
-
-    Only the CPU generator (and ``device``'s, when it is a CUDA device) is touched:
-    ``torch.manual_seed`` would also queue a lazy seeding of every CUDA device, which records a
-    traceback each time (milliseconds per image in a loader worker).
-    """
-    import numpy
-
-    seed = int(seed) % (2**63)
-    py_state = random.getstate()
-    np_state = numpy.random.get_state()
-    cpu_state = torch.get_rng_state()
-    cuda = device if device is not None and device.type == "cuda" else None
-    cuda_state = torch.cuda.get_rng_state(cuda) if cuda is not None else None
-    try:
-        random.seed(seed)
-        numpy.random.seed(seed % (2**32))
-        torch.default_generator.manual_seed(seed)
-        if cuda is not None:
-            torch.cuda.default_generators[cuda.index or 0].manual_seed(seed)
-        yield
-    finally:
-        random.setstate(py_state)
-        numpy.random.set_state(np_state)
-        torch.set_rng_state(cpu_state)
-        if cuda is not None and cuda_state is not None:  # both set together
-            torch.cuda.set_rng_state(cuda_state, cuda)
-
-
-def mix_seed(*parts: int) -> int:
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + int(part)) % (2**63)
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,11 +317,14 @@ def pillow_posterize_compat() -> bool:
     return True
 
 
-def build_transforms(recipe: Recipe) -> Tuple[TimmTransform, TimmTransform]:
+def build_transforms(recipe: Recipe) -> Tuple[Any, TimmTransform]:
     """(training, validation) transforms from ``timm.data.create_transform``; validation never augments.
 
     The prefetcher path leaves training images as uint8 tensors (normalized and erased on the
     device by :class:`BatchRecipe`); validation images are always normalized here, as float32.
+    With ``--aug-splits`` the training transform is timm's 3-stage tuple (``separate=True``: the
+    first stage seeded here, the augmentation and final stages for ``timm.data.AugMixDataset``,
+    which :class:`scmc_runtime.augmix.AugSplits` runs seeded).
     """
     timm_data = require("timm.data", "--data-pipeline timm", "timm")
     r = recipe
@@ -371,8 +350,9 @@ def build_transforms(recipe: Recipe) -> Tuple[TimmTransform, TimmTransform]:
         re_prob=r.reprob,
         re_mode=r.remode,
         re_count=r.recount,
-        re_num_splits=0,
+        re_num_splits=erase_splits(r.aug_splits, r.resplit),
         use_prefetcher=r.use_prefetcher,
+        separate=r.splits > 1,
     )
     val = timm_data.create_transform(
         r.image_size,
@@ -382,11 +362,19 @@ def build_transforms(recipe: Recipe) -> Tuple[TimmTransform, TimmTransform]:
         std=tuple(r.std),
         crop_pct=r.crop_pct,
     )
+    if r.splits > 1:  # (first stage, augmentation, final): AugMixDataset takes the last two
+        first, augmentation, final = train
+        return (TimmTransform(first, random=True), augmentation, final), TimmTransform(val, random=False)
     return TimmTransform(train, random=True), TimmTransform(val, random=False)
 
 
 def collate_fn(recipe: Recipe) -> Optional[Callable[[Sequence[Any]], Any]]:
-    """timm's ``fast_collate`` (uint8 batches) in the prefetcher path, else None (the default collate)."""
+    """timm's ``fast_collate`` (uint8 batches) in the prefetcher path, else None (the default collate).
+
+    With ``--aug-splits``: :class:`scmc_runtime.augmix.SplitCollate` (split-major batches).
+    """
+    if recipe.splits > 1:
+        return SplitCollate(uint8=recipe.use_prefetcher)
     if recipe.timm and recipe.use_prefetcher:
         return require("timm.data.loader", "--use-prefetcher", "timm").fast_collate
     return None
@@ -487,7 +475,11 @@ class BatchRecipe:
                 from timm.data.random_erasing import RandomErasing
 
                 self.erasing = RandomErasing(
-                    recipe.reprob, mode=recipe.remode, max_count=recipe.recount, device=str(device)
+                    recipe.reprob,
+                    mode=recipe.remode,
+                    max_count=recipe.recount,
+                    num_splits=erase_splits(recipe.aug_splits, recipe.resplit),  # --resplit: the first split is kept
+                    device=str(device),
                 )
 
     def mixing(self, epoch: int) -> bool:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from scmc_runtime.augmix import JsdWiring, split_losses
 from scmc_runtime.batches import Batch, DataSource, ImageData, TableData
 from scmc_runtime.batchnorm import sync_batchnorm
 from scmc_runtime.checkpoint import FORMAT_VERSION, gather_rng_states, model_signature, save_checkpoint, set_rng_state
@@ -48,7 +49,7 @@ from scmc_runtime.logging import MetricsFile, MlflowLogger, Progress, get_logger
 from scmc_runtime.metrics import MetricAccumulator
 from scmc_runtime.overrides import RunSettings, check_run_flags, resume_problem, run_overrides, step_metrics
 from scmc_runtime.pretrained import init_from
-from scmc_runtime.recipe import BatchRecipe, check_recipe, collate_fn, train_sampler
+from scmc_runtime.recipe import BatchRecipe, Recipe, check_recipe, collate_fn, train_sampler
 from scmc_runtime.runs import load_resume_state, resolve_run, start_run
 from scmc_runtime.signals import GracefulStop
 from scmc_runtime.train import (
@@ -60,7 +61,7 @@ from scmc_runtime.train import (
     probe_model,
 )
 
-__all__ = ["Batch", "ImageData", "TableData", "Trainer", "FitResult"]  # the batches re-exported
+__all__ = ["Batch", "ImageData", "JsdWiring", "TableData", "Trainer", "FitResult"]  # the batches re-exported
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +92,8 @@ class Trainer:
     ``backward_step(backward, losses, last_in_epoch)`` runs one backward pass (the optimizer
     update every ``--grad-accum-steps``) and says whether the weights changed. ``data`` is
     where batches come from; ``soft_targets`` > 0: the loss takes probabilities over that
-    many classes. :meth:`fit` runs it; a mistake in the flags, the data or a checkpoint is a
+    many classes; ``jsd`` which model output holds the classification logits and which loss
+    takes the JSD term of ``--aug-splits`` (scmc_runtime.augmix). :meth:`fit` runs it; a mistake in the flags, the data or a checkpoint is a
     ``TrainError`` (``UsageError`` for the flags) raised before anything is written.
     """
 
@@ -112,6 +114,7 @@ class Trainer:
         metrics: Sequence[str] = (),
         data: Optional[DataSource] = None,
         soft_targets: int = 0,
+        jsd: Optional[JsdWiring] = None,
     ) -> None:
         self.cfg = cfg
         self.package = package
@@ -127,6 +130,7 @@ class Trainer:
         self.metrics = tuple(metrics)
         self.data: DataSource = data if data is not None else ImageData()
         self.soft_targets = soft_targets
+        self.jsd = jsd
         self.saved_at: Optional[int] = None  # the global step last.pt holds, if any
 
     # -- the run, top to bottom ------------------------------------------------------------
@@ -151,9 +155,13 @@ class Trainer:
         check_strategy(cfg)
         # --lr, --precision, ...: a run's values over what backward.py was compiled with (Backward.compiled).
         check_run_flags(cfg, self.backward_class.compiled)
-        # timm's recipe (--data-pipeline timm): mixup, cutmix and label smoothing need a soft-target loss.
-        self.recipe = check_recipe(cfg, soft_loss=self.soft_targets > 0, autocast=cfg.precision != "float32")
-        self.data.check(self.recipe)
+        # What the data source cannot do at all (an image table: timm's pipeline, aug splits) comes first.
+        self.data.check(Recipe.from_config(cfg))
+        # timm's recipe (--data-pipeline timm): mixup, cutmix and label smoothing need a soft-target loss,
+        # --aug-splits the model output that holds the logits (the JSD term).
+        self.recipe = check_recipe(
+            cfg, soft_loss=self.soft_targets > 0, autocast=cfg.precision != "float32", jsd=self.jsd
+        )
 
     def _setup_process(self) -> None:
         cfg = self.cfg
@@ -555,11 +563,23 @@ class Trainer:
             # Mixed precision as the backward template sets it (a no-op without AMP).
             with backward.autocast(self.device.type):
                 outputs = self.forward(self.model, batch)
-                losses = self.compute_losses(self.criterion, outputs, batch)
+                if self.recipe.splits > 1:  # --aug-splits: the loss on the clean split, plus the JSD term
+                    assert self.jsd is not None  # checked with the flags
+                    losses, outputs, batch = split_losses(
+                        self.compute_losses,
+                        self.criterion,
+                        outputs,
+                        batch,
+                        jsd=self.jsd,
+                        num_splits=self.recipe.splits,
+                        alpha=self.recipe.jsd_alpha,
+                    )
+                else:
+                    losses = self.compute_losses(self.criterion, outputs, batch)
             updated = self.backward_step(backward, losses, last_in_epoch)
         if updated and self.ema is not None:
             self.ema.update(self.net, step=backward.updates)
-        with torch.no_grad():
+        with torch.no_grad():  # with --aug-splits: the metrics of the clean split
             values = {**losses, **self.compute_metrics(self.metric, outputs, batch)}
         return updated, values
 

@@ -24,7 +24,7 @@ import torch
 
 from scmc_runtime.recipe import as_soft_targets
 from scmc_runtime.train import flag, parse_config, run_main
-from scmc_runtime.trainer import Batch, ImageData, Trainer
+from scmc_runtime.trainer import Batch, ImageData, JsdWiring, Trainer
 
 from soft_cls_loss.backward import Backward
 from soft_cls_loss.loss import Loss
@@ -91,6 +91,17 @@ class TrainConfig:
     label_smoothing: float = flag(0.0, "label smoothing of the soft targets")
     num_aug_repeats: int = flag(
         0, "repeated augmentation: each image this many times per epoch (0: off)"
+    )
+    aug_splits: int = flag(
+        0,
+        "AugMix splits: a clean and N - 1 augmented views of each image (e.g. --auto-augment augmix-m3-w3-d1), the loss on the clean one plus a JSD term over all (0: off, else at least 2)",
+    )
+    jsd_alpha: float = flag(
+        12.0, "weight of the JSD consistency term of --aug-splits (timm's alpha)"
+    )
+    resplit: bool = flag(
+        False,
+        "no random erasing on the clean split (the first half without --aug-splits); with --use-prefetcher",
     )
     # loader
     pin_memory: bool = flag(True, "pin host memory of batches when training on CUDA")
@@ -230,6 +241,11 @@ def backward_step(backward: Backward, losses: dict[str, torch.Tensor], last_in_e
     return backward(ce_loss=losses["ce_loss"], last_in_epoch=last_in_epoch)
 
 
+def jsd_logits(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """--aug-splits: the classification logits (`cls`, what the loss compares with the labels) of every split."""
+    return outputs["cls"]
+
+
 def make_trainer(cfg: TrainConfig) -> Trainer:
     """The runtime's training loop (scmc_runtime.trainer) with this package's pieces; also for use from Python."""
     return Trainer(
@@ -247,6 +263,8 @@ def make_trainer(cfg: TrainConfig) -> Trainer:
         metrics=METRICS,
         data=ImageData(),
         soft_targets=SOFT_TARGETS,
+        # --aug-splits: the loss on the clean split, plus the JSD term of all splits' logits in ce_loss
+        jsd=JsdWiring(logits=jsd_logits, loss="ce_loss"),
     )
 
 

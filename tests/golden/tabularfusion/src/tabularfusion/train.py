@@ -93,6 +93,17 @@ class TrainConfig:
     num_aug_repeats: int = flag(
         0, "repeated augmentation: each image this many times per epoch (0: off)"
     )
+    aug_splits: int = flag(
+        0,
+        "AugMix splits: a clean and N - 1 augmented views of each image (e.g. --auto-augment augmix-m3-w3-d1), the loss on the clean one plus a JSD term over all (0: off, else at least 2)",
+    )
+    jsd_alpha: float = flag(
+        12.0, "weight of the JSD consistency term of --aug-splits (timm's alpha)"
+    )
+    resplit: bool = flag(
+        False,
+        "no random erasing on the clean split (the first half without --aug-splits); with --use-prefetcher",
+    )
     # loader
     pin_memory: bool = flag(True, "pin host memory of batches when training on CUDA")
     persistent_workers: bool = flag(
