@@ -39,6 +39,7 @@ pytest.importorskip("PIL")
 pytest.importorskip("sklearn")
 
 from scmc_runtime.augmix import split_losses  # noqa: E402
+from scmc_runtime.errors import TrainError  # noqa: E402
 from scmc_runtime.trainer import Batch  # noqa: E402
 from timm.loss import JsdCrossEntropy  # noqa: E402
 
@@ -184,6 +185,12 @@ def test_an_augmix_run_stopped_mid_epoch_resumes_bitwise(
     assert stopped.stopped and stopped.global_step == 5
     assert load(stopped.run_dir / "last.pt")["step_in_epoch"] == 2
     monkeypatch.setattr(train, "forward", plain)
+    # Another split count or JSD weight would continue another run: refused, the checkpoint untouched.
+    before = (stopped.run_dir / "last.pt").read_bytes()
+    for changed, flag in ((dict(aug_splits=2), "--aug-splits 3"), (dict(jsd_alpha=6.0), "--jsd-alpha 12.0")):
+        with pytest.raises(TrainError, match=f"trained with {flag}, not"):
+            train.make_trainer(train.TrainConfig(run_name="stopped", resume="auto", **common, **changed)).fit()
+    assert (stopped.run_dir / "last.pt").read_bytes() == before
     resumed = train.make_trainer(train.TrainConfig(run_name="stopped", resume="auto", **common)).fit()
     assert resumed.global_step == 6
     one, two = load(straight.run_dir / "last.pt"), load(resumed.run_dir / "last.pt")

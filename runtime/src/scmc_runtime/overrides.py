@@ -29,6 +29,7 @@ __all__ = [
     "OVERRIDES",
     "PRECISIONS",
     "MATMUL_PRECISIONS",
+    "RESUME_FIXED",
     "RunSettings",
     "check_run_flags",
     "clip_gradients",
@@ -47,6 +48,12 @@ OVERRIDES = {
     "clip_grad": "the optimizer's updates",
     "grad_accum_steps": "the update count and the position of every update",
     "precision": "the forward's numerics and the GradScaler's state",
+}
+# flags that are not backward overrides but that a resumed run must keep as well
+RESUME_FIXED = {
+    "aug_splits": "the images of every batch and the loss",
+    "resplit": "the random erasing of every batch",
+    "jsd_alpha": "the loss",
 }
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MATMUL_PRECISIONS = ("highest", "high", "medium")
@@ -173,13 +180,14 @@ def resume_problem(saved: Mapping[str, Any], config: Mapping[str, Any], path: An
     """The message refusing a resume whose override flags differ from the checkpoint's, else None."""
     from scmc_runtime.train import FRESH_HINT
 
-    differ = [n for n in OVERRIDES if n in saved and n in config and saved[n] != config[n]]
+    watched = {**OVERRIDES, **RESUME_FIXED}
+    differ = [n for n in watched if n in saved and n in config and saved[n] != config[n]]
     if not differ:
         return None
     flag = lambda n, v: f"--{n.replace('_', '-')} {'none' if v is None else v}"  # noqa: E731
     was = " ".join(flag(n, saved[n]) for n in differ)
     now = " ".join(flag(n, config[n]) for n in differ)
-    broken = ", ".join(dict.fromkeys(OVERRIDES[n] for n in differ))
+    broken = ", ".join(dict.fromkeys(watched[n] for n in differ))
     return (
         f"{path} was trained with {was}, not {now}: a resumed run continues exactly, and this would change "
         f"{broken}; resume with {was}, or {FRESH_HINT}"
