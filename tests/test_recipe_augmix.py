@@ -119,7 +119,7 @@ def test_the_packages_loss_on_split_logits_is_timms_jsd_cross_entropy(package: P
     # torch's CrossEntropyLoss(label_smoothing=s) is the math of timm's LabelSmoothingCrossEntropy(s).
     femto = golden("convnextv2_femto", package.parent / "femto")
     for train, smoothing in ((train_module(package), 0.0), (train_module(femto), 0.1)):
-        losses, _, clean = split_losses(
+        losses, _, clean, term = split_losses(
             train.compute_losses,
             train.Loss(),
             {"cls": logits},
@@ -143,6 +143,7 @@ def test_a_short_augmix_run_trains_on_image_files_through_both_collates(
         assert trained.returncode == 0, trained.stderr
         epoch = [r for r in records(out / name) if r["event"] == "epoch"][-1]
         assert math.isfinite(epoch["train_ce_loss"]) and math.isfinite(epoch["val_ce_loss"])
+        assert epoch["train_jsd_consistency"] > 0 and "val_jsd_consistency" not in epoch
         assert [r["steps_per_epoch"] for r in records(out / name) if r["event"] == "start"] == [3]
 
 

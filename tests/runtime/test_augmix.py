@@ -104,12 +104,14 @@ def test_split_losses_feed_the_clean_split_to_the_loss_and_add_the_term_to_the_b
 
     wiring = JsdWiring(logits=lambda outputs: outputs["cls"], loss="ce_loss")
     outputs = {"cls": logits, "scale": torch.tensor(2.0)}
-    losses, clean, clean_batch = split_losses(
+    losses, clean, clean_batch, term = split_losses(
         compute_losses, torch.nn.CrossEntropyLoss(), outputs, batch, jsd=wiring, num_splits=2, alpha=12.0
     )
     assert seen == {"rows": 4, "images": 4} and clean["scale"].ndim == 0 and len(clean_batch) == 4
     expected = JsdCrossEntropy(num_splits=2, alpha=12.0, smoothing=0)(logits, labels.repeat(2))
     assert abs(float(losses["ce_loss"]) - float(expected)) < 1e-6
+    clean_ce = torch.nn.functional.cross_entropy(logits[:4], labels)
+    assert abs(float(term) - float(expected - clean_ce)) < 1e-6  # what the log shows as jsd_consistency
     assert clean_split((logits, [logits]), 8, 4)[1][0].shape == (4, 5)
 
 

@@ -183,10 +183,11 @@ def split_losses(
     jsd: JsdWiring,
     num_splits: int,
     alpha: float,
-) -> Tuple[Dict[str, torch.Tensor], Any, Any]:
+) -> Tuple[Dict[str, torch.Tensor], Any, Any, torch.Tensor]:
     """The losses of a split batch: the compiled loss on the clean split, plus the JSD term on ``jsd.loss``.
 
-    Returns ``(losses, clean outputs, clean batch)``; the training metrics score the latter two.
+    Returns ``(losses, clean outputs, clean batch, the weighted JSD term)``; the training metrics score
+    the clean outputs and batch, and the training log shows the term as ``jsd_consistency``.
     """
     import dataclasses
 
@@ -196,5 +197,6 @@ def split_losses(
     clean_outputs = clean_split(outputs, total, size)
     clean_batch = dataclasses.replace(batch, images=batch.images[:size])
     losses = dict(compute_losses(criterion, clean_outputs, clean_batch))
-    losses[jsd.loss] = losses[jsd.loss] + jsd_consistency(jsd.logits(outputs), num_splits, alpha)
-    return losses, clean_outputs, clean_batch
+    term = jsd_consistency(jsd.logits(outputs), num_splits, alpha)
+    losses[jsd.loss] = losses[jsd.loss] + term
+    return losses, clean_outputs, clean_batch, term

@@ -565,7 +565,7 @@ class Trainer:
                 outputs = self.forward(self.model, batch)
                 if self.recipe.splits > 1:  # --aug-splits: the loss on the clean split, plus the JSD term
                     assert self.jsd is not None  # checked with the flags
-                    losses, outputs, batch = split_losses(
+                    losses, outputs, batch, jsd_term = split_losses(
                         self.compute_losses,
                         self.criterion,
                         outputs,
@@ -575,12 +575,14 @@ class Trainer:
                         alpha=self.recipe.jsd_alpha,
                     )
                 else:
-                    losses = self.compute_losses(self.criterion, outputs, batch)
+                    losses, jsd_term = self.compute_losses(self.criterion, outputs, batch), None
             updated = self.backward_step(backward, losses, last_in_epoch)
         if updated and self.ema is not None:
             self.ema.update(self.net, step=backward.updates)
         with torch.no_grad():  # with --aug-splits: the metrics of the clean split
             values = {**losses, **self.compute_metrics(self.metric, outputs, batch)}
+            if jsd_term is not None:  # train_jsd_consistency: the weighted term inside the backward's loss
+                values.setdefault("jsd_consistency", jsd_term.detach())
         return updated, values
 
     def _log_step(self, epoch: int) -> None:
