@@ -104,7 +104,9 @@ def run(quick: bool) -> Result:
                 raise AssertionError(f"{label}: generated differs from {ref_name} by {diff:.3g}")
             configs = {}
             for batch in BATCHES:
-                configs[batch] = time_config(fns, batch, rounds, f"{label} b{batch}", reference=ref_name, budget=BUDGET_SECONDS)
+                configs[batch] = time_config(
+                    fns, batch, rounds, f"{label} b{batch}", reference=ref_name, budget=BUDGET_SECONDS
+                )
             forward[label] = {"reference": ref_name, "diff": diff, "configs": configs}
         builds = time_builds(tmp, 3 if quick else 7)
     finally:
