@@ -109,7 +109,9 @@ class RecipeKeys(BaseModel):
     mixup_off_epoch: NonNegativeInt | None = None
     label_smoothing: float | None = Field(default=None, ge=0.0, lt=1.0)
     aug_splits: NonNegativeInt | None = None
-    jsd_alpha: float | None = Field(default=None, ge=0.0)  # the JSD term's weight (timm's alpha, 12)
+    jsd_alpha: float | None = Field(
+        default=None, ge=0.0, allow_inf_nan=False
+    )  # the JSD term's weight (timm's alpha, 12)
     crop_pct: float | None = Field(default=None, gt=0.0, le=1.0)
     pin_memory: bool | None = None
     persistent_workers: bool | None = None

@@ -158,3 +158,5 @@ def test_aug_splits_problems_name_the_flag() -> None:
         "labels with no model output"
     ]
     assert "--jsd-alpha -1.0: must be at least 0" in split_problems(recipe(jsd_alpha=-1.0), wiring)[0]
+    for bad in (float("nan"), float("inf")):  # would make every loss nan: refused, not trained
+        assert f"--jsd-alpha {bad}: must be at least 0 and finite" in split_problems(recipe(jsd_alpha=bad), wiring)[0]

@@ -18,6 +18,7 @@ training metrics score the clean split. Validation reads plain images and never 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -71,8 +72,8 @@ def split_problems(recipe: Any, jsd: Optional[JsdWiring]) -> List[str]:
     if r.aug_splits < 0 or r.aug_splits == 1:
         problems.append(f"--aug-splits {r.aug_splits}: 0 (off) or at least 2 (the clean images and N - 1 augmented)")
         return problems
-    if r.jsd_alpha < 0:
-        problems.append(f"--jsd-alpha {r.jsd_alpha}: must be at least 0 (timm's default is 12)")
+    if not (math.isfinite(r.jsd_alpha) and r.jsd_alpha >= 0):  # nan or inf would make every loss nan
+        problems.append(f"--jsd-alpha {r.jsd_alpha}: must be at least 0 and finite (timm's default is 12)")
     if r.aug_splits < 2:
         return problems
     if r.mixes:
